@@ -1,0 +1,240 @@
+//! The REST backend: `POST /back/message`, `GET /back/messages`, `GET /back/status`.
+//!
+//! It holds no sockets: a posted message is checked, stored in Redis (which
+//! also hands it to every frontend), and only then acknowledged with 201.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::delivery::{Store, StoreError};
+use crate::message::{ChatMessage, InvalidInput, PostBody, PostMessage, Room};
+use crate::serve::{ConnectionCount, serve};
+
+/// Messages returned by `GET /back/messages` when no `limit` is given.
+pub const DEFAULT_HISTORY: usize = 50;
+/// Most messages one `GET /back/messages` returns.
+pub const MAX_HISTORY: usize = 200;
+
+/// Everything a handler needs.
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    body_limit: usize,
+    instance: u32,
+    connections: ConnectionCount,
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("expected Content-Type: application/json")]
+    NotJson,
+    #[error("message store unavailable, try again")]
+    Unavailable(#[source] StoreError),
+    #[error("no such endpoint")]
+    NotFound,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Unavailable(cause) = &self {
+            tracing::warn!("answering 503: {cause}");
+        }
+        let body = ErrorBody {
+            error: self.to_string(),
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Unavailable(e)
+    }
+}
+
+/// Turns axum's JSON rejections into this API's errors: every client mistake
+/// in the body is a 400 with the parser's explanation, not axum's 422.
+fn json_rejection(rejection: JsonRejection, limit: usize) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::NotJson,
+        JsonRejection::BytesRejection(ref e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(limit)
+        }
+        JsonRejection::JsonDataError(e) => {
+            ApiError::BadRequest(format!("invalid message: {}", e.body_text()))
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::BadRequest(format!("malformed JSON: {}", e.body_text()))
+        }
+        other => ApiError::BadRequest(other.body_text()),
+    }
+}
+
+/// A `POST /back/message` body that parsed and passed every check.
+struct ValidPost(PostMessage);
+
+impl FromRequest<AppState> for ValidPost {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.body_limit;
+        let Json(body) = Json::<PostBody>::from_request(req, state)
+            .await
+            .map_err(|r| json_rejection(r, limit))?;
+        Ok(ValidPost(PostMessage::try_from(body)?))
+    }
+}
+
+async fn post_message(
+    State(state): State<AppState>,
+    ValidPost(message): ValidPost,
+) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
+    let stored = state.store.append(&message).await?;
+    tracing::debug!(room = %stored.room, id = %stored.id, "stored");
+    Ok((StatusCode::CREATED, Json(stored)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    room: String,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct History {
+    room: Room,
+    messages: Vec<ChatMessage>,
+}
+
+async fn get_messages(
+    State(state): State<AppState>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<History>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let room = Room::parse(&query.room)?;
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY);
+    if !(1..=MAX_HISTORY).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_HISTORY}"
+        )));
+    }
+    let messages = state.store.history(&room, limit).await?;
+    Ok(Json(History { room, messages }))
+}
+
+/// The answer of both status endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub status: String,
+    pub redis: String,
+    pub instance: u32,
+    pub connections: usize,
+}
+
+impl Status {
+    pub fn new(redis_up: bool, instance: u32, connections: usize) -> Self {
+        Status {
+            status: if redis_up { "ok" } else { "degraded" }.into(),
+            redis: if redis_up { "up" } else { "down" }.into(),
+            instance,
+            connections,
+        }
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Json<Status> {
+    let redis_up = state.store.ping().await;
+    Json(Status::new(
+        redis_up,
+        state.instance,
+        state.connections.get(),
+    ))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// The backend's routes, with body limits and error mapping.
+pub fn router(
+    config: &Config,
+    store: Store,
+    instance: u32,
+    connections: ConnectionCount,
+) -> Router {
+    let body_limit = config.backend.max_body_bytes.get();
+    let state = AppState {
+        store,
+        body_limit,
+        instance,
+        connections,
+    };
+    Router::new()
+        .route("/back/message", post(post_message))
+        .route("/back/messages", get(get_messages))
+        .route("/back/status", get(status))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves the backend on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Arc<Config>,
+    listener: tokio::net::TcpListener,
+    instance: u32,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let health = crate::delivery::RedisHealth::new();
+    let store = Store::new(&config, health).map_err(std::io::Error::other)?;
+    let connections = ConnectionCount::default();
+    let app = router(&config, store.clone(), instance, connections.clone());
+    // Learn Redis's state before announcing readiness, without waiting on it.
+    let redis_up = store.ping().await;
+    crate::systemd::notify_ready(&format!(
+        "serving; Redis {}",
+        if redis_up { "up" } else { "down" }
+    ));
+    serve(
+        listener,
+        app,
+        connections,
+        shutdown,
+        config.backend.shutdown_timeout(),
+    )
+    .await
+}

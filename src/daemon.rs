@@ -1,0 +1,131 @@
+//! The command line and start-up sequence shared by both binaries:
+//! options → configuration → logging → runtime → listener → serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+use crate::config::{self, Config};
+
+/// Which daemon this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Frontend,
+    Backend,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Frontend => "chat-frontend",
+            Role::Backend => "chat-backend",
+        }
+    }
+}
+
+/// Options of both daemons.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "chat-ha daemon; see chat-frontend(8) and chat-backend(8)"
+)]
+pub struct Options {
+    /// Configuration file.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Address to listen on when systemd passes no socket (overrides the configuration).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Instance number, reported by the status endpoint (systemd passes %i).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub instance: u32,
+    /// Check the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Runs the daemon `role` until SIGTERM or SIGINT; the binaries' `main`.
+pub fn main(role: Role) -> ExitCode {
+    let matches = Options::command().get_matches();
+    let explicit = matches.value_source("config") == Some(clap::parser::ValueSource::CommandLine);
+    let options = Options::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let config = match Config::load(&options.config, explicit) {
+        Ok(config) => Arc::new(config),
+        Err(e) => {
+            eprintln!("{}: {e}", role.name());
+            return ExitCode::from(2);
+        }
+    };
+    if options.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    crate::logging::init(role.name(), config.log.level);
+    let threads = match role {
+        Role::Frontend => config.frontend.threads.get(),
+        Role::Backend => config.backend.threads.get(),
+    };
+    let runtime = match build_runtime(threads) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(role, config, &options)) {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+async fn serve(
+    role: Role,
+    config: Arc<Config>,
+    options: &Options,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let configured = match role {
+        Role::Frontend => config.frontend.listen,
+        Role::Backend => config.backend.listen,
+    };
+    let listener = crate::systemd::listener(options.listen.unwrap_or(configured))?;
+    tracing::info!(
+        instance = options.instance,
+        "{} {} starting",
+        role.name(),
+        env!("CARGO_PKG_VERSION")
+    );
+    crate::systemd::spawn_watchdog();
+    let shutdown = async {
+        crate::systemd::shutdown_signal().await;
+        crate::systemd::notify_stopping();
+    };
+    match role {
+        Role::Frontend => {
+            crate::frontend::run(config, listener, options.instance, shutdown).await?
+        }
+        Role::Backend => crate::backend::run(config, listener, options.instance, shutdown).await?,
+    }
+    Ok(())
+}

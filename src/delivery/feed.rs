@@ -1,0 +1,197 @@
+//! The frontend's side of Redis: follow the feed of every appended message.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+
+use super::{Keys, RedisHealth};
+use crate::config::Config;
+use crate::message::{ChatMessage, StreamId};
+
+/// How long one `XREAD` waits for new entries before asking again. Short
+/// enough that a silently dead connection is noticed within a few seconds.
+const BLOCK: Duration = Duration::from_secs(2);
+/// Most entries taken per `XREAD`: bounds the work done between two awaits.
+const BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("malformed feed entry {0:?}")]
+    Malformed(String),
+}
+
+/// Follows `{prefix}:feed` from a cursor that survives reconnections.
+pub struct Feed {
+    client: redis::Client,
+    keys: Keys,
+    timeout: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    health: Arc<RedisHealth>,
+    /// Id of the last entry handed out; `None` until Redis was first reached.
+    cursor: Option<StreamId>,
+}
+
+impl Feed {
+    pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, FeedError> {
+        let redis = &config.redis;
+        Ok(Feed {
+            client: redis::Client::open(redis.url.as_str())?,
+            keys: Keys::new(&redis.key_prefix),
+            timeout: redis.command_timeout(),
+            reconnect_min: redis.reconnect_min(),
+            reconnect_max: redis.reconnect_max(),
+            health,
+            cursor: None,
+        })
+    }
+
+    /// The id of the last message handed to `deliver`, if any.
+    pub fn cursor(&self) -> Option<StreamId> {
+        self.cursor
+    }
+
+    /// Hands every message appended from now on to `deliver`, in feed order,
+    /// once each, for ever. Losing Redis pauses delivery; on reconnection it
+    /// goes on from the last message delivered.
+    pub async fn run<F, Fut>(mut self, mut deliver: F)
+    where
+        F: FnMut(ChatMessage) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut pause = self.reconnect_min;
+        loop {
+            let error = self.follow(&mut deliver, &mut pause).await;
+            if self.health.set_up(false) {
+                tracing::warn!(
+                    "lost Redis, delivery paused at {:?}: {error}",
+                    self.cursor.map(|c| c.to_string())
+                );
+            } else {
+                tracing::debug!("Redis still unreachable: {error}");
+            }
+            tokio::time::sleep(jitter(pause)).await;
+            pause = (pause * 2).min(self.reconnect_max);
+        }
+    }
+
+    /// Connects and delivers until the connection fails.
+    async fn follow<F, Fut>(&mut self, deliver: &mut F, pause: &mut Duration) -> FeedError
+    where
+        F: FnMut(ChatMessage) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut conn = match self.connect().await {
+            Ok(conn) => conn,
+            Err(e) => return e,
+        };
+        let start = match self.cursor {
+            Some(cursor) => Ok(cursor),
+            None => self.last_id(&mut conn).await,
+        };
+        let mut cursor = match start {
+            Ok(cursor) => cursor,
+            Err(e) => return e,
+        };
+        self.cursor = Some(cursor);
+        if self.health.set_up(true) {
+            tracing::info!("following the Redis feed from {cursor}");
+        }
+        *pause = self.reconnect_min;
+        loop {
+            let entries = match self.read_after(&mut conn, cursor).await {
+                Ok(entries) => entries,
+                Err(e) => return e,
+            };
+            for (id, message) in entries {
+                cursor = id;
+                self.cursor = Some(cursor);
+                match message {
+                    Some(message) => deliver(message).await,
+                    None => tracing::error!("skipping malformed feed entry {id}"),
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection, FeedError> {
+        // XREAD blocks on the server for BLOCK; the reply may take that long.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(BLOCK + self.timeout));
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    }
+
+    /// The id of the newest entry in the feed, so delivery starts after it.
+    async fn last_id(&self, conn: &mut MultiplexedConnection) -> Result<StreamId, FeedError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(self.keys.feed())
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let call = cmd.query_async::<StreamRangeReply>(conn);
+        let reply = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| FeedError::Timeout(self.timeout))??;
+        match reply.ids.first() {
+            Some(entry) => {
+                StreamId::parse(&entry.id).ok_or_else(|| FeedError::Malformed(entry.id.clone()))
+            }
+            None => Ok(StreamId::ZERO),
+        }
+    }
+
+    /// Waits up to [`BLOCK`] for entries after `cursor`. Each comes with its
+    /// id, and with its message unless the entry is malformed (written by
+    /// something else than [`super::Store`]): the cursor moves past it anyway.
+    async fn read_after(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cursor: StreamId,
+    ) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
+        let options = StreamReadOptions::default()
+            .block(BLOCK.as_millis() as usize)
+            .count(BATCH);
+        let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+            conn,
+            &[self.keys.feed()],
+            &[cursor.to_string()],
+            &options,
+        )
+        .await?;
+        let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+        entries
+            .map(|entry| {
+                let id = StreamId::parse(&entry.id)
+                    .ok_or_else(|| FeedError::Malformed(entry.id.clone()))?;
+                let message = match (entry.get("r"), entry.get("m")) {
+                    (Some(room), Some(text)) => ChatMessage::new(entry.id.clone(), room, text),
+                    _ => None,
+                };
+                Ok((id, message))
+            })
+            .collect()
+    }
+}
+
+/// Spreads reconnection attempts of many frontends over time (75%–100% of
+/// `pause`), so a restarted Redis is not met by all of them at once.
+fn jitter(pause: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    pause.mul_f64(0.75 + f64::from(nanos % 1000) / 4000.0)
+}

@@ -1,0 +1,92 @@
+//! Delivery through Redis: how a message is stored and how every frontend
+//! hears of it.
+//!
+//! # Design
+//!
+//! Each message is appended, atomically by one Lua script, to two Redis
+//! streams under the same id:
+//!
+//! - `{prefix}:room:{room}`: the room's history, trimmed to
+//!   `history.max_per_room`. `GET /back/messages` and resuming clients read it.
+//! - `{prefix}:feed`: every message of every room, trimmed to
+//!   `history.feed_length`. Every frontend follows it with `XREAD BLOCK` from
+//!   the id of the last message it delivered.
+//!
+//! The backend answers 201 only once the script has returned, so an
+//! acknowledged message is in both streams. A frontend that loses Redis keeps
+//! that cursor, and when Redis is back it reads on from it: nothing appended
+//! meanwhile is skipped, and nothing is delivered twice. Pub/sub would be
+//! forgotten by Redis the moment a frontend is away; a stream is not.
+//!
+//! The id Redis assigns to the feed entry is reused for the room entry, so ids
+//! increase within a room as they do in the feed, and one id tells a client
+//! where it is in either.
+
+mod feed;
+mod store;
+
+pub use feed::{Feed, FeedError};
+pub use store::{Store, StoreError};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::message::Room;
+
+/// Names of the Redis keys, derived from `redis.key_prefix`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    feed: String,
+    room_prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            feed: format!("{prefix}:feed"),
+            room_prefix: format!("{prefix}:room:"),
+        }
+    }
+
+    /// The stream every frontend follows.
+    pub fn feed(&self) -> &str {
+        &self.feed
+    }
+
+    /// The stream holding one room's history.
+    pub fn room(&self, room: &Room) -> String {
+        format!("{}{}", self.room_prefix, room.as_str())
+    }
+}
+
+/// Whether Redis answered the last time it was asked, and how often it was
+/// lost, shared between the Redis side and the status endpoints.
+#[derive(Debug, Default)]
+pub struct RedisHealth {
+    up: AtomicBool,
+    losses: AtomicU64,
+}
+
+impl RedisHealth {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Records the state; returns true when it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        if was && !up {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+        }
+        was != up
+    }
+
+    /// How many times Redis went from up to down.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,154 @@
+//! The backend's side of Redis: append a message, read a room's history.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::StreamRangeReply;
+
+use super::{Keys, RedisHealth};
+use crate::config::Config;
+use crate::message::{ChatMessage, PostMessage, Room};
+
+/// Appends to the feed and the room's stream in one step, under one id, so a
+/// message is either in both or in neither. Trimming is approximate (`~`),
+/// which lets Redis drop whole nodes instead of single entries.
+const APPEND_SCRIPT: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[1], 'm', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
+return id
+";
+
+/// Why Redis could not do what was asked; nothing was stored (or, after a
+/// timeout, possibly stored but never acknowledged).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis returned a malformed entry {0:?}")]
+    Malformed(String),
+}
+
+/// Handle to Redis for appending messages and reading history. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+    script: Arc<redis::Script>,
+    timeout: Duration,
+    max_per_room: usize,
+    feed_length: usize,
+    health: Arc<RedisHealth>,
+}
+
+impl Store {
+    /// Creates the handle without connecting: the backend starts, and answers
+    /// 503, while Redis is down; the connection is made on first use and
+    /// remade in the background after it is lost.
+    pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, StoreError> {
+        let redis = &config.redis;
+        let client = redis::Client::open(redis.url.as_str())?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(redis.command_timeout()))
+            .set_response_timeout(Some(redis.command_timeout()))
+            .set_min_delay(redis.reconnect_min())
+            .set_max_delay(redis.reconnect_max())
+            .set_number_of_retries(2);
+        Ok(Store {
+            conn: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+            keys: Keys::new(&redis.key_prefix),
+            script: Arc::new(redis::Script::new(APPEND_SCRIPT)),
+            timeout: redis.command_timeout(),
+            max_per_room: config.history.max_per_room.get(),
+            feed_length: config.history.feed_length.get(),
+            health,
+        })
+    }
+
+    /// Stores `message` in its room's history and in the feed every frontend
+    /// follows. When this returns `Ok`, the message will be delivered.
+    pub async fn append(&self, message: &PostMessage) -> Result<ChatMessage, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.keys.feed())
+            .key(self.keys.room(&message.room))
+            .arg(message.room.as_str())
+            .arg(&message.text)
+            .arg(self.feed_length)
+            .arg(self.max_per_room);
+        let id: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        ChatMessage::new(id.clone(), message.room.to_string(), message.text.clone())
+            .ok_or(StoreError::Malformed(id))
+    }
+
+    /// The last `limit` messages of `room`, oldest first.
+    pub async fn history(&self, room: &Room, limit: usize) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.keys.room(room);
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(&key).arg("+").arg("-").arg("COUNT").arg(limit);
+        let reply: StreamRangeReply = self.bounded(cmd.query_async(&mut conn)).await?;
+        let mut messages = reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let text: String = entry
+                    .get("m")
+                    .ok_or_else(|| StoreError::Malformed(entry.id.clone()))?;
+                ChatMessage::new(entry.id.clone(), room.to_string(), text)
+                    .ok_or(StoreError::Malformed(entry.id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Asks Redis whether it is there; records and returns the answer.
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.clone();
+        self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .is_ok()
+    }
+
+    pub fn health(&self) -> &RedisHealth {
+        &self.health
+    }
+
+    /// Runs one Redis call with the configured time limit and records
+    /// whether Redis answered, so status reflects what requests see.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        let reachable = !matches!(&result, Err(StoreError::Timeout(_)))
+            && !matches!(&result, Err(StoreError::Redis(e)) if is_connection_error(e));
+        if self.health.set_up(reachable) {
+            if reachable {
+                tracing::info!("Redis is reachable again");
+            } else {
+                tracing::warn!(
+                    "Redis is unreachable: {}",
+                    result
+                        .as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                );
+            }
+        }
+        result
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}

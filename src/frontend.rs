@@ -1,0 +1,217 @@
+//! The frontend: Socket.IO at `/front/socket.io`, the chat page at
+//! `/front/{room}`, and `/front/status`.
+//!
+//! A client joins a room by emitting `room` with the room's name. The
+//! frontend follows the Redis feed ([`crate::delivery::Feed`]) and emits each
+//! message, as event `message`, to the sockets of its room: the message is
+//! serialised once per room, not once per socket.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use tower_http::services::ServeDir;
+
+use crate::backend::Status;
+use crate::config::Config;
+use crate::delivery::{Feed, RedisHealth};
+use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room};
+use crate::serve::{ConnectionCount, serve};
+
+/// Where the Socket.IO endpoint lives; clients pass it as `path`.
+pub const SOCKET_IO_PATH: &str = "/front/socket.io";
+
+/// Counters shared by the socket handlers, the delivery task and status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sockets connected to the default namespace right now.
+    pub sockets: AtomicUsize,
+    /// Messages received from the feed.
+    pub received: AtomicU64,
+}
+
+/// Why a `room` event was refused.
+#[derive(Debug, thiserror::Error)]
+enum JoinError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    #[error("a socket may be in at most {0} rooms")]
+    TooManyRooms(usize),
+    #[error("resuming with since is not supported by this frontend")]
+    SinceUnsupported,
+}
+
+/// Registers the socket's event handlers. Runs as connect middleware, which
+/// socketioxide awaits *before* it confirms the connection to the client:
+/// a `room` event sent the instant the client sees itself connected always
+/// finds its handler (an async connect handler would race with it).
+fn register_socket(socket: &SocketRef, max_rooms: usize, stats: &Arc<Stats>) {
+    socket.on(
+        "room",
+        move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
+            let answer = match join(&s, data.ok(), max_rooms) {
+                Ok(room) => {
+                    tracing::debug!(sid = %s.id, %room, "joined");
+                    json!({"ok": true})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            };
+            // Fails only when the client asked for no acknowledgement.
+            let _ = ack.send(&answer);
+        },
+    );
+    stats.sockets.fetch_add(1, Ordering::Relaxed);
+    let stats = stats.clone();
+    socket.on_disconnect(move || async move {
+        stats.sockets.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+fn join(socket: &SocketRef, data: Option<Value>, max_rooms: usize) -> Result<Room, JoinError> {
+    let request = JoinRequest::from_json(&data.unwrap_or(Value::Null))?;
+    if request.since.is_some() {
+        return Err(JoinError::SinceUnsupported);
+    }
+    let rooms = socket.rooms();
+    let already_in = rooms.iter().any(|r| r.as_ref() == request.room.as_str());
+    if !already_in && rooms.len() >= max_rooms {
+        return Err(JoinError::TooManyRooms(max_rooms));
+    }
+    socket.join(request.room.to_string());
+    Ok(request.room)
+}
+
+/// Emits one message from the feed to its room's local sockets.
+async fn deliver(io: &SocketIo, stats: &Stats, message: ChatMessage) {
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    let room = message.room.clone();
+    if let Err(e) = io.to(room).emit("message", &message).await {
+        tracing::warn!(room = %message.room, id = %message.id, "delivery to some sockets failed: {e}");
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    www_dir: PathBuf,
+    health: Arc<RedisHealth>,
+    stats: Arc<Stats>,
+    instance: u32,
+}
+
+/// `GET /front/{room}`: the chat page, the same file for every valid room.
+async fn page(State(state): State<AppState>, Path(room): Path<String>) -> Response {
+    if Room::parse(&room).is_err() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": InvalidInput::Room.to_string()})),
+        )
+            .into_response();
+    }
+    match tokio::fs::read(state.www_dir.join("index.html")).await {
+        Ok(html) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            html,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(
+                "cannot read the chat page from {}: {e}",
+                state.www_dir.display()
+            );
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "chat page unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Json<Status> {
+    let sockets = state.stats.sockets.load(Ordering::Relaxed);
+    Json(Status::new(state.health.is_up(), state.instance, sockets))
+}
+
+async fn not_found() -> (StatusCode, Json<Value>) {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "no such endpoint"})),
+    )
+}
+
+/// Serves the frontend on `listener` until `shutdown` resolves; then tells
+/// every client to go (they reconnect elsewhere) and stops.
+pub async fn run(
+    config: Arc<Config>,
+    listener: tokio::net::TcpListener,
+    instance: u32,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let health = RedisHealth::new();
+    let stats = Arc::new(Stats::default());
+    let max_rooms = config.frontend.max_rooms_per_socket.get();
+
+    let (layer, io) = SocketIo::builder().req_path(SOCKET_IO_PATH).build_layer();
+    let connect_stats = stats.clone();
+    let middleware = move |s: SocketRef| {
+        register_socket(&s, max_rooms, &connect_stats);
+        std::future::ready(Ok::<(), std::convert::Infallible>(()))
+    };
+    io.ns("/", { async |_: SocketRef| {} }.with(middleware));
+
+    let feed = Feed::new(&config, health.clone()).map_err(std::io::Error::other)?;
+    let feed_io = io.clone();
+    let feed_stats = stats.clone();
+    let delivery = tokio::spawn(feed.run(move |message| {
+        let io = feed_io.clone();
+        let stats = feed_stats.clone();
+        async move { deliver(&io, &stats, message).await }
+    }));
+
+    let www_dir = config.frontend.www_dir.clone();
+    let state = AppState {
+        www_dir: www_dir.clone(),
+        health,
+        stats,
+        instance,
+    };
+    let app = Router::new()
+        .route("/front/status", get(status))
+        .route("/front/{room}", get(page))
+        .nest_service("/front/assets", ServeDir::new(www_dir.join("assets")))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(layer);
+
+    crate::systemd::notify_ready("serving");
+    let close_io = io.clone();
+    let stop = async move {
+        shutdown.await;
+        // Sends every client a disconnect; socket.io clients then reconnect,
+        // through the load balancer, to an instance that is still running.
+        close_io.close().await;
+    };
+    let result = serve(
+        listener,
+        app,
+        ConnectionCount::default(),
+        stop,
+        config.frontend.shutdown_timeout(),
+    )
+    .await;
+    delivery.abort();
+    result
+}

@@ -1,0 +1,37 @@
+//! chat-ha: real-time chat rooms that scale across many hosts.
+//!
+//! A message travels one way through the system:
+//!
+//! ```text
+//! POST /back/message ─▶ backend ─▶ validated message ─▶ Redis streams ─▶ every frontend ─▶ sockets of the room
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: the one typed TOML file both daemons read, with defaults and
+//!   errors that name the file, line and key.
+//! - [`message`]: what a valid room name, message and join request are; the
+//!   only place that decides what input is acceptable.
+//! - [`delivery`]: the Redis side. [`delivery::Store`] appends messages and
+//!   reads history (backend); [`delivery::Feed`] follows every appended message
+//!   from a cursor it can resume from after losing Redis (frontend).
+//! - [`frontend`]: the Socket.IO server, the chat page and the frontend status.
+//! - [`backend`]: the REST API: post a message, read history, status.
+//! - [`serve`]: HTTP serving both daemons share: open-connection counts and a
+//!   graceful stop bounded in time.
+//! - [`systemd`]: socket activation, readiness, watchdog and stop notifications.
+//! - [`logging`]: journal (syslog) under systemd, readable lines in a terminal.
+//! - [`daemon`]: the command line and start-up sequence both binaries share.
+//!
+//! The `run` functions of [`frontend`] and [`backend`] take an already-bound
+//! listener, so tests and socket activation hand them whatever socket they have.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod delivery;
+pub mod frontend;
+pub mod logging;
+pub mod message;
+pub mod serve;
+pub mod systemd;
