@@ -1,0 +1,417 @@
+//! The REST backend against a real redis-server: what a client of
+//! `/back/message`, `/back/messages` and `/back/status` sees.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_ha::config::Config;
+use common::{Redis, write_config};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A backend served in this process on a free port, stopped when dropped.
+struct Backend {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Backend {
+    async fn start(redis: &Redis, extra_config: &str) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &redis.url(), extra_config);
+        let config = Arc::new(Config::load(&path, true).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(chat_ha::backend::run(config, listener, 7, async {
+            let _ = stopped.await;
+        }));
+        Backend {
+            base,
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post_raw(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let response = reqwest::Client::new()
+            .post(self.url("/back/message"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn post(&self, room: &str, message: &str) -> (StatusCode, Value) {
+        let body = json!({"room": room, "message": message}).to_string();
+        self.post_raw("application/json", body).await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = reqwest::get(self.url(path)).await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Posts until Redis is reachable again; every refusal meanwhile must be a 503.
+async fn post_until_created(backend: &Backend, room: &str, text: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = backend.post(room, text).await;
+        if status == StatusCode::CREATED {
+            return body;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "backend never reached Redis again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn error_text(body: &Value) -> &str {
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error text in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn posted_message_is_acknowledged_and_in_history_in_order() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+
+    let mut ids = Vec::new();
+    for text in ["first", "second", "third"] {
+        let (status, body) = backend.post("rooma", text).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["room"], "rooma");
+        assert_eq!(body["message"], text);
+        let id = body["id"].as_str().unwrap().to_owned();
+        let ms: u64 = id.split('-').next().unwrap().parse().unwrap();
+        assert_eq!(
+            body["ts"].as_u64(),
+            Some(ms),
+            "ts is the time Redis stored it"
+        );
+        ids.push(id);
+    }
+    backend.post("roomb", "elsewhere").await;
+
+    let (status, history) = backend.get("/back/messages?room=rooma").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(history["room"], "rooma");
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["first", "second", "third"]);
+    let got_ids: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(got_ids, ids);
+
+    let (_, last_two) = backend.get("/back/messages?room=rooma&limit=2").await;
+    let texts: Vec<&str> = last_two["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["second", "third"], "the last N, oldest first");
+
+    let (_, empty) = backend.get("/back/messages?room=nobody-here").await;
+    assert_eq!(empty["messages"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_increase_within_a_room_across_rooms_and_backends() {
+    let redis = Redis::start();
+    let one = Backend::start(&redis, "").await;
+    let two = Backend::start(&redis, "").await;
+    let mut last = (0u64, 0u64);
+    for i in 0..40 {
+        let backend = if i % 2 == 0 { &one } else { &two };
+        backend
+            .post(if i % 3 == 0 { "other" } else { "rooma" }, "x")
+            .await;
+        let (status, body) = backend.post("rooma", &format!("m{i}")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (ms, seq) = body["id"].as_str().unwrap().split_once('-').unwrap();
+        let id = (ms.parse().unwrap(), seq.parse().unwrap());
+        assert!(id > last, "{id:?} after {last:?}");
+        last = id;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_request_gets_its_status_and_a_json_error() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+
+    let cases: Vec<(&str, String, StatusCode, &str)> = vec![
+        (
+            "application/json",
+            "{\"room\":".into(),
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            "application/json",
+            "[1,2]".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid message",
+        ),
+        (
+            "application/json",
+            r#"{"room":"rooma"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "missing field `message`",
+        ),
+        (
+            "application/json",
+            r#"{"room":"rooma","message":7}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            "application/json",
+            r#"{"room":"rooma","message":"a","extra":1}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            "application/json",
+            r#"{"room":"a","room":"b","message":"a"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "duplicate field",
+        ),
+        (
+            "application/json",
+            r#"{"room":"a b","message":"hi"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "room must be",
+        ),
+        (
+            "application/json",
+            json!({"room": "x".repeat(65), "message": "hi"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "room must be",
+        ),
+        (
+            "application/json",
+            r#"{"room":"rooma","message":""}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "must not be empty",
+        ),
+        (
+            "application/json",
+            r#"{"room":"rooma","message":"   "}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "must not be empty",
+        ),
+        (
+            "application/json",
+            json!({"room": "rooma", "message": "é".repeat(4001)}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "longer than 4000",
+        ),
+        (
+            "application/json",
+            json!({"room": "rooma", "message": "x".repeat(17 * 1024)}).to_string(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger than 16384 bytes",
+        ),
+        (
+            "text/plain",
+            r#"{"room":"rooma","message":"hi"}"#.into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "application/json",
+        ),
+        (
+            "application/json",
+            format!("{}1{}", "[".repeat(5000), "]".repeat(5000)),
+            StatusCode::BAD_REQUEST,
+            "invalid message",
+        ),
+    ];
+    for (content_type, body, status, text) in cases {
+        let (got, answer) = backend.post_raw(content_type, body.clone()).await;
+        assert_eq!(got, status, "{} → {answer}", &body[..body.len().min(60)]);
+        assert!(
+            error_text(&answer).contains(text),
+            "{} → {answer}, expected {text:?}",
+            &body[..body.len().min(60)]
+        );
+    }
+
+    let (got, answer) = backend
+        .post_raw(
+            "application/json",
+            b"{\"room\":\"a\",\"message\":\"\xff\"}".to_vec(),
+        )
+        .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST, "invalid UTF-8 → {answer}");
+
+    let message_4000 = json!({"room": "rooma", "message": "é".repeat(4000)}).to_string();
+    assert_eq!(
+        backend.post_raw("application/json", message_4000).await.0,
+        StatusCode::CREATED
+    );
+
+    for (path, status, text) in [
+        ("/back/messages", StatusCode::BAD_REQUEST, "room"),
+        (
+            "/back/messages?room=bad%20room",
+            StatusCode::BAD_REQUEST,
+            "room must be",
+        ),
+        (
+            "/back/messages?room=rooma&limit=0",
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "/back/messages?room=rooma&limit=201",
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "/back/messages?room=rooma&limit=many",
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        ("/back/nothing", StatusCode::NOT_FOUND, "no such endpoint"),
+        ("/", StatusCode::NOT_FOUND, "no such endpoint"),
+    ] {
+        let (got, answer) = backend.get(path).await;
+        assert_eq!(got, status, "{path} → {answer}");
+        assert!(error_text(&answer).contains(text), "{path} → {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_instance_and_redis() {
+    let mut redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    let (status, body) = backend.get("/back/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["redis"], "up");
+    assert_eq!(body["instance"], 7);
+    assert!(
+        body["connections"].as_u64().unwrap() >= 1,
+        "this request's own connection: {body}"
+    );
+
+    redis.stop();
+    let (status, body) = backend.get("/back/status").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "status answers even while Redis is down"
+    );
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["redis"], "down");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_gives_503_quickly_and_posts_succeed_again_after() {
+    let mut redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    assert_eq!(backend.post("rooma", "before").await.0, StatusCode::CREATED);
+
+    redis.stop();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, body) = backend.post("rooma", "during").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(error_text(&body).contains("unavailable"), "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "503 took {:?}",
+            started.elapsed()
+        );
+        let (status, _) = backend.get("/back/messages?room=rooma").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    redis.restart();
+    let body = post_until_created(&backend, "rooma", "after").await;
+    assert_eq!(body["message"], "after");
+    let (_, history) = backend.get("/back/messages?room=rooma").await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["before", "after"],
+        "nothing acknowledged was lost, nothing refused was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_starts_and_answers_503_while_redis_was_never_up() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let backend = Backend::start(&redis, "").await;
+    let (status, body) = backend.post("rooma", "hello").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    redis.restart();
+    let body = post_until_created(&backend, "rooma", "after").await;
+    assert_eq!(body["message"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_is_bounded_per_room() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "[history]\nmax_per_room = 10\n").await;
+    for i in 0..400 {
+        assert_eq!(
+            backend.post("small", &format!("m{i}")).await.0,
+            StatusCode::CREATED
+        );
+    }
+    let (_, history) = backend.get("/back/messages?room=small&limit=200").await;
+    let kept = history["messages"].as_array().unwrap().len();
+    // Trimming is approximate: Redis drops whole nodes of up to 100 entries.
+    assert!(
+        (10..=110).contains(&kept),
+        "kept {kept} of 400 with max_per_room = 10"
+    );
+    assert_eq!(
+        history["messages"].as_array().unwrap().last().unwrap()["message"],
+        "m399"
+    );
+}

@@ -1,0 +1,172 @@
+//! Helpers for the integration tests: a real `redis-server` on a free port,
+//! the daemons as real processes, and waiting with a deadline.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `limit`
+/// naming `what` was awaited.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (by PID) when dropped.
+pub struct Process {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Process {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` (e.g. libc SIGTERM = 15) to the process.
+    pub fn signal(&self, signal: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.name);
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        wait_for(&format!("{} to exit", self.name), limit, || {
+            self.child.try_wait().unwrap()
+        })
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A private `redis-server` with append-only persistence in a temp dir, so a
+/// restart keeps what was stored (as a production Redis with AOF would).
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    process: Option<Process>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            process: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server again (after [`Redis::stop`]) on the same port and data.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (make deps-apt)");
+        self.process = Some(Process {
+            child,
+            name: "redis-server".into(),
+        });
+        let port = self.port;
+        wait_for(
+            "redis-server to accept connections",
+            Duration::from_secs(10),
+            || redis_ping(port).then_some(()),
+        );
+    }
+
+    /// Stops the server (SIGTERM, so the append-only file is complete).
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.signal(15);
+            process.wait(Duration::from_secs(10));
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// Writes a configuration file for the daemons pointing at `redis_url`.
+pub fn write_config(dir: &Path, redis_url: &str, extra: &str) -> PathBuf {
+    let path = dir.join("chat-ha.toml");
+    let www = Path::new(env!("CARGO_MANIFEST_DIR")).join("share/www");
+    let text = format!(
+        "[redis]\nurl = \"{redis_url}\"\ncommand_timeout_ms = 1000\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\
+         [frontend]\nwww_dir = \"{}\"\n{extra}\n",
+        www.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The path of one of this package's binaries.
+pub fn binary(name: &str) -> PathBuf {
+    match name {
+        "chat-frontend" => PathBuf::from(env!("CARGO_BIN_EXE_chat-frontend")),
+        "chat-backend" => PathBuf::from(env!("CARGO_BIN_EXE_chat-backend")),
+        other => panic!("no binary {other}"),
+    }
+}
+
+/// True once something accepts TCP connections at `addr`.
+pub fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}

@@ -1,0 +1,226 @@
+//! The daemons as processes: socket activation through
+//! `systemd-socket-activate`, notifications on a real `NOTIFY_SOCKET`, start-up
+//! errors, and a graceful stop on SIGTERM.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Process, Redis, accepts, binary, free_port, wait_for, write_config};
+
+/// A datagram socket standing in for systemd's notification socket.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// Collects datagrams until one contains `wanted`, within `limit`.
+    fn wait_for_line(&self, wanted: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let found = text.lines().any(|l| l == wanted);
+                seen.push(text);
+                if found {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {wanted:?} within {limit:?}; received {seen:?}");
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+fn spawn(name: &str, command: &mut Command) -> Process {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Process {
+        child,
+        name: name.into(),
+    }
+}
+
+#[test]
+fn both_daemons_serve_a_socket_passed_by_systemd_and_notify_readiness_and_stopping() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &redis.url(), "");
+    for (name, status_path) in [
+        ("chat-backend", "/back/status"),
+        ("chat-frontend", "/front/status"),
+    ] {
+        let notify = NotifySocket::bind(dir.path());
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // The configured address is a different free port: serving on `addr`
+        // proves the passed socket was used.
+        let mut daemon = spawn(
+            name,
+            Command::new("systemd-socket-activate")
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--setenv=NOTIFY_SOCKET")
+                .arg("--setenv=WATCHDOG_USEC")
+                .arg(binary(name))
+                .arg("--config")
+                .arg(&config)
+                .arg("--instance")
+                .arg("3")
+                .env("NOTIFY_SOCKET", &notify.path)
+                .env("WATCHDOG_USEC", "200000"),
+        );
+        // systemd-socket-activate binds at once and starts the daemon on the first connection.
+        wait_for("the activation socket", Duration::from_secs(5), || {
+            accepts(addr).then_some(())
+        });
+        let (status, body) = wait_for("a status answer", Duration::from_secs(10), || {
+            http_get(addr, status_path)
+        });
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"instance\":3"), "{body}");
+
+        let seen = notify.wait_for_line("READY=1", Duration::from_secs(5));
+        assert!(
+            seen.iter()
+                .any(|d| d.lines().any(|l| l.starts_with("STATUS="))),
+            "{seen:?}"
+        );
+        notify.wait_for_line("WATCHDOG=1", Duration::from_secs(2));
+        notify.wait_for_line("WATCHDOG=1", Duration::from_secs(2));
+
+        daemon.signal(15);
+        notify.wait_for_line("STOPPING=1", Duration::from_secs(5));
+        let exit = daemon.wait(Duration::from_secs(15));
+        assert!(exit.success(), "{name} exits cleanly on SIGTERM: {exit:?}");
+        std::fs::remove_file(&notify.path).unwrap();
+    }
+}
+
+#[test]
+fn without_activation_the_listen_option_or_the_configured_address_is_bound() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let configured = free_port();
+    let config = write_config(
+        dir.path(),
+        &redis.url(),
+        &format!("[backend]\nlisten = \"127.0.0.1:{configured}\"\n"),
+    );
+
+    // LISTEN_FDS meant for another process (LISTEN_PID is not ours) is ignored.
+    let mut from_config = spawn(
+        "chat-backend",
+        Command::new(binary("chat-backend"))
+            .arg("--config")
+            .arg(&config)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", "1"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{configured}").parse().unwrap();
+    let (status, _) = wait_for("the configured address", Duration::from_secs(10), || {
+        http_get(addr, "/back/status")
+    });
+    assert_eq!(status, 200);
+    from_config.signal(2);
+    assert!(
+        from_config.wait(Duration::from_secs(15)).success(),
+        "SIGINT stops it cleanly"
+    );
+
+    let overridden: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _from_option = spawn(
+        "chat-frontend",
+        Command::new(binary("chat-frontend"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(overridden.to_string()),
+    );
+    let (status, _) = wait_for("the --listen address", Duration::from_secs(10), || {
+        http_get(overridden, "/front/status")
+    });
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_bad_configuration_stops_the_daemon_at_start_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        "[redis]\nurl = \"redis://127.0.0.1:1/0\"\n\n[frontend]\nmax_rooms = 3\n",
+    )
+    .unwrap();
+    for name in ["chat-frontend", "chat-backend"] {
+        let output = Command::new(binary(name))
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+        assert!(stderr.contains("line 5"), "{stderr}");
+        assert!(stderr.contains("unknown field `max_rooms`"), "{stderr}");
+    }
+
+    let missing = dir.path().join("missing.toml");
+    let output = Command::new(binary("chat-backend"))
+        .arg("--config")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn the_shipped_configuration_passes_the_check() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/etc/chat-ha/chat-ha.toml");
+    for name in ["chat-frontend", "chat-backend"] {
+        let output = Command::new(binary(name))
+            .args(["--config", shipped, "--check-config"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).contains("max_per_room: 1000"));
+    }
+}

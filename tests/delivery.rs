@@ -1,0 +1,169 @@
+//! Delivery through a real redis-server: every appended message reaches the
+//! feed once, in order, across lost connections and Redis restarts.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_ha::config::Config;
+use chat_ha::delivery::{Feed, RedisHealth, Store};
+use chat_ha::message::{ChatMessage, PostMessage, Room};
+use common::{Redis, write_config};
+use tokio::sync::mpsc;
+
+fn config(redis: &Redis) -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &redis.url(), "");
+    (Config::load(&path, true).unwrap(), dir)
+}
+
+fn post(room: &str, text: &str) -> PostMessage {
+    PostMessage {
+        room: Room::parse(room).unwrap(),
+        text: text.to_owned(),
+    }
+}
+
+/// Starts a feed whose deliveries arrive on the returned channel.
+fn follow(config: &Config) -> (mpsc::UnboundedReceiver<ChatMessage>, Arc<RedisHealth>) {
+    let health = RedisHealth::new();
+    let feed = Feed::new(config, health.clone()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(move |message| {
+        let _ = tx.send(message);
+        std::future::ready(())
+    }));
+    (rx, health)
+}
+
+async fn wait_up(health: &RedisHealth) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !health.is_up() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("feed reached Redis");
+}
+
+/// Appends, retrying while Redis is away, like a client that got 503.
+async fn append_acknowledged(store: &Store, message: &PostMessage) -> ChatMessage {
+    for _ in 0..200 {
+        if let Ok(stored) = store.append(message).await {
+            return stored;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("Redis never came back");
+}
+
+async fn receive(rx: &mut mpsc::UnboundedReceiver<ChatMessage>, count: usize) -> Vec<ChatMessage> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(message)) => got.push(message),
+            _ => panic!("received {} of {count} messages", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    store
+        .append(&post("old", "appended before the frontend started"))
+        .await
+        .unwrap();
+
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        let room = ["rooma", "roomb", "roomc"][i % 3];
+        sent.push(
+            store
+                .append(&post(room, &format!("message {i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let got = receive(&mut rx, sent.len()).await;
+    assert_eq!(
+        got, sent,
+        "same messages, same ids, same order; nothing from before the start"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "no duplicate deliveries");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_resumes_after_its_connection_is_killed_without_loss_or_duplicate() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+
+    let killer_url = redis.url();
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        if i % 50 == 25 {
+            // Drops every connection of the feed (and the store, which reconnects too).
+            let client = redis::Client::open(killer_url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("SKIPME")
+                .arg("yes")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        sent.push(append_acknowledged(&store, &post("rooma", &format!("m{i}"))).await);
+    }
+    let got = receive(&mut rx, sent.len()).await;
+    assert_eq!(got, sent);
+    assert!(health.losses() >= 1, "the feed really lost its connection");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
+    let mut redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(
+            store
+                .append(&post("rooma", &format!("before {i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let before = receive(&mut rx, 20).await;
+    assert_eq!(before, sent);
+
+    redis.stop();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while health.is_up() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the feed notices Redis is gone");
+    redis.restart();
+
+    let mut after = Vec::new();
+    for i in 0..20 {
+        after.push(append_acknowledged(&store, &post("rooma", &format!("after {i}"))).await);
+    }
+    assert_eq!(receive(&mut rx, 20).await, after);
+    wait_up(&health).await;
+}
