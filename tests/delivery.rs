@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store};
-use chat_ha::message::{ChatMessage, PostMessage, Room};
+use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
+use chat_ha::message::{ChatMessage, PostMessage, Room, StreamId};
 use common::{Redis, write_config};
 use tokio::sync::mpsc;
 
@@ -25,15 +25,22 @@ fn post(room: &str, text: &str) -> PostMessage {
     }
 }
 
+/// Passes every delivered message on to a channel.
+struct Forward(mpsc::UnboundedSender<ChatMessage>);
+
+impl Subscriber for Forward {
+    async fn following(&self, _cursor: StreamId) {}
+    async fn deliver(&self, message: ChatMessage) {
+        let _ = self.0.send(message);
+    }
+}
+
 /// Starts a feed whose deliveries arrive on the returned channel.
 fn follow(config: &Config) -> (mpsc::UnboundedReceiver<ChatMessage>, Arc<RedisHealth>) {
     let health = RedisHealth::new();
     let feed = Feed::new(config, health.clone()).unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(feed.run(move |message| {
-        let _ = tx.send(message);
-        std::future::ready(())
-    }));
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
     (rx, health)
 }
 

@@ -1,6 +1,5 @@
 //! The frontend's side of Redis: follow the feed of every appended message.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +7,7 @@ use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 
-use super::{Keys, RedisHealth};
+use super::{Keys, RedisHealth, Subscriber};
 use crate::config::Config;
 use crate::message::{ChatMessage, StreamId};
 
@@ -59,17 +58,13 @@ impl Feed {
         self.cursor
     }
 
-    /// Hands every message appended from now on to `deliver`, in feed order,
+    /// Hands every message appended from now on to `subscriber`, in feed order,
     /// once each, for ever. Losing Redis pauses delivery; on reconnection it
     /// goes on from the last message delivered.
-    pub async fn run<F, Fut>(mut self, mut deliver: F)
-    where
-        F: FnMut(ChatMessage) -> Fut,
-        Fut: Future<Output = ()>,
-    {
+    pub async fn run(mut self, subscriber: Arc<impl Subscriber>) {
         let mut pause = self.reconnect_min;
         loop {
-            let error = self.follow(&mut deliver, &mut pause).await;
+            let error = self.follow(&*subscriber, &mut pause).await;
             if self.health.set_up(false) {
                 tracing::warn!(
                     "lost Redis, delivery paused at {:?}: {error}",
@@ -84,11 +79,7 @@ impl Feed {
     }
 
     /// Connects and delivers until the connection fails.
-    async fn follow<F, Fut>(&mut self, deliver: &mut F, pause: &mut Duration) -> FeedError
-    where
-        F: FnMut(ChatMessage) -> Fut,
-        Fut: Future<Output = ()>,
-    {
+    async fn follow(&mut self, subscriber: &impl Subscriber, pause: &mut Duration) -> FeedError {
         let mut conn = match self.connect().await {
             Ok(conn) => conn,
             Err(e) => return e,
@@ -102,6 +93,7 @@ impl Feed {
             Err(e) => return e,
         };
         self.cursor = Some(cursor);
+        subscriber.following(cursor).await;
         if self.health.set_up(true) {
             tracing::info!("following the Redis feed from {cursor}");
         }
@@ -115,7 +107,7 @@ impl Feed {
                 cursor = id;
                 self.cursor = Some(cursor);
                 match message {
-                    Some(message) => deliver(message).await,
+                    Some(message) => subscriber.deliver(message).await,
                     None => tracing::error!("skipping malformed feed entry {id}"),
                 }
             }

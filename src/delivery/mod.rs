@@ -31,7 +31,16 @@ pub use store::{Store, StoreError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::message::Room;
+use crate::message::{ChatMessage, Room, StreamId};
+
+/// What a [`Feed`] hands its messages to.
+pub trait Subscriber: Send + Sync + 'static {
+    /// The feed (re)connected and continues after `cursor`; called before the
+    /// messages that follow it.
+    fn following(&self, cursor: StreamId) -> impl std::future::Future<Output = ()> + Send;
+    /// The next message of the feed, in order, once.
+    fn deliver(&self, message: ChatMessage) -> impl std::future::Future<Output = ()> + Send;
+}
 
 /// Names of the Redis keys, derived from `redis.key_prefix`.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use redis::streams::StreamRangeReply;
 
 use super::{Keys, RedisHealth};
 use crate::config::Config;
-use crate::message::{ChatMessage, PostMessage, Room};
+use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 
 /// Appends to the feed and the room's stream in one step, under one id, so a
 /// message is either in both or in neither. Trimming is approximate (`~`),
@@ -86,24 +86,48 @@ impl Store {
 
     /// The last `limit` messages of `room`, oldest first.
     pub async fn history(&self, room: &Room, limit: usize) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.conn.clone();
-        let key = self.keys.room(room);
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(&key).arg("+").arg("-").arg("COUNT").arg(limit);
+        cmd.arg(self.keys.room(room))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit);
+        let mut messages = self.read_range(room, cmd).await?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// The messages of `room` with ids after `after` up to and including
+    /// `until`, oldest first: what a client that saw `after` has missed.
+    pub async fn range(
+        &self,
+        room: &Room,
+        after: StreamId,
+        until: StreamId,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.keys.room(room))
+            .arg(format!("({after}"))
+            .arg(until.to_string());
+        self.read_range(room, cmd).await
+    }
+
+    async fn read_range(
+        &self,
+        room: &Room,
+        cmd: redis::Cmd,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut conn = self.conn.clone();
         let reply: StreamRangeReply = self.bounded(cmd.query_async(&mut conn)).await?;
-        let mut messages = reply
+        reply
             .ids
             .into_iter()
             .map(|entry| {
-                let text: String = entry
-                    .get("m")
-                    .ok_or_else(|| StoreError::Malformed(entry.id.clone()))?;
-                ChatMessage::new(entry.id.clone(), room.to_string(), text)
+                let text: Option<String> = entry.get("m");
+                text.and_then(|text| ChatMessage::new(entry.id.clone(), room.to_string(), text))
                     .ok_or(StoreError::Malformed(entry.id))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.reverse();
-        Ok(messages)
+            .collect()
     }
 
     /// Asks Redis whether it is there; records and returns the answer.

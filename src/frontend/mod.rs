@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -24,52 +24,44 @@ use tower_http::services::ServeDir;
 
 use crate::backend::Status;
 use crate::config::Config;
-use crate::delivery::{Feed, RedisHealth};
-use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room};
+use crate::delivery::{Feed, RedisHealth, Store};
+use crate::message::{InvalidInput, JoinRequest, Room};
 use crate::serve::{ConnectionCount, serve};
 
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
 
-/// Counters shared by the socket handlers, the delivery task and status.
+mod rooms;
+
+pub use rooms::{JoinError, Joined, Rooms};
+
+/// Counters shared by the socket handlers and status.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Sockets connected to the default namespace right now.
     pub sockets: AtomicUsize,
-    /// Messages received from the feed.
-    pub received: AtomicU64,
-}
-
-/// Why a `room` event was refused.
-#[derive(Debug, thiserror::Error)]
-enum JoinError {
-    #[error("{0}")]
-    Invalid(#[from] InvalidInput),
-    #[error("a socket may be in at most {0} rooms")]
-    TooManyRooms(usize),
-    #[error("resuming with since is not supported by this frontend")]
-    SinceUnsupported,
 }
 
 /// Registers the socket's event handlers. Runs as connect middleware, which
 /// socketioxide awaits *before* it confirms the connection to the client:
 /// a `room` event sent the instant the client sees itself connected always
 /// finds its handler (an async connect handler would race with it).
-fn register_socket(socket: &SocketRef, max_rooms: usize, stats: &Arc<Stats>) {
-    socket.on(
-        "room",
-        move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
-            let answer = match join(&s, data.ok(), max_rooms) {
-                Ok(room) => {
-                    tracing::debug!(sid = %s.id, %room, "joined");
-                    json!({"ok": true})
+fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, stats: &Arc<Stats>) {
+    let rooms = rooms.clone();
+    socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
+        let answer = match on_room(&rooms, &s, data.ok()).await {
+            Ok(joined) => {
+                tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");
+                match joined.resumed {
+                    true => json!({"ok": true, "replayed": joined.replayed}),
+                    false => json!({"ok": true}),
                 }
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
-            };
-            // Fails only when the client asked for no acknowledgement.
-            let _ = ack.send(&answer);
-        },
-    );
+            }
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        };
+        // Fails only when the client asked for no acknowledgement.
+        let _ = ack.send(&answer);
+    });
     stats.sockets.fetch_add(1, Ordering::Relaxed);
     let stats = stats.clone();
     socket.on_disconnect(move || async move {
@@ -77,27 +69,13 @@ fn register_socket(socket: &SocketRef, max_rooms: usize, stats: &Arc<Stats>) {
     });
 }
 
-fn join(socket: &SocketRef, data: Option<Value>, max_rooms: usize) -> Result<Room, JoinError> {
+async fn on_room(
+    rooms: &Rooms,
+    socket: &SocketRef,
+    data: Option<Value>,
+) -> Result<Joined, JoinError> {
     let request = JoinRequest::from_json(&data.unwrap_or(Value::Null))?;
-    if request.since.is_some() {
-        return Err(JoinError::SinceUnsupported);
-    }
-    let rooms = socket.rooms();
-    let already_in = rooms.iter().any(|r| r.as_ref() == request.room.as_str());
-    if !already_in && rooms.len() >= max_rooms {
-        return Err(JoinError::TooManyRooms(max_rooms));
-    }
-    socket.join(request.room.to_string());
-    Ok(request.room)
-}
-
-/// Emits one message from the feed to its room's local sockets.
-async fn deliver(io: &SocketIo, stats: &Stats, message: ChatMessage) {
-    stats.received.fetch_add(1, Ordering::Relaxed);
-    let room = message.room.clone();
-    if let Err(e) = io.to(room).emit("message", &message).await {
-        tracing::warn!(room = %message.room, id = %message.id, "delivery to some sockets failed: {e}");
-    }
+    rooms.join(socket, request).await
 }
 
 #[derive(Clone)]
@@ -162,24 +140,24 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let health = RedisHealth::new();
     let stats = Arc::new(Stats::default());
-    let max_rooms = config.frontend.max_rooms_per_socket.get();
-
     let (layer, io) = SocketIo::builder().req_path(SOCKET_IO_PATH).build_layer();
-    let connect_stats = stats.clone();
+    // The feed reports Redis's health; the store only serves resuming joins.
+    let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
+    let rooms = Arc::new(Rooms::new(
+        io.clone(),
+        store,
+        config.frontend.max_rooms_per_socket.get(),
+    ));
+
+    let (connect_rooms, connect_stats) = (rooms.clone(), stats.clone());
     let middleware = move |s: SocketRef| {
-        register_socket(&s, max_rooms, &connect_stats);
+        register_socket(&s, &connect_rooms, &connect_stats);
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
     io.ns("/", { async |_: SocketRef| {} }.with(middleware));
 
     let feed = Feed::new(&config, health.clone()).map_err(std::io::Error::other)?;
-    let feed_io = io.clone();
-    let feed_stats = stats.clone();
-    let delivery = tokio::spawn(feed.run(move |message| {
-        let io = feed_io.clone();
-        let stats = feed_stats.clone();
-        async move { deliver(&io, &stats, message).await }
-    }));
+    let delivery = tokio::spawn(feed.run(rooms));
 
     let www_dir = config.frontend.www_dir.clone();
     let state = AppState {
