@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::delivery::{Store, StoreError};
 use crate::message::{ChatMessage, InvalidInput, PostBody, PostMessage, Room};
-use crate::serve::{ConnectionCount, serve};
+use crate::serve::{ConnectionCount, Status, serve};
 
 /// Messages returned by `GET /back/messages` when no `limit` is given.
 pub const DEFAULT_HISTORY: usize = 50;
@@ -154,26 +154,6 @@ async fn get_messages(
     }
     let messages = state.store.history(&room, limit).await?;
     Ok(Json(History { room, messages }))
-}
-
-/// The answer of both status endpoints.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub status: String,
-    pub redis: String,
-    pub instance: u32,
-    pub connections: usize,
-}
-
-impl Status {
-    pub fn new(redis_up: bool, instance: u32, connections: usize) -> Self {
-        Status {
-            status: if redis_up { "ok" } else { "degraded" }.into(),
-            redis: if redis_up { "up" } else { "down" }.into(),
-            instance,
-            connections,
-        }
-    }
 }
 
 async fn status(State(state): State<AppState>) -> Json<Status> {

@@ -178,7 +178,11 @@ pub struct FrontendConfig {
     pub max_rooms_per_socket: NonZeroUsize,
     /// Runtime threads; 1 runs a single-threaded runtime (one instance per CPU).
     pub threads: NonZeroUsize,
-    /// Time allowed for a graceful stop before remaining connections are dropped.
+    /// On SIGTERM, how long the status endpoint reports `draining` (so the
+    /// load balancer stops sending new clients) before clients are told to go.
+    pub drain_delay_ms: u32,
+    /// Time allowed, after the drain, for a graceful stop before remaining
+    /// connections are dropped.
     pub shutdown_timeout_ms: NonZeroU32,
 }
 
@@ -189,7 +193,8 @@ impl Default for FrontendConfig {
             www_dir: PathBuf::from("/usr/share/chat-ha/www"),
             max_rooms_per_socket: NonZeroUsize::new(16).unwrap(),
             threads: NonZeroUsize::MIN,
-            shutdown_timeout_ms: NonZeroU32::new(10_000).unwrap(),
+            drain_delay_ms: 1500,
+            shutdown_timeout_ms: NonZeroU32::new(5_000).unwrap(),
         }
     }
 }
@@ -222,6 +227,9 @@ impl Default for BackendConfig {
 impl FrontendConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         millis(self.shutdown_timeout_ms)
+    }
+    pub fn drain_delay(&self) -> Duration {
+        Duration::from_millis(u64::from(self.drain_delay_ms))
     }
 }
 

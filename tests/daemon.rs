@@ -11,35 +11,45 @@ use std::time::{Duration, Instant};
 
 use common::{Process, Redis, accepts, binary, free_port, wait_for, write_config};
 
-/// A datagram socket standing in for systemd's notification socket.
+/// A datagram socket standing in for systemd's notification socket. Like
+/// systemd, it reads every datagram as it arrives (a full socket buffer would
+/// block the sender), and hands them to the test in order.
 struct NotifySocket {
-    socket: UnixDatagram,
     path: std::path::PathBuf,
+    received: std::sync::mpsc::Receiver<String>,
 }
 
 impl NotifySocket {
     fn bind(dir: &std::path::Path) -> Self {
         let path = dir.join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        NotifySocket { socket, path }
+        let (tx, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        NotifySocket { path, received }
     }
 
-    /// Collects datagrams until one contains `wanted`, within `limit`.
+    /// Collects datagrams until one contains the line `wanted`, within `limit`.
     fn wait_for_line(&self, wanted: &str, limit: Duration) -> Vec<String> {
         let deadline = Instant::now() + limit;
         let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.socket.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let found = text.lines().any(|l| l == wanted);
-                seen.push(text);
-                if found {
-                    return seen;
-                }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(text) = self.received.recv_timeout(left) else {
+                break;
+            };
+            let found = text.lines().any(|l| l == wanted);
+            seen.push(text);
+            if found {
+                return seen;
             }
         }
         panic!("no {wanted:?} within {limit:?}; received {seen:?}");
@@ -223,4 +233,36 @@ fn the_shipped_configuration_passes_the_check() {
         );
         assert!(String::from_utf8_lossy(&output.stdout).contains("max_per_room: 1000"));
     }
+}
+
+#[test]
+fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &redis.url(), "drain_delay_ms = 1500\n");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut frontend = spawn(
+        "chat-frontend",
+        Command::new(binary("chat-frontend"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(addr.to_string()),
+    );
+    let (status, body) = wait_for("the frontend", Duration::from_secs(10), || {
+        http_get(addr, "/front/status")
+    });
+    assert_eq!(
+        (status, body.contains("\"status\":\"ok\"")),
+        (200, true),
+        "{body}"
+    );
+
+    frontend.signal(15);
+    let (status, body) = wait_for("a draining status", Duration::from_secs(2), || {
+        http_get(addr, "/front/status").filter(|(status, _)| *status != 200)
+    });
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"status\":\"draining\""), "{body}");
+    assert!(frontend.wait(Duration::from_secs(10)).success());
 }

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -22,11 +22,10 @@ use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use tower_http::services::ServeDir;
 
-use crate::backend::Status;
 use crate::config::Config;
 use crate::delivery::{Feed, RedisHealth, Store};
 use crate::message::{InvalidInput, JoinRequest, Room};
-use crate::serve::{ConnectionCount, serve};
+use crate::serve::{ConnectionCount, Status, serve};
 
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
@@ -84,6 +83,7 @@ struct AppState {
     health: Arc<RedisHealth>,
     stats: Arc<Stats>,
     instance: u32,
+    draining: Arc<AtomicBool>,
 }
 
 /// `GET /front/{room}`: the chat page, the same file for every valid room.
@@ -118,9 +118,14 @@ async fn page(State(state): State<AppState>, Path(room): Path<String>) -> Respon
     }
 }
 
-async fn status(State(state): State<AppState>) -> Json<Status> {
+async fn status(State(state): State<AppState>) -> Status {
     let sockets = state.stats.sockets.load(Ordering::Relaxed);
-    Json(Status::new(state.health.is_up(), state.instance, sockets))
+    let status = Status::new(state.health.is_up(), state.instance, sockets);
+    if state.draining.load(Ordering::Relaxed) {
+        status.draining()
+    } else {
+        status
+    }
 }
 
 async fn not_found() -> (StatusCode, Json<Value>) {
@@ -160,11 +165,13 @@ pub async fn run(
     let delivery = tokio::spawn(feed.run(rooms));
 
     let www_dir = config.frontend.www_dir.clone();
+    let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         www_dir: www_dir.clone(),
         health,
         stats,
         instance,
+        draining: draining.clone(),
     };
     let app = Router::new()
         .route("/front/status", get(status))
@@ -176,8 +183,14 @@ pub async fn run(
 
     crate::systemd::notify_ready("serving");
     let close_io = io.clone();
+    let drain_delay = config.frontend.drain_delay();
     let stop = async move {
         shutdown.await;
+        // Fail health checks first so the load balancer sends new clients
+        // elsewhere, then let the current ones go.
+        draining.store(true, Ordering::Relaxed);
+        tracing::info!("draining for {drain_delay:?} before closing client connections");
+        tokio::time::sleep(drain_delay).await;
         // Sends every client a disconnect; socket.io clients then reconnect,
         // through the load balancer, to an instance that is still running.
         close_io.close().await;
