@@ -5,10 +5,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::delivery::{Store, StoreError};
 use crate::message::{ChatMessage, InvalidInput, PostBody, PostMessage, Room};
+use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
 use crate::serve::{ConnectionCount, Status, serve};
 
 /// Messages returned by `GET /back/messages` when no `limit` is given.
@@ -31,6 +34,8 @@ struct AppState {
     body_limit: usize,
     instance: u32,
     connections: ConnectionCount,
+    metrics: Arc<BackendMetrics>,
+    exposition: Arc<Metrics>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -169,24 +174,49 @@ async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
-/// The backend's routes, with body limits and error mapping.
+/// Counts every answer to `POST /back/message` by status, and times it,
+/// rejections by the extractors included.
+async fn measure_post(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .post_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let label = StatusLabel {
+        status: response.status().as_u16(),
+    };
+    state.metrics.posts.get_or_create(&label).inc();
+    response
+}
+
+async fn serve_metrics(State(state): State<AppState>) -> Response {
+    state.exposition.response()
+}
+
+/// The backend's routes, with body limits, error mapping and metrics.
 pub fn router(
     config: &Config,
     store: Store,
     instance: u32,
     connections: ConnectionCount,
 ) -> Router {
+    let metrics = Arc::new(BackendMetrics::default());
     let body_limit = config.backend.max_body_bytes.get();
     let state = AppState {
+        exposition: Arc::new(Metrics::backend(&metrics, store.health_handle())),
         store,
         body_limit,
         instance,
         connections,
+        metrics,
     };
+    let post_route = post(post_message).layer(from_fn_with_state(state.clone(), measure_post));
     Router::new()
-        .route("/back/message", post(post_message))
+        .route("/back/message", post_route)
         .route("/back/messages", get(get_messages))
         .route("/back/status", get(status))
+        .route("/metrics", get(serve_metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)

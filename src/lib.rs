@@ -17,6 +17,7 @@
 //!   from a cursor it can resume from after losing Redis (frontend).
 //! - [`frontend`]: the Socket.IO server, the chat page and the frontend status.
 //! - [`backend`]: the REST API: post a message, read history, status.
+//! - [`metrics`]: the Prometheus counters each instance serves at `/metrics`.
 //! - [`serve`]: HTTP serving both daemons share: open-connection counts and a
 //!   graceful stop bounded in time.
 //! - [`systemd`]: socket activation, readiness, watchdog and stop notifications.
@@ -33,5 +34,6 @@ pub mod delivery;
 pub mod frontend;
 pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod serve;
 pub mod systemd;

@@ -415,3 +415,42 @@ async fn history_is_bounded_per_room() {
         "m399"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_answers_by_status_and_time_them() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    for _ in 0..3 {
+        assert_eq!(
+            backend.post("rooma", "counted").await.0,
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        backend.post("bad room", "x").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        backend.post_raw("text/plain", "x").await.0,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+
+    let response = reqwest::get(backend.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "chat_backend_posts_total{status=\"201\"} 3",
+        "chat_backend_posts_total{status=\"400\"} 1",
+        "chat_backend_posts_total{status=\"415\"} 1",
+        "chat_backend_post_seconds_count 5",
+        "chat_backend_redis_up 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+}

@@ -138,8 +138,9 @@ impl Store {
             .is_ok()
     }
 
-    pub fn health(&self) -> &RedisHealth {
-        &self.health
+    /// Redis's state as this store last saw it.
+    pub fn health_handle(&self) -> Arc<RedisHealth> {
+        self.health.clone()
     }
 
     /// Runs one Redis call with the configured time limit and records

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -25,6 +25,7 @@ use tower_http::services::ServeDir;
 use crate::config::Config;
 use crate::delivery::{Feed, RedisHealth, Store};
 use crate::message::{InvalidInput, JoinRequest, Room};
+use crate::metrics::{FrontendMetrics, Metrics};
 use crate::serve::{ConnectionCount, Status, serve};
 
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
@@ -34,20 +35,14 @@ mod rooms;
 
 pub use rooms::{JoinError, Joined, Rooms};
 
-/// Counters shared by the socket handlers and status.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Sockets connected to the default namespace right now.
-    pub sockets: AtomicUsize,
-}
-
 /// Registers the socket's event handlers. Runs as connect middleware, which
 /// socketioxide awaits *before* it confirms the connection to the client:
 /// a `room` event sent the instant the client sees itself connected always
 /// finds its handler (an async connect handler would race with it).
-fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, stats: &Arc<Stats>) {
-    let rooms = rooms.clone();
+fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>) {
+    let join_rooms = rooms.clone();
     socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
+        let rooms = join_rooms;
         let answer = match on_room(&rooms, &s, data.ok()).await {
             Ok(joined) => {
                 tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");
@@ -56,15 +51,19 @@ fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, stats: &Arc<Stats>) {
                     false => json!({"ok": true}),
                 }
             }
-            Err(e) => json!({"ok": false, "error": e.to_string()}),
+            Err(e) => {
+                rooms.metrics().joins_refused.inc();
+                json!({"ok": false, "error": e.to_string()})
+            }
         };
         // Fails only when the client asked for no acknowledgement.
         let _ = ack.send(&answer);
     });
-    stats.sockets.fetch_add(1, Ordering::Relaxed);
-    let stats = stats.clone();
-    socket.on_disconnect(move || async move {
-        stats.sockets.fetch_sub(1, Ordering::Relaxed);
+    rooms.metrics().sockets.inc();
+    let rooms = rooms.clone();
+    socket.on_disconnect(move |s: SocketRef| async move {
+        rooms.metrics().sockets.dec();
+        rooms.leave_all(&s).await;
     });
 }
 
@@ -81,7 +80,8 @@ async fn on_room(
 struct AppState {
     www_dir: PathBuf,
     health: Arc<RedisHealth>,
-    stats: Arc<Stats>,
+    metrics: Arc<FrontendMetrics>,
+    exposition: Arc<Metrics>,
     instance: u32,
     draining: Arc<AtomicBool>,
 }
@@ -119,13 +119,17 @@ async fn page(State(state): State<AppState>, Path(room): Path<String>) -> Respon
 }
 
 async fn status(State(state): State<AppState>) -> Status {
-    let sockets = state.stats.sockets.load(Ordering::Relaxed);
+    let sockets = usize::try_from(state.metrics.sockets.get()).unwrap_or(0);
     let status = Status::new(state.health.is_up(), state.instance, sockets);
     if state.draining.load(Ordering::Relaxed) {
         status.draining()
     } else {
         status
     }
+}
+
+async fn serve_metrics(State(state): State<AppState>) -> Response {
+    state.exposition.response()
 }
 
 async fn not_found() -> (StatusCode, Json<Value>) {
@@ -144,19 +148,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let health = RedisHealth::new();
-    let stats = Arc::new(Stats::default());
+    let metrics = Arc::new(FrontendMetrics::default());
     let (layer, io) = SocketIo::builder().req_path(SOCKET_IO_PATH).build_layer();
     // The feed reports Redis's health; the store only serves resuming joins.
     let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
-    let rooms = Arc::new(Rooms::new(
-        io.clone(),
-        store,
-        config.frontend.max_rooms_per_socket.get(),
-    ));
+    let max_rooms = config.frontend.max_rooms_per_socket.get();
+    let rooms = Arc::new(Rooms::new(io.clone(), store, max_rooms, metrics.clone()));
 
-    let (connect_rooms, connect_stats) = (rooms.clone(), stats.clone());
+    let connect_rooms = rooms.clone();
     let middleware = move |s: SocketRef| {
-        register_socket(&s, &connect_rooms, &connect_stats);
+        register_socket(&s, &connect_rooms);
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
     io.ns("/", { async |_: SocketRef| {} }.with(middleware));
@@ -168,13 +169,15 @@ pub async fn run(
     let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         www_dir: www_dir.clone(),
+        exposition: Arc::new(Metrics::frontend(&metrics, health.clone())),
         health,
-        stats,
+        metrics,
         instance,
         draining: draining.clone(),
     };
     let app = Router::new()
         .route("/front/status", get(status))
+        .route("/metrics", get(serve_metrics))
         .route("/front/{room}", get(page))
         .nest_service("/front/assets", ServeDir::new(www_dir.join("assets")))
         .fallback(not_found)

@@ -22,13 +22,15 @@
 //! both held and emitted to the room after the socket joined it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
+use socketioxide::{BroadcastError, SocketIo};
 
 use crate::delivery::{Store, Subscriber};
 use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room, StreamId};
+use crate::metrics::FrontendMetrics;
 
 /// How long a resuming join waits for the feed to reach Redis at start-up.
 const CURSOR_WAIT: Duration = Duration::from_secs(2);
@@ -62,6 +64,8 @@ struct Resuming {
 
 #[derive(Default)]
 struct Shared {
+    /// Local sockets per room.
+    members: HashMap<String, u64>,
     /// Id of the last feed message delivered; `None` before the feed started.
     cursor: Option<StreamId>,
     /// Resuming sockets, by room.
@@ -73,17 +77,50 @@ pub struct Rooms {
     io: SocketIo,
     store: Store,
     max_rooms: usize,
+    metrics: Arc<FrontendMetrics>,
     shared: tokio::sync::Mutex<Shared>,
 }
 
 impl Rooms {
-    pub fn new(io: SocketIo, store: Store, max_rooms: usize) -> Self {
+    pub fn new(
+        io: SocketIo,
+        store: Store,
+        max_rooms: usize,
+        metrics: Arc<FrontendMetrics>,
+    ) -> Self {
         Rooms {
             io,
             store,
             max_rooms,
+            metrics,
             shared: Default::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &FrontendMetrics {
+        &self.metrics
+    }
+
+    /// Forgets a disconnected socket's memberships (socketioxide removes the
+    /// socket itself once the disconnect handler returns).
+    pub async fn leave_all(&self, socket: &SocketRef) {
+        let mut shared = self.shared.lock().await;
+        for room in socket.rooms() {
+            if let Some(count) = shared.members.get_mut(room.as_ref()) {
+                *count -= 1;
+                if *count == 0 {
+                    shared.members.remove(room.as_ref());
+                }
+            }
+        }
+        self.metrics.rooms.set(shared.members.len() as i64);
+    }
+
+    /// Puts `socket` in `room`; the caller holds the lock.
+    fn enter(&self, shared: &mut Shared, socket: &SocketRef, room: &Room) {
+        socket.join(room.to_string());
+        *shared.members.entry(room.to_string()).or_default() += 1;
+        self.metrics.rooms.set(shared.members.len() as i64);
     }
 }
 
@@ -94,18 +131,33 @@ impl Subscriber for Rooms {
         if let Some(id) = StreamId::parse(&message.id) {
             shared.cursor = Some(id);
         }
+        self.metrics.received.inc();
         if let Some(waiting) = shared.resuming.get_mut(&message.room) {
             for resuming in waiting {
                 resuming.held.push(message.clone());
             }
         }
-        if let Err(e) = self
+        let Some(&members) = shared.members.get(&message.room) else {
+            return;
+        };
+        let emitted = self
             .io
             .to(message.room.clone())
             .emit("message", &message)
-            .await
-        {
-            tracing::warn!(room = %message.room, id = %message.id, "delivery to some sockets failed: {e}");
+            .await;
+        match emitted {
+            Ok(()) => {
+                self.metrics.delivered.inc_by(members);
+            }
+            Err(BroadcastError::Socket(failed)) => {
+                let failed = failed.len() as u64;
+                self.metrics.dropped.inc_by(failed);
+                self.metrics
+                    .delivered
+                    .inc_by(members.saturating_sub(failed));
+                tracing::warn!(room = %message.room, id = %message.id, "{failed} sockets could not take a message");
+            }
+            Err(e) => tracing::error!(room = %message.room, id = %message.id, "cannot emit: {e}"),
         }
     }
 
@@ -132,7 +184,9 @@ impl Rooms {
             // A socket already in the room receives everything live: nothing to resume.
             Some(since) if !already_in => self.resume(socket, room, since).await,
             _ => {
-                socket.join(room.to_string());
+                if !already_in {
+                    self.enter(&mut *self.shared.lock().await, socket, &room);
+                }
                 Ok(Joined {
                     room,
                     resumed: request.since.is_some(),
@@ -171,7 +225,8 @@ impl Rooms {
             }
             replayed += 1;
         }
-        socket.join(room.to_string());
+        self.metrics.replayed.inc_by(replayed as u64);
+        self.enter(&mut shared, socket, &room);
         Ok(Joined {
             room,
             resumed: true,
