@@ -176,6 +176,9 @@ pub struct FrontendConfig {
     pub www_dir: PathBuf,
     /// How many rooms one socket may be in at once.
     pub max_rooms_per_socket: NonZeroUsize,
+    /// Events one socket may send per second, and at once.
+    pub events_per_second: NonZeroU32,
+    pub events_burst: NonZeroU32,
     /// Runtime threads; 1 runs a single-threaded runtime (one instance per CPU).
     pub threads: NonZeroUsize,
     /// On SIGTERM, how long the status endpoint reports `draining` (so the
@@ -192,6 +195,8 @@ impl Default for FrontendConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
             www_dir: PathBuf::from("/usr/share/chat-ha/www"),
             max_rooms_per_socket: NonZeroUsize::new(16).unwrap(),
+            events_per_second: NonZeroU32::new(10).unwrap(),
+            events_burst: NonZeroU32::new(20).unwrap(),
             threads: NonZeroUsize::MIN,
             drain_delay_ms: 1500,
             shutdown_timeout_ms: NonZeroU32::new(5_000).unwrap(),

@@ -31,18 +31,45 @@ use crate::serve::{ConnectionCount, Status, serve};
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
 
+mod budget;
 mod rooms;
 
 pub use rooms::{JoinError, Joined, Rooms};
+
+use budget::{EventBudget, Verdict};
+
+/// Largest Engine.IO payload (a long-polling request or response). It must
+/// hold the largest message the server sends: 4000 characters, each escaped
+/// in JSON as up to 6 bytes, plus the envelope.
+const MAX_PAYLOAD: u64 = 32 * 1024;
+/// Largest websocket message a client may send: clients send only small
+/// events (`room`), so anything larger is an error, not a message.
+const MAX_CLIENT_FRAME: usize = 4 * 1024;
+
+/// Per-socket event limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct EventLimits {
+    rate: u32,
+    burst: u32,
+}
 
 /// Registers the socket's event handlers. Runs as connect middleware, which
 /// socketioxide awaits *before* it confirms the connection to the client:
 /// a `room` event sent the instant the client sees itself connected always
 /// finds its handler (an async connect handler would race with it).
-fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>) {
-    let join_rooms = rooms.clone();
+fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) {
+    let budget = Arc::new(std::sync::Mutex::new(EventBudget::new(
+        limits.rate,
+        limits.burst,
+    )));
+    let (join_rooms, join_budget) = (rooms.clone(), budget.clone());
     socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
         let rooms = join_rooms;
+        if !within_budget(&join_budget, &s) {
+            rooms.metrics().joins_refused.inc();
+            let _ = ack.send(&json!({"ok": false, "error": "too many events; slow down"}));
+            return;
+        }
         let answer = match on_room(&rooms, &s, data.ok()).await {
             Ok(joined) => {
                 tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");
@@ -59,12 +86,31 @@ fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>) {
         // Fails only when the client asked for no acknowledgement.
         let _ = ack.send(&answer);
     });
+    // Events the server does not know count against the budget too, so a
+    // flood of them ends the same way.
+    socket.on_fallback(move |s: SocketRef| async move {
+        within_budget(&budget, &s);
+    });
     rooms.metrics().sockets.inc();
     let rooms = rooms.clone();
     socket.on_disconnect(move |s: SocketRef| async move {
         rooms.metrics().sockets.dec();
         rooms.leave_all(&s).await;
     });
+}
+
+/// Spends one event of the socket's budget; disconnects a socket that keeps
+/// flooding. Returns whether the event may be handled.
+fn within_budget(budget: &std::sync::Mutex<EventBudget>, socket: &SocketRef) -> bool {
+    let verdict = budget
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .spend(std::time::Instant::now());
+    if verdict == Verdict::Disconnect {
+        tracing::warn!(sid = %socket.id, "disconnecting a socket that floods events");
+        let _ = socket.clone().disconnect();
+    }
+    verdict == Verdict::Allow
 }
 
 async fn on_room(
@@ -149,7 +195,16 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let health = RedisHealth::new();
     let metrics = Arc::new(FrontendMetrics::default());
-    let (layer, io) = SocketIo::builder().req_path(SOCKET_IO_PATH).build_layer();
+    let (layer, io) = SocketIo::builder()
+        .req_path(SOCKET_IO_PATH)
+        .max_payload(MAX_PAYLOAD)
+        .ws_max_message_size(MAX_CLIENT_FRAME)
+        .ws_max_frame_size(MAX_CLIENT_FRAME)
+        .build_layer();
+    let limits = EventLimits {
+        rate: config.frontend.events_per_second.get(),
+        burst: config.frontend.events_burst.get(),
+    };
     // The feed reports Redis's health; the store only serves resuming joins.
     let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
     let max_rooms = config.frontend.max_rooms_per_socket.get();
@@ -157,7 +212,7 @@ pub async fn run(
 
     let connect_rooms = rooms.clone();
     let middleware = move |s: SocketRef| {
-        register_socket(&s, &connect_rooms);
+        register_socket(&s, &connect_rooms, limits);
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
     io.ns("/", { async |_: SocketRef| {} }.with(middleware));
