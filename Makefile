@@ -6,10 +6,10 @@
 #
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := redis-server haproxy systemd curl
+APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-npm run test test-rust test-e2e lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser lint
 
 all: build
 
@@ -24,23 +24,33 @@ deps-apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# Node.js 20 or later runs the test clients and `make run`'s launcher.
+deps-node:
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || \
+	  { echo "Node.js 20 or later is needed (node and npm on PATH)" >&2; exit 1; }
+
 # The JavaScript test clients, exactly as locked.
-deps-npm:
+deps-npm: deps-node
 	cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
 
 deps: deps-apt deps-npm
 
-run: deps-apt build
-	node tests/e2e/run.mjs --port 8080
+run: deps-apt deps-node build
+	node tests/e2e/run.mjs --port 8080 --log-dir $(CURDIR)/target/run-logs
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test-rust: deps-apt
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
 
-test: lint test-rust test-e2e
+# The chat page in headless Chromium, across two domains.
+test-browser: deps build
+	cd tests/browser && node --test --test-concurrency=1 --test-reporter=spec
+
+test: lint test-rust test-e2e test-browser

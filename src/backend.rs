@@ -7,9 +7,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -90,37 +91,51 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Turns axum's JSON rejections into this API's errors: every client mistake
-/// in the body is a 400 with the parser's explanation, not axum's 422.
-fn json_rejection(rejection: JsonRejection, limit: usize) -> ApiError {
-    match rejection {
-        JsonRejection::MissingJsonContentType(_) => ApiError::NotJson,
-        JsonRejection::BytesRejection(ref e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::TooLarge(limit)
-        }
-        JsonRejection::JsonDataError(e) => {
-            ApiError::BadRequest(format!("invalid message: {}", e.body_text()))
-        }
-        JsonRejection::JsonSyntaxError(e) => {
-            ApiError::BadRequest(format!("malformed JSON: {}", e.body_text()))
-        }
-        other => ApiError::BadRequest(other.body_text()),
-    }
-}
-
 /// A `POST /back/message` body that parsed and passed every check.
 struct ValidPost(PostMessage);
 
 impl FromRequest<AppState> for ValidPost {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.body_limit;
-        let Json(body) = Json::<PostBody>::from_request(req, state)
-            .await
-            .map_err(|r| json_rejection(r, limit))?;
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::NotJson);
+        }
+        // Reading the body enforces the configured limit (DefaultBodyLimit).
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(state.body_limit)
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }
+        })?;
+        let body = PostBody::from_json(&bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::BadRequest(format!("invalid message: {e}"))
+            }
+            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+        })?;
         Ok(ValidPost(PostMessage::try_from(body)?))
     }
+}
+
+/// True for `application/json` and `application/<something>+json`, with or
+/// without parameters such as `charset`.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 async fn post_message(

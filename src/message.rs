@@ -79,12 +79,34 @@ pub fn check_text(text: &str) -> Result<(), InvalidInput> {
     }
 }
 
-/// The body of `POST /back/message`, as received (not yet checked).
+/// The body of `POST /back/message`, as received (not yet checked): a JSON
+/// object with exactly the fields `room` and `message`, each once.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostBody {
     pub room: String,
     pub message: String,
+}
+
+impl PostBody {
+    /// Parses a body, accepting only a JSON object: serde's derived
+    /// implementation would also take `["room", "message"]`.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = PostBody;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object with fields `room` and `message`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PostBody, A::Error> {
+                PostBody::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+        let body = serde::Deserializer::deserialize_map(&mut deserializer, ObjectOnly)?;
+        deserializer.end()?;
+        Ok(body)
+    }
 }
 
 /// A message that passed every check and may be stored.
@@ -239,8 +261,8 @@ mod tests {
     }
 
     #[test]
-    fn post_body_rejects_unknown_and_duplicate_fields() {
-        let parse = |s: &str| serde_json::from_str::<PostBody>(s).map_err(|e| e.to_string());
+    fn post_body_rejects_unknown_and_duplicate_fields_and_non_objects() {
+        let parse = |s: &str| PostBody::from_json(s.as_bytes()).map_err(|e| e.to_string());
         assert!(parse(r#"{"room":"a","message":"b"}"#).is_ok());
         assert!(
             parse(r#"{"room":"a","message":"b","x":1}"#)
@@ -253,6 +275,17 @@ mod tests {
                 .contains("duplicate field")
         );
         assert!(parse(r#"{"room":"a","message":1e999}"#).is_err());
+        assert!(
+            parse(r#"["a","b"]"#)
+                .unwrap_err()
+                .contains("expected an object")
+        );
+        assert!(parse(r#""a""#).is_err());
+        assert!(
+            parse(r#"{"room":"a","message":"b"} {}"#)
+                .unwrap_err()
+                .contains("trailing")
+        );
     }
 
     #[test]

@@ -1,0 +1,511 @@
+// Starts a private chat-ha cluster on this host: one redis-server, N
+// chat-frontend and M chat-backend processes, and HAProxy in front of them
+// configured from the packaged etc/haproxy/chat-ha.cfg.
+//
+// Every process gets free ports on 127.0.0.1, its own log file, and is
+// stopped by PID by stop(), or on exit, SIGINT or SIGTERM of this process.
+//
+// Binaries come from $CHAT_HA_BIN_DIR (default <repo>/target/debug);
+// redis-server and haproxy from $PATH.
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+export const HAPROXY_CFG = path.join(REPO, 'etc', 'haproxy', 'chat-ha.cfg');
+export const DOMAINS_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-domains.lst');
+export const WWW_DIR = path.join(REPO, 'share', 'www');
+
+const READY_TIMEOUT_MS = 20_000;
+const STOP_TIMEOUT_MS = 15_000;
+
+// Variables that would make the daemons behave as systemd services (log to
+// the journal, take a listening socket, notify readiness).
+const SYSTEMD_ENV = [
+  'INVOCATION_ID', 'JOURNAL_STREAM', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES',
+  'NOTIFY_SOCKET', 'WATCHDOG_PID', 'WATCHDOG_USEC',
+];
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// ---------------------------------------------------------------------------
+// Cleanup of everything started by this Node process.
+
+const liveProcesses = new Set(); // ManagedProcess
+const liveTopologies = new Set(); // topology objects
+const tempDirs = new Set();
+let handlersInstalled = false;
+let stoppingOnSignal = false;
+
+function installHandlers() {
+  if (handlersInstalled) return;
+  handlersInstalled = true;
+  process.on('exit', () => {
+    // Last resort (a crash, process.exit): nothing asynchronous runs any
+    // more. Log directories stay, for finding out what happened.
+    for (const p of liveProcesses) p.killNow();
+    for (const dir of tempDirs) {
+      try { fs.rmSync(dir, { recursive: true, force: true }); } catch { /* best effort */ }
+    }
+  });
+  for (const [signal, number] of [['SIGINT', 2], ['SIGTERM', 15]]) {
+    process.on(signal, () => {
+      if (stoppingOnSignal) return;
+      stoppingOnSignal = true;
+      const all = [...liveTopologies].map((t) => t.stop());
+      Promise.allSettled(all).finally(() => process.exit(128 + number));
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Ports.
+
+const handedOut = new Set();
+
+/** `count` distinct TCP ports free on 127.0.0.1 right now. */
+export async function freePorts(count) {
+  const ports = [];
+  const servers = [];
+  try {
+    while (ports.length < count) {
+      const server = net.createServer();
+      await new Promise((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(0, '127.0.0.1', resolve);
+      });
+      servers.push(server);
+      const { port } = server.address();
+      if (!handedOut.has(port)) {
+        handedOut.add(port);
+        ports.push(port);
+      }
+    }
+  } finally {
+    await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
+  }
+  return ports;
+}
+
+// ---------------------------------------------------------------------------
+// Small clients used for readiness checks.
+
+/** GET `url`; resolves to {status, body} or rejects (refused, timeout). */
+function httpGet(url, timeoutMs = 2000) {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { timeout: timeoutMs, agent: false }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk) => { body += chunk; });
+      res.on('end', () => resolve({ status: res.statusCode, body }));
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`GET ${url}: no answer within ${timeoutMs} ms`)));
+    req.on('error', reject);
+  });
+}
+
+/** Sends one line to a TCP or unix socket and returns everything it answers until it closes. */
+function talk(connectOptions, line, { timeoutMs = 2000, until } = {}) {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(connectOptions);
+    let data = '';
+    const timer = setTimeout(() => socket.destroy(new Error('no answer within ' + timeoutMs + ' ms')), timeoutMs);
+    socket.setEncoding('utf8');
+    socket.on('connect', () => socket.write(line));
+    socket.on('data', (chunk) => {
+      data += chunk;
+      if (until && until(data)) socket.end();
+    });
+    socket.on('error', (e) => { clearTimeout(timer); reject(e); });
+    socket.on('close', () => { clearTimeout(timer); resolve(data); });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// One child process.
+
+class ManagedProcess {
+  constructor({ name, command, args, env, logFile, cwd }) {
+    Object.assign(this, { name, command, args, env, logFile, cwd });
+    this.child = null;
+    this.exit = null; // {code, signal} once the current run ended
+    this.exited = null; // promise of the current run's end
+  }
+
+  get pid() {
+    return this.child && this.exit === null ? this.child.pid : undefined;
+  }
+
+  get running() {
+    return this.child !== null && this.exit === null;
+  }
+
+  start() {
+    if (this.running) throw new Error(`${this.name} is already running (pid ${this.child.pid})`);
+    const fd = fs.openSync(this.logFile, 'a');
+    fs.writeSync(fd, `\n=== ${new Date().toISOString()} starting ${this.name}: ${this.command} ${this.args.join(' ')}\n`);
+    let child;
+    try {
+      child = spawn(this.command, this.args, {
+        cwd: this.cwd,
+        env: this.env,
+        stdio: ['ignore', fd, fd],
+        // Own process group: Ctrl-C in a terminal reaches this Node process
+        // only, which then stops the children in order.
+        detached: true,
+      });
+    } finally {
+      fs.closeSync(fd);
+    }
+    this.child = child;
+    this.exit = null;
+    liveProcesses.add(this);
+    this.exited = new Promise((resolve) => {
+      const done = (code, signal) => {
+        if (this.child !== child || this.exit !== null) return;
+        this.exit = { code, signal };
+        liveProcesses.delete(this);
+        resolve(this.exit);
+      };
+      child.on('exit', done);
+      child.on('error', (e) => {
+        try { fs.appendFileSync(this.logFile, `=== cannot start ${this.name}: ${e.message}\n`); } catch { /* ignore */ }
+        done(null, null);
+      });
+    });
+    return this;
+  }
+
+  /** Sends `signal`, waits for the exit; SIGKILL if it takes longer than `timeoutMs`. */
+  async stop({ signal = 'SIGTERM', timeoutMs = STOP_TIMEOUT_MS } = {}) {
+    if (!this.running) return this.exit;
+    const { pid } = this.child;
+    try { process.kill(pid, signal); } catch { /* already gone */ }
+    let timer;
+    const timedOut = new Promise((resolve) => { timer = setTimeout(() => resolve(null), timeoutMs); });
+    const result = await Promise.race([this.exited, timedOut]);
+    clearTimeout(timer);
+    if (result) return result;
+    try { fs.appendFileSync(this.logFile, `=== ${this.name} still running ${timeoutMs} ms after ${signal}: SIGKILL\n`); } catch { /* ignore */ }
+    try { process.kill(pid, 'SIGKILL'); } catch { /* already gone */ }
+    return this.exited;
+  }
+
+  killNow() {
+    if (this.running) {
+      try { process.kill(this.child.pid, 'SIGKILL'); } catch { /* already gone */ }
+    }
+  }
+
+  /** The last `bytes` of this process's log. */
+  logTail(bytes = 4000) {
+    try {
+      const text = fs.readFileSync(this.logFile, 'utf8');
+      return text.length > bytes ? '…' + text.slice(-bytes) : text;
+    } catch (e) {
+      return `(no log: ${e.message})`;
+    }
+  }
+
+  /** Polls `check` until it resolves truthy; fails early if the process exits. */
+  async waitUntil(what, check, timeoutMs = READY_TIMEOUT_MS) {
+    const deadline = Date.now() + timeoutMs;
+    let lastError = null;
+    for (;;) {
+      if (!this.running) {
+        const how = this.exit ? `code ${this.exit.code}, signal ${this.exit.signal}` : 'not started';
+        throw new Error(`${this.name} exited (${how}) before ${what}; its log (${this.logFile}):\n${this.logTail()}`);
+      }
+      try {
+        if (await check()) return;
+        lastError = null;
+      } catch (e) {
+        lastError = e;
+      }
+      if (Date.now() > deadline) {
+        throw new Error(`${this.name} (pid ${this.pid}): not ${what} within ${timeoutMs} ms` +
+          (lastError ? ` (last error: ${lastError.message})` : '') +
+          `; its log (${this.logFile}):\n${this.logTail()}`);
+      }
+      await sleep(100);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// HAProxy configuration.
+
+/**
+ * The packaged HAProxy configuration with its listening address, its server
+ * lines and the domain list's path replaced for this topology.
+ */
+export function haproxyConfig({ text = fs.readFileSync(HAPROXY_CFG, 'utf8'), port, frontendPorts, backendPorts, domainsPath = DOMAINS_LST }) {
+  const servers = { chat_front: frontendPorts, chat_back: backendPorts };
+  const out = [];
+  let section = null; // e.g. ['backend', 'chat_front']
+  const replaced = new Set();
+  for (const line of text.split('\n')) {
+    const words = line.trim().split(/\s+/);
+    if (/^[^\s#]/.test(line)) {
+      section = words;
+      out.push(line);
+      continue;
+    }
+    if (section && section[0] === 'frontend' && words[0] === 'bind' && port !== undefined) {
+      if (!replaced.has('bind')) out.push(`    bind 127.0.0.1:${port}`);
+      replaced.add('bind');
+      continue;
+    }
+    if (section && section[0] === 'backend' && words[0] === 'server' && servers[section[1]]) {
+      const backend = section[1];
+      if (!replaced.has(backend)) {
+        // The first server line is the template for every started instance.
+        const [, name, , ...options] = words;
+        const stem = name.replace(/\d+$/, '');
+        servers[backend].forEach((p, i) => {
+          const opts = [...options];
+          const cookie = opts.indexOf('cookie');
+          if (cookie >= 0) opts[cookie + 1] = `${stem}${i}`;
+          out.push(`    server ${stem}${i} 127.0.0.1:${p} ${opts.join(' ')}`.trimEnd());
+        });
+        replaced.add(backend);
+      }
+      continue;
+    }
+    out.push(line.replace(/(-f\s+)\S*chat-ha-domains\.lst/g, `$1${domainsPath}`));
+  }
+  for (const want of [...(port !== undefined ? ['bind'] : []), ...Object.keys(servers)]) {
+    if (!replaced.has(want)) throw new Error(`${HAPROXY_CFG}: no ${want === 'bind' ? 'bind line in the frontend' : `server line in backend ${want}`}`);
+  }
+  return out.join('\n');
+}
+
+/** The global section the packaged file leaves to the host's haproxy.cfg. */
+export function haproxyGlobal({ statsSocket }) {
+  return [
+    'global',
+    '    log stderr format raw daemon',
+    `    stats socket ${statsSocket} mode 600 level admin`,
+    '',
+  ].join('\n');
+}
+
+/** Parses HAProxy's `show stat` CSV into objects keyed by column name. */
+function parseStats(csv) {
+  const lines = csv.split('\n').filter((l) => l.trim() !== '');
+  if (lines.length === 0 || !lines[0].startsWith('# ')) throw new Error(`unexpected stats output: ${csv.slice(0, 200)}`);
+  const columns = lines[0].slice(2).split(',');
+  return lines.slice(1).map((line) => {
+    const values = line.split(',');
+    return Object.fromEntries(columns.map((c, i) => [c, values[i]]));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The topology.
+
+function tomlString(s) {
+  return JSON.stringify(s); // a JSON string is a valid TOML basic string
+}
+
+function daemonConfig({ redisUrl, threads }) {
+  return [
+    '# written by tests/e2e/lib/topology.mjs',
+    '[log]',
+    'level = "info"',
+    '[redis]',
+    `url = ${tomlString(redisUrl)}`,
+    '[frontend]',
+    `www_dir = ${tomlString(WWW_DIR)}`,
+    `threads = ${threads}`,
+    '[backend]',
+    '',
+  ].join('\n');
+}
+
+/**
+ * Starts Redis, the frontends, the backends and HAProxy; resolves once every
+ * one of them is ready. See the module comment.
+ */
+export async function startTopology({
+  frontends = 2,
+  backends = 2,
+  haproxyPort = 0,
+  frontendThreads = [],
+  logDir,
+} = {}) {
+  installHandlers();
+  const binDir = process.env.CHAT_HA_BIN_DIR || path.join(REPO, 'target', 'debug');
+  for (const bin of ['chat-frontend', 'chat-backend']) {
+    if (!fs.existsSync(path.join(binDir, bin))) {
+      throw new Error(`${path.join(binDir, bin)} not found: build it first (cargo build --bins) or set CHAT_HA_BIN_DIR`);
+    }
+  }
+
+  const tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'chat-ha-topology-'));
+  tempDirs.add(tmp);
+  const ownLogDir = !logDir;
+  logDir = logDir ? path.resolve(logDir) : await fsp.mkdtemp(path.join(os.tmpdir(), 'chat-ha-logs-'));
+  await fsp.mkdir(logDir, { recursive: true });
+  const redisDir = path.join(tmp, 'redis');
+  await fsp.mkdir(redisDir);
+
+  const env = { ...process.env, NO_COLOR: '1' };
+  for (const name of SYSTEMD_ENV) delete env[name];
+
+  const [redisPort, ...ports] = await freePorts(1 + frontends + backends + (haproxyPort ? 0 : 1));
+  const frontendPorts = ports.slice(0, frontends);
+  const backendPorts = ports.slice(frontends, frontends + backends);
+  const proxyPort = haproxyPort || ports[frontends + backends];
+  const redisUrl = `redis://127.0.0.1:${redisPort}/0`;
+
+  const processes = [];
+  const manage = (options) => {
+    const p = new ManagedProcess({ env, cwd: tmp, ...options });
+    processes.push(p);
+    return p;
+  };
+
+  // Redis: no RDB snapshots; an append-only file in the temp dir, so a
+  // restarted Redis has every message it acknowledged.
+  const redisProcess = manage({
+    name: 'redis-server',
+    command: 'redis-server',
+    args: [
+      '--port', String(redisPort), '--bind', '127.0.0.1', '--dir', redisDir,
+      '--save', '', '--appendonly', 'yes', '--daemonize', 'no', '--logfile', '',
+    ],
+    logFile: path.join(logDir, 'redis.log'),
+  });
+  const redisReady = () => redisProcess.waitUntil('answering PING',
+    async () => (await talk({ host: '127.0.0.1', port: redisPort }, 'PING\r\n', { until: (d) => d.includes('\r\n') })).startsWith('+PONG'));
+
+  const daemon = (role, index, port, threads) => {
+    const configFile = path.join(tmp, `${role}-${index}.toml`);
+    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads }));
+    const proc = manage({
+      name: `chat-${role} ${index}`,
+      command: path.join(binDir, `chat-${role}`),
+      args: ['--config', configFile, '--listen', `127.0.0.1:${port}`, '--instance', String(index)],
+      logFile: path.join(logDir, `${role}-${index}.log`),
+    });
+    const url = `http://127.0.0.1:${port}`;
+    const statusUrl = `${url}/${role === 'frontend' ? 'front' : 'back'}/status`;
+    // Ready: the status endpoint answers; and, while Redis runs, says so
+    // (a frontend delivers only what is appended after it reached Redis).
+    const ready = () => proc.waitUntil('ready (status answering, Redis up when running)', async () => {
+      const res = await httpGet(statusUrl);
+      if (res.status !== 200) return false;
+      const status = JSON.parse(res.body);
+      return !redisProcess.running || status.redis === 'up';
+    });
+    return {
+      port,
+      instance: index,
+      url,
+      get pid() { return proc.pid; },
+      get running() { return proc.running; },
+      logFile: proc.logFile,
+      async status() { return JSON.parse((await httpGet(statusUrl)).body); },
+      stop: (options) => proc.stop(options),
+      async start() { proc.start(); await ready(); },
+      proc,
+      ready,
+    };
+  };
+
+  const frontendList = frontendPorts.map((p, i) => daemon('frontend', i, p, frontendThreads[i] ?? 1));
+  const backendList = backendPorts.map((p, i) => daemon('backend', i, p, 1));
+
+  // HAProxy with the packaged configuration, pointed at these instances.
+  const statsSocket = path.join(tmp, 'haproxy.sock');
+  const globalFile = path.join(tmp, 'haproxy-global.cfg');
+  const haproxyFile = path.join(tmp, 'chat-ha.cfg');
+  fs.writeFileSync(globalFile, haproxyGlobal({ statsSocket }));
+  fs.writeFileSync(haproxyFile, haproxyConfig({ port: proxyPort, frontendPorts, backendPorts }));
+  const haproxyProcess = manage({
+    name: 'haproxy',
+    command: 'haproxy',
+    args: ['-db', '-f', globalFile, '-f', haproxyFile],
+    logFile: path.join(logDir, 'haproxy.log'),
+  });
+  const serverStates = async () => {
+    const csv = await talk({ path: statsSocket }, 'show stat\n');
+    return parseStats(csv)
+      .filter((row) => (row.pxname === 'chat_front' || row.pxname === 'chat_back') && row.svname !== 'BACKEND')
+      .map((row) => ({ backend: row.pxname, server: row.svname, status: row.status, sessions: Number(row.stot) }));
+  };
+  const haproxyReady = () => haproxyProcess.waitUntil('seeing every server UP', async () => {
+    const states = await serverStates();
+    return states.length === frontends + backends && states.every((s) => s.status === 'UP');
+  });
+
+  let stopping = null;
+  const topology = {
+    url: `http://127.0.0.1:${proxyPort}`,
+    haproxyPort: proxyPort,
+    logDir,
+    tmpDir: tmp,
+    redis: {
+      port: redisPort,
+      url: redisUrl,
+      get pid() { return redisProcess.pid; },
+      get running() { return redisProcess.running; },
+      stop: (options) => redisProcess.stop(options),
+      async start() { redisProcess.start(); await redisReady(); },
+    },
+    frontends: frontendList,
+    backends: backendList,
+    haproxy: {
+      get pid() { return haproxyProcess.pid; },
+      config: haproxyFile,
+      /** [{backend, server, status, sessions}] for every server, as HAProxy sees them. */
+      serverStates,
+    },
+    failed: false,
+    /** Keep the log directory after stop() (a test failed). */
+    keepLogs() { topology.failed = true; },
+    /** The end of every process's log, for a failure message. */
+    logs(bytes = 3000) {
+      return processes.map((p) => `----- ${p.name} (${p.logFile})\n${p.logTail(bytes)}`).join('\n');
+    },
+    /** Stops everything, by PID, and removes the temporary files. Idempotent. */
+    stop() {
+      stopping ??= (async () => {
+        // HAProxy first: clients lose their connections at once instead of
+        // waiting for the daemons' graceful stop.
+        await haproxyProcess.stop();
+        await Promise.all([...frontendList, ...backendList].map((d) => d.proc.stop()));
+        await redisProcess.stop();
+        liveTopologies.delete(topology);
+        await fsp.rm(tmp, { recursive: true, force: true });
+        tempDirs.delete(tmp);
+        if (ownLogDir && !topology.failed) await fsp.rm(logDir, { recursive: true, force: true });
+      })();
+      return stopping;
+    },
+  };
+  liveTopologies.add(topology);
+
+  try {
+    redisProcess.start();
+    await redisReady();
+    for (const d of [...frontendList, ...backendList]) d.proc.start();
+    await Promise.all([...frontendList, ...backendList].map((d) => d.ready()));
+    haproxyProcess.start();
+    await haproxyReady();
+  } catch (e) {
+    topology.keepLogs();
+    await topology.stop();
+    e.message += `\n(logs kept in ${logDir})`;
+    throw e;
+  }
+  return topology;
+}
