@@ -208,7 +208,7 @@ pub async fn run(
     // The feed reports Redis's health; the store only serves resuming joins.
     let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
     let max_rooms = config.frontend.max_rooms_per_socket.get();
-    let rooms = Arc::new(Rooms::new(io.clone(), store, max_rooms, metrics.clone()));
+    let rooms = Arc::new(Rooms::new(store, max_rooms, metrics.clone()));
 
     let connect_rooms = rooms.clone();
     let middleware = move |s: SocketRef| {

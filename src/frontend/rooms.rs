@@ -20,13 +20,24 @@
 //!
 //! Delivery emits to the room while holding the lock, so no message can be
 //! both held and emitted to the room after the socket joined it.
+//!
+//! # A socket that cannot keep up
+//!
+//! Each socket has a bounded send queue. A message that does not fit is not
+//! dropped silently: the socket's transport is closed, the client reconnects
+//! and resumes from the last message it received. So a slow reader costs the
+//! frontend at most its queue, and never a message. The fan-out is done here,
+//! socket by socket (the message is serialised once, then framed per socket),
+//! because that is where a full queue is seen together with its socket.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::value::RawValue;
 use socketioxide::extract::SocketRef;
-use socketioxide::{BroadcastError, SocketIo};
+use socketioxide::socket::Sid;
+use socketioxide::{SendError, SocketError};
 
 use crate::delivery::{Store, Subscriber};
 use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room, StreamId};
@@ -64,8 +75,10 @@ struct Resuming {
 
 #[derive(Default)]
 struct Shared {
-    /// Local sockets per room.
-    members: HashMap<String, u64>,
+    /// The sockets of each room.
+    members: HashMap<String, Vec<SocketRef>>,
+    /// The rooms of each socket.
+    rooms_of: HashMap<Sid, Vec<String>>,
     /// Id of the last feed message delivered; `None` before the feed started.
     cursor: Option<StreamId>,
     /// Resuming sockets, by room.
@@ -74,22 +87,45 @@ struct Shared {
 
 /// The frontend's rooms: who is in which, and how messages reach them.
 pub struct Rooms {
-    io: SocketIo,
     store: Store,
     max_rooms: usize,
     metrics: Arc<FrontendMetrics>,
     shared: tokio::sync::Mutex<Shared>,
 }
 
+/// What became of one message sent to one socket.
+enum Sent {
+    Yes,
+    /// The socket's queue was full: its transport is now closing.
+    Dropped,
+    /// The socket is already gone.
+    Gone,
+}
+
+/// Sends one serialised message to one socket; closes the transport of a
+/// socket whose queue is full so that it reconnects and resumes.
+fn send(socket: &SocketRef, payload: &RawValue) -> Sent {
+    match socket.emit("message", payload) {
+        Ok(()) => Sent::Yes,
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+            tracing::info!(sid = %socket.id, "send queue full; closing the socket so it resumes");
+            socket.close_transport();
+            Sent::Dropped
+        }
+        Err(e) => {
+            tracing::debug!(sid = %socket.id, "not sent: {e}");
+            Sent::Gone
+        }
+    }
+}
+
+fn serialise(message: &ChatMessage) -> Box<RawValue> {
+    serde_json::value::to_raw_value(message).expect("a message serialises")
+}
+
 impl Rooms {
-    pub fn new(
-        io: SocketIo,
-        store: Store,
-        max_rooms: usize,
-        metrics: Arc<FrontendMetrics>,
-    ) -> Self {
+    pub fn new(store: Store, max_rooms: usize, metrics: Arc<FrontendMetrics>) -> Self {
         Rooms {
-            io,
             store,
             max_rooms,
             metrics,
@@ -101,15 +137,15 @@ impl Rooms {
         &self.metrics
     }
 
-    /// Forgets a disconnected socket's memberships (socketioxide removes the
-    /// socket itself once the disconnect handler returns).
+    /// Forgets a disconnected socket.
     pub async fn leave_all(&self, socket: &SocketRef) {
         let mut shared = self.shared.lock().await;
-        for room in socket.rooms() {
-            if let Some(count) = shared.members.get_mut(room.as_ref()) {
-                *count -= 1;
-                if *count == 0 {
-                    shared.members.remove(room.as_ref());
+        let rooms = shared.rooms_of.remove(&socket.id).unwrap_or_default();
+        for room in rooms {
+            if let Some(sockets) = shared.members.get_mut(&room) {
+                sockets.retain(|s| s.id != socket.id);
+                if sockets.is_empty() {
+                    shared.members.remove(&room);
                 }
             }
         }
@@ -117,9 +153,24 @@ impl Rooms {
     }
 
     /// Puts `socket` in `room`; the caller holds the lock.
+    ///
+    /// A socket that disconnected meanwhile is left out: its disconnect
+    /// handler ([`Rooms::leave_all`]) may already have run, and would not run
+    /// again to remove it.
     fn enter(&self, shared: &mut Shared, socket: &SocketRef, room: &Room) {
-        socket.join(room.to_string());
-        *shared.members.entry(room.to_string()).or_default() += 1;
+        if !socket.connected() {
+            return;
+        }
+        let rooms = shared.rooms_of.entry(socket.id).or_default();
+        if rooms.iter().any(|r| r == room.as_str()) {
+            return;
+        }
+        rooms.push(room.to_string());
+        shared
+            .members
+            .entry(room.to_string())
+            .or_default()
+            .push(socket.clone());
         self.metrics.rooms.set(shared.members.len() as i64);
     }
 }
@@ -137,28 +188,20 @@ impl Subscriber for Rooms {
                 resuming.held.push(message.clone());
             }
         }
-        let Some(&members) = shared.members.get(&message.room) else {
+        let Some(sockets) = shared.members.get(&message.room) else {
             return;
         };
-        let emitted = self
-            .io
-            .to(message.room.clone())
-            .emit("message", &message)
-            .await;
-        match emitted {
-            Ok(()) => {
-                self.metrics.delivered.inc_by(members);
+        let payload = serialise(&message);
+        let (mut delivered, mut dropped) = (0, 0);
+        for socket in sockets {
+            match send(socket, &payload) {
+                Sent::Yes => delivered += 1,
+                Sent::Dropped => dropped += 1,
+                Sent::Gone => {}
             }
-            Err(BroadcastError::Socket(failed)) => {
-                let failed = failed.len() as u64;
-                self.metrics.dropped.inc_by(failed);
-                self.metrics
-                    .delivered
-                    .inc_by(members.saturating_sub(failed));
-                tracing::warn!(room = %message.room, id = %message.id, "{failed} sockets could not take a message");
-            }
-            Err(e) => tracing::error!(room = %message.room, id = %message.id, "cannot emit: {e}"),
         }
+        self.metrics.delivered.inc_by(delivered);
+        self.metrics.dropped.inc_by(dropped);
     }
 
     /// Learns where the feed starts, so resuming works before the first message.
@@ -175,24 +218,29 @@ impl Rooms {
         request: JoinRequest,
     ) -> Result<Joined, JoinError> {
         let room = request.room;
-        let rooms = socket.rooms();
-        let already_in = rooms.iter().any(|r| r.as_ref() == room.as_str());
-        if !already_in && rooms.len() >= self.max_rooms {
-            return Err(JoinError::TooManyRooms(self.max_rooms));
-        }
+        let already_in = {
+            let mut shared = self.shared.lock().await;
+            let rooms = shared
+                .rooms_of
+                .get(&socket.id)
+                .map_or(&[][..], Vec::as_slice);
+            let already_in = rooms.iter().any(|r| r == room.as_str());
+            if !already_in && rooms.len() >= self.max_rooms {
+                return Err(JoinError::TooManyRooms(self.max_rooms));
+            }
+            if !already_in && request.since.is_none() {
+                self.enter(&mut shared, socket, &room);
+            }
+            already_in
+        };
         match request.since {
             // A socket already in the room receives everything live: nothing to resume.
             Some(since) if !already_in => self.resume(socket, room, since).await,
-            _ => {
-                if !already_in {
-                    self.enter(&mut *self.shared.lock().await, socket, &room);
-                }
-                Ok(Joined {
-                    room,
-                    resumed: request.since.is_some(),
-                    replayed: 0,
-                })
-            }
+            since => Ok(Joined {
+                room,
+                resumed: since.is_some(),
+                replayed: 0,
+            }),
         }
     }
 
@@ -219,11 +267,11 @@ impl Rooms {
         let held = resuming.into_iter().flat_map(|r| r.held);
         let mut replayed = 0;
         for message in missed.into_iter().chain(held.filter(|m| after(m, since))) {
-            // A full socket buffer drops the socket; it will resume again.
-            if socket.emit("message", &message).is_err() {
-                break;
+            match send(socket, &serialise(&message)) {
+                Sent::Yes => replayed += 1,
+                // The socket is closing; it will resume again from what it got.
+                Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),
             }
-            replayed += 1;
         }
         self.metrics.replayed.inc_by(replayed as u64);
         self.enter(&mut shared, socket, &room);
