@@ -1,1 +1,831 @@
-fn main() {}
+//! chat-bench: the project's benchmark.
+//!
+//! Starts a private topology (or targets a running one), connects N websocket
+//! clients spread over R rooms, posts P messages per second for D seconds on
+//! an open-loop schedule, and reports delivery rate, end-to-end latency, lost
+//! and duplicated messages, and the CPU and memory the servers used — as one
+//! JSON line on stdout and a human summary on stderr.
+
+mod client;
+mod poster;
+mod procfs;
+mod topology;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use procfs::{CpuTimes, mono_ns};
+use topology::{Measured, Role, Topology};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Benchmark for chat-ha: websocket clients in rooms, open-loop posts, \
+             end-to-end latency, loss, CPU and memory of the servers"
+)]
+struct Args {
+    /// Websocket clients [default: 1000; 50 with --smoke].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Rooms; client i joins room i mod R [default: 10; 5 with --smoke].
+    #[arg(long)]
+    rooms: Option<usize>,
+    /// Posts per second, over all rooms [default: 1000; 100 with --smoke].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of posting [default: 20; 3 with --smoke].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Small run for the test suite: exits non-zero if any client failed to
+    /// join or was dropped, or any message was lost, duplicated or refused.
+    #[arg(long)]
+    smoke: bool,
+    /// Memory only: connect and join, wait, report RSS per connection; no posts.
+    #[arg(long)]
+    idle: bool,
+    /// Seconds to wait after the last join before measuring memory with --idle.
+    #[arg(long, default_value_t = 5.0)]
+    idle_wait: f64,
+
+    /// Frontend instances to start.
+    #[arg(long, default_value_t = 1)]
+    frontends: usize,
+    /// Backend instances to start.
+    #[arg(long, default_value_t = 1)]
+    backends: usize,
+    /// Runtime threads of each started frontend.
+    #[arg(long, default_value_t = 1)]
+    frontend_threads: usize,
+    /// Runtime threads of each started backend.
+    #[arg(long, default_value_t = 1)]
+    backend_threads: usize,
+    /// Put a load balancer in front: /front (leastconn) and /back (round-robin).
+    #[arg(long)]
+    haproxy: bool,
+    /// Load-balancer processes sharing its port [default: enough for the
+    /// connections within the open-files limit].
+    #[arg(long)]
+    haproxy_procs: Option<usize>,
+    /// Do not pin instance N to CPU N mod ncpu.
+    #[arg(long)]
+    no_pin: bool,
+    /// Where chat-frontend and chat-backend are [default: $CHAT_HA_BIN_DIR,
+    /// else <repo>/target/release].
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", default_value = "redis-server")]
+    redis_server: PathBuf,
+    #[arg(long, value_name = "PATH", default_value = "haproxy")]
+    haproxy_bin: PathBuf,
+    /// Keep the started processes' logs and configuration (path printed).
+    #[arg(long)]
+    keep_logs: bool,
+
+    /// Target a running frontend instead of starting one (repeatable), e.g.
+    /// http://127.0.0.1:9100.
+    #[arg(long = "frontend", value_name = "URL")]
+    frontend_urls: Vec<String>,
+    /// Target a running backend (repeatable), e.g. http://127.0.0.1:9200.
+    #[arg(long = "backend", value_name = "URL")]
+    backend_urls: Vec<String>,
+    /// A server process to measure (repeatable); its role is read from its name.
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+
+    /// Client runtime threads [default: number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Clients per source address: 127.0.0.1, 127.0.0.2, ... in turn.
+    #[arg(long, default_value_t = 5000)]
+    clients_per_source: usize,
+    /// Seconds allowed for one client's connect and join.
+    #[arg(long, default_value_t = 30.0)]
+    connect_timeout: f64,
+    /// Seconds allowed, after the last post was answered, for deliveries.
+    #[arg(long, default_value_t = 5.0)]
+    grace: f64,
+    /// Message text length in bytes (at least the "seq:time" header).
+    #[arg(long, default_value_t = 0)]
+    size: usize,
+    /// Posts in flight at once (more wait, still timed from their schedule).
+    #[arg(long, default_value_t = 512)]
+    max_inflight: usize,
+    /// A label copied into the JSON line.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+/// The run's shape, after defaults.
+#[derive(Debug, Clone)]
+struct Shape {
+    clients: usize,
+    rooms: usize,
+    rate: f64,
+    duration: f64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let shape = Shape {
+        clients: args.clients.unwrap_or(if args.smoke { 50 } else { 1000 }),
+        rooms: args.rooms.unwrap_or(if args.smoke { 5 } else { 10 }),
+        rate: args.rate.unwrap_or(if args.smoke { 100.0 } else { 1000.0 }),
+        duration: args.duration.unwrap_or(if args.smoke { 3.0 } else { 20.0 }),
+    };
+    if shape.clients == 0 || shape.rooms == 0 || shape.rate <= 0.0 || shape.duration <= 0.0 {
+        eprintln!("chat-bench: --clients, --rooms, --rate and --duration must be positive");
+        return ExitCode::from(2);
+    }
+    let nofile = procfs::raise_nofile_limit();
+    let threads = args.threads.unwrap_or_else(procfs::cpu_count).max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-bench: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let abort = Arc::new(AtomicBool::new(false));
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = run(&args, &shape, threads, nofile, abort.clone()) => r,
+            _ = interrupted() => {
+                abort.store(true, Ordering::Relaxed);
+                Err("interrupted".to_owned())
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("chat-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// `http://127.0.0.1:9100/...`, `ws://...` or `127.0.0.1:9100` → a loopback address.
+async fn target(url: &str) -> Result<SocketAddr, String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .find(|a| a.ip().is_loopback())
+        .ok_or_else(|| {
+            format!(
+                "{url}: not a loopback address; this benchmark only targets 127.0.0.0/8 and ::1"
+            )
+        })?;
+    Ok(addr)
+}
+
+fn lb_processes(args: &Args, clients: usize, nofile: u64) -> (usize, usize) {
+    if !args.haproxy {
+        return (0, 0);
+    }
+    // Two descriptors per proxied connection, plus room for posts and checks.
+    let conns = clients + args.max_inflight + 64;
+    let per_process = ((nofile.max(2048) as usize - 200) / 2).max(512);
+    let procs = args
+        .haproxy_procs
+        .unwrap_or_else(|| conns.div_ceil(per_process).max(1));
+    let maxconn = (conns.div_ceil(procs) * 5 / 4 + 64).min(per_process);
+    (procs, maxconn)
+}
+
+/// Runs the benchmark; `Ok(false)` when a smoke run found a failure.
+async fn run(
+    args: &Args,
+    shape: &Shape,
+    threads: usize,
+    nofile: u64,
+    abort: Arc<AtomicBool>,
+) -> Result<bool, String> {
+    // --- topology ---
+    let mut topology = None;
+    let (fronts, backs, mut measured): (Vec<SocketAddr>, Vec<SocketAddr>, Vec<Measured>) =
+        if args.frontend_urls.is_empty() {
+            let (lb_processes, lb_maxconn) = lb_processes(args, shape.clients, nofile);
+            let plan = topology::Plan {
+                bin_dir: args.bin_dir.clone().unwrap_or_else(|| {
+                    std::env::var_os("CHAT_HA_BIN_DIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| repo_dir().join("target/release"))
+                }),
+                www_dir: repo_dir().join("share/www"),
+                redis_server: args.redis_server.clone(),
+                lb_bin: args.haproxy_bin.clone(),
+                frontends: args.frontends.max(1),
+                backends: args.backends.max(1),
+                frontend_threads: args.frontend_threads.max(1),
+                backend_threads: args.backend_threads.max(1),
+                pin: !args.no_pin,
+                lb_processes,
+                lb_maxconn,
+                keep_dir: args.keep_logs,
+            };
+            let topo = Topology::start(&plan)?;
+            if args.keep_logs {
+                eprintln!(
+                    "chat-bench: logs and configuration in {}",
+                    topo.dir.display()
+                );
+            }
+            let t = (
+                topo.frontend_addrs.clone(),
+                topo.backend_addrs.clone(),
+                topo.measured.clone(),
+            );
+            topology = Some(topo);
+            t
+        } else {
+            let mut fronts = Vec::new();
+            for url in &args.frontend_urls {
+                fronts.push(target(url).await?);
+            }
+            let mut backs = Vec::new();
+            for url in &args.backend_urls {
+                backs.push(target(url).await?);
+            }
+            if backs.is_empty() && !args.idle {
+                return Err("--frontend needs --backend too (or --idle)".into());
+            }
+            (fronts, backs, Vec::new())
+        };
+    for &pid in &args.pids {
+        if procfs::comm(pid).is_none() {
+            return Err(format!("--pid {pid}: no such process"));
+        }
+        let role = Role::of_pid(pid);
+        measured.push(Measured {
+            role,
+            name: format!("{}-pid{pid}", role.name()),
+            pid,
+        });
+    }
+    let result = measure(args, shape, threads, &fronts, &backs, &measured, abort).await;
+    if let Some(mut topo) = topology {
+        // Stopping blocks briefly; do it off the runtime's worker.
+        tokio::task::block_in_place(|| topo.stop(Duration::from_secs(8)));
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    args: &Args,
+    shape: &Shape,
+    threads: usize,
+    fronts: &[SocketAddr],
+    backs: &[SocketAddr],
+    measured: &[Measured],
+    abort: Arc<AtomicBool>,
+) -> Result<bool, String> {
+    let rooms: Vec<String> = (0..shape.rooms).map(|r| format!("bench-r{r}")).collect();
+    let frontend_pids: Vec<&Measured> = measured
+        .iter()
+        .filter(|m| m.role == Role::Frontend)
+        .collect();
+    let rss = |list: &[&Measured]| -> Vec<Option<u64>> {
+        list.iter().map(|m| procfs::rss_bytes(m.pid)).collect()
+    };
+
+    let netstat_start = procfs::tcp_ext();
+    let rss_before = rss(&frontend_pids);
+
+    // --- connect and join ---
+    let shared = Arc::new(client::Shared::new(
+        shape.rooms,
+        args.connect_concurrency,
+        Duration::from_secs_f64(args.connect_timeout),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let per_source = args.clients_per_source.max(1);
+    let mut handles = Vec::with_capacity(shape.clients);
+    eprintln!(
+        "chat-bench: connecting {} clients to {} room(s) via {} address(es)",
+        shape.clients,
+        shape.rooms,
+        fronts.len()
+    );
+    for id in 0..shape.clients {
+        let source_index = (id / per_source) as u32;
+        if source_index >= 250 {
+            return Err(
+                "too many clients for the source addresses; raise --clients-per-source".into(),
+            );
+        }
+        let spec = client::Spec {
+            id,
+            source: Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + source_index),
+            target: fronts[id % fronts.len()],
+            room_index: id % shape.rooms,
+            room: rooms[id % shape.rooms].clone(),
+        };
+        handles.push(tokio::spawn(client::run(
+            spec,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let mut last_report = mono_ns();
+    loop {
+        let done = shared.joined.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed);
+        if done >= shape.clients {
+            break;
+        }
+        if mono_ns() - last_report > 2_000_000_000 {
+            eprintln!(
+                "chat-bench: {} joined, {} failed",
+                shared.joined.load(Ordering::Relaxed),
+                shared.failed.load(Ordering::Relaxed)
+            );
+            last_report = mono_ns();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let joined = shared.joined.load(Ordering::Relaxed);
+    let failed_connects = shared.failed.load(Ordering::Relaxed);
+    let first_start = shared.first_start_ns.load(Ordering::Relaxed);
+    let last_joined = shared.last_joined_ns.load(Ordering::Relaxed);
+    let connect_secs = if joined > 0 && last_joined > first_start {
+        (last_joined - first_start) as f64 / 1e9
+    } else {
+        0.0
+    };
+    let connects_per_s = if connect_secs > 0.0 {
+        joined as f64 / connect_secs
+    } else {
+        0.0
+    };
+    let setup_hist = shared.setup.lock().unwrap().clone();
+    eprintln!(
+        "chat-bench: {joined} joined, {failed_connects} failed in {connect_secs:.2} s ({connects_per_s:.0}/s)"
+    );
+    let rss_joined = rss(&frontend_pids);
+
+    let mut report = json!({
+        "label": args.label,
+        "mode": if args.smoke { "smoke" } else if args.idle { "idle" } else { "load" },
+        "clients": shape.clients,
+        "rooms": shape.rooms,
+        "frontends": fronts.len(),
+        "backends": backs.len(),
+        "haproxy": args.haproxy,
+        "client_threads": threads,
+        "connect_concurrency": args.connect_concurrency,
+        "joined": joined,
+        "failed_connects": failed_connects,
+        "connect_s": round3(connect_secs),
+        "connects_per_s": connects_per_s.round(),
+        "setup_ms": quantiles(&setup_hist),
+    });
+
+    let mut ok = failed_connects == 0 && joined == shape.clients;
+    if args.idle {
+        let idle_start = cpu_snapshot(measured);
+        let idle_t0 = mono_ns();
+        tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
+        let idle_end = cpu_snapshot(measured);
+        let idle_s = (mono_ns() - idle_t0) as f64 / 1e9;
+        let rss_idle = rss(&frontend_pids);
+        let mut idle_cpu = serde_json::Map::new();
+        for (m, (s0, s1)) in measured.iter().zip(idle_start.iter().zip(&idle_end)) {
+            if let (Some(a), Some(b)) = (s0, s1) {
+                let d = b.since(*a);
+                idle_cpu.insert(
+                    m.name.clone(),
+                    json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
+                );
+            }
+        }
+        report["idle_s"] = json!(round3(idle_s));
+        report["idle_cpu"] = Value::Object(idle_cpu);
+        report["memory"] =
+            memory_report(&frontend_pids, &rss_before, &rss_idle, joined, fronts.len());
+        report["memory_at_join"] = memory_report(
+            &frontend_pids,
+            &rss_before,
+            &rss_joined,
+            joined,
+            fronts.len(),
+        );
+        let _ = stop_tx.send(true);
+        let mut dropped = 0;
+        for h in handles {
+            let _ = h.await;
+        }
+        dropped += shared.dropped.load(Ordering::Relaxed);
+        report["dropped"] = json!(dropped);
+        ok &= dropped == 0;
+        report["tcp_ext_delta"] = netstat_delta(&netstat_start);
+        report["errors"] = json!(*shared.errors.lock().unwrap());
+        print_report(&report);
+        return Ok(ok || !args.smoke);
+    }
+
+    // --- post ---
+    let total = (shape.rate * shape.duration).round() as u64;
+    let start_ns = mono_ns() + 200_000_000;
+    let plan = poster::Plan {
+        backends: backs.to_vec(),
+        rooms: rooms.clone(),
+        rate: shape.rate,
+        total,
+        start_ns,
+        size: args.size,
+        max_inflight: args.max_inflight,
+        timeout: Duration::from_secs(10),
+    };
+    let window_start_ns = mono_ns();
+    let cpu_start = cpu_snapshot(measured);
+    let self_start = procfs::self_cpu();
+    let machine_start = procfs::machine_cpu();
+    let load_start = procfs::loadavg();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let poster_abort = abort.clone();
+    std::thread::Builder::new()
+        .name("poster".into())
+        .spawn(move || {
+            let _ = tx.send(poster::run(plan, poster_abort));
+        })
+        .map_err(|e| format!("poster thread: {e}"))?;
+    eprintln!("chat-bench: posting {total} messages at {}/s", shape.rate);
+    let posts = rx.await.map_err(|_| "the poster thread died".to_owned())?;
+
+    // Expected deliveries: every accepted post, to every joined member of its room.
+    let members: Vec<u64> = shared
+        .joined_in_room
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed) as u64)
+        .collect();
+    let accepted_per_room: Vec<u64> = posts
+        .accepted
+        .iter()
+        .map(|bits| bits.iter().map(|w| u64::from(w.count_ones())).sum())
+        .collect();
+    let expected_now: u64 = accepted_per_room
+        .iter()
+        .zip(&members)
+        .map(|(a, m)| a * m)
+        .sum();
+    let grace_deadline = mono_ns() + (args.grace * 1e9) as u64;
+    while shared.delivered.load(Ordering::Relaxed) < expected_now && mono_ns() < grace_deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end_ns = mono_ns();
+    let cpu_end = cpu_snapshot(measured);
+    let self_end = procfs::self_cpu();
+    let machine_end = procfs::machine_cpu();
+    let window_s = (end_ns - window_start_ns) as f64 / 1e9;
+
+    let _ = stop_tx.send(true);
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(o) = h.await {
+            outcomes.push(o);
+        }
+    }
+    let mut expected = 0u64;
+    let mut delivered = 0u64;
+    let mut lost = 0u64;
+    let mut duplicated = 0u64;
+    let mut unaccepted_delivered = 0u64;
+    let mut foreign = 0u64;
+    for o in &outcomes {
+        if !o.joined {
+            continue;
+        }
+        let accepted = &posts.accepted[o.room_index];
+        expected += accepted_per_room[o.room_index];
+        delivered += o.unique;
+        duplicated += o.duplicates;
+        foreign += o.foreign;
+        for (i, word) in accepted.iter().enumerate() {
+            let seen = o.seen.get(i).copied().unwrap_or(0);
+            lost += u64::from((word & !seen).count_ones());
+        }
+        for (i, seen) in o.seen.iter().enumerate() {
+            let word = accepted.get(i).copied().unwrap_or(0);
+            unaccepted_delivered += u64::from((seen & !word).count_ones());
+        }
+    }
+    let dropped = shared.dropped.load(Ordering::Relaxed);
+    let last_delivery = shared.last_delivery_ns.load(Ordering::Relaxed);
+    let delivery_span = (last_delivery.max(start_ns) - start_ns) as f64 / 1e9;
+    let delivered_per_s = delivered as f64 / delivery_span.max(shape.duration);
+    let latency = shared.latency();
+
+    // CPU during the window, by role.
+    let mut by_role: BTreeMap<Role, CpuTimes> = BTreeMap::new();
+    let mut per_process = Vec::new();
+    for (m, (start, end)) in measured.iter().zip(cpu_start.iter().zip(&cpu_end)) {
+        if let (Some(s), Some(e)) = (start, end) {
+            let d = e.since(*s);
+            by_role.entry(m.role).or_default().add(d);
+            per_process.push(json!({"name": m.name, "pid": m.pid, "user_s": round3(d.user), "system_s": round3(d.system)}));
+        }
+    }
+    let bench_cpu = self_end.since(self_start);
+    let role_cpu = |r: Role| by_role.get(&r).copied().unwrap_or_default();
+    let (fe, be, rd, lb) = (
+        role_cpu(Role::Frontend),
+        role_cpu(Role::Backend),
+        role_cpu(Role::Redis),
+        role_cpu(Role::Lb),
+    );
+    let us_per = |secs: f64, n: u64| {
+        if n > 0 {
+            json!(round3(secs * 1e6 / n as f64))
+        } else {
+            Value::Null
+        }
+    };
+    let server_user = fe.user + be.user + rd.user;
+    let server_system = fe.system + be.system + rd.system;
+    let mut cpu = serde_json::Map::new();
+    for (role, t) in &by_role {
+        cpu.insert(
+            role.name().into(),
+            json!({"user_s": round3(t.user), "system_s": round3(t.system)}),
+        );
+    }
+    cpu.insert(
+        "bench".into(),
+        json!({"user_s": round3(bench_cpu.user), "system_s": round3(bench_cpu.system)}),
+    );
+    // The whole machine (tick-sampled, so only roughly comparable with the
+    // per-process figures): other processes' work skews results.
+    if let (Some((busy0, total0)), Some((busy1, total1))) = (machine_start, machine_end) {
+        report["machine"] = json!({
+            "cpus": procfs::cpu_count(),
+            "busy_s": round3(busy1 - busy0),
+            "capacity_s": round3(total1 - total0),
+            "loadavg_1m_at_start": load_start,
+        });
+    }
+
+    report["rate"] = json!(shape.rate);
+    report["duration_s"] = json!(shape.duration);
+    report["message_bytes"] = json!(args.size);
+    report["posts"] = json!({
+        "sent": posts.sent,
+        "accepted": posts.ok,
+        "failed": posts.failed,
+        "statuses": posts.statuses,
+        "latency_ms": quantiles(&posts.latency),
+        "send_lag_ms": quantiles(&posts.lag),
+        "errors": posts.errors,
+    });
+    report["expected"] = json!(expected);
+    report["delivered"] = json!(delivered);
+    report["delivered_per_s"] = json!(delivered_per_s.round());
+    report["delivery_span_s"] = json!(round3(delivery_span));
+    report["lost"] = json!(lost);
+    report["duplicated"] = json!(duplicated);
+    report["delivered_unaccepted"] = json!(unaccepted_delivered);
+    report["foreign"] = json!(foreign);
+    report["dropped"] = json!(dropped);
+    report["latency_ms"] = quantiles(&latency);
+    report["cpu_window_s"] = json!(round3(window_s));
+    report["cpu"] = Value::Object(cpu);
+    report["cpu_per_process"] = json!(per_process);
+    report["server_cpu_us_per_delivery"] = json!({
+        "user": us_per(server_user, delivered),
+        "system": us_per(server_system, delivered),
+    });
+    if args.haproxy {
+        report["lb_cpu_us_per_delivery"] = json!({
+            "user": us_per(lb.user, delivered),
+            "system": us_per(lb.system, delivered),
+        });
+    }
+    report["backend_cpu_us_per_post"] = json!({
+        "user": us_per(be.user, posts.ok),
+        "system": us_per(be.system, posts.ok),
+    });
+    report["memory"] = memory_report(
+        &frontend_pids,
+        &rss_before,
+        &rss_joined,
+        joined,
+        fronts.len(),
+    );
+    report["tcp_ext_delta"] = netstat_delta(&netstat_start);
+    report["errors"] = json!(*shared.errors.lock().unwrap());
+    print_report(&report);
+
+    ok &= lost == 0 && duplicated == 0 && posts.failed == 0 && dropped == 0 && foreign == 0;
+    ok &= posts.sent == total;
+    Ok(ok || !args.smoke)
+}
+
+fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
+    measured.iter().map(|m| procfs::cpu(m.pid)).collect()
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// p50 … max of a µs histogram, in ms.
+fn quantiles(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!(null);
+    }
+    let ms = |us: u64| round3(us as f64 / 1000.0);
+    json!({
+        "count": h.len(),
+        "p50": ms(h.value_at_quantile(0.50)),
+        "p90": ms(h.value_at_quantile(0.90)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "p99.9": ms(h.value_at_quantile(0.999)),
+        "max": ms(h.max()),
+        "mean": round3(h.mean() / 1000.0),
+    })
+}
+
+fn memory_report(
+    frontends: &[&Measured],
+    before: &[Option<u64>],
+    after: &[Option<u64>],
+    joined: usize,
+    targets: usize,
+) -> Value {
+    if frontends.is_empty() {
+        return json!(null);
+    }
+    let sum = |v: &[Option<u64>]| v.iter().map(|x| x.unwrap_or(0)).sum::<u64>();
+    let (b, a) = (sum(before), sum(after));
+    let growth = a.saturating_sub(b);
+    // Only meaningful when the measured frontends hold all the connections.
+    let per_connection = if joined > 0 && (targets == frontends.len() || targets == 1) {
+        json!((growth as f64 / joined as f64).round() as u64)
+    } else {
+        json!(null)
+    };
+    json!({
+        "frontend_rss_before_bytes": b,
+        "frontend_rss_after_bytes": a,
+        "frontend_rss_growth_bytes": growth,
+        "bytes_per_connection": per_connection,
+    })
+}
+
+fn netstat_delta(start: &BTreeMap<String, u64>) -> Value {
+    let end = procfs::tcp_ext();
+    let mut delta = serde_json::Map::new();
+    for key in [
+        "ListenOverflows",
+        "ListenDrops",
+        "TCPTimeouts",
+        "TCPAbortOnMemory",
+        "TCPBacklogDrop",
+    ] {
+        if let (Some(s), Some(e)) = (start.get(key), end.get(key)) {
+            delta.insert(key.into(), json!(e.saturating_sub(*s)));
+        }
+    }
+    Value::Object(delta)
+}
+
+fn print_report(r: &Value) {
+    println!("{r}");
+    let q = |v: &Value| {
+        if v.is_null() {
+            return "-".to_owned();
+        }
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {} ms",
+            v["p50"], v["p90"], v["p99"], v["p99.9"], v["max"]
+        )
+    };
+    let mut s = String::new();
+    s += &format!(
+        "chat-bench [{}] {} clients, {} rooms, {} frontend target(s), {} backend target(s){}\n",
+        r["mode"].as_str().unwrap_or(""),
+        r["clients"],
+        r["rooms"],
+        r["frontends"],
+        r["backends"],
+        if r["haproxy"] == true {
+            ", through the load balancer"
+        } else {
+            ""
+        }
+    );
+    s += &format!(
+        "  connect   {} joined, {} failed in {} s: {} connects/s; setup {}\n",
+        r["joined"],
+        r["failed_connects"],
+        r["connect_s"],
+        r["connects_per_s"],
+        q(&r["setup_ms"])
+    );
+    if !r["posts"].is_null() {
+        let p = &r["posts"];
+        s += &format!(
+            "  posts     {} at {}/s for {} s: {} accepted, {} failed; answered {}; send lag {}\n",
+            p["sent"],
+            r["rate"],
+            r["duration_s"],
+            p["accepted"],
+            p["failed"],
+            q(&p["latency_ms"]),
+            q(&p["send_lag_ms"])
+        );
+        s += &format!(
+            "  delivery  {} expected, {} delivered ({}/s over {} s), {} lost, {} duplicated, {} dropped connections\n",
+            r["expected"],
+            r["delivered"],
+            r["delivered_per_s"],
+            r["delivery_span_s"],
+            r["lost"],
+            r["duplicated"],
+            r["dropped"]
+        );
+        s += &format!("  latency   {}\n", q(&r["latency_ms"]));
+        let mut cpu = format!("  cpu       over {} s:", r["cpu_window_s"]);
+        if let Some(map) = r["cpu"].as_object() {
+            for (role, t) in map {
+                cpu += &format!(" {role} {}u+{}s", t["user_s"], t["system_s"]);
+            }
+        }
+        s += &cpu;
+        s += "\n";
+        let m = &r["machine"];
+        if !m.is_null() {
+            s += &format!(
+                "  machine   {} CPUs: {} of {} CPU-s busy (load {} at start)\n",
+                m["cpus"], m["busy_s"], m["capacity_s"], m["loadavg_1m_at_start"]
+            );
+        }
+        s += &format!(
+            "  per unit  servers {} µs user + {} µs sys per delivery; backend {} µs user + {} µs sys per post\n",
+            r["server_cpu_us_per_delivery"]["user"],
+            r["server_cpu_us_per_delivery"]["system"],
+            r["backend_cpu_us_per_post"]["user"],
+            r["backend_cpu_us_per_post"]["system"],
+        );
+    }
+    if let Some(idle) = r["idle_cpu"].as_object() {
+        s += &format!(
+            "  idle cpu  over {} s: {}\n",
+            r["idle_s"],
+            Value::Object(idle.clone())
+        );
+    }
+    for key in ["memory_at_join", "memory"] {
+        let m = &r[key];
+        if !m.is_null() {
+            s += &format!(
+                "  {key:<9} frontend RSS {:.1} MiB -> {:.1} MiB: {} bytes per connection\n",
+                m["frontend_rss_before_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                m["frontend_rss_after_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                m["bytes_per_connection"],
+            );
+        }
+    }
+    s += &format!("  kernel    {}\n", r["tcp_ext_delta"]);
+    if let Some(errors) = r["errors"].as_array()
+        && !errors.is_empty()
+    {
+        s += &format!("  errors    {}\n", r["errors"]);
+    }
+    eprint!("{s}");
+}

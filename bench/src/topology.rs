@@ -1,0 +1,393 @@
+//! A private topology: a redis-server without persistence, F frontends and B
+//! backends (each pinned to CPU `instance mod ncpu`, as in production), and
+//! optionally a load balancer in front of them. Every process is started by
+//! PID and stopped by PID when the topology is dropped.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a measured process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Frontend,
+    Backend,
+    Redis,
+    Lb,
+    Other,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Frontend => "frontend",
+            Role::Backend => "backend",
+            Role::Redis => "redis",
+            Role::Lb => "lb",
+            Role::Other => "other",
+        }
+    }
+
+    /// Guesses the role of a running process from its command name.
+    pub fn of_pid(pid: u32) -> Role {
+        match crate::procfs::comm(pid).as_deref() {
+            Some("chat-frontend") => Role::Frontend,
+            Some("chat-backend") => Role::Backend,
+            Some(c) if c.starts_with("redis-server") => Role::Redis,
+            Some("haproxy") => Role::Lb,
+            _ => Role::Other,
+        }
+    }
+}
+
+/// A process to measure: one we started, or one named with `--pid`.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub role: Role,
+    pub name: String,
+    pub pid: u32,
+}
+
+struct Started {
+    name: String,
+    child: Child,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub bin_dir: PathBuf,
+    pub www_dir: PathBuf,
+    pub redis_server: PathBuf,
+    pub lb_bin: PathBuf,
+    pub frontends: usize,
+    pub backends: usize,
+    pub frontend_threads: usize,
+    pub backend_threads: usize,
+    pub pin: bool,
+    /// Start the load balancer with this many processes (0: none).
+    pub lb_processes: usize,
+    /// Connections each load-balancer process must accept.
+    pub lb_maxconn: usize,
+    pub keep_dir: bool,
+}
+
+/// The running topology. Dropping it stops every process it started.
+pub struct Topology {
+    started: Vec<Started>,
+    pub measured: Vec<Measured>,
+    pub dir: PathBuf,
+    keep_dir: bool,
+    /// Where clients connect (the frontends, or the load balancer).
+    pub frontend_addrs: Vec<SocketAddr>,
+    /// Where posts go (the backends, or the load balancer).
+    pub backend_addrs: Vec<SocketAddr>,
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn pin_and_tie(cmd: &mut Command, cpu: Option<usize>) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(cpu) = cpu {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // The server dies with the bench, even if the bench is killed.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+impl Topology {
+    /// Starts everything in `plan` and waits until it answers.
+    ///
+    /// Must be called on the thread that lives as long as the topology (the
+    /// main thread): the children are tied to it with PR_SET_PDEATHSIG.
+    pub fn start(plan: &Plan) -> Result<Topology, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "chat-bench-{}-{}",
+            std::process::id(),
+            crate::procfs::mono_ns()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut topo = Topology {
+            started: Vec::new(),
+            measured: Vec::new(),
+            dir,
+            keep_dir: plan.keep_dir,
+            frontend_addrs: Vec::new(),
+            backend_addrs: Vec::new(),
+        };
+        topo.start_all(plan)?;
+        Ok(topo)
+    }
+
+    fn spawn(
+        &mut self,
+        role: Role,
+        name: &str,
+        mut cmd: Command,
+        cpu: Option<usize>,
+    ) -> Result<u32, String> {
+        let log = self.dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        pin_and_tie(&mut cmd, cpu);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({:?}): {e}", cmd.get_program()))?;
+        let pid = child.id();
+        let pinned = cpu.map_or(String::new(), |c| format!(" on cpu {c}"));
+        eprintln!("chat-bench: started {name} pid {pid}{pinned}");
+        self.started.push(Started {
+            name: name.to_owned(),
+            child,
+        });
+        self.measured.push(Measured {
+            role,
+            name: name.to_owned(),
+            pid,
+        });
+        Ok(pid)
+    }
+
+    /// Fails with the tail of the process's log if it has exited.
+    fn check_alive(&mut self, name: &str) -> Result<(), String> {
+        let dir = self.dir.clone();
+        if let Some(s) = self.started.iter_mut().find(|s| s.name == name)
+            && let Ok(Some(status)) = s.child.try_wait()
+        {
+            return Err(format!(
+                "{name} exited ({status}); its log:\n{}",
+                log_tail(&dir.join(format!("{name}.log")))
+            ));
+        }
+        Ok(())
+    }
+
+    fn start_all(&mut self, plan: &Plan) -> Result<(), String> {
+        let ncpu = crate::procfs::cpu_count();
+
+        let redis_port = free_port().map_err(|e| e.to_string())?;
+        let mut redis = Command::new(&plan.redis_server);
+        redis.args(["--port", &redis_port.to_string()]);
+        redis.args(["--bind", "127.0.0.1", "--protected-mode", "no"]);
+        redis.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        redis.args(["--loglevel", "warning", "--maxclients", "1000"]);
+        redis.arg("--dir").arg(&self.dir);
+        self.spawn(Role::Redis, "redis", redis, None)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_ping(redis_port) {
+            self.check_alive("redis")?;
+            if Instant::now() > deadline {
+                return Err("redis-server did not answer PING within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let config = self.dir.join("chat-ha.toml");
+        let text = format!(
+            "[log]\nlevel = \"warn\"\n\n[redis]\nurl = \"redis://127.0.0.1:{redis_port}/0\"\n\n\
+             [frontend]\nwww_dir = {www:?}\nthreads = {ft}\ndrain_delay_ms = 0\n\n\
+             [backend]\nthreads = {bt}\n",
+            www = plan.www_dir.display().to_string(),
+            ft = plan.frontend_threads,
+            bt = plan.backend_threads,
+        );
+        std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
+
+        let mut fronts = Vec::new();
+        let mut backs = Vec::new();
+        for (role, count, exe, list) in [
+            (Role::Frontend, plan.frontends, "chat-frontend", &mut fronts),
+            (Role::Backend, plan.backends, "chat-backend", &mut backs),
+        ] {
+            for i in 0..count {
+                let port = free_port().map_err(|e| e.to_string())?;
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                let mut cmd = Command::new(plan.bin_dir.join(exe));
+                cmd.arg("--config").arg(&config);
+                cmd.arg("--listen").arg(addr.to_string());
+                cmd.arg("--instance").arg(i.to_string());
+                let name = format!("{}{i}", role.name());
+                self.spawn(role, &name, cmd, plan.pin.then_some(i % ncpu))?;
+                list.push((name, addr));
+            }
+        }
+        for (name, addr) in fronts.iter().chain(backs.iter()) {
+            let path = if name.starts_with("frontend") {
+                "/front/status"
+            } else {
+                "/back/status"
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(body) = http_get(*addr, path, Duration::from_secs(2))
+                    && body.starts_with("HTTP/1.1 200")
+                    && body.contains("\"redis\":\"up\"")
+                {
+                    break;
+                }
+                self.check_alive(name)?;
+                if Instant::now() > deadline {
+                    return Err(format!("{name} at {addr} not ready within 20 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+
+        if plan.lb_processes > 0 {
+            let port = free_port().map_err(|e| e.to_string())?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let cfg = self.dir.join("lb.cfg");
+            let text = lb_config(addr, plan.lb_maxconn, &fronts, &backs);
+            std::fs::write(&cfg, text).map_err(|e| format!("{}: {e}", cfg.display()))?;
+            for p in 0..plan.lb_processes {
+                // -db: stay in the foreground; every process binds the same
+                // port (SO_REUSEPORT) and the kernel spreads connections.
+                let mut cmd = Command::new(&plan.lb_bin);
+                cmd.arg("-db").arg("-f").arg(&cfg);
+                self.spawn(Role::Lb, &format!("lb{p}"), cmd, None)?;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let front = http_get(addr, "/front/status", Duration::from_secs(2));
+                let back = http_get(addr, "/back/status", Duration::from_secs(2));
+                if front.is_some_and(|b| b.starts_with("HTTP/1.1 200"))
+                    && back.is_some_and(|b| b.starts_with("HTTP/1.1 200"))
+                {
+                    break;
+                }
+                for p in 0..plan.lb_processes {
+                    self.check_alive(&format!("lb{p}"))?;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("load balancer at {addr} not ready within 10 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Give every process time to bind before clients arrive.
+            std::thread::sleep(Duration::from_millis(300));
+            self.frontend_addrs = vec![addr];
+            self.backend_addrs = vec![addr];
+        } else {
+            self.frontend_addrs = fronts.iter().map(|(_, a)| *a).collect();
+            self.backend_addrs = backs.iter().map(|(_, a)| *a).collect();
+        }
+        Ok(())
+    }
+
+    /// Stops every process we started: SIGTERM in reverse start order, then
+    /// SIGKILL for those still running after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        for s in self.started.iter().rev() {
+            // SAFETY: signals a child we started and have not reaped.
+            unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        for s in self.started.iter_mut().rev() {
+            loop {
+                match s.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("chat-bench: {} did not stop; killing it", s.name);
+                        let _ = s.child.kill();
+                        let _ = s.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.started.clear();
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(8));
+    }
+}
+
+fn lb_config(
+    bind: SocketAddr,
+    maxconn: usize,
+    fronts: &[(String, SocketAddr)],
+    backs: &[(String, SocketAddr)],
+) -> String {
+    let mut c = String::new();
+    let _ = writeln!(c, "global\n    maxconn {maxconn}\n");
+    let _ = writeln!(
+        c,
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    \
+         timeout server 60s\n    timeout tunnel 1h\n    timeout http-keep-alive 10s\n"
+    );
+    let _ = writeln!(
+        c,
+        "frontend chat\n    bind {bind}\n    maxconn {maxconn}\n    \
+         acl to_front path_beg /front/\n    acl to_back path_beg /back/\n    \
+         use_backend fronts if to_front\n    use_backend backs if to_back\n"
+    );
+    let _ = writeln!(c, "backend fronts\n    balance leastconn");
+    for (name, addr) in fronts {
+        let _ = writeln!(c, "    server {name} {addr}");
+    }
+    let _ = writeln!(c, "\nbackend backs\n    balance roundrobin");
+    for (name, addr) in backs {
+        let _ = writeln!(c, "    server {name} {addr}");
+    }
+    c
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// A blocking `GET` with `Connection: close`; the whole answer, headers included.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
