@@ -6,10 +6,11 @@
 #
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core
+APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core \
+	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging deb bench lint
 
 all: build
 
@@ -45,6 +46,8 @@ lint:
 
 test-rust: deps-apt
 	$(CARGO) test --workspace --all-targets
+	# A short benchmark run: it fails on any lost, duplicated or refused message.
+	$(CARGO) run -q -p chat-bench -- --smoke
 
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
@@ -53,4 +56,29 @@ test-e2e: deps build
 test-browser: deps build
 	cd tests/browser && node --test --test-concurrency=1 --test-reporter=spec
 
-test: lint test-rust test-e2e test-browser
+# The benchmark: builds release binaries, starts its own topology on free
+# ports, prints one JSON line (stdout) and a summary (stderr).
+#   make bench BENCH_ARGS="--clients 1000 --rooms 10 --rate 1000 --duration 20"
+BENCH_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
+bench: deps-apt
+	$(CARGO) build --release --bins -p chat-ha -p chat-bench
+	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench $(BENCH_ARGS)
+
+# Debian packages, written to target/debian/.
+DEB_OUT := $(CURDIR)/target/debian
+deb: deps-apt
+	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)
+	v=$$(dpkg-parsechangelog -SVersion); a=$$(dpkg-architecture -qDEB_HOST_ARCH); \
+	DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
+	  --buildinfo-option=-u$(DEB_OUT) --changes-option=-u$(DEB_OUT) \
+	  --buildinfo-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.buildinfo \
+	  --changes-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.changes
+
+# Units (verify, exposure score), packages (lintian, contents), and an install
+# into a booted Debian 12 container: the product as an admin meets it.
+test-packaging: deb
+	tests/packaging/check-units.sh
+	tests/packaging/check-debs.sh $(DEB_OUT)
+	tests/packaging/install-test.sh $(DEB_OUT)
+
+test: lint test-rust test-e2e test-browser test-packaging

@@ -59,13 +59,14 @@ describe('etc/haproxy/chat-ha.cfg', () => {
     assert.deepEqual(domains, ['localhost', '127.0.0.1', 'www.node-services-1.com', 'www.node-services-2.com']);
   });
 
-  it('has one frontend and the backends chat_front and chat_back, with the single-host servers', () => {
+  it('has one frontend and the backends chat_front and chat_back, with a server per instance 0..15', () => {
     const sections = packaged.split('\n').filter((l) => /^[^\s#]/.test(l)).map((l) => l.trim());
     assert.equal(sections.filter((s) => s.startsWith('frontend ')).length, 1, `sections: ${sections}`);
     assert.ok(sections.includes('backend chat_front'), `sections: ${sections}`);
     assert.ok(sections.includes('backend chat_back'), `sections: ${sections}`);
-    assert.deepEqual(servers(packaged, 'chat_front').map(([, a]) => a), ['127.0.0.1:9100', '127.0.0.1:9101']);
-    assert.deepEqual(servers(packaged, 'chat_back').map(([, a]) => a), ['127.0.0.1:9200', '127.0.0.1:9201']);
+    const ports = (base) => Array.from({ length: 16 }, (_, n) => `127.0.0.1:${base + n}`);
+    assert.deepEqual(servers(packaged, 'chat_front').map(([, a]) => a), ports(9100));
+    assert.deepEqual(servers(packaged, 'chat_back').map(([, a]) => a), ports(9200));
   });
 
   it('is valid for haproxy -c, without a warning, with a global section', () => {

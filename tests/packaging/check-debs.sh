@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Checks the built Debian packages (it builds nothing):
+#   - lintian reports no error and no warning,
+#   - each package holds the files, conffiles and dependencies it should,
+#     and no file is in two packages,
+#   - the packaged binaries run and accept the packaged configuration,
+#   - the packaged units and generator are the ones in systemd/.
+#
+#   tests/packaging/check-debs.sh DIR_OR_DEBS...
+# e.g. tests/packaging/check-debs.sh target/debian
+# Needs lintian, dpkg-dev (dpkg-deb) and man-db.
+# The checks are strings that `check ... eval` expands later, on purpose.
+# shellcheck disable=SC2016,SC2012
+set -euo pipefail
+
+[ $# -ge 1 ] || { echo "usage: $0 DIR_OR_DEBS..." >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck disable=SC2034  # used by the eval'd checks
+repo=$(cd "$here/../.." && pwd)
+
+debs=()
+for arg in "$@"; do
+    if [ -d "$arg" ]; then
+        for f in "$arg"/*.deb; do [ -e "$f" ] && debs+=("$f"); done
+    else
+        debs+=("$arg")
+    fi
+done
+
+failures=0
+pass() { echo "ok   - $*"; }
+fail() { echo "FAIL - $*"; failures=$((failures + 1)); }
+check() { # check DESCRIPTION COMMAND...
+    local what=$1; shift
+    if "$@"; then pass "$what"; else fail "$what"; fi
+}
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+packages="chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy"
+declare -A deb
+for p in $packages; do
+    found=()
+    for f in "${debs[@]}"; do
+        [ "$(dpkg-deb -f "$f" Package)" = "$p" ] && found+=("$f")
+    done
+    if [ ${#found[@]} -ne 1 ]; then
+        echo "FAIL - expected one $p .deb, found ${#found[@]} in: $*"
+        exit 1
+    fi
+    deb[$p]=${found[0]}
+    dpkg-deb -x "${found[0]}" "$tmp/$p"
+    dpkg-deb -e "${found[0]}" "$tmp/$p/DEBIAN"
+done
+version=$(dpkg-deb -f "${deb[chat-ha]}" Version)
+echo "# packages $version: $(for p in $packages; do basename "${deb[$p]}"; done | tr '\n' ' ')"
+
+echo "# lintian"
+lintian_out=$tmp/lintian.txt
+lintian --display-info "${deb[@]}" >"$lintian_out" 2>&1 || true
+sed 's/^/     /' "$lintian_out"
+errors=$(grep -c '^E: ' "$lintian_out" || true)
+warnings=$(grep -c '^W: ' "$lintian_out" || true)
+check "lintian: $errors errors, $warnings warnings" test "$errors" -eq 0 -a "$warnings" -eq 0
+check "lintian --fail-on error,warning passes" lintian --fail-on error,warning -q "${deb[@]}"
+
+echo "# contents"
+has_file() { # has_file PACKAGE PATH [MODE]
+    local f=$tmp/$1$2
+    [ -f "$f" ] || { echo "     $1 lacks $2"; return 1; }
+    if [ -n "${3:-}" ] && [ "$(stat -c %a "$f")" != "$3" ]; then
+        echo "     $1: $2 has mode $(stat -c %a "$f"), expected $3"; return 1
+    fi
+}
+conffile() { grep -qx "$2" "$tmp/$1/DEBIAN/conffiles" 2>/dev/null || { echo "     $1: $2 is not a conffile"; return 1; }; }
+depends() { # depends PACKAGE REGEX
+    dpkg-deb -f "${deb[$1]}" Depends | tr ',' '\n' | sed 's/^ *//' | grep -qx -- "$2" \
+        || { echo "     $1 does not depend on $2"; return 1; }
+}
+same() { cmp -s "$1" "$2" || { echo "     $1 differs from $2"; return 1; }; }
+
+for d in frontend backend; do
+    p=chat-$d
+    check "$p: /usr/bin/$p (755), its units, its man page" eval \
+        'has_file $p /usr/bin/$p 755 && has_file $p /lib/systemd/system/$p@.service 644 &&
+         has_file $p /lib/systemd/system/$p@.socket 644 && has_file $p /usr/share/man/man8/$p.8.gz'
+    check "$p: units are systemd/$p@.{service,socket}" eval \
+        'same $tmp/$p/lib/systemd/system/$p@.service $repo/systemd/$p@.service &&
+         same $tmp/$p/lib/systemd/system/$p@.socket $repo/systemd/$p@.socket'
+    check "$p: depends on chat-ha-common (= $version)" depends $p "chat-ha-common (= $version)"
+    check "$p: --version says $version" eval '"$tmp/$p/usr/bin/$p" --version | grep -qw "$version"'
+    check "$p: accepts the packaged configuration" \
+        eval '"$tmp/$p/usr/bin/$p" --check-config --config "$tmp/chat-ha-common/etc/chat-ha/chat-ha.toml" >/dev/null'
+    check "$p: full RELRO (BIND_NOW)" eval 'readelf -d "$tmp/$p/usr/bin/$p" | grep -q "BIND_NOW"'
+    check "$p: man page renders without warnings" eval \
+        '[ -z "$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l -Tutf8 -Z "$tmp/$p/usr/share/man/man8/$p.8.gz" 2>&1 >/dev/null)" ]'
+    check "$p: maintainer scripts stop instances on remove, restart them one by one on upgrade" eval \
+        'grep -q "stop .$p@\*.socket. .$p@\*.service." "$tmp/$p/DEBIAN/prerm" &&
+         grep -q "deb-systemd-invoke restart" "$tmp/$p/DEBIAN/postinst"'
+done
+check "chat-frontend: the www directory (page, script, Socket.IO client)" eval \
+    'has_file chat-frontend /usr/share/chat-ha/www/index.html && has_file chat-frontend /usr/share/chat-ha/www/assets/app.js &&
+     has_file chat-frontend /usr/share/chat-ha/www/assets/socket.io.min.js'
+
+p=chat-ha-common
+check "$p: /etc/chat-ha/chat-ha.toml is a conffile, equal to etc/chat-ha/chat-ha.toml" eval \
+    'conffile $p /etc/chat-ha/chat-ha.toml && same $tmp/$p/etc/chat-ha/chat-ha.toml $repo/etc/chat-ha/chat-ha.toml'
+check "$p: chat-ha.target and the generator (755, equal to systemd/)" eval \
+    'has_file $p /lib/systemd/system/chat-ha.target 644 &&
+     has_file $p /usr/lib/systemd/system-generators/chat-ha-generator 755 &&
+     same $tmp/$p/usr/lib/systemd/system-generators/chat-ha-generator $repo/systemd/chat-ha-generator &&
+     same $tmp/$p/lib/systemd/system/chat-ha.target $repo/systemd/chat-ha.target'
+check "$p: postinst enables and starts chat-ha.target" eval \
+    'grep -q "deb-systemd-helper enable .chat-ha.target." $tmp/$p/DEBIAN/postinst &&
+     grep -q "deb-systemd-invoke start .chat-ha.target." $tmp/$p/DEBIAN/postinst'
+check "$p: prerm stops chat-ha.target on remove only" eval \
+    'grep -q "\"\$1\" = remove" $tmp/$p/DEBIAN/prerm && grep -q "deb-systemd-invoke stop .chat-ha.target." $tmp/$p/DEBIAN/prerm'
+check "$p: postrm purges chat-ha.target's state" eval 'grep -q "deb-systemd-helper purge .chat-ha.target." $tmp/$p/DEBIAN/postrm'
+
+p=chat-haproxy
+check "$p: /etc/haproxy/chat-ha.cfg and chat-ha-domains.lst are conffiles" eval \
+    'conffile $p /etc/haproxy/chat-ha.cfg && conffile $p /etc/haproxy/chat-ha-domains.lst'
+check "$p: haproxy.service drop-in loads /etc/haproxy/chat-ha.cfg" eval \
+    'grep -q "^ExecStart=/usr/sbin/haproxy .*-f /etc/haproxy/chat-ha.cfg" $tmp/$p/lib/systemd/system/haproxy.service.d/chat-ha.conf'
+check "$p: depends on haproxy" depends $p haproxy
+if command -v haproxy >/dev/null; then
+    check "$p: haproxy -c accepts chat-ha.cfg after Debian's haproxy.cfg" eval \
+        'sed "s#/etc/haproxy/chat-ha-domains.lst#$tmp/$p/etc/haproxy/chat-ha-domains.lst#" $tmp/$p/etc/haproxy/chat-ha.cfg >$tmp/chat-ha.cfg &&
+         haproxy -c -q -f /etc/haproxy/haproxy.cfg -f $tmp/chat-ha.cfg'
+fi
+
+p=chat-ha
+for dep in "chat-frontend (= $version)" "chat-backend (= $version)" "chat-haproxy (= $version)" redis-server; do
+    check "$p: depends on $dep" depends $p "$dep"
+done
+
+dups=$(for p in $packages; do (cd "$tmp/$p" && find . -path ./DEBIAN -prune -o ! -type d -print); done | sort | uniq -d)
+[ -z "$dups" ] || printf '%s\n' "$dups" | sed 's/^/     in two packages: /'
+check "no file is in two packages" test -z "$dups"
+
+if [ "$failures" -ne 0 ]; then
+    echo "check-debs: $failures check(s) failed"
+    exit 1
+fi
+echo "check-debs: all checks passed"
