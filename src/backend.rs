@@ -19,9 +19,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::delivery::{Store, StoreError};
-use crate::message::{ChatMessage, InvalidInput, PostBody, PostMessage, Room};
+use crate::message::{ChatMessage, IdempotencyKey, InvalidInput, PostBody, PostMessage, Room};
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
 use crate::serve::{ConnectionCount, Status, serve};
+
+/// The request header that makes a post safe to repeat.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Messages returned by `GET /back/messages` when no `limit` is given.
 pub const DEFAULT_HISTORY: usize = 50;
@@ -52,6 +55,8 @@ pub enum ApiError {
     NotJson,
     #[error("message store unavailable, try again")]
     Unavailable(#[source] StoreError),
+    #[error("this Idempotency-Key was already used for another message")]
+    KeyConflict,
     #[error("no such endpoint")]
     NotFound,
 }
@@ -64,6 +69,7 @@ impl ApiError {
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::KeyConflict => StatusCode::CONFLICT,
         }
     }
 }
@@ -87,12 +93,16 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Unavailable(e)
+        match e {
+            StoreError::KeyConflict => ApiError::KeyConflict,
+            e => ApiError::Unavailable(e),
+        }
     }
 }
 
-/// A `POST /back/message` body that parsed and passed every check.
-struct ValidPost(PostMessage);
+/// A `POST /back/message` that parsed and passed every check, with its
+/// `Idempotency-Key` if it has one.
+struct ValidPost(PostMessage, Option<IdempotencyKey>);
 
 impl FromRequest<AppState> for ValidPost {
     type Rejection = ApiError;
@@ -101,6 +111,12 @@ impl FromRequest<AppState> for ValidPost {
         if !is_json(req.headers()) {
             return Err(ApiError::NotJson);
         }
+        let key = match req.headers().get(IDEMPOTENCY_KEY) {
+            None => None,
+            Some(value) => Some(IdempotencyKey::parse(
+                value.to_str().map_err(|_| InvalidInput::IdempotencyKey)?,
+            )?),
+        };
         // Reading the body enforces the configured limit (DefaultBodyLimit).
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -115,7 +131,7 @@ impl FromRequest<AppState> for ValidPost {
             }
             _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
         })?;
-        Ok(ValidPost(PostMessage::try_from(body)?))
+        Ok(ValidPost(PostMessage::try_from(body)?, key))
     }
 }
 
@@ -138,12 +154,19 @@ fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// Stores a message; a repeated post (same Idempotency-Key, same message)
+/// gets the same answer as the first, and is not stored again.
 async fn post_message(
     State(state): State<AppState>,
-    ValidPost(message): ValidPost,
+    ValidPost(message, key): ValidPost,
 ) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
-    let stored = state.store.append(&message).await?;
-    tracing::debug!(room = %stored.room, id = %stored.id, "stored");
+    let appended = state.store.append(&message, key.as_ref()).await?;
+    let stored = appended.message;
+    if appended.repeated {
+        tracing::info!(room = %stored.room, id = %stored.id, "repeated post, stored before");
+    } else {
+        tracing::debug!(room = %stored.room, id = %stored.id, "stored");
+    }
     Ok((StatusCode::CREATED, Json(stored)))
 }
 

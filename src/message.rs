@@ -27,6 +27,8 @@ pub enum InvalidInput {
     JoinPayload,
     #[error("since must be a message id such as \"1700000000000-0\"")]
     Since,
+    #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
+    IdempotencyKey,
 }
 
 /// A room name matching `^[A-Za-z0-9_.-]{1,64}$`.
@@ -125,6 +127,30 @@ impl TryFrom<PostBody> for PostMessage {
             room,
             text: body.message,
         })
+    }
+}
+
+/// The `Idempotency-Key` of a post: posting again with the same key (a
+/// retry after a timeout, or the load balancer re-sending a request whose
+/// connection failed) returns the message stored the first time instead of
+/// storing it twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(key: &str) -> Result<Self, InvalidInput> {
+        let visible = |b: u8| (0x21..=0x7e).contains(&b);
+        if (1..=Self::MAX_LEN).contains(&key.len()) && key.bytes().all(visible) {
+            Ok(IdempotencyKey(key.to_owned()))
+        } else {
+            Err(InvalidInput::IdempotencyKey)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -286,6 +312,19 @@ mod tests {
                 .unwrap_err()
                 .contains("trailing")
         );
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        assert!(IdempotencyKey::parse("0A1B2C3D:1f90_7f000001:01BB").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(128)).is_ok());
+        for bad in ["", " ", "a b", "é", &"k".repeat(129), "a\n"] {
+            assert_eq!(
+                IdempotencyKey::parse(bad),
+                Err(InvalidInput::IdempotencyKey),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

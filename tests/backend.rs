@@ -454,3 +454,49 @@ async fn metrics_count_answers_by_status_and_time_them() {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_repeated_with_its_idempotency_key_is_stored_once() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    let post = |key: &'static str, text: &'static str| {
+        let request = reqwest::Client::new()
+            .post(backend.url("/back/message"))
+            .header("idempotency-key", key)
+            .json(&json!({"room": "rooma", "message": text}));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (first_status, first) = post("retry-1", "once only").await;
+    let (again_status, again) = post("retry-1", "once only").await;
+    assert_eq!(
+        (first_status, again_status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_eq!(first, again, "the repeat gets the first answer");
+
+    let (status, body) = post("retry-1", "something else").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_text(&body).contains("Idempotency-Key"), "{body}");
+
+    let (status, other) = post("retry-2", "once only").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_ne!(other["id"], first["id"], "another key is another post");
+
+    let (status, body) = post("bad key", "x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(error_text(&body).contains("Idempotency-Key"), "{body}");
+
+    let (_, history) = backend.get("/back/messages?room=rooma").await;
+    let ids: Vec<&Value> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["id"])
+        .collect();
+    assert_eq!(ids, [&first["id"], &other["id"]], "stored once per key");
+}

@@ -57,8 +57,8 @@ async fn wait_up(health: &RedisHealth) {
 /// Appends, retrying while Redis is away, like a client that got 503.
 async fn append_acknowledged(store: &Store, message: &PostMessage) -> ChatMessage {
     for _ in 0..200 {
-        if let Ok(stored) = store.append(message).await {
-            return stored;
+        if let Ok(stored) = store.append(message, None).await {
+            return stored.message;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -82,9 +82,10 @@ async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
     let (config, _dir) = config(&redis);
     let store = Store::new(&config, RedisHealth::new()).unwrap();
     store
-        .append(&post("old", "appended before the frontend started"))
+        .append(&post("old", "appended before the frontend started"), None)
         .await
-        .unwrap();
+        .unwrap()
+        .message;
 
     let (mut rx, health) = follow(&config);
     wait_up(&health).await;
@@ -93,9 +94,10 @@ async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
         let room = ["rooma", "roomb", "roomc"][i % 3];
         sent.push(
             store
-                .append(&post(room, &format!("message {i}")))
+                .append(&post(room, &format!("message {i}")), None)
                 .await
-                .unwrap(),
+                .unwrap()
+                .message,
         );
     }
     let got = receive(&mut rx, sent.len()).await;
@@ -149,9 +151,10 @@ async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
     for i in 0..20 {
         sent.push(
             store
-                .append(&post("rooma", &format!("before {i}")))
+                .append(&post("rooma", &format!("before {i}")), None)
                 .await
-                .unwrap(),
+                .unwrap()
+                .message,
         );
     }
     let before = receive(&mut rx, 20).await;

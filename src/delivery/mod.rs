@@ -18,6 +18,10 @@
 //! meanwhile is skipped, and nothing is delivered twice. Pub/sub would be
 //! forgotten by Redis the moment a frontend is away; a stream is not.
 //!
+//! A post may carry an idempotency key (`{prefix}:post:{key}`, kept ten
+//! minutes): a post repeated with the same key returns the first one's id
+//! and is not stored again, so retrying a post whose answer was lost is safe.
+//!
 //! The id Redis assigns to the feed entry is reused for the room entry, so ids
 //! increase within a room as they do in the feed, and one id tells a client
 //! where it is in either.
@@ -26,12 +30,12 @@ mod feed;
 mod store;
 
 pub use feed::{Feed, FeedError};
-pub use store::{Store, StoreError};
+pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::message::{ChatMessage, Room, StreamId};
+use crate::message::{ChatMessage, IdempotencyKey, Room, StreamId};
 
 /// What a [`Feed`] hands its messages to.
 pub trait Subscriber: Send + Sync + 'static {
@@ -47,6 +51,7 @@ pub trait Subscriber: Send + Sync + 'static {
 pub struct Keys {
     feed: String,
     room_prefix: String,
+    post_prefix: String,
 }
 
 impl Keys {
@@ -54,6 +59,7 @@ impl Keys {
         Keys {
             feed: format!("{prefix}:feed"),
             room_prefix: format!("{prefix}:room:"),
+            post_prefix: format!("{prefix}:post:"),
         }
     }
 
@@ -65,6 +71,11 @@ impl Keys {
     /// The stream holding one room's history.
     pub fn room(&self, room: &Room) -> String {
         format!("{}{}", self.room_prefix, room.as_str())
+    }
+
+    /// The record of a post made with an idempotency key.
+    pub fn post(&self, key: &IdempotencyKey) -> String {
+        format!("{}{}", self.post_prefix, key.as_str())
     }
 }
 

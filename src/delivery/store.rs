@@ -8,16 +8,38 @@ use redis::streams::StreamRangeReply;
 
 use super::{Keys, RedisHealth};
 use crate::config::Config;
-use crate::message::{ChatMessage, PostMessage, Room, StreamId};
+use crate::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
 
 /// Appends to the feed and the room's stream in one step, under one id, so a
 /// message is either in both or in neither. Trimming is approximate (`~`),
 /// which lets Redis drop whole nodes instead of single entries.
+///
+/// With an idempotency key (KEYS[3]), a post already stored under that key
+/// is not stored again: the script answers the first post's id, or
+/// `conflict` when the key came with another room or text. The key records
+/// the id and a digest of room and text, for [`IDEMPOTENCY_WINDOW`].
 const APPEND_SCRIPT: &str = r"
+local digest
+if KEYS[3] then
+  digest = redis.sha1hex(ARGV[1] .. '\0' .. ARGV[2])
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    if string.sub(seen, -40) == digest then
+      return {string.sub(seen, 1, -42), 'repeat'}
+    end
+    return {'', 'conflict'}
+  end
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[1], 'm', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
-return id
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id .. ' ' .. digest, 'EX', ARGV[5])
+end
+return {id, 'new'}
 ";
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Why Redis could not do what was asked; nothing was stored (or, after a
 /// timeout, possibly stored but never acknowledged).
@@ -29,6 +51,17 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("Redis returned a malformed entry {0:?}")]
     Malformed(String),
+    #[error("this Idempotency-Key was already used for another message")]
+    KeyConflict,
+}
+
+/// What [`Store::append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub message: ChatMessage,
+    /// The idempotency key had been used for this very message: it was
+    /// stored then, not now.
+    pub repeated: bool,
 }
 
 /// Handle to Redis for appending messages and reading history. Cheap to clone.
@@ -68,20 +101,37 @@ impl Store {
     }
 
     /// Stores `message` in its room's history and in the feed every frontend
-    /// follows. When this returns `Ok`, the message will be delivered.
-    pub async fn append(&self, message: &PostMessage) -> Result<ChatMessage, StoreError> {
+    /// follows, unless `key` shows it was stored already. When this returns
+    /// `Ok`, the message will be delivered (once).
+    pub async fn append(
+        &self,
+        message: &PostMessage,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Appended, StoreError> {
         let mut conn = self.conn.clone();
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(self.keys.feed())
-            .key(self.keys.room(&message.room))
+            .key(self.keys.room(&message.room));
+        if let Some(key) = key {
+            invocation.key(self.keys.post(key));
+        }
+        invocation
             .arg(message.room.as_str())
             .arg(&message.text)
             .arg(self.feed_length)
-            .arg(self.max_per_room);
-        let id: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        ChatMessage::new(id.clone(), message.room.to_string(), message.text.clone())
-            .ok_or(StoreError::Malformed(id))
+            .arg(self.max_per_room)
+            .arg(IDEMPOTENCY_WINDOW.as_secs());
+        let (id, outcome): (String, String) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if outcome == "conflict" {
+            return Err(StoreError::KeyConflict);
+        }
+        let stored = ChatMessage::new(id.clone(), message.room.to_string(), message.text.clone());
+        Ok(Appended {
+            message: stored.ok_or(StoreError::Malformed(id))?,
+            repeated: outcome == "repeat",
+        })
     }
 
     /// The last `limit` messages of `room`, oldest first.
