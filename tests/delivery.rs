@@ -84,8 +84,7 @@ async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
     store
         .append(&post("old", "appended before the frontend started"), None)
         .await
-        .unwrap()
-        .message;
+        .unwrap();
 
     let (mut rx, health) = follow(&config);
     wait_up(&health).await;
