@@ -16,12 +16,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::config::Config;
 use crate::delivery::{Store, StoreError};
 use crate::message::{ChatMessage, IdempotencyKey, InvalidInput, PostBody, PostMessage, Room};
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
 use crate::serve::{ConnectionCount, Status, serve};
+
+/// How long a client may take to send a request body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The request header that makes a post safe to repeat.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -257,6 +261,8 @@ pub fn router(
         .route("/metrics", get(serve_metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        // A body that trickles in (slow-loris) is cut off.
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .with_state(state)
 }
 

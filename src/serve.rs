@@ -1,9 +1,8 @@
 //! HTTP serving shared by both daemons: counting open connections and
 //! stopping gracefully within a time limit.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,38 +125,16 @@ impl AsyncWrite for CountedStream {
     }
 }
 
-/// A listener whose accepted connections are counted.
-struct CountingListener {
-    inner: TcpListener,
-    count: ConnectionCount,
-}
+/// How long a client may take to send a request's headers (and, on a
+/// kept-alive connection, to start its next request) before the connection
+/// is closed: slow or silent clients cannot hold connections for ever.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl axum::serve::Listener for CountingListener {
-    type Io = CountedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (CountedStream, SocketAddr) {
-        // axum's own accept loop retries on errors (such as EMFILE) with a pause.
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        // Chat frames are small and latency matters more than packet count.
-        let _ = stream.set_nodelay(true);
-        let counted = self.count.open();
-        (
-            CountedStream {
-                stream,
-                _counted: counted,
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-/// Serves `app` until `shutdown` resolves, then lets open requests finish for
-/// at most `grace` before returning.
+/// Serves `app` until `shutdown` resolves, then stops accepting, lets open
+/// requests finish, and returns once every connection closed or after `grace`.
+///
+/// This is axum's own serving loop with what it does not offer: HTTP/1 with
+/// a header timeout, and connection counting.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -165,23 +142,91 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> io::Result<()> {
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let stopped = stopping.clone();
-    let listener = CountingListener {
-        inner: listener,
-        count,
-    };
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopped.notify_one();
-        })
-        .into_future();
-    tokio::select! {
-        result = server => result,
-        () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("connections still open after {grace:?}; closing them");
-            Ok(())
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    pause_after_accept_error(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Chat frames are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let io = CountedStream {
+            stream,
+            _counted: count.open(),
+        };
+        tokio::spawn(serve_connection(io, app.clone(), stop_rx.clone()));
+    }
+    // Connections made from now on wait in the socket's backlog (the socket
+    // stays open in systemd) for the next process.
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + grace;
+    while count.get() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                "{} connections still open after {grace:?}; closing them",
+                count.get()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Serves one connection until it closes, or ends it gracefully (finishing
+/// the request in progress) once `stop` turns true.
+async fn serve_connection(
+    io: CountedStream,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let service =
+        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            tower::ServiceExt::oneshot(app.clone(), request.map(axum::body::Body::new))
+        });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                }
+                return;
+            }
+            changed = stop.changed(), if !stopping => {
+                stopping = true;
+                if changed.is_ok() {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
         }
     }
+}
+
+/// Errors such as "too many open files" would make the accept loop spin;
+/// wait a little, as axum does, so that connections can close meanwhile.
+async fn pause_after_accept_error(e: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept error: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }

@@ -500,3 +500,58 @@ async fn a_post_repeated_with_its_idempotency_key_is_stored_once() {
         .collect();
     assert_eq!(ids, [&first["id"], &other["id"]], "stored once per key");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    let addr = backend.base.trim_start_matches("http://").to_owned();
+
+    // Headers that never end, and a body that never comes.
+    let mut silent_headers = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    silent_headers
+        .write_all(b"POST /back/message HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    silent_body
+        .write_all(b"POST /back/message HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"room\":")
+        .await
+        .unwrap();
+
+    assert_eq!(
+        backend.post("rooma", "not held up").await.0,
+        StatusCode::CREATED
+    );
+
+    let started = Instant::now();
+    let read_all = |mut stream: tokio::net::TcpStream| async move {
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the server never closed the connection");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let (headers_answer, body_answer) =
+        tokio::join!(read_all(silent_headers), read_all(silent_body));
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        headers_answer.is_empty() || headers_answer.starts_with("HTTP/1.1 408"),
+        "headers: {headers_answer:?}"
+    );
+    assert!(
+        body_answer.starts_with("HTTP/1.1 408") || body_answer.starts_with("HTTP/1.1 400"),
+        "body: {body_answer:?}"
+    );
+    let (_, history) = backend.get("/back/messages?room=rooma").await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "the trickled post was not stored"
+    );
+}
