@@ -53,7 +53,7 @@ await new Promise((resolve) => {
 console.log(`starting Redis, ${frontends} frontend(s), ${backends} backend(s) and HAProxy on port ${port}...`);
 let topo;
 try {
-  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'] });
+  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], postsPer10s: null });
 } catch (e) {
   console.error(`could not start: ${e.message}`);
   process.exit(1);
