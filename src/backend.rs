@@ -18,9 +18,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
+use crate::auth::PublishTokens;
 use crate::config::Config;
 use crate::delivery::{Store, StoreError};
-use crate::message::{ChatMessage, IdempotencyKey, InvalidInput, PostBody, PostMessage, Room};
+use crate::message::{
+    ChatMessage, IdempotencyKey, InvalidInput, PostBody, PostMessage, Publish, PublishBody, Room,
+    parse_object,
+};
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
 use crate::serve::{ConnectionCount, Status, serve};
 
@@ -44,6 +48,7 @@ struct AppState {
     connections: ConnectionCount,
     metrics: Arc<BackendMetrics>,
     exposition: Arc<Metrics>,
+    tokens: Arc<PublishTokens>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -61,6 +66,8 @@ pub enum ApiError {
     Unavailable(#[source] StoreError),
     #[error("this Idempotency-Key was already used for another message")]
     KeyConflict,
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("no such endpoint")]
     NotFound,
 }
@@ -74,6 +81,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::KeyConflict => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 }
@@ -91,7 +99,14 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.to_string(),
         };
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let ApiError::Unauthorized(_) = self {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -104,11 +119,32 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A `POST /back/message` that parsed and passed every check, with its
-/// `Idempotency-Key` if it has one.
-struct ValidPost(PostMessage, Option<IdempotencyKey>);
+/// A request body as received, and what it becomes once checked.
+trait CheckedBody: Sized {
+    type Raw: serde::de::DeserializeOwned;
+    fn check(raw: Self::Raw) -> Result<Self, InvalidInput>;
+}
 
-impl FromRequest<AppState> for ValidPost {
+impl CheckedBody for PostMessage {
+    type Raw = PostBody;
+    fn check(raw: PostBody) -> Result<Self, InvalidInput> {
+        PostMessage::try_from(raw)
+    }
+}
+
+impl CheckedBody for Publish {
+    type Raw = PublishBody;
+    fn check(raw: PublishBody) -> Result<Self, InvalidInput> {
+        Publish::try_from(raw)
+    }
+}
+
+/// A JSON body that parsed and passed every check, with the request's
+/// `Idempotency-Key` if it has one. Every way of getting it wrong has its
+/// status: 415 not JSON, 413 too large, 400 malformed or invalid.
+struct Checked<T>(T, Option<IdempotencyKey>);
+
+impl<T: CheckedBody> FromRequest<AppState> for Checked<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
@@ -129,13 +165,13 @@ impl FromRequest<AppState> for ValidPost {
                 ApiError::BadRequest(rejection.body_text())
             }
         })?;
-        let body = PostBody::from_json(&bytes).map_err(|e| match e.classify() {
+        let raw = parse_object::<T::Raw>(&bytes).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 ApiError::BadRequest(format!("invalid message: {e}"))
             }
             _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
         })?;
-        Ok(ValidPost(PostMessage::try_from(body)?, key))
+        Ok(Checked(T::check(raw)?, key))
     }
 }
 
@@ -162,7 +198,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// gets the same answer as the first, and is not stored again.
 async fn post_message(
     State(state): State<AppState>,
-    ValidPost(message, key): ValidPost,
+    Checked(message, key): Checked<PostMessage>,
 ) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
     let appended = state.store.append(&message, key.as_ref()).await?;
     let stored = appended.message;
@@ -172,6 +208,65 @@ async fn post_message(
         tracing::debug!(room = %stored.room, id = %stored.id, "stored");
     }
     Ok((StatusCode::CREATED, Json(stored)))
+}
+
+#[derive(Serialize)]
+struct Published {
+    messages: Vec<ChatMessage>,
+}
+
+/// `POST /back/publish`: one message to several rooms, for servers holding a
+/// token. With an Idempotency-Key, each room's message is keyed `KEY/ROOM`,
+/// so a retry after a partial failure stores what is missing and no more.
+async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Checked(publish, key): Checked<Publish>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    authorize(&state.tokens, &headers)?;
+    let mut messages = Vec::with_capacity(publish.rooms.len());
+    for room in publish.rooms {
+        let room_key = match &key {
+            Some(key) => Some(IdempotencyKey::parse(&format!(
+                "{}/{}",
+                key.as_str(),
+                room
+            ))?),
+            None => None,
+        };
+        let message = PostMessage {
+            room,
+            text: publish.text.clone(),
+        };
+        messages.push(
+            state
+                .store
+                .append(&message, room_key.as_ref())
+                .await?
+                .message,
+        );
+    }
+    Ok((StatusCode::CREATED, Json(Published { messages })))
+}
+
+/// Checks `Authorization: Bearer <token>` against the publish tokens.
+fn authorize(tokens: &PublishTokens, headers: &HeaderMap) -> Result<(), ApiError> {
+    if tokens.is_empty() {
+        return Err(ApiError::Unauthorized(
+            "publishing is not enabled on this backend",
+        ));
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if tokens.allows(token.trim()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("invalid token")),
+        None => Err(ApiError::Unauthorized(
+            "expected Authorization: Bearer <token>",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -240,6 +335,7 @@ async fn serve_metrics(State(state): State<AppState>) -> Response {
 pub fn router(
     config: &Config,
     store: Store,
+    tokens: PublishTokens,
     instance: u32,
     connections: ConnectionCount,
 ) -> Router {
@@ -252,10 +348,12 @@ pub fn router(
         instance,
         connections,
         metrics,
+        tokens: Arc::new(tokens),
     };
     let post_route = post(post_message).layer(from_fn_with_state(state.clone(), measure_post));
     Router::new()
         .route("/back/message", post_route)
+        .route("/back/publish", post(publish))
         .route("/back/messages", get(get_messages))
         .route("/back/status", get(status))
         .route("/metrics", get(serve_metrics))
@@ -275,8 +373,19 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let health = crate::delivery::RedisHealth::new();
     let store = Store::new(&config, health).map_err(std::io::Error::other)?;
+    let tokens = PublishTokens::load(config.backend.publish_tokens_file.as_deref())
+        .map_err(std::io::Error::other)?;
+    if tokens.is_empty() {
+        tracing::info!("no publish tokens: POST /back/publish is off");
+    }
     let connections = ConnectionCount::default();
-    let app = router(&config, store.clone(), instance, connections.clone());
+    let app = router(
+        &config,
+        store.clone(),
+        tokens,
+        instance,
+        connections.clone(),
+    );
     // Learn Redis's state before announcing readiness, without waiting on it.
     let redis_up = store.ping().await;
     crate::systemd::notify_ready(&format!(

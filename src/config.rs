@@ -212,6 +212,9 @@ pub struct BackendConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: NonZeroUsize,
+    /// File of tokens allowed to use `POST /back/publish`, when systemd passes
+    /// no `publish-tokens` credential. Unset: publishing is off.
+    pub publish_tokens_file: Option<PathBuf>,
     /// Runtime threads; 1 runs a single-threaded runtime (one instance per CPU).
     pub threads: NonZeroUsize,
     /// Time allowed for a graceful stop before remaining connections are dropped.
@@ -223,6 +226,7 @@ impl Default for BackendConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9200)),
             max_body_bytes: NonZeroUsize::new(16 * 1024).unwrap(),
+            publish_tokens_file: None,
             threads: NonZeroUsize::MIN,
             shutdown_timeout_ms: NonZeroU32::new(10_000).unwrap(),
         }

@@ -17,6 +17,7 @@
 //!   from a cursor it can resume from after losing Redis (frontend).
 //! - [`frontend`]: the Socket.IO server, the chat page and the frontend status.
 //! - [`backend`]: the REST API: post a message, read history, status.
+//! - [`auth`]: who may publish server-to-server: tokens from a credential file.
 //! - [`metrics`]: the Prometheus counters each instance serves at `/metrics`.
 //! - [`serve`]: HTTP serving both daemons share: open-connection counts and a
 //!   graceful stop bounded in time.
@@ -27,6 +28,7 @@
 //! The `run` functions of [`frontend`] and [`backend`] take an already-bound
 //! listener, so tests and socket activation hand them whatever socket they have.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod daemon;

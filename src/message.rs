@@ -29,6 +29,8 @@ pub enum InvalidInput {
     Since,
     #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
     IdempotencyKey,
+    #[error("rooms must list 1 to 64 rooms")]
+    PublishRooms,
 }
 
 /// A room name matching `^[A-Za-z0-9_.-]{1,64}$`.
@@ -91,23 +93,69 @@ pub struct PostBody {
 }
 
 impl PostBody {
-    /// Parses a body, accepting only a JSON object: serde's derived
-    /// implementation would also take `["room", "message"]`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        struct ObjectOnly;
-        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
-            type Value = PostBody;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object with fields `room` and `message`")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PostBody, A::Error> {
-                PostBody::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        parse_object(bytes)
+    }
+}
+
+/// Parses a request body that must be one JSON object: serde's derived
+/// code alone would also read a struct from an array (`["room", "text"]`).
+pub fn parse_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    struct ObjectOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = serde::Deserializer::deserialize_map(
+        &mut deserializer,
+        ObjectOnly(std::marker::PhantomData),
+    )?;
+    deserializer.end()?;
+    Ok(value)
+}
+
+/// The body of `POST /back/publish`: one text for several rooms.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    pub rooms: Vec<String>,
+    pub message: String,
+}
+
+/// Most rooms one publish may name.
+pub const MAX_PUBLISH_ROOMS: usize = 64;
+
+/// A publish that passed every check: distinct valid rooms, a valid text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub rooms: Vec<Room>,
+    pub text: String,
+}
+
+impl TryFrom<PublishBody> for Publish {
+    type Error = InvalidInput;
+    fn try_from(body: PublishBody) -> Result<Self, InvalidInput> {
+        if body.rooms.is_empty() || body.rooms.len() > MAX_PUBLISH_ROOMS {
+            return Err(InvalidInput::PublishRooms);
+        }
+        let mut rooms: Vec<Room> = Vec::with_capacity(body.rooms.len());
+        for name in &body.rooms {
+            let room = Room::parse(name)?;
+            if !rooms.contains(&room) {
+                rooms.push(room);
             }
         }
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let body = serde::Deserializer::deserialize_map(&mut deserializer, ObjectOnly)?;
-        deserializer.end()?;
-        Ok(body)
+        check_text(&body.message)?;
+        Ok(Publish {
+            rooms,
+            text: body.message,
+        })
     }
 }
 

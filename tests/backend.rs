@@ -555,3 +555,92 @@ async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
         "the trickled post was not stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_with_a_token_publish_to_many_rooms_and_others_are_refused() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("publish-tokens");
+    std::fs::write(&tokens, "# the announcer\nannouncer-token-0123456789\n").unwrap();
+    let backend = Backend::start(
+        &redis,
+        &format!(
+            "[backend]\npublish_tokens_file = \"{}\"\n",
+            tokens.display()
+        ),
+    )
+    .await;
+    let publish = |token: Option<&'static str>, key: Option<&'static str>| {
+        let mut request = reqwest::Client::new()
+            .post(backend.url("/back/publish"))
+            .json(&json!({"rooms": ["rooma", "roomb"], "message": "maintenance at noon"}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, challenge, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    for (token, error) in [
+        (None, "Bearer"),
+        (Some("announcer-token-012345678"), "invalid token"),
+        (Some(""), "Bearer"),
+    ] {
+        let (status, challenge, body) = publish(token, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(challenge.as_deref(), Some("Bearer"));
+        assert!(error_text(&body).contains(error), "{body}");
+    }
+    let (_, history) = backend.get("/back/messages?room=rooma").await;
+    assert_eq!(
+        history["messages"],
+        json!([]),
+        "nothing stored without a valid token"
+    );
+
+    let (status, _, body) = publish(Some("announcer-token-0123456789"), Some("notice-1")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let rooms: Vec<&str> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["room"].as_str().unwrap())
+        .collect();
+    assert_eq!(rooms, ["rooma", "roomb"]);
+    let (_, _, again) = publish(Some("announcer-token-0123456789"), Some("notice-1")).await;
+    assert_eq!(again, body, "a repeated publish stores nothing new");
+    for room in ["rooma", "roomb"] {
+        let (_, history) = backend.get(&format!("/back/messages?room={room}")).await;
+        assert_eq!(
+            history["messages"].as_array().unwrap().len(),
+            1,
+            "{room}: {history}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_tokens_publishing_is_off() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    let response = reqwest::Client::new()
+        .post(backend.url("/back/publish"))
+        .bearer_auth("anything-at-all-0123")
+        .json(&json!({"rooms": ["rooma"], "message": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert!(error_text(&body).contains("not enabled"), "{body}");
+}

@@ -176,6 +176,19 @@ code=$(curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json
 check "POST http://localhost/back/message through haproxy: $code" test "$code" = 201
 check "GET /back/messages?room=lobby returns it" eval \
     'curl_in "http://localhost/back/messages?room=lobby" | grep -q "hello from the package test"'
+check "/etc/chat-ha/publish-tokens exists, root-only (mode $(ct stat -c %a /etc/chat-ha/publish-tokens))" eval \
+    '[ "$(ct stat -c %a:%U /etc/chat-ha/publish-tokens)" = 600:root ]'
+publish() { curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -H "Authorization: Bearer $1" \
+    -d '{"rooms":["lobby","news"],"message":"from a server"}' http://localhost/back/publish || true; }
+code=$(publish package-test-token-0123456789)
+check "POST /back/publish with no token configured: $code" test "$code" = 401
+ct sh -c 'echo package-test-token-0123456789 >/etc/chat-ha/publish-tokens'
+ct systemctl restart 'chat-backend@*.service'
+wait_active "${units[@]}" >/dev/null
+code=$(publish package-test-token-0123456789)
+check "after adding a token and restarting the backends, POST /back/publish: $code" test "$code" = 201
+code=$(publish wrong-token-0123456789)
+check "POST /back/publish with another token: $code" test "$code" = 401
 check "GET /front/status and /back/status of instance $((cpus - 1)) directly: 200" eval \
     '[ "$(curl_in -o /dev/null -w %{http_code} http://127.0.0.1:$((9100 + cpus - 1))/front/status)" = 200 ] &&
      [ "$(curl_in -o /dev/null -w %{http_code} http://127.0.0.1:$((9200 + cpus - 1))/back/status)" = 200 ]'
