@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core \
 	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging deb bench lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz deb bench lint
 
 all: build
 
@@ -52,6 +52,20 @@ test-rust: deps-apt
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
 
+# The project's own parsers under libFuzzer, briefly: request bodies, the
+# configuration, the join payload. cargo fuzz passes flags of the nightly
+# compiler; this machine's toolchain is stable, hence RUSTC_BOOTSTRAP for this
+# build only. Seeds are read from fuzz/corpus/ and never written there.
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := post_body config join_payload
+test-fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t target/fuzz-artifacts/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O -s none $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=target/fuzz-artifacts/$$t/ || exit 1; \
+	done
+
 # The chat page in headless Chromium, across two domains.
 test-browser: deps build
 	cd tests/browser && node --test --test-concurrency=1 --test-reporter=spec
@@ -81,4 +95,4 @@ test-packaging: deb
 	tests/packaging/check-debs.sh $(DEB_OUT)
 	tests/packaging/install-test.sh $(DEB_OUT)
 
-test: lint test-rust test-e2e test-browser test-packaging
+test: lint test-rust test-fuzz test-e2e test-browser test-packaging
