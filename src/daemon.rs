@@ -117,6 +117,8 @@ async fn serve(
         env!("CARGO_PKG_VERSION")
     );
     crate::systemd::spawn_watchdog();
+    #[cfg(debug_assertions)]
+    crate::systemd::spawn_stall_hook();
     let shutdown = async {
         crate::systemd::shutdown_signal().await;
         crate::systemd::notify_stopping();

@@ -108,6 +108,26 @@ pub fn spawn_watchdog() {
     });
 }
 
+/// Debug builds only: SIGUSR2 blocks the thread running this task for ever,
+/// so that a test can see the watchdog pings stop when the runtime stops
+/// making progress (and systemd then restarts the instance). Release builds
+/// have no such hook.
+#[cfg(debug_assertions)]
+pub fn spawn_stall_hook() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        if usr2.recv().await.is_some() {
+            tracing::warn!("SIGUSR2: blocking the runtime (debug build test hook)");
+            loop {
+                std::thread::park();
+            }
+        }
+    });
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

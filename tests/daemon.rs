@@ -266,3 +266,41 @@ fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
     assert!(body.contains("\"status\":\"draining\""), "{body}");
     assert!(frontend.wait(Duration::from_secs(10)).success());
 }
+
+/// The watchdog pings come from the serving runtime: when it stops making
+/// progress they stop, and systemd (WatchdogSec=) restarts the instance.
+/// The stall is caused by a hook that exists in debug builds only.
+#[test]
+#[cfg(debug_assertions)]
+fn watchdog_pings_stop_when_the_runtime_is_blocked() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &redis.url(), "");
+    for name in ["chat-frontend", "chat-backend"] {
+        let notify = NotifySocket::bind(dir.path());
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let daemon = spawn(
+            name,
+            Command::new(binary(name))
+                .arg("--config")
+                .arg(&config)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .env("NOTIFY_SOCKET", &notify.path)
+                .env("WATCHDOG_USEC", "200000"),
+        );
+        notify.wait_for_line("READY=1", Duration::from_secs(10));
+        notify.wait_for_line("WATCHDOG=1", Duration::from_secs(2));
+        daemon.signal(12); // SIGUSR2
+        // Pings already queued may still arrive; then none for 10 intervals.
+        std::thread::sleep(Duration::from_millis(300));
+        while notify.received.try_recv().is_ok() {}
+        let late = notify.received.recv_timeout(Duration::from_secs(2));
+        assert!(
+            late.is_err(),
+            "{name} still pinged the watchdog while blocked: {late:?}"
+        );
+        assert!(http_get(addr, "/").is_none(), "{name} no longer answers");
+        std::fs::remove_file(&notify.path).unwrap();
+    }
+}
