@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core \
 	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz deb bench lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench lint
 
 all: build
 
@@ -95,4 +95,19 @@ test-packaging: deb
 	tests/packaging/check-debs.sh $(DEB_OUT)
 	tests/packaging/install-test.sh $(DEB_OUT)
 
-test: lint test-rust test-fuzz test-e2e test-browser test-packaging
+# The multi-host rig (vagrant-lxc): its box and dependency .debs are cached
+# in /var/cache/chat-ha-rig; lb, front1, front2, back1, back2 and redis boot
+# with the packages of target/debian installed for their role.
+box:
+	tests/rig/box.sh
+rig: box
+	tests/rig/up.sh
+rig-down:
+	tests/rig/down.sh
+
+# System tests through the rig's load balancer; the rig is taken down at the
+# end unless KEEP_RIG=1.
+test-system: deb deps-node
+	tests/system/run.sh
+
+test: lint test-rust test-fuzz test-e2e test-browser test-packaging test-system

@@ -1,8 +1,10 @@
 //! Logging: to the journal through syslog under systemd, to stderr otherwise.
 //!
-//! Under systemd, lines go through `syslog(3)` so the journal records each
-//! with its priority (`journalctl -p warning` works) and the daemon's name as
-//! its identifier (`journalctl -t chat-frontend`). In a terminal, lines are
+//! Under systemd, lines go through `syslog(3)` (facility `daemon`) so the
+//! journal records each with its priority (`journalctl -p warning` works)
+//! and the daemon's name as its identifier (`journalctl -t chat-frontend`).
+//! Levels map to priorities without loss: error → err, warn → warning,
+//! info → notice, debug → info, trace → debug. In a terminal, lines are
 //! human-readable on stderr. `RUST_LOG` overrides the configured level.
 
 use std::ffi::CString;
@@ -47,6 +49,6 @@ fn default_directives(level: LogLevel) -> String {
 
 fn open_syslog(identity: &str) -> Option<syslog_tracing::Syslog> {
     let identity = CString::new(identity).ok()?;
-    let (options, facility) = Default::default();
-    syslog_tracing::Syslog::new(identity, options, facility)
+    let options = Default::default();
+    syslog_tracing::Syslog::new(identity, options, syslog_tracing::Facility::Daemon)
 }

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Provisions one machine of the Vagrantfile's topology (run inside it, as
+# root, by Vagrant's shell provisioner; safe to run again).
+#
+# Environment (set by the Vagrantfile):
+#   ROLE       redis | backend | frontend | lb
+#   DEBS       folder of the chat-ha .debs (/vagrant/target/debian)
+#   DEPS       folder of pre-downloaded dependency .debs, DEPS/haproxy and
+#              DEPS/redis; when missing, apt fetches them from the mirror
+#   ADDRESS    this machine's address on the rig network
+#   REDIS      the Redis host's address
+#   FRONTENDS, BACKENDS   the frontend and backend hosts' addresses
+#   INSTANCES  instances per frontend or backend host
+#   POSTS_PER_10S  on lb: HAProxy's CHAT_HA_POSTS_PER_10S (empty: the default)
+set -euo pipefail
+: "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS:?}" "${INSTANCES:=2}"
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+
+say() { echo "provision $ROLE: $*"; }
+die() { echo "provision $ROLE: error: $*" >&2; exit 1; }
+
+# The newest .deb of package $1 in $DEBS.
+deb_of() {
+    local f
+    # shellcheck disable=SC2012
+    f=$(ls -v "$DEBS/${1}_"*.deb 2>/dev/null | tail -1)
+    [ -n "$f" ] || die "no ${1}_*.deb in $DEBS (run make deb on the host first)"
+    echo "$f"
+}
+
+# install_debs DEPS_FOLDER PACKAGE [FILE.deb...]: installs the files and
+# PACKAGE (a Debian dependency) with its own dependencies, from
+# $DEPS/DEPS_FOLDER when that exists, else from the mirror ("-": none).
+# Nothing is started meanwhile (policy-rc.d): the configuration is written
+# first, then the services start once.
+install_debs() {
+    local deps=$1 package=$2; shift 2
+    local files=("$@") offline=no
+    if [ "$deps" = - ]; then
+        offline=yes
+    elif [ -n "$DEPS" ] && [ -d "$DEPS/$deps" ]; then
+        files+=("$DEPS/$deps"/*.deb)
+        offline=yes
+    else
+        files+=("$package")
+    fi
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    if [ $offline = yes ]; then
+        apt-get -o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=/dev/null \
+            -o APT::Sandbox::User=root -y -q --no-install-recommends install "${files[@]}" >/tmp/provision-apt.log 2>&1 \
+            || { tail -30 /tmp/provision-apt.log; die "apt-get install failed"; }
+    else
+        apt-get update -qq
+        apt-get -o APT::Sandbox::User=root -y -q --no-install-recommends install "${files[@]}" >/tmp/provision-apt.log 2>&1 \
+            || { tail -30 /tmp/provision-apt.log; die "apt-get install failed"; }
+    fi
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+}
+
+# Waits up to $1 seconds for the command after it to succeed.
+wait_for() {
+    local secs=$1; shift
+    local i
+    for ((i = 0; i < secs * 5; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    "$@"
+}
+
+# Points the daemons at Redis; keeps only INSTANCES instances per host.
+configure_daemons() {
+    local daemon=$1 n
+    sed -i "s|^url = \".*\"|url = \"redis://$REDIS:6379/0\"|" /etc/chat-ha/chat-ha.toml
+    grep -q "^url = \"redis://$REDIS:6379/0\"" /etc/chat-ha/chat-ha.toml || die "redis.url not set in /etc/chat-ha/chat-ha.toml"
+    "/usr/bin/chat-$daemon" --check-config >/dev/null || die "chat-$daemon --check-config failed"
+    for ((n = INSTANCES; n < $(nproc); n++)); do
+        systemctl mask --now "chat-$daemon@$n.socket" "chat-$daemon@$n.service" >/dev/null 2>&1
+    done
+    systemctl daemon-reload
+    # Started now, or restarted after a configuration change on a second run.
+    systemctl restart chat-ha.target
+    local base=9100
+    [ "$daemon" = frontend ] || base=9200
+    for ((n = 0; n < INSTANCES; n++)); do
+        wait_for 20 systemctl is-active --quiet "chat-$daemon@$n.socket" "chat-$daemon@$n.service" \
+            || die "chat-$daemon@$n is not active: $(systemctl is-active "chat-$daemon@$n.service")"
+        wait_for 20 curl -sf -o /dev/null "http://$ADDRESS:$((base + n))/${daemon%end}/status" \
+            || die "http://$ADDRESS:$((base + n))/${daemon%end}/status does not answer"
+    done
+    say "chat-$daemon@0..$((INSTANCES - 1)) active, Redis at $REDIS"
+}
+
+# curl (checks below) and socat (HAProxy's stats socket): in the lxc box;
+# fetched from the mirror on other boxes.
+missing=
+for tool in curl socat; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+if [ -n "$missing" ]; then
+    say "installing$missing"
+    # shellcheck disable=SC2086
+    { apt-get update -qq && apt-get install -y -q --no-install-recommends $missing >/dev/null; } \
+        || die "could not install$missing"
+fi
+
+case $ROLE in
+redis)
+    install_debs redis redis-server
+    conf=/etc/redis/redis.conf
+    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode no|' \
+        -e 's|^appendonly .*|appendonly yes|' "$conf"
+    if ! grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || ! grep -q '^appendonly yes$' "$conf"; then
+        die "could not set bind/appendonly in $conf"
+    fi
+    systemctl enable --quiet redis-server.service
+    systemctl restart redis-server.service
+    wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q PONG" || die "Redis does not answer on $ADDRESS:6379"
+    say "redis-server on $ADDRESS:6379, AOF $(redis-cli -h "$ADDRESS" config get appendonly | tail -1)"
+    ;;
+frontend | backend)
+    install_debs - - "$(deb_of chat-ha-common)" "$(deb_of "chat-$ROLE")"
+    configure_daemons "$ROLE"
+    ;;
+lb)
+    install_debs haproxy haproxy "$(deb_of chat-haproxy)"
+    [ -x /usr/sbin/haproxy ] || die "haproxy is not installed"
+    cfg=/etc/haproxy/chat-ha.cfg
+    # One server line per instance per host, in place of the shipped
+    # 127.0.0.1 lines; servers are named HOSTn-N (the cookie too).
+    servers() { # servers front|back BASE_PORT ADDRESSES...
+        local kind=$1 base=$2 host=0 addr n; shift 2
+        for addr in "$@"; do
+            host=$((host + 1))
+            for ((n = 0; n < INSTANCES; n++)); do
+                if [ "$kind" = front ]; then
+                    echo "    server front$host-$n $addr:$((base + n)) check cookie front$host-$n"
+                else
+                    echo "    server back$host-$n $addr:$((base + n)) check"
+                fi
+            done
+        done
+    }
+    # shellcheck disable=SC2086
+    servers front 9100 $FRONTENDS >/tmp/front.servers
+    # shellcheck disable=SC2086
+    servers back 9200 $BACKENDS >/tmp/back.servers
+    awk '
+        /^backend / { section = $2 }
+        /^[[:space:]]+server[[:space:]]/ { next }
+        { print }
+        /^[[:space:]]+default-server[[:space:]]/ {
+            file = (section == "chat_front") ? "/tmp/front.servers" : (section == "chat_back") ? "/tmp/back.servers" : ""
+            if (file != "") while ((getline line < file) > 0) print line
+        }' "$cfg" >"$cfg.new"
+    grep -c '^[[:space:]]*server ' "$cfg.new" | grep -qx "$(($(wc -l </tmp/front.servers) + $(wc -l </tmp/back.servers)))" \
+        || die "could not rewrite the server lines of $cfg"
+    mv "$cfg.new" "$cfg"
+    haproxy -c -q -f /etc/haproxy/haproxy.cfg -f "$cfg" || die "haproxy -c rejects $cfg"
+    # Posts allowed per client address and 10 s: all the rig's test clients
+    # share one address (the host's).
+    dropin=/etc/systemd/system/haproxy.service.d/chat-ha-rig.conf
+    if [ -n "${POSTS_PER_10S:-}" ]; then
+        mkdir -p "${dropin%/*}"
+        printf '[Service]\nEnvironment=CHAT_HA_POSTS_PER_10S=%s\n' "$POSTS_PER_10S" >"$dropin"
+    else
+        rm -f "$dropin"
+    fi
+    systemctl daemon-reload
+    systemctl enable --quiet haproxy.service
+    systemctl restart haproxy.service
+    wait_for 20 curl -sf -o /dev/null -H 'Host: localhost' http://127.0.0.1/front/status \
+        || die "HAProxy does not answer on port 80"
+    # Every server UP (the hosts were provisioned before this one).
+    all_up() { ! echo 'show stat' | socat stdio /run/haproxy/admin.sock \
+        | awk -F, '$1 ~ /^chat_(front|back)$/ && $2 !~ /^(FRONTEND|BACKEND)$/ && $18 != "UP"' | grep -q .; }
+    wait_for 30 all_up || {
+        echo 'show stat' | socat stdio /run/haproxy/admin.sock | cut -d, -f1,2,18 | grep chat_ >&2
+        die "not every HAProxy server is UP"
+    }
+    say "HAProxy on $ADDRESS:80, servers UP: $(tr '\n' ' ' </tmp/front.servers | grep -o '[0-9.]*:[0-9]*' | tr '\n' ' ')$(grep -o '[0-9.]*:[0-9]*' /tmp/back.servers | tr '\n' ' ')"
+    ;;
+*) die "unknown ROLE $ROLE" ;;
+esac
