@@ -49,8 +49,10 @@ impl EventBudget {
             self.refusals = 0;
             Verdict::Allow
         } else {
-            self.refusals += 1;
-            if self.refusals >= REFUSALS_BEFORE_DISCONNECT {
+            // Disconnect once; events still in flight after it are refused
+            // quietly, not logged and disconnected again.
+            self.refusals = self.refusals.saturating_add(1);
+            if self.refusals == REFUSALS_BEFORE_DISCONNECT {
                 Verdict::Disconnect
             } else {
                 Verdict::Refuse
@@ -80,6 +82,7 @@ mod tests {
             assert_eq!(budget.spend(later), Verdict::Refuse);
         }
         assert_eq!(budget.spend(later), Verdict::Disconnect);
+        assert_eq!(budget.spend(later), Verdict::Refuse, "disconnected once");
     }
 
     #[test]

@@ -46,6 +46,13 @@ const MAX_PAYLOAD: u64 = 32 * 1024;
 /// events (`room`), so anything larger is an error, not a message.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
 
+/// Packets one socket's send queue holds. A resuming socket is sent up to a
+/// room's whole history at once, so the queue holds that and room to spare;
+/// a socket that cannot take more is closed and resumes (see `rooms`).
+fn send_queue_len(config: &Config) -> usize {
+    config.history.max_per_room.get() + 256
+}
+
 /// Per-socket event limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
 struct EventLimits {
@@ -197,6 +204,7 @@ pub async fn run(
     let metrics = Arc::new(FrontendMetrics::default());
     let (layer, io) = SocketIo::builder()
         .req_path(SOCKET_IO_PATH)
+        .max_buffer_size(send_queue_len(&config))
         .max_payload(MAX_PAYLOAD)
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)

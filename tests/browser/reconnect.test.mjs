@@ -153,3 +153,38 @@ for (const transport of ['websocket', 'polling']) {
     assert.deepEqual(page.errors, []);
   });
 }
+
+test('after a reconnection the page resumes from the frontend: what it missed appears even when the history cannot be read', { timeout: 120000 }, async () => {
+  const room = uniqueRoom('resume');
+  page = await openChat(env, { domain: 0, room });
+  const before = unique('before the outage');
+  await postMessage(env, room, before);
+  await waitForMessage(page, before);
+
+  // From now on the page cannot read the history: what it missed can only
+  // come from the frontend it reconnects to.
+  let historyRequests = 0;
+  await page.route('**/back/messages**', (route) => {
+    historyRequests += 1;
+    return route.abort();
+  });
+  for (const fe of env.topo.frontends) await stopFrontend(fe);
+  await waitStateSeenAfterConnected('reconnecting');
+  const missed = [unique('missed 1'), unique('missed 2'), unique('missed 3')];
+  for (const text of missed) await postMessage(env, room, text);
+
+  for (const fe of env.topo.frontends) await startFrontend(fe);
+  await waitState(page, 'connected', { timeout: RECONNECT_MS });
+  for (const text of missed) await waitForMessage(page, text);
+  const after = unique('after the reconnection');
+  await postMessage(env, room, after);
+  await waitForMessage(page, after);
+  await sleep(1000);
+
+  const shown = await shownMessages(page);
+  assert.deepEqual(shown.map((m) => m.text), [before, ...missed, after]);
+  assertOrderedUnique(shown, page.chatUrl);
+  assert.equal(historyRequests, 0, 'the history was not needed');
+  assert.equal(await page.locator('#history-error').isVisible(), false, 'no history error shown');
+  assert.deepEqual(page.errors, []);
+});

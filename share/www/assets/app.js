@@ -4,8 +4,10 @@
 // arrive two ways: the backend's history (GET /back/messages) and the
 // frontend's Socket.IO `message` events. Both are merged by id, so a message
 // is shown once and in id order however it arrived. On every (re)connect the
-// page joins the room again and then re-reads the history: whatever was sent
-// while it was away is filled in.
+// page joins the room again, resuming after the last message it has (the
+// frontend sends what was posted while it was away, then live messages); a
+// page that has no message yet joins with the room's name and then reads the
+// history.
 //
 // Test hooks are in the DOM only: #status[data-state] and li[data-id].
 'use strict';
@@ -16,6 +18,8 @@
   const MAX_CHARS = 4000;
   const REQUEST_TIMEOUT_MS = 15000;
   const JOIN_TIMEOUT_MS = 5000;
+  // Pause before joining again when the frontend cannot read the history yet.
+  const JOIN_RETRY_MS = 1000;
   // Failed reconnection attempts after which the page says "offline".
   const OFFLINE_AFTER_ATTEMPTS = 5;
 
@@ -70,6 +74,18 @@
 
   function compare(a, b) {
     return a.ms !== b.ms ? a.ms - b.ms : a.seq - b.seq;
+  }
+
+  // Where to resume after a reconnection: the newest id before which every
+  // message of the room is shown. Messages from the socket arrive in order
+  // and those of a history answer are its newest ones, so both move it; a
+  // message this page sent is shown from the answer to its POST, possibly
+  // before older ones arrive, so it does not.
+  let resumeId = null;
+
+  function advanceResume(id) {
+    const key = parseId(id);
+    if (key && (resumeId === null || compare(key, parseId(resumeId)) > 0)) resumeId = id;
   }
 
   const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
@@ -216,6 +232,8 @@
       const result = await request(url, { headers: { Accept: 'application/json' } });
       if (result.status === 200 && result.body && Array.isArray(result.body.messages)) {
         merge(result.body.messages);
+        const newest = result.body.messages[result.body.messages.length - 1];
+        if (newest && newest.room === room && typeof newest.id === 'string') advanceResume(newest.id);
       } else {
         problem = errorText(result);
       }
@@ -270,7 +288,9 @@
 
   function join() {
     const joiningSocketId = socket.id;
-    socket.timeout(JOIN_TIMEOUT_MS).emit('room', room, (err, answer) => {
+    const since = resumeId;
+    const request = since === null ? room : { room, since };
+    socket.timeout(JOIN_TIMEOUT_MS).emit('room', request, (err, answer) => {
       if (!socket.connected || socket.id !== joiningSocketId) return;
       if (err) {
         // No answer in time: ask again on this connection.
@@ -281,9 +301,16 @@
         everConnected = true;
         failedAttempts = 0;
         setState('connected');
-        // Joined first, then read: anything stored before the join is in the
-        // history, anything after it arrives as an event.
-        loadHistory();
+        // Resumed: the frontend sent everything after `since`. Otherwise,
+        // joined first, then read: anything stored before the join is in
+        // the history, anything after it arrives as an event.
+        if (since === null || !historyLoadedOnce) loadHistory();
+      } else if (answer && typeof answer.error === 'string' && /history is unavailable/.test(answer.error)) {
+        // The frontend cannot resume right now (it is starting, or lost
+        // Redis): join again shortly, on this connection.
+        setTimeout(() => {
+          if (socket.connected && socket.id === joiningSocketId) join();
+        }, JOIN_RETRY_MS);
       } else {
         setState('error', (answer && answer.error) || 'refused');
       }
@@ -296,7 +323,10 @@
     socket = io(options);
 
     socket.on('connect', join);
-    socket.on('message', (msg) => merge([msg]));
+    socket.on('message', (msg) => {
+      merge([msg]);
+      if (msg && msg.room === room && typeof msg.id === 'string') advanceResume(msg.id);
+    });
     socket.on('disconnect', (reason) => {
       setState(disconnectedState());
       if (reason === 'io server disconnect') {

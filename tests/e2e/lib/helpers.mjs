@@ -1,7 +1,9 @@
 // What the end-to-end tests share: HTTP requests with a chosen Host, real
 // socket.io-client connections, and waits that fail with a clear message.
 
+import crypto from 'node:crypto';
 import http from 'node:http';
+import net from 'node:net';
 import { io } from 'socket.io-client';
 
 /** The demo domains of etc/haproxy/chat-ha-domains.lst that the tests use. */
@@ -189,4 +191,467 @@ export async function withLogs(topology, fn) {
 /** A test body wrapped with withLogs for the topology `get()` returns. */
 export function logged(get, fn) {
   return (t) => withLogs(get(), () => fn(t));
+}
+
+// ---------------------------------------------------------------------------
+// Resuming, drills and abuse: message ids, the chat page's client loop, a
+// steady stream of posts, delivery counts, metrics, raw Engine.IO.
+
+/** Compares two message ids `<ms>-<seq>` as numbers: negative, 0 or positive. */
+export function compareIds(a, b) {
+  const [am, as] = a.split('-').map(BigInt);
+  const [bm, bs] = b.split('-').map(BigInt);
+  if (am !== bm) return am < bm ? -1 : 1;
+  if (as !== bs) return as < bs ? -1 : 1;
+  return 0;
+}
+
+const HISTORY_UNAVAILABLE = /history is unavailable/;
+
+/**
+ * A client of one room written like the chat page: on every connect it joins
+ * with `since` = the last id it has seen (a plain room name before the first
+ * message), and joins again shortly when the answer is "history is
+ * unavailable". It keeps its state across sockets: open() starts a new
+ * connection (to any frontend) that resumes where the previous one stopped.
+ *
+ * Every `message` event is recorded: `messages` (in arrival order, each id
+ * once), `duplicates` (ids received again), `outOfOrder` (ids older than one
+ * already received).
+ */
+export class ResumingClient {
+  constructor({ room, name = room, retryMs = 250, joinTimeoutMs = 5000 } = {}) {
+    Object.assign(this, { room, name, retryMs, joinTimeoutMs });
+    this.agent = loopbackAgent();
+    this.socket = null;
+    this.lastId = null;
+    this.messages = [];
+    this.ids = new Set();
+    this.duplicates = [];
+    this.outOfOrder = [];
+    this.answers = []; // every join answer, in order
+    this.joined = 0; // successful joins
+    this.unavailable = 0; // "history is unavailable" answers
+    this.connectCount = 0;
+    this.disconnects = [];
+    this.connectErrors = [];
+    this.sockets = 0;
+  }
+
+  /**
+   * Connects to `url` (closing the current connection, if any). With
+   * `reconnection`, socket.io reconnects by itself, as in the chat page, and
+   * a session the server ended is opened again after 500 ms.
+   */
+  open(url, { transports, reconnection = false } = {}) {
+    this.socket?.close();
+    this.sockets += 1;
+    this.url = url;
+    const socket = io(url, {
+      path: '/front/socket.io',
+      transports,
+      agent: this.agent,
+      withCredentials: true,
+      forceNew: true,
+      reconnection,
+      reconnectionDelayMax: 5000,
+      timeout: 10_000,
+    });
+    this.socket = socket;
+    socket.on('connect', () => {
+      this.connectCount += 1;
+      this.join(socket);
+    });
+    socket.on('message', (m) => this.receive(m));
+    socket.on('connect_error', (e) => this.connectErrors.push(`${e.message} ${e.description?.message ?? e.description ?? ''}`.trim()));
+    socket.on('disconnect', (reason) => {
+      this.disconnects.push(reason);
+      if (reconnection && reason === 'io server disconnect') {
+        setTimeout(() => { if (this.socket === socket && !socket.connected) socket.connect(); }, 500);
+      }
+    });
+    return this;
+  }
+
+  join(socket) {
+    const payload = this.lastId === null ? this.room : { room: this.room, since: this.lastId };
+    socket.timeout(this.joinTimeoutMs).emit('room', payload, (err, answer) => {
+      if (this.socket !== socket || !socket.connected) return;
+      if (err) {
+        this.join(socket); // no answer in time: ask again on this connection
+        return;
+      }
+      this.answers.push(answer);
+      if (answer?.ok) {
+        this.joined += 1;
+      } else if (HISTORY_UNAVAILABLE.test(answer?.error ?? '')) {
+        this.unavailable += 1;
+        setTimeout(() => { if (this.socket === socket && socket.connected) this.join(socket); }, this.retryMs);
+      }
+    });
+  }
+
+  receive(m) {
+    if (m?.room !== this.room) return;
+    if (this.ids.has(m.id)) {
+      this.duplicates.push(m.id);
+      return;
+    }
+    if (this.lastId !== null && compareIds(m.id, this.lastId) < 0) this.outOfOrder.push(m.id);
+    else this.lastId = m.id;
+    this.ids.add(m.id);
+    this.messages.push(m);
+  }
+
+  get connected() {
+    return this.socket?.connected === true;
+  }
+
+  /** Waits until the client has joined `count` times in all. */
+  waitJoined(count, timeoutMs = 15_000) {
+    return waitFor(`${this.name} to have joined ${count} times (answers: ${JSON.stringify(this.answers.slice(-3))}, connect errors: ${JSON.stringify(this.connectErrors.slice(-3))}, disconnects: ${JSON.stringify(this.disconnects.slice(-3))})`,
+      () => this.joined >= count && this.connected, { timeoutMs, intervalMs: 20 });
+  }
+
+  /** Waits until the client has received the message with `id`. */
+  waitForId(id, timeoutMs = 15_000) {
+    return waitFor(`${this.name} to receive message ${id} (last received ${this.lastId})`,
+      () => this.ids.has(id), { timeoutMs, intervalMs: 20 });
+  }
+
+  /** Closes the current connection, keeping what was received. */
+  drop() {
+    this.socket?.close();
+  }
+
+  /** Closes the connection; the agent goes a moment later, so that a polling client's goodbye reaches the server. */
+  close() {
+    this.socket?.close();
+    setTimeout(() => this.agent.destroy(), 1000).unref();
+  }
+}
+
+/**
+ * Whether a frontend can replay a backlog of `count` messages to one
+ * resuming socket over long-polling: posts them to a fresh room, joins with
+ * since 0-0 straight at `frontend`, and checks that all arrive. Resolves to
+ * {ok, detail}.
+ */
+export async function replaysBacklog(topo, frontend, count = 200) {
+  const room = `backlog-probe-${Date.now()}`;
+  for (let i = 0; i < count; i++) {
+    const res = await postMessage(topo.backends[i % topo.backends.length].url, room, `backlog ${i}`);
+    if (res.status !== 201) throw new Error(`POST for the backlog probe: ${res.status} ${res.text}`);
+  }
+  const client = new Client(frontend.url, { transports: ['polling'], name: 'backlog probe' });
+  try {
+    await client.connect();
+    let answer;
+    try {
+      answer = await client.join({ room, since: '0-0' }, 5000);
+    } catch (e) {
+      answer = { error: e.message };
+    }
+    await waitFor('the backlog', () => client.messages.length >= count || client.disconnects.length > 0, { timeoutMs: 10_000 }).catch(() => {});
+    const ok = answer?.ok === true && answer.replayed === count && client.messages.length === count && client.disconnects.length === 0;
+    return { ok, detail: `join since 0-0 of a room with ${count} messages over polling: answer ${JSON.stringify(answer)}, received ${client.messages.length}, disconnects ${JSON.stringify(client.disconnects)}` };
+  } finally {
+    // Leaves no session behind: the goodbye gets through before the agent goes.
+    client.socket.close();
+    await sleep(500);
+    client.close();
+  }
+}
+
+/**
+ * A steady, client-paced stream of posts to one room: each POST waits for
+ * its answer, then `intervalMs`. The text carries a sequence number.
+ * `acked` holds the stored messages (201), in order; `failed` every other
+ * outcome: {seq, status, error, startedAt, endedAt}.
+ */
+export class Poster {
+  constructor(baseUrl, room, { host, intervalMs = 10, label = 'post' } = {}) {
+    Object.assign(this, { baseUrl, room, host, intervalMs, label });
+    this.sent = 0;
+    this.acked = [];
+    this.failed = [];
+    this.log = []; // {seq, status, startedAt, endedAt}
+    this.running = null;
+    this.stopping = false;
+  }
+
+  async post(text) {
+    this.sent += 1;
+    const seq = this.sent;
+    const startedAt = Date.now();
+    let status;
+    let error;
+    try {
+      const res = await postMessage(this.baseUrl, this.room, `${this.label} ${seq}${text ? ` ${text}` : ''}`, { host: this.host });
+      status = res.status;
+      if (status === 201) this.acked.push(res.json);
+      else error = res.text;
+    } catch (e) {
+      status = 'error';
+      error = e.message;
+    }
+    const entry = { seq, status, startedAt, endedAt: Date.now() };
+    this.log.push(entry);
+    if (status !== 201) this.failed.push({ ...entry, error });
+    return entry;
+  }
+
+  start() {
+    this.running = (async () => {
+      while (!this.stopping) {
+        await this.post();
+        await sleep(this.intervalMs);
+      }
+    })();
+    return this;
+  }
+
+  async stop() {
+    this.stopping = true;
+    await this.running;
+  }
+
+  /** Number of failed requests by status, e.g. {503: 12}. */
+  failedByStatus() {
+    const counts = {};
+    for (const f of this.failed) counts[f.status] = (counts[f.status] ?? 0) + 1;
+    return counts;
+  }
+}
+
+/**
+ * What `clients` received of what `poster` had acknowledged: per client the
+ * acknowledged messages lost, those received twice, out of order, and those
+ * received that were never acknowledged. `line` sums it up for printing.
+ */
+export function deliveryCounts(label, poster, clients) {
+  const ackedIds = poster.acked.map((m) => m.id);
+  const acked = new Set(ackedIds);
+  const perClient = clients.map((c) => {
+    const got = c.messages.map((m) => m.id);
+    return {
+      name: c.name,
+      delivered: got.filter((id) => acked.has(id)).length,
+      lost: ackedIds.filter((id) => !c.ids.has(id)),
+      duplicated: c.duplicates.length,
+      outOfOrder: c.outOfOrder.length,
+      unacknowledged: got.filter((id) => !acked.has(id)).length,
+      // The acknowledged messages as received, for an exact comparison.
+      received: got.filter((id) => acked.has(id)),
+    };
+  });
+  const sum = (f) => perClient.reduce((n, c) => n + f(c), 0);
+  const failed = poster.failedByStatus();
+  const counts = {
+    sent: poster.sent,
+    acknowledged: ackedIds.length,
+    failedRequests: poster.failed.length,
+    delivered: sum((c) => c.delivered),
+    expected: ackedIds.length * clients.length,
+    lost: sum((c) => c.lost.length),
+    duplicated: sum((c) => c.duplicated),
+    outOfOrder: sum((c) => c.outOfOrder),
+    unacknowledgedDelivered: sum((c) => c.unacknowledged),
+  };
+  const line = `${label}: sent ${counts.sent}, acknowledged ${counts.acknowledged}, ` +
+    `failed requests ${counts.failedRequests}${counts.failedRequests ? ` ${JSON.stringify(failed)}` : ''}; ` +
+    `${clients.length} clients: delivered ${counts.delivered} of ${counts.expected}, lost ${counts.lost}, ` +
+    `duplicated ${counts.duplicated}, out of order ${counts.outOfOrder}, unacknowledged delivered ${counts.unacknowledgedDelivered}`;
+  return { ...counts, perClient, ackedIds, line };
+}
+
+/** GET /metrics of a daemon (its own port): {name: value} of the unlabelled samples. */
+export async function metrics(baseUrl) {
+  const res = await request(`${baseUrl}/metrics`);
+  if (res.status !== 200) throw new Error(`GET ${baseUrl}/metrics: ${res.status} ${res.text}`);
+  const values = {};
+  for (const line of res.text.split('\n')) {
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*) (\S+)$/.exec(line);
+    if (m) values[m[1]] = Number(m[2]);
+  }
+  return values;
+}
+
+/**
+ * A bare websocket client (RFC 6455) on node:net, to send what a real
+ * client never would: any frame, any size, masked or not. Records the text
+ * and binary messages received (`messages`, as strings), the server's close
+ * frame (`closeFrame`) and whether the connection ended (`ended`).
+ */
+export class RawWebSocket {
+  constructor(socket, rest) {
+    this.socket = socket;
+    this.messages = [];
+    this.closeFrame = null;
+    this.ended = false;
+    this.buffer = rest;
+    this.fragments = null;
+    this.waiters = new Set();
+    this.onMessage = null;
+    socket.on('data', (chunk) => {
+      this.buffer = Buffer.concat([this.buffer, chunk]);
+      this.parse();
+    });
+    socket.on('error', () => { /* seen as the end of the connection */ });
+    socket.on('close', () => {
+      this.ended = true;
+      this.notify();
+    });
+    // Frames that came with the handshake's answer, once the caller holds this object.
+    setImmediate(() => this.parse());
+  }
+
+  /** Opens `path` on 127.0.0.1:`port` with the Host header `host`. */
+  static open(port, path, { host = `127.0.0.1:${port}`, timeoutMs = 5000 } = {}) {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: '127.0.0.1', port });
+      const key = crypto.randomBytes(16).toString('base64');
+      let head = Buffer.alloc(0);
+      const timer = setTimeout(() => socket.destroy(new Error(`websocket handshake for ${path}: no answer within ${timeoutMs} ms`)), timeoutMs);
+      socket.once('error', (e) => { clearTimeout(timer); reject(e); });
+      socket.once('connect', () => {
+        socket.write([`GET ${path} HTTP/1.1`, `Host: ${host}`, 'Upgrade: websocket', 'Connection: Upgrade',
+          `Sec-WebSocket-Key: ${key}`, 'Sec-WebSocket-Version: 13', '', ''].join('\r\n'));
+      });
+      const onData = (chunk) => {
+        head = Buffer.concat([head, chunk]);
+        const end = head.indexOf('\r\n\r\n');
+        if (end < 0) return;
+        clearTimeout(timer);
+        socket.off('data', onData);
+        const statusLine = head.subarray(0, head.indexOf('\r\n')).toString('latin1');
+        if (!/^HTTP\/1\.1 101 /.test(statusLine)) {
+          socket.destroy();
+          reject(new Error(`websocket handshake for ${path} refused: ${statusLine}`));
+          return;
+        }
+        resolve(new RawWebSocket(socket, head.subarray(end + 4)));
+      };
+      socket.on('data', onData);
+    });
+  }
+
+  notify() {
+    for (const waiter of [...this.waiters]) waiter();
+  }
+
+  parse() {
+    for (;;) {
+      const b = this.buffer;
+      if (b.length < 2) return;
+      const fin = (b[0] & 0x80) !== 0;
+      const opcode = b[0] & 0x0f;
+      let length = b[1] & 0x7f;
+      let offset = 2;
+      if (length === 126) {
+        if (b.length < 4) return;
+        length = b.readUInt16BE(2);
+        offset = 4;
+      } else if (length === 127) {
+        if (b.length < 10) return;
+        length = Number(b.readBigUInt64BE(2));
+        offset = 10;
+      }
+      if (b.length < offset + length) return;
+      const payload = b.subarray(offset, offset + length);
+      this.buffer = b.subarray(offset + length);
+      if (opcode === 0x8) {
+        this.closeFrame = {
+          code: payload.length >= 2 ? payload.readUInt16BE(0) : null,
+          reason: payload.subarray(2).toString('utf8'),
+        };
+      } else if (opcode === 0x9) {
+        this.sendFrame(0xa, payload);
+      } else if (opcode <= 0x2) {
+        this.fragments = opcode === 0x0 ? Buffer.concat([this.fragments ?? Buffer.alloc(0), payload]) : payload;
+        if (fin) {
+          const text = this.fragments.toString('utf8');
+          this.fragments = null;
+          this.messages.push(text);
+          this.onMessage?.(text);
+        }
+      }
+      this.notify();
+    }
+  }
+
+  /** Sends one frame; masked, as a client must, unless `mask` is false. */
+  sendFrame(opcode, payload, { fin = true, mask = true } = {}) {
+    if (this.socket.destroyed) return false;
+    const data = Buffer.isBuffer(payload) ? payload : Buffer.from(payload, 'utf8');
+    const header = [(fin ? 0x80 : 0) | opcode];
+    const maskBit = mask ? 0x80 : 0;
+    let extended = Buffer.alloc(0);
+    if (data.length < 126) {
+      header.push(maskBit | data.length);
+    } else if (data.length < 65536) {
+      header.push(maskBit | 126);
+      extended = Buffer.alloc(2);
+      extended.writeUInt16BE(data.length);
+    } else {
+      header.push(maskBit | 127);
+      extended = Buffer.alloc(8);
+      extended.writeBigUInt64BE(BigInt(data.length));
+    }
+    let key = Buffer.alloc(0);
+    let body = data;
+    if (mask) {
+      key = crypto.randomBytes(4);
+      body = Buffer.alloc(data.length);
+      for (let i = 0; i < data.length; i++) body[i] = data[i] ^ key[i & 3];
+    }
+    this.socket.write(Buffer.concat([Buffer.from(header), extended, key, body]));
+    return true;
+  }
+
+  /** Sends a text message. */
+  send(text) {
+    return this.sendFrame(0x1, text);
+  }
+
+  /** Resolves with check()'s value once truthy, re-checked on every frame and at the end of the connection. */
+  until(what, check, timeoutMs = 5000) {
+    return new Promise((resolve, reject) => {
+      const run = () => {
+        const value = check();
+        if (value) {
+          cleanup();
+          resolve(value);
+        }
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what} (received ${JSON.stringify(this.messages.map((m) => m.slice(0, 200)))}, ended ${this.ended})`));
+      }, timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.waiters.delete(run);
+      };
+      this.waiters.add(run);
+      run();
+    });
+  }
+
+  close() {
+    this.socket.destroy();
+  }
+}
+
+/**
+ * A Socket.IO session spoken by hand over a RawWebSocket: Engine.IO open,
+ * Socket.IO connect to the default namespace; answers the server's pings.
+ * Resolves to the RawWebSocket.
+ */
+export async function rawSocketIo(port, { host } = {}) {
+  const ws = await RawWebSocket.open(port, '/front/socket.io/?EIO=4&transport=websocket', { host });
+  ws.onMessage = (text) => { if (text === '2') ws.send('3'); };
+  await ws.until('the Engine.IO open packet', () => ws.messages.some((m) => m.startsWith('0{')));
+  ws.send('40');
+  await ws.until('the Socket.IO connect packet', () => ws.messages.some((m) => m.startsWith('40{')));
+  return ws;
 }
