@@ -38,6 +38,10 @@ trap teardown EXIT
 trap 'exit 130' INT TERM
 
 tests/rig/up.sh
+# The Vagrantfile, for every provider it describes (libvirt and virtualbox
+# cannot boot here, but their branches must be valid).
+tests/rig/vagrant.sh validate
+tests/rig/vagrant.sh validate --ignore-provider
 phase "rig up (box included)"
 
 if [ $# -eq 0 ]; then set -- tests/system/*.test.mjs; fi
