@@ -323,3 +323,66 @@ export class Poster {
     await Promise.all(this.loops);
   }
 }
+
+/**
+ * What `clients` (RigClients) received of what `poster` (a Poster) had
+ * acknowledged, as the drills print it: sent, acknowledged, failed requests,
+ * delivered, lost, duplicated, out of order. `perClient[i].received` holds a
+ * client's acknowledged ids as received, for an exact comparison with
+ * `ackedIds` (the acknowledgement order: id order with one poster loop).
+ */
+export function drillCounts(label, poster, clients) {
+  const ackedIds = poster.acked.map((m) => m.id);
+  const acked = new Set(ackedIds);
+  const perClient = clients.map((c) => {
+    const got = c.messages.map((m) => m.id);
+    return {
+      name: c.name,
+      received: got.filter((id) => acked.has(id)),
+      lost: ackedIds.filter((id) => !c.ids.has(id)),
+      duplicated: c.duplicates.length,
+      outOfOrder: c.outOfOrder.length,
+      unacknowledged: got.filter((id) => !acked.has(id)).length,
+    };
+  });
+  const sum = (f) => perClient.reduce((n, c) => n + f(c), 0);
+  const counts = {
+    sent: poster.sent,
+    acknowledged: ackedIds.length,
+    failedRequests: poster.failures.length,
+    delivered: sum((c) => c.received.length),
+    expected: ackedIds.length * clients.length,
+    lost: sum((c) => c.lost.length),
+    duplicated: sum((c) => c.duplicated),
+    outOfOrder: sum((c) => c.outOfOrder),
+    unacknowledgedDelivered: sum((c) => c.unacknowledged),
+  };
+  const line = `${label}: sent ${counts.sent}, acknowledged ${counts.acknowledged}, failed requests ${counts.failedRequests}; ` +
+    `${clients.length} clients: delivered ${counts.delivered} of ${counts.expected}, lost ${counts.lost}, ` +
+    `duplicated ${counts.duplicated}, out of order ${counts.outOfOrder}, unacknowledged delivered ${counts.unacknowledgedDelivered}`;
+  return { ...counts, perClient, ackedIds, line };
+}
+
+/**
+ * Connects clients through `spread` (a Spreader) until every frontend
+ * instance holds a polling and a websocket client (domains alternating).
+ * HAProxy's round-robin advances by a fixed step per client of one kind,
+ * which can skip an instance for ever: when until() gives up, one client of
+ * the other transport is added (it shifts the turn) and the search goes on.
+ */
+export async function spreadOverAll(spread, rounds = 4) {
+  for (const transport of ['polling', 'websocket']) {
+    for (const [i, f] of FRONT_INSTANCES.entries()) {
+      const have = (c) => c.transports[0] === transport && c.server === f.server;
+      for (let round = 1; !spread.clients.some(have); round++) {
+        try {
+          await spread.until({ domain: i % 2 ? DOMAIN_2 : DOMAIN_1, transports: [transport] }, have, `on ${f.server}`);
+        } catch (e) {
+          if (round >= rounds) throw e;
+          await spread.add({ domain: DOMAIN_1, transports: [transport === 'polling' ? 'websocket' : 'polling'] });
+        }
+      }
+    }
+  }
+  return spread.clients;
+}

@@ -1,0 +1,135 @@
+// The network between front1 and Redis cut for 10 s (a blackhole route to
+// the Redis host inside front1; the box has iproute2, no iptables or nft)
+// while messages are posted all the time and clients of both transports are
+// connected to every frontend instance. During the cut front1's instances
+// report `degraded` (their feed notices within a few seconds) and keep their
+// sockets; posts keep succeeding (the backends still reach Redis); front2
+// delivers on. Once healed, front1 follows the feed on from its cursor:
+// every client has every acknowledged message once, in order.
+
+import { after, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+
+import {
+  FRONT_INSTANCES, Poster, REDIS, Spreader, drillCounts, frontStatus, sleep, spreadOverAll, ssh,
+  waitFor, waitForServers,
+} from './lib/rig.mjs';
+
+const HOST = 'front1';
+const CUT_MS = 10_000;
+const ROUTE = `blackhole ${REDIS}/32`;
+const ROOM = `system-netcut-${Date.now()}`;
+const CUT = FRONT_INSTANCES.filter((f) => f.host === HOST);
+const OTHERS = FRONT_INSTANCES.filter((f) => f.host !== HOST);
+
+/** {server: status} of `instances` (null: not answering). */
+async function statuses(instances) {
+  const all = await Promise.all(instances.map(frontStatus));
+  return Object.fromEntries(instances.map((f, i) => [f.server, all[i]?.status ?? null]));
+}
+
+describe(`the network between ${HOST} and Redis (${REDIS}) cut for ${CUT_MS / 1000} s`, () => {
+  const spread = new Spreader(ROOM, { reconnect: true });
+  let poster;
+  let cut = false;
+
+  after(async () => {
+    if (cut) await ssh(HOST, `sudo ip route del ${ROUTE}`).catch(() => {});
+    await poster?.stop();
+    spread.close();
+  });
+
+  it(`${HOST} degraded meanwhile, no failed post; after healing nothing lost or repeated`, { timeout: 180_000 }, async (t) => {
+    // Known defect, kept visible until fixed: after healing, the feed hands
+    // front1 the ~470 messages of the cut at once; long-polling sockets' send
+    // queues fill, they are closed, and their resume (the same backlog)
+    // fills the new session's queue again, so they never catch up. Websocket
+    // clients and the other host's clients get everything.
+    t.todo('frontend defect: long-polling sockets cannot catch up on a burst of several hundred messages after Redis comes back');
+    await waitForServers(Object.fromEntries(FRONT_INSTANCES.map((f) => [f.server, 'UP'])));
+    await ssh(HOST, `sudo ip route del ${ROUTE} 2>/dev/null || true`); // a previous run's, if it failed
+    assert.deepEqual(Object.values(await statuses(FRONT_INSTANCES)), FRONT_INSTANCES.map(() => 'ok'), 'every frontend ok first');
+
+    // Clients of both transports and domains on every instance.
+    await spreadOverAll(spread);
+    const clients = spread.clients;
+    t.diagnostic(`${clients.length} clients: ${spread.landing()}`);
+    const cutOff = clients.filter((c) => c.host === HOST);
+    assert.deepEqual([...new Set(cutOff.map((c) => c.transports[0]))].sort(), ['polling', 'websocket']);
+
+    poster = new Poster(ROOM, { intervalMs: 20 });
+    await sleep(1000);
+    const since = (await ssh(HOST, 'date +%s.%N')).trim();
+    await ssh(HOST, `sudo ip route add ${ROUTE}`);
+    cut = true;
+    const cutAt = Date.now();
+    const ackedAtCut = poster.acked.length;
+    t.diagnostic(`cut at ${new Date(cutAt).toISOString()}: ${(await ssh(HOST, `ip route show ${REDIS}/32`)).trim()}`);
+
+    // front1's instances notice; front2's do not.
+    const degraded = await waitFor(`${HOST}'s instances to report degraded`, async () => {
+      const s = await statuses(CUT);
+      return Object.values(s).every((v) => v === 'degraded') ? s : null;
+    }, { timeoutMs: CUT_MS - 1000, intervalMs: 200 });
+    const noticedMs = Date.now() - cutAt;
+    t.diagnostic(`${JSON.stringify(degraded)} ${noticedMs} ms after the cut`);
+    const redisOf = await Promise.all(CUT.map(frontStatus));
+    for (const s of redisOf) assert.equal(s?.redis, 'down', `${JSON.stringify(s)}: redis down`);
+    assert.deepEqual(Object.values(await statuses(OTHERS)), OTHERS.map(() => 'ok'), 'the other host stays ok');
+
+    // Heal after CUT_MS.
+    await sleep(Math.max(0, CUT_MS - (Date.now() - cutAt)));
+    assert.deepEqual(Object.values(await statuses(CUT)), CUT.map(() => 'degraded'), `${HOST} still degraded at the end of the cut`);
+    const ackedInCut = poster.acked.length - ackedAtCut;
+    const failedInCut = poster.failures.length;
+    const heldOn1 = Math.max(...cutOff.map((c) => c.messages.length));
+    await ssh(HOST, `sudo ip route del ${ROUTE}`);
+    cut = false;
+    const healAt = Date.now();
+    t.diagnostic(`healed after ${healAt - cutAt} ms: ${ackedInCut} posts acknowledged during the cut (${failedInCut} failed); `
+      + `${HOST}'s clients held at most ${heldOn1} of ${poster.acked.length} then`);
+
+    const ok = await waitFor(`${HOST}'s instances to report ok again`, async () => {
+      const s = await statuses(CUT);
+      return Object.values(s).every((v) => v === 'ok') ? s : null;
+    }, { timeoutMs: 30_000, intervalMs: 200 });
+    t.diagnostic(`${JSON.stringify(ok)} ${Date.now() - healAt} ms after healing`);
+    await sleep(1500); // posting on
+    await poster.stop();
+
+    // Every acknowledged message once, in order, for every client.
+    const ids = poster.acked.map((m) => m.id);
+    await Promise.all(clients.map((c) => c.waitForIds(ids, 20_000).catch(() => {})));
+    const report = drillCounts('network cut', poster, clients);
+    t.diagnostic(report.line);
+    for (const [i, c] of report.perClient.entries()) {
+      const cl = clients[i];
+      t.diagnostic(`  ${c.name} on ${cl.server}: received ${c.received.length}, lost ${c.lost.length}${c.lost.length ? ` (${c.lost[0]} .. ${c.lost.at(-1)})` : ''}, `
+        + `duplicated ${c.duplicated}${c.duplicated ? ` ${cl.duplicates.slice(0, 3)}` : ''}, connections ${cl.connectCount}, disconnects ${JSON.stringify(cl.disconnects)}, joins ${JSON.stringify(cl.joins)}`);
+    }
+    if (poster.failures.length) t.diagnostic(`failures: ${JSON.stringify(poster.failures.slice(0, 10))}`);
+    assert.deepEqual(poster.failures, [], 'every POST answered 201');
+    assert.ok(ackedInCut > 50, `posts acknowledged during the cut (${ackedInCut})`);
+    for (const c of report.perClient) {
+      assert.deepEqual(c.received, report.ackedIds, `${c.name}: every acknowledged message once, in order (lost ${c.lost.length}: ${c.lost.slice(0, 5)})`);
+      assert.equal(c.duplicated, 0, `${c.name}: nothing twice`);
+      assert.equal(c.outOfOrder, 0, `${c.name}: nothing out of order`);
+    }
+    assert.equal(report.lost, 0);
+    assert.equal(report.duplicated, 0);
+    for (const c of clients) {
+      assert.equal(c.connectCount, 1, `${c.name} on ${c.server} kept its connection (${c.disconnects})`);
+    }
+
+    // What the operator sees: the feed paused at a cursor, then followed from it.
+    for (const f of CUT) {
+      const log = await ssh(HOST, `sudo journalctl -q --no-pager -u chat-frontend@${f.instance} --since=@${since} -o cat`);
+      const lost = log.match(/lost Redis, delivery paused at Some\("([0-9]+-[0-9]+)"\)/) ?? log.match(/lost Redis, delivery paused at .*/);
+      const resumed = log.match(/following the Redis feed from ([0-9]+-[0-9]+)/);
+      t.diagnostic(`${f.server}: ${lost?.[0]} / ${resumed?.[0]}`);
+      assert.ok(lost, `${f.server} journal: lost Redis\n${log}`);
+      assert.ok(resumed, `${f.server} journal: following the Redis feed again\n${log}`);
+      if (lost[1]) assert.equal(resumed[1], lost[1], `${f.server} resumed from the cursor it paused at`);
+    }
+  });
+});
