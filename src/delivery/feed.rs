@@ -53,11 +53,6 @@ impl Feed {
         })
     }
 
-    /// The id of the last message handed to `deliver`, if any.
-    pub fn cursor(&self) -> Option<StreamId> {
-        self.cursor
-    }
-
     /// Hands every message appended from now on to `subscriber`, in feed order,
     /// once each, for ever. Losing Redis pauses delivery; on reconnection it
     /// goes on from the last message delivered.
