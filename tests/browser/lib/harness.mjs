@@ -11,6 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startTopology } from '../../e2e/lib/topology.mjs';
+import { compareIds } from '../../e2e/lib/helpers.mjs';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const SCREENSHOT_DIR = path.join(REPO, 'target', 'screenshots');
@@ -205,14 +206,6 @@ export async function history(env, room) {
   return (await response.json()).messages;
 }
 
-/** Stream-id order: "<ms>-<seq>" compared as two integers. */
-export function compareIds(a, b) {
-  const [am, as] = a.split('-').map(BigInt);
-  const [bm, bs] = b.split('-').map(BigInt);
-  if (am !== bm) return am < bm ? -1 : 1;
-  if (as !== bs) return as < bs ? -1 : 1;
-  return 0;
-}
 
 /** Fails unless the shown ids are unique and strictly increasing. */
 export function assertOrderedUnique(messages, where) {
