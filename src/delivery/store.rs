@@ -64,12 +64,16 @@ pub struct Appended {
     pub repeated: bool,
 }
 
-/// Handle to Redis for appending messages and reading history. Cheap to clone.
+/// Handle to Redis for appending messages and reading history. Cheap to
+/// clone: a request handler clones it several times (axum's state is cloned
+/// per extractor and per middleware), so it is one reference count.
 #[derive(Clone)]
-pub struct Store {
+pub struct Store(Arc<Inner>);
+
+struct Inner {
     conn: ConnectionManager,
     keys: Keys,
-    script: Arc<redis::Script>,
+    script: redis::Script,
     timeout: Duration,
     max_per_room: usize,
     feed_length: usize,
@@ -89,15 +93,15 @@ impl Store {
             .set_min_delay(redis.reconnect_min())
             .set_max_delay(redis.reconnect_max())
             .set_number_of_retries(2);
-        Ok(Store {
+        Ok(Store(Arc::new(Inner {
             conn: ConnectionManager::new_lazy_with_config(client, manager_config)?,
             keys: Keys::new(&redis.key_prefix),
-            script: Arc::new(redis::Script::new(APPEND_SCRIPT)),
+            script: redis::Script::new(APPEND_SCRIPT),
             timeout: redis.command_timeout(),
             max_per_room: config.history.max_per_room.get(),
             feed_length: config.history.feed_length.get(),
             health,
-        })
+        })))
     }
 
     /// Stores `message` in its room's history and in the feed every frontend
@@ -108,19 +112,19 @@ impl Store {
         message: &PostMessage,
         key: Option<&IdempotencyKey>,
     ) -> Result<Appended, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.script.prepare_invoke();
+        let mut conn = self.0.conn.clone();
+        let mut invocation = self.0.script.prepare_invoke();
         invocation
-            .key(self.keys.feed())
-            .key(self.keys.room(&message.room));
+            .key(self.0.keys.feed())
+            .key(self.0.keys.room(&message.room));
         if let Some(key) = key {
-            invocation.key(self.keys.post(key));
+            invocation.key(self.0.keys.post(key));
         }
         invocation
             .arg(message.room.as_str())
             .arg(&message.text)
-            .arg(self.feed_length)
-            .arg(self.max_per_room)
+            .arg(self.0.feed_length)
+            .arg(self.0.max_per_room)
             .arg(IDEMPOTENCY_WINDOW.as_secs());
         let (id, outcome): (String, String) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
@@ -137,7 +141,7 @@ impl Store {
     /// The last `limit` messages of `room`, oldest first.
     pub async fn history(&self, room: &Room, limit: usize) -> Result<Vec<ChatMessage>, StoreError> {
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.keys.room(room))
+        cmd.arg(self.0.keys.room(room))
             .arg("+")
             .arg("-")
             .arg("COUNT")
@@ -156,7 +160,7 @@ impl Store {
         until: StreamId,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.keys.room(room))
+        cmd.arg(self.0.keys.room(room))
             .arg(format!("({after}"))
             .arg(until.to_string());
         self.read_range(room, cmd).await
@@ -167,7 +171,7 @@ impl Store {
         room: &Room,
         cmd: redis::Cmd,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.0.conn.clone();
         let reply: StreamRangeReply = self.bounded(cmd.query_async(&mut conn)).await?;
         reply
             .ids
@@ -182,7 +186,7 @@ impl Store {
 
     /// Asks Redis whether it is there; records and returns the answer.
     pub async fn ping(&self) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.0.conn.clone();
         self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .is_ok()
@@ -190,7 +194,7 @@ impl Store {
 
     /// Redis's state as this store last saw it.
     pub fn health_handle(&self) -> Arc<RedisHealth> {
-        self.health.clone()
+        self.0.health.clone()
     }
 
     /// Runs one Redis call with the configured time limit and records
@@ -199,14 +203,14 @@ impl Store {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.timeout, call).await {
+        let result = match tokio::time::timeout(self.0.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Err(_) => Err(StoreError::Timeout(self.0.timeout)),
         };
         let reachable = !matches!(&result, Err(StoreError::Timeout(_)))
             && !matches!(&result, Err(StoreError::Redis(e)) if is_connection_error(e));
-        if self.health.set_up(reachable) {
+        if self.0.health.set_up(reachable) {
             if reachable {
                 tracing::info!("Redis is reachable again");
             } else {
