@@ -9,14 +9,14 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::auth::PublishTokens;
 use crate::config::Config;
@@ -62,6 +62,8 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("expected Content-Type: application/json")]
     NotJson,
+    #[error("the request body did not arrive within {BODY_TIMEOUT:?}")]
+    BodyTimeout,
     #[error("message store unavailable, try again")]
     Unavailable(#[source] StoreError),
     #[error("this Idempotency-Key was already used for another message")]
@@ -78,6 +80,7 @@ impl ApiError {
             ApiError::Invalid(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::KeyConflict => StatusCode::CONFLICT,
@@ -157,14 +160,7 @@ impl<T: CheckedBody> FromRequest<AppState> for Checked<T> {
                 value.to_str().map_err(|_| InvalidInput::IdempotencyKey)?,
             )?),
         };
-        // Reading the body enforces the configured limit (DefaultBodyLimit).
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge(state.body_limit)
-            } else {
-                ApiError::BadRequest(rejection.body_text())
-            }
-        })?;
+        let bytes = read_body(req, state.body_limit).await?;
         let raw = parse_object::<T::Raw>(&bytes).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 ApiError::BadRequest(format!("invalid message: {e}"))
@@ -172,6 +168,21 @@ impl<T: CheckedBody> FromRequest<AppState> for Checked<T> {
             _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
         })?;
         Ok(Checked(T::check(raw)?, key))
+    }
+}
+
+/// Reads a request body of at most `limit` bytes, arriving within
+/// [`BODY_TIMEOUT`]: a body that trickles in (slow-loris) is cut off.
+///
+/// Done here, for the routes that read a body, rather than by router-wide
+/// layers, which every request of every route would pay for.
+async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::TooLarge(limit)),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!("cannot read the body: {e}"))),
     }
 }
 
@@ -358,9 +369,6 @@ pub fn router(
         .route("/back/status", get(status))
         .route("/metrics", get(serve_metrics))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
-        // A body that trickles in (slow-loris) is cut off.
-        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .with_state(state)
 }
 
