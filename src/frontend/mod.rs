@@ -4,7 +4,7 @@
 //! A client joins a room by emitting `room` with the room's name. The
 //! frontend follows the Redis feed ([`crate::delivery::Feed`]) and emits each
 //! message, as event `message`, to the sockets of its room: the message is
-//! serialised once, then framed for each socket ([`Rooms`]).
+//! encoded once, then queued to each socket ([`Rooms`]).
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -27,16 +27,16 @@
 //! dropped silently: the socket's transport is closed, the client reconnects
 //! and resumes from the last message it received. So a slow reader costs the
 //! frontend at most its queue, and never a message. The fan-out is done here,
-//! socket by socket (the message is serialised once, then framed per socket),
-//! because that is where a full queue is seen together with its socket.
+//! socket by socket, because that is where a full queue is seen together
+//! with its socket. Each message is encoded into its Socket.IO packet once;
+//! each socket's queue gets a reference to it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::value::RawValue;
 use socketioxide::extract::SocketRef;
-use socketioxide::socket::Sid;
+use socketioxide::socket::{EncodedEvent, Sid};
 use socketioxide::{SendError, SocketError};
 
 use crate::delivery::{Store, Subscriber};
@@ -102,10 +102,10 @@ enum Sent {
     Gone,
 }
 
-/// Sends one serialised message to one socket; closes the transport of a
-/// socket whose queue is full so that it reconnects and resumes.
-fn send(socket: &SocketRef, payload: &RawValue) -> Sent {
-    match socket.emit("message", payload) {
+/// Sends one encoded message to one socket; closes the transport of a socket
+/// whose queue is full so that it reconnects and resumes.
+fn send(socket: &SocketRef, event: &EncodedEvent) -> Sent {
+    match socket.emit_encoded(event) {
         Ok(()) => Sent::Yes,
         Err(SendError::Socket(SocketError::InternalChannelFull)) => {
             tracing::info!(sid = %socket.id, "send queue full; closing the socket so it resumes");
@@ -119,8 +119,13 @@ fn send(socket: &SocketRef, payload: &RawValue) -> Sent {
     }
 }
 
-fn serialise(message: &ChatMessage) -> Box<RawValue> {
-    serde_json::value::to_raw_value(message).expect("a message serialises")
+/// Encodes `message` as the Socket.IO event `message`, once for all the
+/// sockets it goes to (`socket` only lends the namespace and parser, which
+/// all sockets share).
+fn encode(socket: &SocketRef, message: &ChatMessage) -> EncodedEvent {
+    socket
+        .encode_event("message", message)
+        .expect("a message serialises")
 }
 
 impl Rooms {
@@ -191,10 +196,13 @@ impl Subscriber for Rooms {
         let Some(sockets) = shared.members.get(&message.room) else {
             return;
         };
-        let payload = serialise(&message);
+        let Some(first) = sockets.first() else {
+            return;
+        };
+        let event = encode(first, &message);
         let (mut delivered, mut dropped) = (0, 0);
         for socket in sockets {
-            match send(socket, &payload) {
+            match send(socket, &event) {
                 Sent::Yes => delivered += 1,
                 Sent::Dropped => dropped += 1,
                 Sent::Gone => {}
@@ -267,7 +275,7 @@ impl Rooms {
         let held = resuming.into_iter().flat_map(|r| r.held);
         let mut replayed = 0;
         for message in missed.into_iter().chain(held.filter(|m| after(m, since))) {
-            match send(socket, &serialise(&message)) {
+            match send(socket, &encode(socket, &message)) {
                 Sent::Yes => replayed += 1,
                 // The socket is closing; it will resume again from what it got.
                 Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),
