@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::DisconnectReason;
 use tower_http::services::ServeDir;
 
 use crate::config::Config;
@@ -36,7 +37,7 @@ mod rooms;
 
 pub use rooms::{JoinError, Joined, Rooms};
 
-use budget::{EventBudget, Verdict};
+use budget::{Admission, Flood};
 
 /// Largest Engine.IO payload (a long-polling request or response). It must
 /// hold the largest message the server sends: 4000 characters, each escaped
@@ -65,18 +66,27 @@ struct EventLimits {
 /// a `room` event sent the instant the client sees itself connected always
 /// finds its handler (an async connect handler would race with it).
 fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) {
-    let budget = Arc::new(std::sync::Mutex::new(EventBudget::new(
-        limits.rate,
-        limits.burst,
-    )));
-    let (join_rooms, join_budget) = (rooms.clone(), budget.clone());
+    let flood = Arc::new(Flood::new(limits.rate, limits.burst));
+    let (join_rooms, join_flood) = (rooms.clone(), flood.clone());
     socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
         let rooms = join_rooms;
-        if !within_budget(&join_budget, &s) {
-            rooms.metrics().joins_refused.inc();
-            let _ = ack.send(&json!({"ok": false, "error": "too many events; slow down"}));
-            return;
-        }
+        let slow_down = json!({"ok": false, "error": "too many events; slow down"});
+        let _answering = match join_flood.admit() {
+            Admission::Allow(answering) => answering,
+            Admission::Refuse(_answering) => {
+                rooms.metrics().joins_refused.inc();
+                let _ = ack.send(&slow_down);
+                return;
+            }
+            Admission::Disconnect => {
+                rooms.metrics().joins_refused.inc();
+                let _answered = join_flood.answered().await;
+                let _ = ack.send(&slow_down);
+                disconnect_flooder(s);
+                return;
+            }
+            Admission::Ignore => return,
+        };
         let answer = match on_room(&rooms, &s, data.ok()).await {
             Ok(joined) => {
                 tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");
@@ -96,28 +106,27 @@ fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) 
     // Events the server does not know count against the budget too, so a
     // flood of them ends the same way.
     socket.on_fallback(move |s: SocketRef| async move {
-        within_budget(&budget, &s);
+        if let Admission::Disconnect = flood.admit() {
+            let _answered = flood.answered().await;
+            disconnect_flooder(s);
+        }
     });
     rooms.metrics().sockets.inc();
     let rooms = rooms.clone();
-    socket.on_disconnect(move |s: SocketRef| async move {
+    socket.on_disconnect(move |s: SocketRef, reason: DisconnectReason| async move {
         rooms.metrics().sockets.dec();
         rooms.leave_all(&s).await;
+        // Only a flooder is disconnected by the server (see `budget`).
+        if reason == DisconnectReason::ServerNSDisconnect {
+            budget::linger(&s).await;
+        }
     });
 }
 
-/// Spends one event of the socket's budget; disconnects a socket that keeps
-/// flooding. Returns whether the event may be handled.
-fn within_budget(budget: &std::sync::Mutex<EventBudget>, socket: &SocketRef) -> bool {
-    let verdict = budget
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .spend(std::time::Instant::now());
-    if verdict == Verdict::Disconnect {
-        tracing::warn!(sid = %socket.id, "disconnecting a socket that floods events");
-        let _ = socket.clone().disconnect();
-    }
-    verdict == Verdict::Allow
+/// Disconnects a socket that keeps flooding.
+fn disconnect_flooder(socket: SocketRef) {
+    tracing::warn!(sid = %socket.id, "disconnecting a socket that floods events");
+    let _ = socket.disconnect();
 }
 
 async fn on_room(

@@ -86,14 +86,23 @@ export function postMessage(baseUrl, room, message, { host } = {}) {
   });
 }
 
-/** An http.Agent that connects to 127.0.0.1 whatever the host name: a stand-in for DNS. */
-function loopbackAgent() {
+/**
+ * An http.Agent that connects to the IPv4 `address` whatever the host name:
+ * a stand-in for DNS. With `keepAlive` (as browsers do) it reuses
+ * connections between requests; without, each request has its own.
+ */
+export function resolvingAgent(address, { keepAlive = true } = {}) {
   return new http.Agent({
-    keepAlive: true,
+    keepAlive,
     lookup: (hostname, options, callback) => (options.all
-      ? callback(null, [{ address: '127.0.0.1', family: 4 }])
-      : callback(null, '127.0.0.1', 4)),
+      ? callback(null, [{ address, family: 4 }])
+      : callback(null, address, 4)),
   });
+}
+
+/** resolvingAgent for 127.0.0.1, with keep-alive. */
+function loopbackAgent() {
+  return resolvingAgent('127.0.0.1');
 }
 
 /**

@@ -6,12 +6,13 @@
 import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
-import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { DOMAIN_1, DOMAIN_2, compareIds, request, waitFor, within } from '../../e2e/lib/helpers.mjs';
+import {
+  DOMAIN_1, DOMAIN_2, compareIds, request, resolvingAgent, waitFor, within,
+} from '../../e2e/lib/helpers.mjs';
 
 export { DOMAIN_1, DOMAIN_2, compareIds, request, waitFor, within };
 
@@ -118,12 +119,7 @@ export function post(room, message, domain = DOMAIN_1) {
  * would otherwise hold the test process for HAProxy's keep-alive timeout.
  */
 function lbAgent() {
-  return new http.Agent({
-    keepAlive: false,
-    lookup: (hostname, options, callback) => (options.all
-      ? callback(null, [{ address: LB, family: 4 }])
-      : callback(null, LB, 4)),
-  });
+  return resolvingAgent(LB, { keepAlive: false });
 }
 
 /**
