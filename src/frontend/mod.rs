@@ -254,9 +254,7 @@ pub async fn run(
         .with_state(state)
         .layer(layer)
         // Outside socketioxide's layer, so it sees the request first.
-        .layer(tower::util::MapRequestLayer::new(
-            request::compact_socket_io,
-        ));
+        .layer(tower::util::MapRequestLayer::new(request::trim_socket_io));
 
     crate::systemd::notify_ready("serving");
     let close_io = io.clone();
