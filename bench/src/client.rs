@@ -90,6 +90,31 @@ pub struct Spec {
     pub room: String,
 }
 
+impl Spec {
+    /// Client `id`: room `id mod rooms`, target `id mod targets`, source
+    /// address 127.0.0.1 + `id / per_source`.
+    pub fn new(
+        id: usize,
+        per_source: usize,
+        targets: &[SocketAddr],
+        rooms: &[String],
+    ) -> Result<Spec, String> {
+        let source_index = (id / per_source.max(1)) as u32;
+        if source_index >= 250 {
+            return Err(
+                "too many clients for the source addresses; raise --clients-per-source".into(),
+            );
+        }
+        Ok(Spec {
+            id,
+            source: Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + source_index),
+            target: targets[id % targets.len()],
+            room_index: id % rooms.len(),
+            room: rooms[id % rooms.len()].clone(),
+        })
+    }
+}
+
 /// What one client saw.
 #[derive(Debug, Default)]
 pub struct Outcome {

@@ -10,9 +10,10 @@ mod client;
 mod poster;
 mod procfs;
 mod topology;
+mod workers;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -101,9 +102,20 @@ struct Args {
     #[arg(long = "pid", value_name = "PID")]
     pids: Vec<u32>,
 
-    /// Client runtime threads [default: number of CPUs].
+    /// Client runtime threads [default: number of CPUs; 1 per process with
+    /// --client-procs].
     #[arg(long)]
     threads: Option<usize>,
+    /// Processes the clients are spread over (with --idle): each may hold
+    /// only as many connections as its open-files limit allows.
+    #[arg(long, default_value_t = 1)]
+    client_procs: usize,
+    /// Run as one of the client processes of --client-procs (internal).
+    #[arg(long, hide = true)]
+    worker: bool,
+    /// The first client id of this worker (internal).
+    #[arg(long, hide = true, default_value_t = 0)]
+    client_offset: usize,
     /// Connections being set up at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
@@ -149,7 +161,20 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let nofile = procfs::raise_nofile_limit();
-    let threads = args.threads.unwrap_or_else(procfs::cpu_count).max(1);
+    if args.client_procs > 1 && !args.idle {
+        eprintln!("chat-bench: --client-procs works with --idle only");
+        return ExitCode::from(2);
+    }
+    if args.client_procs <= 1 && !args.worker && shape.clients + 64 > nofile as usize {
+        eprintln!(
+            "chat-bench: {} clients, but a process may open {nofile} files; spread them with \
+             --client-procs (with --idle)",
+            shape.clients
+        );
+        return ExitCode::from(2);
+    }
+    let default_threads = if args.worker { 1 } else { procfs::cpu_count() };
+    let threads = args.threads.unwrap_or(default_threads).max(1);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -161,6 +186,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.worker {
+        let result = runtime.block_on(worker(&args, &shape));
+        runtime.shutdown_timeout(Duration::from_secs(2));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chat-bench worker: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let abort = Arc::new(AtomicBool::new(false));
     let result = runtime.block_on(async {
         tokio::select! {
@@ -180,6 +216,31 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A client process of `--client-procs` (see `workers`).
+async fn worker(args: &Args, shape: &Shape) -> Result<(), String> {
+    let mut fronts = Vec::new();
+    for url in &args.frontend_urls {
+        fronts.push(target(url).await?);
+    }
+    if fronts.is_empty() {
+        return Err("no --frontend".into());
+    }
+    let shared = Arc::new(client::Shared::new(
+        shape.rooms,
+        args.connect_concurrency,
+        Duration::from_secs_f64(args.connect_timeout),
+    ));
+    workers::work(
+        args.client_offset,
+        shape.clients,
+        shape.rooms,
+        &fronts,
+        shared,
+        args.clients_per_source,
+    )
+    .await
 }
 
 async fn interrupted() {
@@ -298,7 +359,11 @@ async fn run(
             pid,
         });
     }
-    let result = measure(args, shape, threads, &fronts, &backs, &measured, abort).await;
+    let result = if args.client_procs > 1 {
+        measure_spread(args, shape, &fronts, &measured).await
+    } else {
+        measure(args, shape, threads, &fronts, &backs, &measured, abort).await
+    };
     if let Some(mut topo) = topology {
         // Stopping blocks briefly; do it off the runtime's worker.
         tokio::task::block_in_place(|| topo.stop(Duration::from_secs(8)));
@@ -344,19 +409,7 @@ async fn measure(
         fronts.len()
     );
     for id in 0..shape.clients {
-        let source_index = (id / per_source) as u32;
-        if source_index >= 250 {
-            return Err(
-                "too many clients for the source addresses; raise --clients-per-source".into(),
-            );
-        }
-        let spec = client::Spec {
-            id,
-            source: Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + source_index),
-            target: fronts[id % fronts.len()],
-            room_index: id % shape.rooms,
-            room: rooms[id % shape.rooms].clone(),
-        };
+        let spec = client::Spec::new(id, per_source, fronts, &rooms)?;
         handles.push(tokio::spawn(client::run(
             spec,
             shared.clone(),
@@ -655,6 +708,135 @@ async fn measure(
     Ok(ok || !args.smoke)
 }
 
+/// `--idle` with the clients spread over `--client-procs` processes: the
+/// same measurement as `measure`, the clients' figures summed over workers.
+async fn measure_spread(
+    args: &Args,
+    shape: &Shape,
+    fronts: &[SocketAddr],
+    measured: &[Measured],
+) -> Result<bool, String> {
+    let procs = args.client_procs;
+    let share = shape.clients.div_ceil(procs);
+    let nofile = procfs::raise_nofile_limit() as usize;
+    if share + 64 > nofile {
+        return Err(format!(
+            "{share} clients per process, but a process may open {nofile} files; raise --client-procs"
+        ));
+    }
+    let frontend_pids: Vec<&Measured> = measured
+        .iter()
+        .filter(|m| m.role == Role::Frontend)
+        .collect();
+    let rss = |list: &[&Measured]| -> Vec<Option<u64>> {
+        list.iter().map(|m| procfs::rss_bytes(m.pid)).collect()
+    };
+    let netstat_start = procfs::tcp_ext();
+    let rss_before = rss(&frontend_pids);
+    let worker_args = vec![
+        "--idle".to_owned(),
+        format!("--rooms={}", shape.rooms),
+        format!(
+            "--connect-concurrency={}",
+            (args.connect_concurrency / procs).max(1)
+        ),
+        format!("--clients-per-source={}", args.clients_per_source),
+        format!("--connect-timeout={}", args.connect_timeout),
+        format!("--threads={}", args.threads.unwrap_or(1)),
+    ];
+    eprintln!(
+        "chat-bench: connecting {} clients to {} room(s) via {} address(es), from {procs} processes",
+        shape.clients,
+        shape.rooms,
+        fronts.len()
+    );
+    let mut workers = tokio::task::block_in_place(|| {
+        workers::Workers::start(procs, shape.clients, fronts, &worker_args)
+    })?;
+    let joins = tokio::task::block_in_place(|| workers.joined())?;
+    let sum = |list: &[Value], key: &str| {
+        list.iter()
+            .map(|r| r[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let joined = sum(&joins, "joined") as usize;
+    let failed_connects = sum(&joins, "failed") as usize;
+    let first_start = joins
+        .iter()
+        .filter_map(|r| r["first_start_ns"].as_u64())
+        .min()
+        .unwrap_or(0);
+    let last_joined = joins
+        .iter()
+        .filter_map(|r| r["last_joined_ns"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let connect_secs = if joined > 0 && last_joined > first_start {
+        (last_joined - first_start) as f64 / 1e9
+    } else {
+        0.0
+    };
+    eprintln!("chat-bench: {joined} joined, {failed_connects} failed in {connect_secs:.2} s");
+    let rss_joined = rss(&frontend_pids);
+
+    let idle_t0 = mono_ns();
+    let idle_start = cpu_snapshot(measured);
+    tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
+    let idle_end = cpu_snapshot(measured);
+    let idle_s = (mono_ns() - idle_t0) as f64 / 1e9;
+    let rss_idle = rss(&frontend_pids);
+    let mut idle_cpu = serde_json::Map::new();
+    for (m, (s0, s1)) in measured.iter().zip(idle_start.iter().zip(&idle_end)) {
+        if let (Some(a), Some(b)) = (s0, s1) {
+            let d = b.since(*a);
+            idle_cpu.insert(
+                m.name.clone(),
+                json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
+            );
+        }
+    }
+    let per_frontend: Vec<Value> = frontend_pids
+        .iter()
+        .zip(&rss_idle)
+        .map(|(m, r)| json!({"name": m.name, "pid": m.pid, "rss_bytes": r, "open_files_limit": procfs::nofile_limit(m.pid)}))
+        .collect();
+    let ends = tokio::task::block_in_place(|| workers.stop())?;
+    let dropped = sum(&ends, "dropped");
+    let errors: Vec<Value> = ends
+        .iter()
+        .flat_map(|r| r["errors"].as_array().cloned().unwrap_or_default())
+        .take(10)
+        .collect();
+    let report = json!({
+        "label": args.label,
+        "mode": "idle",
+        "clients": shape.clients,
+        "rooms": shape.rooms,
+        "frontends": fronts.len(),
+        "backends": 0,
+        "haproxy": args.haproxy,
+        "client_procs": joins.len(),
+        "connect_concurrency": args.connect_concurrency,
+        "joined": joined,
+        "failed_connects": failed_connects,
+        "connect_s": round3(connect_secs),
+        "connects_per_s": if connect_secs > 0.0 { (joined as f64 / connect_secs).round() } else { 0.0 },
+        "setup_ms": Value::Null,
+        "workers": joins,
+        "idle_s": round3(idle_s),
+        "idle_cpu": Value::Object(idle_cpu),
+        "memory": memory_report(&frontend_pids, &rss_before, &rss_idle, joined, fronts.len()),
+        "memory_at_join": memory_report(&frontend_pids, &rss_before, &rss_joined, joined, fronts.len()),
+        "frontend_rss": per_frontend,
+        "dropped": dropped,
+        "tcp_ext_delta": netstat_delta(&netstat_start),
+        "errors": errors,
+    });
+    print_report(&report);
+    let ok = failed_connects == 0 && joined == shape.clients && dropped == 0;
+    Ok(ok || !args.smoke)
+}
+
 fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
     measured.iter().map(|m| procfs::cpu(m.pid)).collect()
 }
@@ -820,6 +1002,18 @@ fn print_report(r: &Value) {
                 m["bytes_per_connection"],
             );
         }
+    }
+    if let Some(list) = r["frontend_rss"].as_array() {
+        let mib: Vec<String> = list
+            .iter()
+            .map(|f| format!("{:.1}", f["rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0))
+            .collect();
+        s += &format!(
+            "  frontends {} instances, {} client processes: RSS {} MiB\n",
+            list.len(),
+            r["client_procs"],
+            mib.join(" + ")
+        );
     }
     s += &format!("  kernel    {}\n", r["tcp_ext_delta"]);
     if let Some(errors) = r["errors"].as_array()

@@ -133,6 +133,13 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
+/// The soft limit on open files of process `pid` (`/proc/PID/limits`).
+pub fn nofile_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// Number of CPUs this process may run on.
 pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

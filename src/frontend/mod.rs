@@ -33,6 +33,7 @@ use crate::serve::{ConnectionCount, Status, serve};
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
 
 mod budget;
+mod request;
 mod rooms;
 
 pub use rooms::{JoinError, Joined, Rooms};
@@ -46,6 +47,11 @@ const MAX_PAYLOAD: u64 = 32 * 1024;
 /// Largest websocket message a client may send: clients send only small
 /// events (`room`), so anything larger is an error, not a message.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
+/// Bytes a websocket reads from its connection at once. The buffer lives as
+/// long as the socket and is zeroed up to this size before each read, so it
+/// costs every idle connection this much; clients send small, rare events,
+/// and a larger frame (up to `MAX_CLIENT_FRAME`) grows it as needed.
+const WS_READ_BUFFER: usize = 256;
 
 /// Packets one socket's send queue holds. A resuming socket is sent up to a
 /// room's whole history at once, so the queue holds that and room to spare;
@@ -217,6 +223,7 @@ pub async fn run(
         .max_payload(MAX_PAYLOAD)
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .build_layer();
     let limits = EventLimits {
         rate: config.frontend.events_per_second.get(),
@@ -254,7 +261,9 @@ pub async fn run(
         .nest_service("/front/assets", ServeDir::new(www_dir.join("assets")))
         .fallback(not_found)
         .with_state(state)
-        .layer(layer);
+        .layer(layer)
+        // Outside socketioxide's layer, so it sees the request first.
+        .layer(tower::util::MapRequestLayer::new(request::trim_socket_io));
 
     crate::systemd::notify_ready("serving");
     let close_io = io.clone();

@@ -166,7 +166,12 @@ impl Rooms {
         if !socket.connected() {
             return;
         }
-        let rooms = shared.rooms_of.entry(socket.id).or_default();
+        // Most sockets are in one room: room for one, where a first push
+        // would make room for four (a socket's rooms live as long as it does).
+        let rooms = shared
+            .rooms_of
+            .entry(socket.id)
+            .or_insert_with(|| Vec::with_capacity(1));
         if rooms.iter().any(|r| r == room.as_str()) {
             return;
         }

@@ -1,0 +1,111 @@
+//! Trims a Socket.IO request before socketioxide sees it, because Engine.IO
+//! keeps the request's parts for the whole life of the session it opens.
+//!
+//! hyper parses a request in place: the URI and every header value are
+//! slices of the connection's read buffer (8 KiB), which the kept parts would
+//! keep alive for every websocket, long after hyper handed the connection
+//! over. And a browser's headers (cookies, user agent, …) often weigh a
+//! kilobyte or more, which every socket would keep for nothing.
+//!
+//! So the URI is copied, and only the headers Engine.IO reads are kept:
+//! `Sec-WebSocket-Key` (to answer a websocket upgrade) and `Content-Type` (of
+//! a long-polling post). Nothing in the frontend reads other headers of a
+//! socket (`SocketRef::req_parts`); a handler that needs one must add it to
+//! [`KEPT`].
+
+use axum::body::{Body, Bytes};
+use axum::http::header::{CONTENT_TYPE, SEC_WEBSOCKET_KEY};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+
+use super::SOCKET_IO_PATH;
+
+/// The headers a Socket.IO request keeps.
+const KEPT: [HeaderName; 2] = [SEC_WEBSOCKET_KEY, CONTENT_TYPE];
+
+/// Applied to every request; trims only those to the Socket.IO endpoint.
+pub fn trim_socket_io(mut request: Request<Body>) -> Request<Body> {
+    if request.uri().path().starts_with(SOCKET_IO_PATH) {
+        trim(&mut request);
+    }
+    request
+}
+
+/// Replaces the URI and the kept header values by slices of one fresh
+/// buffer, and drops the other headers.
+fn trim<B>(request: &mut Request<B>) {
+    let old = std::mem::take(request.headers_mut());
+    let kept: Vec<(&HeaderName, &HeaderValue)> = KEPT
+        .iter()
+        .filter_map(|name| old.get(name).map(|value| (name, value)))
+        .collect();
+    let uri = request.uri().to_string();
+    let size = uri.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>();
+    let mut text = Vec::with_capacity(size);
+    text.extend_from_slice(uri.as_bytes());
+    for (_, value) in &kept {
+        text.extend_from_slice(value.as_bytes());
+    }
+    let text = Bytes::from(text);
+
+    if let Ok(copied) = Uri::from_maybe_shared(text.slice(..uri.len())) {
+        *request.uri_mut() = copied;
+    }
+    let mut headers = HeaderMap::with_capacity(kept.len());
+    let mut at = uri.len();
+    for (name, value) in kept {
+        let end = at + value.len();
+        // The bytes were valid in the original; keep that one if not.
+        let copied = HeaderValue::from_maybe_shared(text.slice(at..end)).unwrap_or(value.clone());
+        at = end;
+        headers.insert(name.clone(), copied);
+    }
+    *request.headers_mut() = headers;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_uri_and_the_headers_engine_io_reads_in_a_buffer_of_their_own() {
+        let buffer = Bytes::from_static(
+            b"/front/socket.io/?EIO=4&transport=websocketdGhlIHNhbXBsZSBub25jZQ==",
+        );
+        let uri = Uri::from_maybe_shared(buffer.slice(..43)).unwrap();
+        let key = HeaderValue::from_maybe_shared(buffer.slice(43..)).unwrap();
+        let mut request = Request::builder()
+            .uri(uri)
+            .header("sec-websocket-key", key)
+            .header("cookie", "a=1")
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(())
+            .unwrap();
+
+        trim(&mut request);
+
+        assert_eq!(
+            request.uri().to_string(),
+            "/front/socket.io/?EIO=4&transport=websocket"
+        );
+        assert_eq!(request.uri().query(), Some("EIO=4&transport=websocket"));
+        let headers = request.headers();
+        assert_eq!(headers.len(), 2);
+        assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(headers["content-type"], "text/plain;charset=UTF-8");
+        let original = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+        let key_at = headers["sec-websocket-key"].as_bytes().as_ptr() as usize;
+        let path_at = request.uri().path().as_ptr() as usize;
+        assert!(!original.contains(&key_at) && !original.contains(&path_at));
+    }
+
+    #[test]
+    fn other_requests_are_left_alone() {
+        let request = Request::builder()
+            .uri("/front/status")
+            .header("cookie", "a=1")
+            .body(Body::empty())
+            .unwrap();
+        let request = trim_socket_io(request);
+        assert_eq!(request.headers()["cookie"], "a=1");
+    }
+}
