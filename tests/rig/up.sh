@@ -17,9 +17,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
 need_root
 
-# --- host packages
+# --- host packages (lxc-templates holds the distribution configs the box's
+# lxc-config includes; it is only a recommendation of lxc)
 missing=
-for p in lxc vagrant vagrant-lxc dnsmasq-base; do
+for p in lxc lxc-templates vagrant vagrant-lxc dnsmasq-base; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
