@@ -57,7 +57,7 @@ const WS_READ_BUFFER: usize = 256;
 /// room's whole history at once, so the queue holds that and room to spare;
 /// a socket that cannot take more is closed and resumes (see `rooms`).
 fn send_queue_len(config: &Config) -> usize {
-    config.history.max_per_room.get() + 256
+    config.history.max_per_room.get() + rooms::RESUME_MARGIN
 }
 
 /// Per-socket event limits, from the configuration.
@@ -232,7 +232,12 @@ pub async fn run(
     // The feed reports Redis's health; the store only serves resuming joins.
     let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
     let max_rooms = config.frontend.max_rooms_per_socket.get();
-    let rooms = Arc::new(Rooms::new(store, max_rooms, metrics.clone()));
+    let rooms = Arc::new(Rooms::new(
+        store,
+        max_rooms,
+        &config.history,
+        metrics.clone(),
+    ));
 
     let connect_rooms = rooms.clone();
     let middleware = move |s: SocketRef| {

@@ -23,10 +23,16 @@
 //!
 //! # A socket that cannot keep up
 //!
-//! Each socket has a bounded send queue. A message that does not fit is not
-//! dropped silently: the socket's transport is closed, the client reconnects
-//! and resumes from the last message it received. So a slow reader costs the
-//! frontend at most its queue, and never a message. The fan-out is done here,
+//! Each socket has a bounded send queue. A socket that falls behind is not
+//! skipped silently: its transport is closed, the client reconnects and
+//! resumes from the last message it received. Resuming reads the room's
+//! history, which keeps `history.max_per_room` messages, so a socket is let
+//! go while what it has not received still fits in it: once
+//! [`Rooms::live_backlog`] live messages wait in its queue, with
+//! [`RESUME_MARGIN`] to spare for the messages that arrive while it
+//! reconnects. The queue itself is larger, by that margin over the history,
+//! because a resuming socket is sent up to the whole history at once. So a
+//! slow reader costs the frontend at most its queue, and never a message. The fan-out is done here,
 //! socket by socket, because that is where a full queue is seen together
 //! with its socket. Each message is encoded into its Socket.IO packet once;
 //! each socket's queue gets a reference to it.
@@ -39,9 +45,15 @@ use socketioxide::extract::SocketRef;
 use socketioxide::socket::{EncodedEvent, Sid};
 use socketioxide::{SendError, SocketError};
 
+use crate::config::HistoryConfig;
 use crate::delivery::{Store, Subscriber};
 use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room, StreamId};
 use crate::metrics::FrontendMetrics;
+
+/// Room, beyond a room's history, in each socket's send queue; and room,
+/// within the history, for the messages that arrive while a socket that was
+/// let go reconnects.
+pub const RESUME_MARGIN: usize = 256;
 
 /// How long a resuming join waits for the feed to reach Redis at start-up.
 const CURSOR_WAIT: Duration = Duration::from_secs(2);
@@ -89,6 +101,10 @@ struct Shared {
 pub struct Rooms {
     store: Store,
     max_rooms: usize,
+    /// Size of each socket's send queue.
+    queue_len: usize,
+    /// Live messages a socket may have waiting before it is let go.
+    live_backlog: usize,
     metrics: Arc<FrontendMetrics>,
     shared: tokio::sync::Mutex<Shared>,
 }
@@ -129,10 +145,18 @@ fn encode(socket: &SocketRef, message: &ChatMessage) -> EncodedEvent {
 }
 
 impl Rooms {
-    pub fn new(store: Store, max_rooms: usize, metrics: Arc<FrontendMetrics>) -> Self {
+    pub fn new(
+        store: Store,
+        max_rooms: usize,
+        history: &HistoryConfig,
+        metrics: Arc<FrontendMetrics>,
+    ) -> Self {
+        let kept = history.max_per_room.get();
         Rooms {
             store,
             max_rooms,
+            queue_len: kept + RESUME_MARGIN,
+            live_backlog: kept - RESUME_MARGIN.min(kept / 2),
             metrics,
             shared: Default::default(),
         }
@@ -185,6 +209,28 @@ impl Rooms {
     }
 }
 
+impl Rooms {
+    /// Live messages waiting in `socket`'s queue.
+    fn waiting(&self, socket: &SocketRef) -> usize {
+        self.queue_len.saturating_sub(socket.send_capacity())
+    }
+
+    /// Sends a live message, unless `socket` has fallen so far behind that
+    /// resuming could no longer fill its gap from the room's history: then
+    /// its transport is closed now, and it resumes.
+    fn send_live(&self, socket: &SocketRef, event: &EncodedEvent) -> Sent {
+        if !socket.connected() {
+            return Sent::Gone;
+        }
+        if self.waiting(socket) < self.live_backlog {
+            return send(socket, event);
+        }
+        tracing::info!(sid = %socket.id, "too far behind; closing the socket so it resumes");
+        socket.close_transport();
+        Sent::Dropped
+    }
+}
+
 impl Subscriber for Rooms {
     /// Emits one feed message to its room, and holds it for resuming sockets.
     async fn deliver(&self, message: ChatMessage) {
@@ -207,7 +253,7 @@ impl Subscriber for Rooms {
         let event = encode(first, &message);
         let (mut delivered, mut dropped) = (0, 0);
         for socket in sockets {
-            match send(socket, &event) {
+            match self.send_live(socket, &event) {
                 Sent::Yes => delivered += 1,
                 Sent::Dropped => dropped += 1,
                 Sent::Gone => {}

@@ -426,6 +426,13 @@ where
         TransportType::from(self.transport.load(Ordering::Relaxed))
     }
 
+    /// Packets that can still be queued before the buffer is full.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn send_capacity(&self) -> usize {
+        self.internal_tx.capacity()
+    }
+
     /// Reserve `n` permits to emit multiple messages and ensure that there is enough
     /// space in the internal chan.
     ///

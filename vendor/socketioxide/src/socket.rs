@@ -725,6 +725,16 @@ impl<A: Adapter> Socket<A> {
         Ok(())
     }
 
+    /// # Packets that can still be queued for this socket
+    ///
+    /// How much room is left in the socket's send buffer (`max_buffer_size`
+    /// packets): a server can let a socket go before its buffer is full.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn send_capacity(&self) -> usize {
+        self.esocket.send_capacity()
+    }
+
     /// # Get the request info made by the client to connect.
     ///
     /// It might be used to retrieve the [`http::Extensions`]
