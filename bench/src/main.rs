@@ -471,22 +471,8 @@ async fn measure(
 
     let mut ok = failed_connects == 0 && joined == shape.clients;
     if args.idle {
-        let idle_start = cpu_snapshot(measured);
-        let idle_t0 = mono_ns();
-        tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
-        let idle_end = cpu_snapshot(measured);
-        let idle_s = (mono_ns() - idle_t0) as f64 / 1e9;
+        let (idle_s, idle_cpu) = idle_window(measured, args.idle_wait).await;
         let rss_idle = rss(&frontend_pids);
-        let mut idle_cpu = serde_json::Map::new();
-        for (m, (s0, s1)) in measured.iter().zip(idle_start.iter().zip(&idle_end)) {
-            if let (Some(a), Some(b)) = (s0, s1) {
-                let d = b.since(*a);
-                idle_cpu.insert(
-                    m.name.clone(),
-                    json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
-                );
-            }
-        }
         report["idle_s"] = json!(round3(idle_s));
         report["idle_cpu"] = Value::Object(idle_cpu);
         report["memory"] =
@@ -779,22 +765,8 @@ async fn measure_spread(
     eprintln!("chat-bench: {joined} joined, {failed_connects} failed in {connect_secs:.2} s");
     let rss_joined = rss(&frontend_pids);
 
-    let idle_t0 = mono_ns();
-    let idle_start = cpu_snapshot(measured);
-    tokio::time::sleep(Duration::from_secs_f64(args.idle_wait)).await;
-    let idle_end = cpu_snapshot(measured);
-    let idle_s = (mono_ns() - idle_t0) as f64 / 1e9;
+    let (idle_s, idle_cpu) = idle_window(measured, args.idle_wait).await;
     let rss_idle = rss(&frontend_pids);
-    let mut idle_cpu = serde_json::Map::new();
-    for (m, (s0, s1)) in measured.iter().zip(idle_start.iter().zip(&idle_end)) {
-        if let (Some(a), Some(b)) = (s0, s1) {
-            let d = b.since(*a);
-            idle_cpu.insert(
-                m.name.clone(),
-                json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
-            );
-        }
-    }
     let per_frontend: Vec<Value> = frontend_pids
         .iter()
         .zip(&rss_idle)
@@ -835,6 +807,27 @@ async fn measure_spread(
     print_report(&report);
     let ok = failed_connects == 0 && joined == shape.clients && dropped == 0;
     Ok(ok || !args.smoke)
+}
+
+/// Waits `seconds` with the clients idle; returns how long that took and the
+/// CPU each measured process used meanwhile.
+async fn idle_window(measured: &[Measured], seconds: f64) -> (f64, serde_json::Map<String, Value>) {
+    let t0 = mono_ns();
+    let start = cpu_snapshot(measured);
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let end = cpu_snapshot(measured);
+    let elapsed = (mono_ns() - t0) as f64 / 1e9;
+    let mut cpu = serde_json::Map::new();
+    for (m, (s0, s1)) in measured.iter().zip(start.iter().zip(&end)) {
+        if let (Some(a), Some(b)) = (s0, s1) {
+            let d = b.since(*a);
+            cpu.insert(
+                m.name.clone(),
+                json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
+            );
+        }
+    }
+    (elapsed, cpu)
 }
 
 fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
