@@ -53,13 +53,6 @@ const MAX_CLIENT_FRAME: usize = 4 * 1024;
 /// and a larger frame (up to `MAX_CLIENT_FRAME`) grows it as needed.
 const WS_READ_BUFFER: usize = 256;
 
-/// Packets one socket's send queue holds. A resuming socket is sent up to a
-/// room's whole history at once, so the queue holds that and room to spare;
-/// a socket that cannot take more is closed and resumes (see `rooms`).
-fn send_queue_len(config: &Config) -> usize {
-    config.history.max_per_room.get() + rooms::RESUME_MARGIN
-}
-
 /// Per-socket event limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
 struct EventLimits {
@@ -219,7 +212,7 @@ pub async fn run(
     let metrics = Arc::new(FrontendMetrics::default());
     let (layer, io) = SocketIo::builder()
         .req_path(SOCKET_IO_PATH)
-        .max_buffer_size(send_queue_len(&config))
+        .max_buffer_size(rooms::send_queue_len(&config.history))
         .max_payload(MAX_PAYLOAD)
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)

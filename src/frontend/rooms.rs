@@ -27,15 +27,16 @@
 //! skipped silently: its transport is closed, the client reconnects and
 //! resumes from the last message it received. Resuming reads the room's
 //! history, which keeps `history.max_per_room` messages, so a socket is let
-//! go while what it has not received still fits in it: once
-//! [`Rooms::live_backlog`] live messages wait in its queue, with
-//! [`RESUME_MARGIN`] to spare for the messages that arrive while it
-//! reconnects. The queue itself is larger, by that margin over the history,
-//! because a resuming socket is sent up to the whole history at once. So a
-//! slow reader costs the frontend at most its queue, and never a message. The fan-out is done here,
-//! socket by socket, because that is where a full queue is seen together
-//! with its socket. Each message is encoded into its Socket.IO packet once;
-//! each socket's queue gets a reference to it.
+//! go while what it has not received still fits in it: once the history less
+//! [`RESUME_MARGIN`] live messages wait in its queue, the margin being for
+//! the messages that arrive while it reconnects. The queue itself is larger,
+//! by that margin over the history ([`send_queue_len`]), because a resuming
+//! socket is sent up to the whole history at once. So a slow reader costs
+//! the frontend at most its queue, and never a message.
+//!
+//! The fan-out is done here, socket by socket, because that is where a
+//! lagging socket is seen. Each message is encoded into its Socket.IO packet
+//! once; each socket's queue gets a reference to it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +55,12 @@ use crate::metrics::FrontendMetrics;
 /// within the history, for the messages that arrive while a socket that was
 /// let go reconnects.
 pub const RESUME_MARGIN: usize = 256;
+
+/// Packets one socket's send queue holds: a room's history, for a resuming
+/// socket's replay, and [`RESUME_MARGIN`] more.
+pub fn send_queue_len(history: &HistoryConfig) -> usize {
+    history.max_per_room.get() + RESUME_MARGIN
+}
 
 /// How long a resuming join waits for the feed to reach Redis at start-up.
 const CURSOR_WAIT: Duration = Duration::from_secs(2);
@@ -155,7 +162,7 @@ impl Rooms {
         Rooms {
             store,
             max_rooms,
-            queue_len: kept + RESUME_MARGIN,
+            queue_len: send_queue_len(history),
             live_backlog: kept - RESUME_MARGIN.min(kept / 2),
             metrics,
             shared: Default::default(),
