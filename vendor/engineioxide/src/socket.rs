@@ -354,7 +354,11 @@ where
         #[cfg(feature = "tracing")]
         tracing::debug!(sid = ?self.id, "heartbeat sender routine started");
 
-        let mut interval_tick = tokio::time::interval(interval);
+        // The first ping goes out one interval after the handshake, as the
+        // Engine.IO protocol has it (chat-ha patch: a plain `interval` ticks at
+        // once, so every connection began with a ping and its pong).
+        let first = tokio::time::Instant::now() + interval;
+        let mut interval_tick = tokio::time::interval_at(first, interval);
         interval_tick.tick().await;
         // Some clients send the pong packet in first. If that happens, we should consume it.
         self.heartbeat.notified().now_or_never();
