@@ -402,6 +402,7 @@ async fn measure(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let per_source = args.clients_per_source.max(1);
     let mut handles = Vec::with_capacity(shape.clients);
+    let connect_cpu_start = cpu_snapshot(measured);
     eprintln!(
         "chat-bench: connecting {} clients to {} room(s) via {} address(es)",
         shape.clients,
@@ -432,6 +433,7 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
     let joined = shared.joined.load(Ordering::Relaxed);
     let failed_connects = shared.failed.load(Ordering::Relaxed);
     let first_start = shared.first_start_ns.load(Ordering::Relaxed);
@@ -467,6 +469,7 @@ async fn measure(
         "connect_s": round3(connect_secs),
         "connects_per_s": connects_per_s.round(),
         "setup_ms": quantiles(&setup_hist),
+        "connect_cpu": Value::Object(connect_cpu),
     });
 
     let mut ok = failed_connects == 0 && joined == shape.clients;
@@ -817,8 +820,17 @@ async fn idle_window(measured: &[Measured], seconds: f64) -> (f64, serde_json::M
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     let end = cpu_snapshot(measured);
     let elapsed = (mono_ns() - t0) as f64 / 1e9;
+    (elapsed, cpu_delta(measured, &start, &end))
+}
+
+/// Each measured process's CPU between two snapshots, by name.
+fn cpu_delta(
+    measured: &[Measured],
+    start: &[Option<CpuTimes>],
+    end: &[Option<CpuTimes>],
+) -> serde_json::Map<String, Value> {
     let mut cpu = serde_json::Map::new();
-    for (m, (s0, s1)) in measured.iter().zip(start.iter().zip(&end)) {
+    for (m, (s0, s1)) in measured.iter().zip(start.iter().zip(end)) {
         if let (Some(a), Some(b)) = (s0, s1) {
             let d = b.since(*a);
             cpu.insert(
@@ -827,7 +839,7 @@ async fn idle_window(measured: &[Measured], seconds: f64) -> (f64, serde_json::M
             );
         }
     }
-    (elapsed, cpu)
+    cpu
 }
 
 fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
@@ -976,6 +988,12 @@ fn print_report(r: &Value) {
             r["server_cpu_us_per_delivery"]["system"],
             r["backend_cpu_us_per_post"]["user"],
             r["backend_cpu_us_per_post"]["system"],
+        );
+    }
+    if let Some(cpu) = r["connect_cpu"].as_object() {
+        s += &format!(
+            "  connect cpu (all connections): {}\n",
+            Value::Object(cpu.clone())
         );
     }
     if let Some(idle) = r["idle_cpu"].as_object() {
