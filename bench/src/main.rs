@@ -382,13 +382,7 @@ async fn measure(
     abort: Arc<AtomicBool>,
 ) -> Result<bool, String> {
     let rooms: Vec<String> = (0..shape.rooms).map(|r| format!("bench-r{r}")).collect();
-    let frontend_pids: Vec<&Measured> = measured
-        .iter()
-        .filter(|m| m.role == Role::Frontend)
-        .collect();
-    let rss = |list: &[&Measured]| -> Vec<Option<u64>> {
-        list.iter().map(|m| procfs::rss_bytes(m.pid)).collect()
-    };
+    let frontend_pids = frontends(measured);
 
     let netstat_start = procfs::tcp_ext();
     let rss_before = rss(&frontend_pids);
@@ -713,13 +707,7 @@ async fn measure_spread(
             "{share} clients per process, but a process may open {nofile} files; raise --client-procs"
         ));
     }
-    let frontend_pids: Vec<&Measured> = measured
-        .iter()
-        .filter(|m| m.role == Role::Frontend)
-        .collect();
-    let rss = |list: &[&Measured]| -> Vec<Option<u64>> {
-        list.iter().map(|m| procfs::rss_bytes(m.pid)).collect()
-    };
+    let frontend_pids = frontends(measured);
     let netstat_start = procfs::tcp_ext();
     let rss_before = rss(&frontend_pids);
     let worker_args = vec![
@@ -840,6 +828,19 @@ fn cpu_delta(
         }
     }
     cpu
+}
+
+/// The frontends among the measured processes.
+fn frontends(measured: &[Measured]) -> Vec<&Measured> {
+    measured
+        .iter()
+        .filter(|m| m.role == Role::Frontend)
+        .collect()
+}
+
+/// The resident memory of each of `list` now.
+fn rss(list: &[&Measured]) -> Vec<Option<u64>> {
+    list.iter().map(|m| procfs::rss_bytes(m.pid)).collect()
 }
 
 fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
