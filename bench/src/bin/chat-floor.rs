@@ -48,7 +48,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::Parser;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -88,7 +88,15 @@ fn main() -> ExitCode {
 
 /// Accepts connections until SIGTERM or SIGINT.
 async fn serve(listen: SocketAddr) -> io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    // As chat-ha's own sockets: bursts of connections wait, not dropped.
+    let listener = socket.listen(4096)?;
     let mut stdout = io::stdout();
     writeln!(stdout, "{}", listener.local_addr()?)?;
     stdout.flush()?;
@@ -117,7 +125,7 @@ async fn serve(listen: SocketAddr) -> io::Result<()> {
 /// Rooms and counters, shared by every task of the one thread.
 #[derive(Default)]
 struct Hub {
-    rooms: RefCell<HashMap<Rc<str>, Vec<Rc<Socket>>>>,
+    rooms: RefCell<HashMap<String, Vec<Rc<Socket>>>>,
     sockets: Cell<usize>,
     last_id: Cell<u64>,
     last_sid: Cell<u64>,
@@ -127,12 +135,11 @@ impl Hub {
     fn join(&self, socket: &Rc<Socket>, room: &str) {
         self.leave(socket);
         let mut rooms = self.rooms.borrow_mut();
-        let name = match rooms.get_key_value(room) {
-            Some((name, _)) => name.clone(),
-            None => Rc::from(room),
-        };
-        rooms.entry(name.clone()).or_default().push(socket.clone());
-        *socket.room.borrow_mut() = Some(name);
+        rooms
+            .entry(room.to_owned())
+            .or_default()
+            .push(socket.clone());
+        *socket.room.borrow_mut() = Some(room.to_owned());
     }
 
     fn leave(&self, socket: &Rc<Socket>) {
@@ -184,7 +191,7 @@ struct Socket {
     /// Wakes the socket's task when its queue starts, or it must close.
     wake: Notify,
     broken: Cell<bool>,
-    room: RefCell<Option<Rc<str>>>,
+    room: RefCell<Option<String>>,
 }
 
 impl Socket {
@@ -271,20 +278,21 @@ async fn serve_http(hub: Rc<Hub>, mut stream: TcpStream) {
             }
         };
         let path = head.target.split('?').next().unwrap_or("");
-        let (status, body) = match (head.method.as_str(), path) {
-            ("GET", "/front/socket.io/") => return upgrade(hub, stream, head, buf).await,
-            ("GET", "/front/status" | "/back/status") => (200, hub.status()),
-            ("POST", "/back/message") => {
-                if head.content_length > MAX_PAYLOAD {
-                    return respond(&mut stream, 413, "{}", false).await;
-                }
-                while buf.len() < head.content_length {
-                    if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
-                        return;
-                    }
-                }
-                post(&hub, &buf.split_to(head.content_length))
+        if (head.method.as_str(), path) == ("GET", "/front/socket.io/") {
+            return upgrade(hub, stream, head, buf).await;
+        }
+        if head.content_length > MAX_PAYLOAD {
+            return respond(&mut stream, 413, "{}", false).await;
+        }
+        while buf.len() < head.content_length {
+            if !matches!(stream.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                return;
             }
+        }
+        let request_body = buf.split_to(head.content_length);
+        let (status, body) = match (head.method.as_str(), path) {
+            ("GET", "/front/status" | "/back/status") => (200, hub.status()),
+            ("POST", "/back/message") => post(&hub, &request_body),
             _ => (404, "{\"error\":\"not found\"}".to_owned()),
         };
         respond(&mut stream, status, &body, head.keep_alive).await;
