@@ -33,6 +33,12 @@
 //! - Everything runs on one thread (`current_thread` runtime and `Rc`), as
 //!   one chat-ha frontend and backend each do with one runtime thread.
 //!
+//! What the floor is not: a bound on system time under saturation. It makes
+//! one `write` per post per socket however far behind it is, where a server
+//! that lets frames gather while it is behind (chat-ha's frontend does) sends
+//! several per system call, and so can spend less kernel time per delivery
+//! and recover from a backlog that this server only works through.
+//!
 //! Not done, being unneeded for the benchmark: the polling transport,
 //! namespaces other than `/`, fragmented frames, message history, `ts`.
 
