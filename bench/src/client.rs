@@ -34,9 +34,8 @@ pub struct Shared {
     pub failed: AtomicUsize,
     /// Connections closed by the other side after the join.
     pub dropped: AtomicUsize,
-    /// First deliveries of a (room, seq), all clients together.
-    pub delivered: AtomicU64,
-    pub last_delivery_ns: AtomicU64,
+    /// First deliveries of a (room, seq), counted per shard of clients.
+    deliveries: Vec<DeliveryShard>,
     pub first_start_ns: AtomicU64,
     pub last_joined_ns: AtomicU64,
     latency: Vec<Mutex<Histogram<u64>>>,
@@ -53,8 +52,7 @@ impl Shared {
             joined_in_room: (0..rooms).map(|_| AtomicUsize::new(0)).collect(),
             failed: AtomicUsize::new(0),
             dropped: AtomicUsize::new(0),
-            delivered: AtomicU64::new(0),
-            last_delivery_ns: AtomicU64::new(0),
+            deliveries: (0..SHARDS).map(|_| DeliveryShard::default()).collect(),
             first_start_ns: AtomicU64::new(u64::MAX),
             last_joined_ns: AtomicU64::new(0),
             latency: (0..SHARDS).map(|_| Mutex::new(new_histogram())).collect(),
@@ -72,12 +70,39 @@ impl Shared {
         all
     }
 
+    /// First deliveries so far, all clients together.
+    pub fn delivered(&self) -> u64 {
+        self.deliveries
+            .iter()
+            .map(|d| d.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// When the last first delivery arrived (monotonic ns; 0 if none did).
+    pub fn last_delivery_ns(&self) -> u64 {
+        self.deliveries
+            .iter()
+            .map(|d| d.last_ns.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
     fn error(&self, e: String) {
         let mut errors = self.errors.lock().unwrap();
         if errors.len() < 10 {
             errors.push(e);
         }
     }
+}
+
+/// Delivery counters of one shard of clients, on a cache line of its own:
+/// one shared counter, updated for every message by clients on both cores,
+/// would move between them at every update.
+#[derive(Default)]
+#[repr(align(128))]
+struct DeliveryShard {
+    count: AtomicU64,
+    last_ns: AtomicU64,
 }
 
 /// One client: where it connects from and to, and its room.
@@ -177,9 +202,13 @@ pub async fn run(
 
     let mut pending: Vec<u64> = Vec::with_capacity(FLUSH_EVERY);
     let shard = &shared.latency[spec.id % SHARDS];
+    let counters = &shared.deliveries[spec.id % SHARDS];
+    // Made once: a wait made anew for every frame would register with the
+    // stop channel and leave it again, under its lock, for every message.
+    let mut stop_requested = std::pin::pin!(stopped(&mut stop));
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
+            _ = &mut stop_requested => break,
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let text = text.as_str();
@@ -201,8 +230,8 @@ pub async fn run(
                                 } else {
                                     outcome.seen[word] |= bit;
                                     outcome.unique += 1;
-                                    shared.delivered.fetch_add(1, Ordering::Relaxed);
-                                    shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+                                    counters.count.fetch_add(1, Ordering::Relaxed);
+                                    counters.last_ns.fetch_max(now, Ordering::Relaxed);
                                     pending.push(now.saturating_sub(sent) / 1000);
                                     if pending.len() >= FLUSH_EVERY {
                                         let mut h = shard.lock().unwrap();
@@ -265,8 +294,11 @@ async fn connect_and_join(spec: &Spec) -> Result<Ws, String> {
         "ws://{}/front/socket.io/?EIO=4&transport=websocket",
         spec.target
     );
+    // Each read zeroes the unused part of the read buffer first: 2 KiB holds
+    // a dozen messages of the default size, more than arrive between two
+    // reads even at the highest rates measured.
     let config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(2 * 1024)
         .write_buffer_size(0);
     let (mut ws, _) = client_async_with_config(url, stream, Some(config))
         .await

@@ -541,7 +541,7 @@ async fn measure(
         .map(|(a, m)| a * m)
         .sum();
     let grace_deadline = mono_ns() + (args.grace * 1e9) as u64;
-    while shared.delivered.load(Ordering::Relaxed) < expected_now && mono_ns() < grace_deadline {
+    while shared.delivered() < expected_now && mono_ns() < grace_deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let end_ns = mono_ns();
@@ -582,7 +582,7 @@ async fn measure(
         }
     }
     let dropped = shared.dropped.load(Ordering::Relaxed);
-    let last_delivery = shared.last_delivery_ns.load(Ordering::Relaxed);
+    let last_delivery = shared.last_delivery_ns();
     let delivery_span = (last_delivery.max(start_ns) - start_ns) as f64 / 1e9;
     let delivered_per_s = delivered as f64 / delivery_span.max(shape.duration);
     let latency = shared.latency();
