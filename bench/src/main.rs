@@ -424,6 +424,7 @@ async fn measure(
     let per_source = args.clients_per_source.max(1);
     let mut handles = Vec::with_capacity(shape.clients);
     let connect_cpu_start = cpu_snapshot(measured);
+    let connect_self_start = procfs::self_cpu();
     eprintln!(
         "chat-bench: connecting {} clients to {} room(s) via {} address(es)",
         shape.clients,
@@ -454,7 +455,13 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
+    let mut connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
+    // The clients' share of the cores bounds the connects/s as much as the servers do.
+    let connect_self = procfs::self_cpu().since(connect_self_start);
+    connect_cpu.insert(
+        "bench".into(),
+        json!({"user_s": round3(connect_self.user), "system_s": round3(connect_self.system)}),
+    );
     let joined = shared.joined.load(Ordering::Relaxed);
     let failed_connects = shared.failed.load(Ordering::Relaxed);
     let first_start = shared.first_start_ns.load(Ordering::Relaxed);
