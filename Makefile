@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core \
 	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare lint
 
 all: build
 
@@ -77,6 +77,25 @@ BENCH_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
 bench: deps-apt
 	$(CARGO) build --release --bins -p chat-ha -p chat-bench
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench $(BENCH_ARGS)
+
+# chat-ha against the Node.js Socket.IO reference stack of bench/node
+# (socket.io + Redis adapter, express + Redis emitter), back to back: the
+# connection setup, then the default load, each on both stacks. Summaries on
+# stderr; the JSON lines are collected in target/bench-compare.jsonl.
+COMPARE_CONNECT_ARGS ?= --clients 10000 --rooms 100 --idle --idle-wait 0
+COMPARE_LOAD_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
+COMPARE_STACKS ?= chat-ha node
+bench-compare: deps-apt deps-node
+	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
+	$(CARGO) build --release --bins -p chat-ha -p chat-bench
+	@: > target/bench-compare.jsonl
+	for args in "$(COMPARE_CONNECT_ARGS)" "$(COMPARE_LOAD_ARGS)"; do \
+	  for stack in $(COMPARE_STACKS); do \
+	    echo "== chat-bench --stack $$stack $$args" >&2; \
+	    CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench \
+	      --stack $$stack $$args >> target/bench-compare.jsonl || exit 1; \
+	  done; \
+	done
 
 # Debian packages, written to target/debian/.
 DEB_OUT := $(CURDIR)/target/debian

@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use procfs::{CpuTimes, mono_ns};
-use topology::{Measured, Role, Topology};
+use topology::{Measured, Role, Stack, Topology};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,16 +57,24 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     idle_wait: f64,
 
+    /// The servers to start: chat-ha's, or the Node.js Socket.IO reference
+    /// stack of bench/node (run `npm ci` there first). With --frontend, it
+    /// only labels the run.
+    #[arg(long, value_enum, default_value_t = Stack::ChatHa)]
+    stack: Stack,
+    /// The Node.js executable, for --stack node.
+    #[arg(long, value_name = "PATH", default_value = "node")]
+    node_bin: PathBuf,
     /// Frontend instances to start.
     #[arg(long, default_value_t = 1)]
     frontends: usize,
     /// Backend instances to start.
     #[arg(long, default_value_t = 1)]
     backends: usize,
-    /// Runtime threads of each started frontend.
+    /// Runtime threads of each started frontend (chat-ha only).
     #[arg(long, default_value_t = 1)]
     frontend_threads: usize,
-    /// Runtime threads of each started backend.
+    /// Runtime threads of each started backend (chat-ha only).
     #[arg(long, default_value_t = 1)]
     backend_threads: usize,
     /// Put a load balancer in front: /front (leastconn) and /back (round-robin).
@@ -160,6 +168,10 @@ fn main() -> ExitCode {
         eprintln!("chat-bench: --clients, --rooms, --rate and --duration must be positive");
         return ExitCode::from(2);
     }
+    if let Err(e) = check_args(&args) {
+        eprintln!("chat-bench: {e}");
+        return ExitCode::from(2);
+    }
     let nofile = procfs::raise_nofile_limit();
     if args.client_procs > 1 && !args.idle {
         eprintln!("chat-bench: --client-procs works with --idle only");
@@ -216,6 +228,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Combinations of options that cannot work.
+fn check_args(args: &Args) -> Result<(), String> {
+    if args.stack == Stack::Node && (args.frontend_threads > 1 || args.backend_threads > 1) {
+        return Err(
+            "--stack node runs one event loop per process: use --frontends and \
+                    --backends instead of --frontend-threads and --backend-threads"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// A client process of `--client-procs` (see `workers`).
@@ -303,6 +327,9 @@ async fn run(
         if args.frontend_urls.is_empty() {
             let (lb_processes, lb_maxconn) = lb_processes(args, shape.clients, nofile);
             let plan = topology::Plan {
+                stack: args.stack,
+                node_bin: args.node_bin.clone(),
+                node_dir: repo_dir().join("bench/node"),
                 bin_dir: args.bin_dir.clone().unwrap_or_else(|| {
                     std::env::var_os("CHAT_HA_BIN_DIR")
                         .map(PathBuf::from)
@@ -397,6 +424,7 @@ async fn measure(
     let per_source = args.clients_per_source.max(1);
     let mut handles = Vec::with_capacity(shape.clients);
     let connect_cpu_start = cpu_snapshot(measured);
+    let connect_self_start = procfs::self_cpu();
     eprintln!(
         "chat-bench: connecting {} clients to {} room(s) via {} address(es)",
         shape.clients,
@@ -427,7 +455,13 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
+    let mut connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
+    // The clients' share of the cores bounds the connects/s as much as the servers do.
+    let connect_self = procfs::self_cpu().since(connect_self_start);
+    connect_cpu.insert(
+        "bench".into(),
+        json!({"user_s": round3(connect_self.user), "system_s": round3(connect_self.system)}),
+    );
     let joined = shared.joined.load(Ordering::Relaxed);
     let failed_connects = shared.failed.load(Ordering::Relaxed);
     let first_start = shared.first_start_ns.load(Ordering::Relaxed);
@@ -451,6 +485,7 @@ async fn measure(
     let mut report = json!({
         "label": args.label,
         "mode": if args.smoke { "smoke" } else if args.idle { "idle" } else { "load" },
+        "stack": args.stack.name(),
         "clients": shape.clients,
         "rooms": shape.rooms,
         "frontends": fronts.len(),
@@ -773,6 +808,7 @@ async fn measure_spread(
     let report = json!({
         "label": args.label,
         "mode": "idle",
+        "stack": args.stack.name(),
         "clients": shape.clients,
         "rooms": shape.rooms,
         "frontends": fronts.len(),
@@ -925,8 +961,9 @@ fn print_report(r: &Value) {
     };
     let mut s = String::new();
     s += &format!(
-        "chat-bench [{}] {} clients, {} rooms, {} frontend target(s), {} backend target(s){}\n",
+        "chat-bench [{}] {}: {} clients, {} rooms, {} frontend target(s), {} backend target(s){}\n",
         r["mode"].as_str().unwrap_or(""),
+        r["stack"].as_str().unwrap_or(""),
         r["clients"],
         r["rooms"],
         r["frontends"],
@@ -1034,4 +1071,58 @@ fn print_report(r: &Value) {
         s += &format!("  errors    {}\n", r["errors"]);
     }
     eprint!("{s}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("chat-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_stack_is_chat_ha_unless_told() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.stack, Stack::ChatHa);
+        assert_eq!(args.node_bin, PathBuf::from("node"));
+        assert!(check_args(&args).is_ok());
+        let args = parse(&["--stack", "node", "--node-bin", "/opt/node/bin/node"]).unwrap();
+        assert_eq!(args.stack, Stack::Node);
+        assert_eq!(args.stack.name(), "node");
+        assert_eq!(args.node_bin, PathBuf::from("/opt/node/bin/node"));
+        assert!(check_args(&args).is_ok());
+        assert_eq!(
+            parse(&["--stack", "chat-ha"]).unwrap().stack.name(),
+            "chat-ha"
+        );
+        assert!(parse(&["--stack", "deno"]).is_err());
+    }
+
+    #[test]
+    fn node_has_no_runtime_threads_to_set() {
+        let args = parse(&["--stack", "node", "--frontend-threads", "2"]).unwrap();
+        assert!(check_args(&args).unwrap_err().contains("--frontends"));
+        let args = parse(&["--stack", "node", "--backend-threads", "2"]).unwrap();
+        assert!(check_args(&args).is_err());
+        let args = parse(&["--stack", "node", "--frontends", "2", "--backends", "2"]).unwrap();
+        assert!(check_args(&args).is_ok());
+        let args = parse(&["--frontend-threads", "2"]).unwrap();
+        assert!(check_args(&args).is_ok());
+    }
+
+    #[test]
+    fn every_mode_takes_the_stack() {
+        for extra in [
+            &["--idle", "--idle-wait", "0"][..],
+            &["--haproxy"][..],
+            &["--idle", "--client-procs", "2"][..],
+        ] {
+            let mut all = vec!["--stack", "node"];
+            all.extend_from_slice(extra);
+            let args = parse(&all).unwrap();
+            assert_eq!(args.stack, Stack::Node);
+            assert!(check_args(&args).is_ok());
+        }
+    }
 }

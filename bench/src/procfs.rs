@@ -76,6 +76,19 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// The process's arguments (`/proc/PID/cmdline`), program first.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|bytes| {
+            bytes
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The `TcpExt` counters (ListenOverflows, ListenDrops, ...) of this network namespace.
 pub fn tcp_ext() -> BTreeMap<String, u64> {
     let mut counters = BTreeMap::new();

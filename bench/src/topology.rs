@@ -1,6 +1,7 @@
 //! A private topology: a redis-server without persistence, F frontends and B
-//! backends (each pinned to CPU `instance mod ncpu`, as in production), and
-//! optionally a load balancer in front of them. Every process is started by
+//! backends (each pinned to CPU `instance mod ncpu`, as in production) of
+//! chat-ha or of the Node.js reference stack, and optionally a load balancer
+//! in front of them. Every process is started by
 //! PID and stopped by PID when the topology is dropped.
 
 use std::fmt::Write as _;
@@ -32,17 +33,58 @@ impl Role {
         }
     }
 
-    /// Guesses the role of a running process from its command name.
+    /// Guesses the role of a running process (one named with `--pid`) from
+    /// its command name and, for Node.js, the script it runs.
     pub fn of_pid(pid: u32) -> Role {
-        match crate::procfs::comm(pid).as_deref() {
-            Some("chat-frontend") => Role::Frontend,
-            Some("chat-backend") => Role::Backend,
-            Some(c) if c.starts_with("redis-server") => Role::Redis,
-            Some("haproxy") => Role::Lb,
+        let comm = crate::procfs::comm(pid).unwrap_or_default();
+        Role::of_command(&comm, &crate::procfs::cmdline(pid))
+    }
+
+    /// The role of a process whose command name is `comm` and whose
+    /// arguments are `cmdline` (program first).
+    pub fn of_command(comm: &str, cmdline: &[String]) -> Role {
+        match comm {
+            "chat-frontend" => Role::Frontend,
+            "chat-backend" => Role::Backend,
+            c if c.starts_with("redis-server") => Role::Redis,
+            "haproxy" => Role::Lb,
+            "node" => {
+                // The first argument that is not an option is the script.
+                let script = cmdline.iter().skip(1).find(|a| !a.starts_with('-'));
+                match script.and_then(|s| Path::new(s).file_name()?.to_str()) {
+                    Some(NODE_FRONTEND) => Role::Frontend,
+                    Some(NODE_BACKEND) => Role::Backend,
+                    _ => Role::Other,
+                }
+            }
             _ => Role::Other,
         }
     }
 }
+
+/// The servers a run measures: chat-ha's, or the Node.js Socket.IO
+/// reference stack of `bench/node` (socket.io with the Redis adapter, an
+/// express backend emitting through the Redis emitter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Stack {
+    #[default]
+    #[value(name = "chat-ha")]
+    ChatHa,
+    Node,
+}
+
+impl Stack {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::ChatHa => "chat-ha",
+            Stack::Node => "node",
+        }
+    }
+}
+
+/// The reference stack's programs, in `Plan::node_dir`.
+pub const NODE_FRONTEND: &str = "frontend.mjs";
+pub const NODE_BACKEND: &str = "backend.mjs";
 
 /// A process to measure: one we started, or one named with `--pid`.
 #[derive(Debug, Clone)]
@@ -60,7 +102,12 @@ struct Started {
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    pub stack: Stack,
     pub bin_dir: PathBuf,
+    /// The Node.js executable and the directory of the reference stack
+    /// (with its `node_modules`), for `Stack::Node`.
+    pub node_bin: PathBuf,
+    pub node_dir: PathBuf,
     pub www_dir: PathBuf,
     pub redis_server: PathBuf,
     pub lb_bin: PathBuf,
@@ -181,6 +228,9 @@ impl Topology {
 
     fn start_all(&mut self, plan: &Plan) -> Result<(), String> {
         let ncpu = crate::procfs::cpu_count();
+        if plan.stack == Stack::Node {
+            check_node_dir(&plan.node_dir)?;
+        }
 
         let redis_port = free_port().map_err(|e| e.to_string())?;
         let mut redis = Command::new(&plan.redis_server);
@@ -199,6 +249,7 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(20));
         }
 
+        let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
         let config = self.dir.join("chat-ha.toml");
         let text = format!(
             "[log]\nlevel = \"warn\"\n\n[redis]\nurl = \"redis://127.0.0.1:{redis_port}/0\"\n\n\
@@ -212,17 +263,14 @@ impl Topology {
 
         let mut fronts = Vec::new();
         let mut backs = Vec::new();
-        for (role, count, exe, list) in [
-            (Role::Frontend, plan.frontends, "chat-frontend", &mut fronts),
-            (Role::Backend, plan.backends, "chat-backend", &mut backs),
+        for (role, count, list) in [
+            (Role::Frontend, plan.frontends, &mut fronts),
+            (Role::Backend, plan.backends, &mut backs),
         ] {
             for i in 0..count {
                 let port = free_port().map_err(|e| e.to_string())?;
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                let mut cmd = Command::new(plan.bin_dir.join(exe));
-                cmd.arg("--config").arg(&config);
-                cmd.arg("--listen").arg(addr.to_string());
-                cmd.arg("--instance").arg(i.to_string());
+                let cmd = server_command(plan, role, i, addr, &config, &redis_url);
                 let name = format!("{}{i}", role.name());
                 self.spawn(role, &name, cmd, plan.pin.then_some(i % ncpu))?;
                 list.push((name, addr));
@@ -326,6 +374,60 @@ impl Drop for Topology {
     }
 }
 
+/// The command that starts instance `i` of a frontend or backend of
+/// `plan.stack`, listening on `addr`. chat-ha reads `config`; the Node.js
+/// stack is told the Redis URL and runs as in production (NODE_ENV).
+fn server_command(
+    plan: &Plan,
+    role: Role,
+    i: usize,
+    addr: SocketAddr,
+    config: &Path,
+    redis_url: &str,
+) -> Command {
+    let frontend = role == Role::Frontend;
+    match plan.stack {
+        Stack::ChatHa => {
+            let exe = if frontend {
+                "chat-frontend"
+            } else {
+                "chat-backend"
+            };
+            let mut cmd = Command::new(plan.bin_dir.join(exe));
+            cmd.arg("--config").arg(config);
+            cmd.arg("--listen").arg(addr.to_string());
+            cmd.arg("--instance").arg(i.to_string());
+            cmd
+        }
+        Stack::Node => {
+            let script = if frontend {
+                NODE_FRONTEND
+            } else {
+                NODE_BACKEND
+            };
+            let mut cmd = Command::new(&plan.node_bin);
+            cmd.arg(plan.node_dir.join(script));
+            cmd.arg("--listen").arg(addr.to_string());
+            cmd.arg("--redis").arg(redis_url);
+            cmd.env("NODE_ENV", "production");
+            cmd
+        }
+    }
+}
+
+/// Fails with what to run if the reference stack's packages are missing.
+fn check_node_dir(dir: &Path) -> Result<(), String> {
+    if dir.join("node_modules/socket.io").is_dir() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the Node.js stack's packages are not installed: run `npm ci` in {} \
+             (or `make bench-compare`)",
+            dir.display()
+        ))
+    }
+}
+
 fn lb_config(
     bind: SocketAddr,
     maxconn: usize,
@@ -390,4 +492,133 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(stack: Stack) -> Plan {
+        Plan {
+            stack,
+            bin_dir: PathBuf::from("/opt/chat/bin"),
+            node_bin: PathBuf::from("node"),
+            node_dir: PathBuf::from("/src/bench/node"),
+            www_dir: PathBuf::from("/www"),
+            redis_server: PathBuf::from("redis-server"),
+            lb_bin: PathBuf::from("haproxy"),
+            frontends: 1,
+            backends: 1,
+            frontend_threads: 1,
+            backend_threads: 1,
+            pin: true,
+            lb_processes: 0,
+            lb_maxconn: 0,
+            keep_dir: false,
+        }
+    }
+
+    fn args(cmd: &Command) -> Vec<String> {
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    const ADDR: ([u8; 4], u16) = ([127, 0, 0, 1], 9100);
+
+    #[test]
+    fn chat_ha_servers_read_the_config() {
+        let cmd = server_command(
+            &plan(Stack::ChatHa),
+            Role::Backend,
+            2,
+            SocketAddr::from(ADDR),
+            Path::new("/tmp/c.toml"),
+            "redis://127.0.0.1:6379/0",
+        );
+        assert_eq!(cmd.get_program(), "/opt/chat/bin/chat-backend");
+        assert_eq!(
+            args(&cmd),
+            [
+                "--config",
+                "/tmp/c.toml",
+                "--listen",
+                "127.0.0.1:9100",
+                "--instance",
+                "2"
+            ]
+        );
+        assert_eq!(cmd.get_envs().count(), 0);
+    }
+
+    #[test]
+    fn node_servers_get_the_address_and_redis_in_production_mode() {
+        for (role, script) in [
+            (Role::Frontend, "/src/bench/node/frontend.mjs"),
+            (Role::Backend, "/src/bench/node/backend.mjs"),
+        ] {
+            let cmd = server_command(
+                &plan(Stack::Node),
+                role,
+                0,
+                SocketAddr::from(ADDR),
+                Path::new("/tmp/c.toml"),
+                "redis://127.0.0.1:6379/0",
+            );
+            assert_eq!(cmd.get_program(), "node");
+            assert_eq!(
+                args(&cmd),
+                [
+                    script,
+                    "--listen",
+                    "127.0.0.1:9100",
+                    "--redis",
+                    "redis://127.0.0.1:6379/0"
+                ]
+            );
+            let envs: Vec<_> = cmd.get_envs().collect();
+            assert_eq!(
+                envs,
+                [(
+                    std::ffi::OsStr::new("NODE_ENV"),
+                    Some(std::ffi::OsStr::new("production"))
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn roles_of_named_processes() {
+        let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(Role::of_command("chat-frontend", &[]), Role::Frontend);
+        assert_eq!(Role::of_command("chat-backend", &[]), Role::Backend);
+        assert_eq!(Role::of_command("redis-server", &[]), Role::Redis);
+        assert_eq!(Role::of_command("haproxy", &[]), Role::Lb);
+        assert_eq!(
+            Role::of_command(
+                "node",
+                &cmd(&["node", "/x/bench/node/frontend.mjs", "--listen", "a:1"])
+            ),
+            Role::Frontend
+        );
+        assert_eq!(
+            Role::of_command(
+                "node",
+                &cmd(&["/usr/bin/node", "--max-old-space-size=512", "backend.mjs"])
+            ),
+            Role::Backend
+        );
+        assert_eq!(
+            Role::of_command("node", &cmd(&["node", "other.mjs"])),
+            Role::Other
+        );
+        assert_eq!(Role::of_command("node", &[]), Role::Other);
+        assert_eq!(Role::of_command("bash", &cmd(&["bash"])), Role::Other);
+    }
+
+    #[test]
+    fn a_missing_node_modules_says_what_to_run() {
+        let err = check_node_dir(Path::new("/nonexistent/bench/node")).unwrap_err();
+        assert!(err.contains("npm ci"), "{err}");
+    }
 }
