@@ -239,6 +239,19 @@ fn check_args(args: &Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if args.stack == Stack::Floor
+        && (args.frontends != 1
+            || args.backends != 1
+            || args.haproxy
+            || args.frontend_threads > 1
+            || args.backend_threads > 1)
+    {
+        return Err(
+            "--stack floor is one single-threaded process: it takes no --frontends, \
+             --backends, --haproxy or threads"
+                .into(),
+        );
+    }
     Ok(())
 }
 
@@ -1097,6 +1110,23 @@ mod tests {
             "chat-ha"
         );
         assert!(parse(&["--stack", "deno"]).is_err());
+    }
+
+    #[test]
+    fn the_floor_is_one_process() {
+        let args = parse(&["--stack", "floor"]).unwrap();
+        assert_eq!(args.stack.name(), "floor");
+        assert!(check_args(&args).is_ok());
+        for extra in [
+            &["--haproxy"][..],
+            &["--frontends", "2"],
+            &["--backends", "2"],
+            &["--frontend-threads", "2"],
+        ] {
+            let mut all = vec!["--stack", "floor"];
+            all.extend_from_slice(extra);
+            assert!(check_args(&parse(&all).unwrap()).is_err(), "{extra:?}");
+        }
     }
 
     #[test]

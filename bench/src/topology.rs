@@ -62,15 +62,18 @@ impl Role {
     }
 }
 
-/// The servers a run measures: chat-ha's, or the Node.js Socket.IO
-/// reference stack of `bench/node` (socket.io with the Redis adapter, an
-/// express backend emitting through the Redis emitter).
+/// The servers a run measures: chat-ha's, the Node.js Socket.IO reference
+/// stack of `bench/node` (socket.io with the Redis adapter, an express
+/// backend emitting through the Redis emitter), or the floor: `chat-floor`,
+/// one single-threaded process that takes the posts and writes them to the
+/// sockets itself, with no Socket.IO library and no Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Stack {
     #[default]
     #[value(name = "chat-ha")]
     ChatHa,
     Node,
+    Floor,
 }
 
 impl Stack {
@@ -78,6 +81,7 @@ impl Stack {
         match self {
             Stack::ChatHa => "chat-ha",
             Stack::Node => "node",
+            Stack::Floor => "floor",
         }
     }
 }
@@ -263,9 +267,15 @@ impl Topology {
 
         let mut fronts = Vec::new();
         let mut backs = Vec::new();
+        // The floor is one process, both frontend and backend.
+        let backends = if plan.stack == Stack::Floor {
+            0
+        } else {
+            plan.backends
+        };
         for (role, count, list) in [
             (Role::Frontend, plan.frontends, &mut fronts),
-            (Role::Backend, plan.backends, &mut backs),
+            (Role::Backend, backends, &mut backs),
         ] {
             for i in 0..count {
                 let port = free_port().map_err(|e| e.to_string())?;
@@ -275,6 +285,9 @@ impl Topology {
                 self.spawn(role, &name, cmd, plan.pin.then_some(i % ncpu))?;
                 list.push((name, addr));
             }
+        }
+        if plan.stack == Stack::Floor {
+            backs = fronts.clone();
         }
         for (name, addr) in fronts.iter().chain(backs.iter()) {
             let path = if name.starts_with("frontend") {
@@ -286,7 +299,7 @@ impl Topology {
             loop {
                 if let Some(body) = http_get(*addr, path, Duration::from_secs(2))
                     && body.starts_with("HTTP/1.1 200")
-                    && body.contains("\"redis\":\"up\"")
+                    && (body.contains("\"redis\":\"up\"") || plan.stack == Stack::Floor)
                 {
                     break;
                 }
@@ -410,6 +423,11 @@ fn server_command(
             cmd.arg("--listen").arg(addr.to_string());
             cmd.arg("--redis").arg(redis_url);
             cmd.env("NODE_ENV", "production");
+            cmd
+        }
+        Stack::Floor => {
+            let mut cmd = Command::new(plan.bin_dir.join("chat-floor"));
+            cmd.arg("--listen").arg(addr.to_string());
             cmd
         }
     }
