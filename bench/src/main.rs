@@ -57,9 +57,10 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     idle_wait: f64,
 
-    /// The servers to start: chat-ha's, or the Node.js Socket.IO reference
-    /// stack of bench/node (run `npm ci` there first). With --frontend, it
-    /// only labels the run.
+    /// The servers to start: chat-ha's; the Node.js Socket.IO reference
+    /// stack of bench/node (run `npm ci` there first); or the floor,
+    /// chat-floor, one process without Socket.IO library or Redis. With
+    /// --frontend, it only labels the run.
     #[arg(long, value_enum, default_value_t = Stack::ChatHa)]
     stack: Stack,
     /// The Node.js executable, for --stack node.
