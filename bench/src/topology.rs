@@ -1,7 +1,7 @@
 //! A private topology: a redis-server without persistence, F frontends and B
 //! backends (each pinned to CPU `instance mod ncpu`, as in production) of
-//! chat-ha or of the Node.js reference stack, and optionally a load balancer
-//! in front of them. Every process is started by
+//! chat-ha or of the Node.js reference stack, or the floor's one process, and
+//! optionally a load balancer in front of them. Every process is started by
 //! PID and stopped by PID when the topology is dropped.
 
 use std::fmt::Write as _;
