@@ -7,6 +7,7 @@
 //! JSON line on stdout and a human summary on stderr.
 
 mod client;
+mod pool;
 mod poster;
 mod procfs;
 mod topology;
@@ -188,8 +189,11 @@ fn main() -> ExitCode {
     }
     let default_threads = if args.worker { 1 } else { procfs::cpu_count() };
     let threads = args.threads.unwrap_or(default_threads).max(1);
+    // A worker process's clients run on this runtime; otherwise they run on
+    // their own threads (`pool`), and this one only coordinates.
+    let runtime_threads = if args.worker { threads } else { 1 };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(runtime_threads)
         .enable_all()
         .build()
     {
@@ -437,6 +441,7 @@ async fn measure(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let per_source = args.clients_per_source.max(1);
     let mut handles = Vec::with_capacity(shape.clients);
+    let pool = pool::ClientPool::new(threads)?;
     let connect_cpu_start = cpu_snapshot(measured);
     let connect_self_start = procfs::self_cpu();
     eprintln!(
@@ -447,11 +452,7 @@ async fn measure(
     );
     for id in 0..shape.clients {
         let spec = client::Spec::new(id, per_source, fronts, &rooms)?;
-        handles.push(tokio::spawn(client::run(
-            spec,
-            shared.clone(),
-            stop_rx.clone(),
-        )));
+        handles.push(pool.spawn(id, client::run(spec, shared.clone(), stop_rx.clone())));
     }
     let mut last_report = mono_ns();
     loop {
