@@ -214,9 +214,7 @@ impl Rooms {
             .push(socket.clone());
         self.metrics.rooms.set(shared.members.len() as i64);
     }
-}
 
-impl Rooms {
     /// Live messages waiting in `socket`'s queue.
     fn waiting(&self, socket: &SocketRef) -> usize {
         self.queue_len.saturating_sub(socket.send_capacity())
