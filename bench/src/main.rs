@@ -473,10 +473,7 @@ async fn measure(
     let mut connect_cpu = cpu_delta(measured, &connect_cpu_start, &cpu_snapshot(measured));
     // The clients' share of the cores bounds the connects/s as much as the servers do.
     let connect_self = procfs::self_cpu().since(connect_self_start);
-    connect_cpu.insert(
-        "bench".into(),
-        json!({"user_s": round3(connect_self.user), "system_s": round3(connect_self.system)}),
-    );
+    connect_cpu.insert("bench".into(), cpu_json(connect_self));
     let joined = shared.joined.load(Ordering::Relaxed);
     let failed_connects = shared.failed.load(Ordering::Relaxed);
     let first_start = shared.first_start_ns.load(Ordering::Relaxed);
@@ -666,15 +663,9 @@ async fn measure(
     let server_system = fe.system + be.system + rd.system;
     let mut cpu = serde_json::Map::new();
     for (role, t) in &by_role {
-        cpu.insert(
-            role.name().into(),
-            json!({"user_s": round3(t.user), "system_s": round3(t.system)}),
-        );
+        cpu.insert(role.name().into(), cpu_json(*t));
     }
-    cpu.insert(
-        "bench".into(),
-        json!({"user_s": round3(bench_cpu.user), "system_s": round3(bench_cpu.system)}),
-    );
+    cpu.insert("bench".into(), cpu_json(bench_cpu));
     // The whole machine (tick-sampled, so only roughly comparable with the
     // per-process figures): other processes' work skews results.
     if let (Some((busy0, total0)), Some((busy1, total1))) = (machine_start, machine_end) {
@@ -871,11 +862,7 @@ fn cpu_delta(
     let mut cpu = serde_json::Map::new();
     for (m, (s0, s1)) in measured.iter().zip(start.iter().zip(end)) {
         if let (Some(a), Some(b)) = (s0, s1) {
-            let d = b.since(*a);
-            cpu.insert(
-                m.name.clone(),
-                json!({"user_s": round3(d.user), "system_s": round3(d.system)}),
-            );
+            cpu.insert(m.name.clone(), cpu_json(b.since(*a)));
         }
     }
     cpu
@@ -896,6 +883,11 @@ fn rss(list: &[&Measured]) -> Vec<Option<u64>> {
 
 fn cpu_snapshot(measured: &[Measured]) -> Vec<Option<CpuTimes>> {
     measured.iter().map(|m| procfs::cpu(m.pid)).collect()
+}
+
+/// CPU seconds as the report gives them.
+fn cpu_json(t: CpuTimes) -> Value {
+    json!({"user_s": round3(t.user), "system_s": round3(t.system)})
 }
 
 fn round3(x: f64) -> f64 {
