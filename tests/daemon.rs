@@ -249,8 +249,9 @@ fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
             .arg("--listen")
             .arg(addr.to_string()),
     );
+    // Until the feed has reached Redis, the status is "degraded".
     let (status, body) = wait_for("the frontend", Duration::from_secs(10), || {
-        http_get(addr, "/front/status")
+        http_get(addr, "/front/status").filter(|(_, body)| !body.contains("degraded"))
     });
     assert_eq!(
         (status, body.contains("\"status\":\"ok\"")),
