@@ -3,18 +3,16 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use engineioxide::TcpConnection;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// The answer of both status endpoints, which the load balancer's health
 /// checks read: 200 while the instance takes new clients (even with Redis
@@ -83,48 +81,6 @@ impl Drop for Counted {
     }
 }
 
-/// A TCP stream that is counted while it is open.
-pub struct CountedStream {
-    stream: TcpStream,
-    _counted: Counted,
-}
-
-impl AsyncRead for CountedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CountedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 /// How long a client may take to send a request's headers (and, on a
 /// kept-alive connection, to start its next request) before the connection
 /// is closed: slow or silent clients cannot hold connections for ever.
@@ -157,10 +113,9 @@ pub async fn serve(
         };
         // Chat frames are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
-        let io = CountedStream {
-            stream,
-            _counted: count.open(),
-        };
+        // A websocket upgraded from it is written to without a task in
+        // between (see vendor/README.md); the count lasts as long as it does.
+        let io = TcpConnection::new(stream, count.open());
         tokio::spawn(serve_connection(io, app.clone(), stop_rx.clone()));
     }
     // Connections made from now on wait in the socket's backlog (the socket
@@ -184,7 +139,7 @@ pub async fn serve(
 /// Serves one connection until it closes, or ends it gracefully (finishing
 /// the request in progress) once `stop` turns true.
 async fn serve_connection(
-    io: CountedStream,
+    io: TcpConnection,
     app: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {

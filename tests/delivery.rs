@@ -30,8 +30,10 @@ struct Forward(mpsc::UnboundedSender<ChatMessage>);
 
 impl Subscriber for Forward {
     async fn following(&self, _cursor: StreamId) {}
-    async fn deliver(&self, message: ChatMessage) {
-        let _ = self.0.send(message);
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
+        for message in messages {
+            let _ = self.0.send(message);
+        }
     }
 }
 

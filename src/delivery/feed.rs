@@ -98,13 +98,17 @@ impl Feed {
                 Ok(entries) => entries,
                 Err(e) => return e,
             };
+            let mut messages = Vec::with_capacity(entries.len());
             for (id, message) in entries {
                 cursor = id;
-                self.cursor = Some(cursor);
                 match message {
-                    Some(message) => subscriber.deliver(message).await,
+                    Some(message) => messages.push(message),
                     None => tracing::error!("skipping malformed feed entry {id}"),
                 }
+            }
+            self.cursor = Some(cursor);
+            if !messages.is_empty() {
+                subscriber.deliver(messages).await;
             }
         }
     }

@@ -42,8 +42,10 @@ pub trait Subscriber: Send + Sync + 'static {
     /// The feed (re)connected and continues after `cursor`; called before the
     /// messages that follow it.
     fn following(&self, cursor: StreamId) -> impl std::future::Future<Output = ()> + Send;
-    /// The next message of the feed, in order, once.
-    fn deliver(&self, message: ChatMessage) -> impl std::future::Future<Output = ()> + Send;
+    /// The next messages of the feed, in order, each once: those one read
+    /// from Redis returned, so that what arrived together can be sent
+    /// together.
+    fn deliver(&self, messages: Vec<ChatMessage>) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Names of the Redis keys, derived from `redis.key_prefix`.

@@ -35,9 +35,12 @@
 //! the frontend at most its queue, and never a message.
 //!
 //! The fan-out is done here, socket by socket, because that is where a
-//! lagging socket is seen. Each message is encoded into its Socket.IO packet
-//! once; each socket's queue gets a reference to it.
+//! lagging socket is seen. Each message is encoded and framed once. The
+//! messages that one read of the feed returned go to each socket together,
+//! in feed order: a websocket with nothing queued gets them with one write
+//! to its connection, made here rather than by a task of the socket's.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -237,41 +240,128 @@ impl Rooms {
 }
 
 impl Subscriber for Rooms {
-    /// Emits one feed message to its room, and holds it for resuming sockets.
-    async fn deliver(&self, message: ChatMessage) {
+    /// Emits the messages of one read of the feed to their rooms, and holds
+    /// them for resuming sockets.
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
         let mut shared = self.shared.lock().await;
-        if let Some(id) = StreamId::parse(&message.id) {
-            shared.cursor = Some(id);
-        }
-        self.metrics.received.inc();
-        if let Some(waiting) = shared.resuming.get_mut(&message.room) {
-            for resuming in waiting {
-                resuming.held.push(message.clone());
+        for message in &messages {
+            if let Some(id) = StreamId::parse(&message.id) {
+                shared.cursor = Some(id);
+            }
+            if let Some(waiting) = shared.resuming.get_mut(&message.room) {
+                for resuming in waiting {
+                    resuming.held.push(message.clone());
+                }
             }
         }
-        let Some(sockets) = shared.members.get(&message.room) else {
-            return;
-        };
-        let Some(first) = sockets.first() else {
-            return;
-        };
-        let event = encode(first, &message);
-        let (mut delivered, mut dropped) = (0, 0);
-        for socket in sockets {
-            match self.send_live(socket, &event) {
-                Sent::Yes => delivered += 1,
-                Sent::Dropped => dropped += 1,
-                Sent::Gone => {}
-            }
-        }
-        self.metrics.delivered.inc_by(delivered);
-        self.metrics.dropped.inc_by(dropped);
+        self.metrics.received.inc_by(messages.len() as u64);
+        let mut counts = Counts::default();
+        self.fan_out(&shared, &messages, &mut counts);
+        self.metrics.delivered.inc_by(counts.delivered);
+        self.metrics.dropped.inc_by(counts.dropped);
     }
 
     /// Learns where the feed starts, so resuming works before the first message.
     async fn following(&self, cursor: StreamId) {
         self.shared.lock().await.cursor.get_or_insert(cursor);
     }
+}
+
+/// Messages sent and sockets let go during one delivery.
+#[derive(Default)]
+struct Counts {
+    delivered: u64,
+    dropped: u64,
+}
+
+impl Counts {
+    fn add(&mut self, sent: Sent, messages: usize) {
+        match sent {
+            Sent::Yes => self.delivered += messages as u64,
+            Sent::Dropped => self.dropped += 1,
+            Sent::Gone => {}
+        }
+    }
+}
+
+impl Rooms {
+    /// Sends `messages` to the sockets of their rooms, each socket getting
+    /// its messages of the batch at once, in feed order: with one system call
+    /// on a websocket, where messages sent one by one would cost one each.
+    fn fan_out(&self, shared: &Shared, messages: &[ChatMessage], counts: &mut Counts) {
+        // Encoded once each, with a socket of the room (all share the
+        // namespace and parser); `None` for a room nobody is in.
+        let events: Vec<Option<EncodedEvent>> = messages
+            .iter()
+            .map(|m| {
+                let sockets = shared.members.get(&m.room)?;
+                Some(encode(sockets.first()?, m))
+            })
+            .collect();
+        let mut rooms: Vec<&str> = Vec::new();
+        for message in messages {
+            if !rooms.contains(&message.room.as_str()) {
+                rooms.push(&message.room);
+            }
+        }
+        // A socket in several rooms must get their messages interleaved as
+        // the feed has them: it is sent its own selection below.
+        let mixed = rooms.len() > 1;
+        let mut in_several: HashMap<Sid, &SocketRef> = HashMap::new();
+        for room in rooms {
+            let Some(sockets) = shared.members.get(room) else {
+                continue;
+            };
+            let picked: Vec<usize> = (0..messages.len())
+                .filter(|&i| messages[i].room == room)
+                .collect();
+            let batch = joined(&events, &picked);
+            for socket in sockets {
+                if mixed && shared.rooms_of.get(&socket.id).is_some_and(|r| r.len() > 1) {
+                    in_several.insert(socket.id, socket);
+                    continue;
+                }
+                self.send_batch(socket, &batch, counts);
+            }
+        }
+        for socket in in_several.values() {
+            let theirs = shared
+                .rooms_of
+                .get(&socket.id)
+                .map_or(&[][..], Vec::as_slice);
+            let picked: Vec<usize> = (0..messages.len())
+                .filter(|&i| theirs.contains(&messages[i].room))
+                .collect();
+            self.send_batch(socket, &joined(&events, &picked), counts);
+        }
+    }
+
+    fn send_batch(
+        &self,
+        socket: &SocketRef,
+        batch: &[(Cow<'_, EncodedEvent>, usize)],
+        counts: &mut Counts,
+    ) {
+        for (event, messages) in batch {
+            counts.add(self.send_live(socket, event), *messages);
+        }
+    }
+}
+
+/// The encoded messages at `picked` as one event, with how many messages it
+/// holds (borrowed when it is one message). Events with binary parts cannot
+/// be joined; they would go one by one.
+fn joined<'a>(
+    events: &'a [Option<EncodedEvent>],
+    picked: &[usize],
+) -> Vec<(Cow<'a, EncodedEvent>, usize)> {
+    let each = || picked.iter().filter_map(|&i| events[i].as_ref());
+    if picked.len() > 1 {
+        if let Some(event) = EncodedEvent::join(each()) {
+            return vec![(Cow::Owned(event), picked.len())];
+        }
+    }
+    each().map(|event| (Cow::Borrowed(event), 1)).collect()
 }
 
 impl Rooms {

@@ -8,7 +8,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { startTopology } from './lib/topology.mjs';
-import { Client, DOMAIN_1, DOMAIN_2, logged, postMessage, request, waitFor } from './lib/helpers.mjs';
+import { Client, DOMAIN_1, DOMAIN_2, compareIds, logged, postMessage, request, waitFor } from './lib/helpers.mjs';
 
 const ROOM_A = 'delivery-a';
 const ROOM_B = 'delivery.B_2';
@@ -131,6 +131,41 @@ describe('delivery across domains, transports, frontends and backends', () => {
       }
     }
     for (const c of clients) assert.deepEqual(c.disconnects, [], `${c.name} was never disconnected`);
+  }));
+
+  it('delivers bursts and messages of every frame size intact, in feed order, also to a socket in both rooms', logged(() => topo, async () => {
+    // A socket in both rooms gets their messages interleaved as the feed has them.
+    const both = new Client(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: ['websocket'], name: 'both rooms' });
+    try {
+      await both.connect();
+      assert.deepEqual(await both.join(ROOM_A), { ok: true });
+      assert.deepEqual(await both.join(ROOM_B), { ok: true });
+      // Websocket frames under 126 bytes and over (the longest message:
+      // 4000 two-byte characters), each alone.
+      const sent = [];
+      for (const text of ['a', 'é'.repeat(4000)]) {
+        const res = await postMessage(topo.url, ROOM_A, text, { host: DOMAIN_1 });
+        assert.equal(res.status, 201, res.text);
+        sent.push(res.json);
+      }
+      // A burst over both rooms, posted at once: a frontend reads several
+      // of them from Redis at a time and sends each socket its part together.
+      const burst = await Promise.all(Array.from({ length: 60 }, (_, i) =>
+        postMessage(topo.backends[i % 2].url, i % 3 === 0 ? ROOM_B : ROOM_A, `burst ${i}`)));
+      for (const res of burst) assert.equal(res.status, 201, res.text);
+      sent.push(...burst.map((res) => res.json).sort((a, b) => compareIds(a.id, b.id)));
+      for (const m of sent) posted[m.room].push(m);
+
+      const last = (room) => posted[room].at(-1);
+      await Promise.all(clients.map((c) => c.waitForMessage(last(c.room).message, (m) => m.id === last(c.room).id)));
+      await both.waitForMessage(sent.at(-1).message, (m) => m.id === sent.at(-1).id);
+      for (const c of clients) {
+        assert.deepEqual(c.messages, posted[c.room], `${c.name} received exactly the messages of ${c.room}, in order`);
+      }
+      assert.deepEqual(both.messages, sent, 'the socket in both rooms received every message once, in feed order');
+    } finally {
+      both.close();
+    }
   }));
 
   it('returns the history of each room in order, through either domain and from each backend', logged(() => topo, async () => {

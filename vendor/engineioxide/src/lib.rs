@@ -4,6 +4,7 @@
 
 pub use engineioxide_core::{ProtocolVersion, Str, TransportType};
 pub use socket::{DisconnectReason, Socket};
+pub use transport::direct::{SharedMessage, TcpConnection};
 
 #[doc(hidden)]
 #[cfg(feature = "__test_harness")]

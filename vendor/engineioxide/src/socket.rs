@@ -58,13 +58,17 @@ use std::{
     collections::VecDeque,
     fmt::Debug,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::Duration,
 };
 
-use crate::{config::EngineIoConfig, errors::Error};
+use crate::{
+    config::EngineIoConfig,
+    errors::Error,
+    transport::direct::{Direct, Outbox, SharedMessage},
+};
 use bytes::Bytes;
 use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
 use futures_util::FutureExt;
@@ -221,6 +225,10 @@ where
     /// Channel to send [PacketBuf] to the internal connection
     pub(crate) internal_tx: mpsc::Sender<Queued>,
 
+    /// The websocket's frames waiting to be written, once a websocket writer
+    /// that writes directly runs (chat-ha patch; see vendor/README.md).
+    pub(crate) outbox: OnceLock<Arc<Outbox>>,
+
     /// Channel to send volatile [PacketBuf]s that bypass the internal buffer.
     /// Uses a [`watch`](tokio::sync::watch) channel so only the latest volatile
     /// message is retained; subsequent volatile sends overwrite the previous one.
@@ -269,6 +277,7 @@ where
 
             internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
             internal_tx,
+            outbox: OnceLock::new(),
 
             volatile_tx,
 
@@ -434,7 +443,32 @@ where
     ///
     /// (chat-ha patch; see vendor/README.md)
     pub fn send_capacity(&self) -> usize {
-        self.internal_tx.capacity()
+        let queued = self.outbox.get().map_or(0, |outbox| outbox.queued());
+        self.internal_tx.capacity().saturating_sub(queued)
+    }
+
+    /// Emits messages framed once for many sockets, all or none. On a
+    /// websocket whose connection allows it, they are written at once, unless
+    /// packets wait before them; otherwise they are queued as [`Socket::emit`]
+    /// queues. Fails as [`Socket::emit`] does, with the buffer full or the
+    /// socket closed; messages written but not yet taken by the kernel count
+    /// in the buffer.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn emit_shared(&self, msg: &SharedMessage) -> Result<(), TrySendError<()>> {
+        if let Some(outbox) = self.outbox.get() {
+            match outbox.send_direct(msg, &self.internal_tx) {
+                Direct::Sent => return Ok(()),
+                Direct::Full => return Err(TrySendError::Full(())),
+                Direct::Closed => return Err(TrySendError::Closed(())),
+                Direct::Behind => {}
+            }
+        }
+        let permits = self.internal_tx.try_reserve_many(msg.len())?;
+        for (permit, text) in permits.zip(&msg.texts) {
+            permit.send(Box::new(smallvec![Packet::Message(text.clone())]));
+        }
+        Ok(())
     }
 
     /// Reserve `n` permits to emit multiple messages and ensure that there is enough
@@ -618,6 +652,7 @@ where
 
             internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
             internal_tx,
+            outbox: OnceLock::new(),
 
             volatile_tx,
 

@@ -48,10 +48,33 @@ pub use socketioxide_core::Sid;
 
 /// An event encoded once by [`Socket::encode_event`], to be emitted to many
 /// sockets of one namespace with [`Socket::emit_encoded`]. Cheap to clone.
+/// An event without binary attachments is also framed once for websockets.
 ///
 /// (chat-ha patch; see vendor/README.md)
 #[derive(Debug, Clone)]
-pub struct EncodedEvent(Value);
+pub enum EncodedEvent {
+    /// A text packet, framed for websockets.
+    Text(engineioxide::SharedMessage),
+    /// A packet with binary parts.
+    Other(Value),
+}
+
+impl EncodedEvent {
+    /// Text events as one, emitted in order and all at once (one write to a
+    /// websocket); `None` if one of them has binary parts.
+    pub fn join<'a>(events: impl IntoIterator<Item = &'a EncodedEvent>) -> Option<EncodedEvent> {
+        let messages = events
+            .into_iter()
+            .map(|event| match event {
+                EncodedEvent::Text(message) => Some(message),
+                EncodedEvent::Other(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(EncodedEvent::Text(engineioxide::SharedMessage::join(
+            messages,
+        )))
+    }
+}
 
 /// All the possible reasons for a [`Socket`] to be disconnected from a namespace.
 ///
@@ -707,22 +730,36 @@ impl<A: Adapter> Socket<A> {
     ) -> Result<EncodedEvent, crate::parser::ParserError> {
         let data = self.parser.encode_value(data, Some(event.as_ref()))?;
         let packet = Packet::event(self.ns.path.clone(), data);
-        Ok(EncodedEvent(self.parser.encode(packet)))
+        Ok(match self.parser.encode(packet) {
+            Value::Str(text, None) => EncodedEvent::Text(engineioxide::SharedMessage::new(text)),
+            value => EncodedEvent::Other(value),
+        })
     }
 
     /// # Emit an event encoded by [`Socket::encode_event`]
     ///
     /// Fails as [`Socket::emit`] does, with the socket's buffer full or the
-    /// socket closed.
+    /// socket closed. On a websocket with nothing queued, a text event is
+    /// written to the connection at once ([`engineioxide::Socket::emit_shared`]).
     ///
     /// (chat-ha patch; see vendor/README.md)
     pub fn emit_encoded(&self, event: &EncodedEvent) -> Result<(), SendError> {
         if !self.connected() {
             return Err(SendError::Socket(SocketError::Closed));
         }
-        let permit = self.reserve().map_err(SendError::Socket)?;
-        permit.send_raw(event.0.clone());
-        Ok(())
+        match event {
+            EncodedEvent::Text(message) => {
+                self.esocket.emit_shared(message).map_err(|e| match e {
+                    TrySendError::Full(()) => SendError::Socket(SocketError::InternalChannelFull),
+                    TrySendError::Closed(()) => SendError::Socket(SocketError::Closed),
+                })
+            }
+            EncodedEvent::Other(value) => {
+                let permit = self.reserve().map_err(SendError::Socket)?;
+                permit.send_raw(value.clone());
+                Ok(())
+            }
+        }
     }
 
     /// # Packets that can still be queued for this socket

@@ -4,6 +4,7 @@ use engineioxide_core::{OpenPacket, Sid, TransportType};
 
 use crate::config::EngineIoConfig;
 
+pub mod direct;
 pub mod polling;
 pub mod ws;
 

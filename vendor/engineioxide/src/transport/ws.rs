@@ -4,11 +4,14 @@
 //! Other functions are used internally to handle the websocket connection through tasks and channels
 //! and to handle upgrade from polling to ws
 
+use std::any::Any;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{
-    SinkExt, StreamExt, TryStreamExt,
-    stream::{SplitSink, SplitStream},
+    SinkExt, Stream, StreamExt, TryStreamExt,
+    stream::SplitSink,
 };
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use smallvec::smallvec;
@@ -33,8 +36,60 @@ use crate::{
     errors::Error,
     handler::EngineIoHandler,
     socket::{InternalRx, Queued},
-    transport::make_open_packet,
+    transport::{
+        direct::{Outbox, TcpConnection, WsIo},
+        make_open_packet,
+    },
 };
+
+/// How long a closing websocket's writer may take to write what is queued.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A websocket set up by [`open`], with what it needs to run.
+enum Opened<D: Default + Send + Sync + 'static> {
+    /// Upgraded from a [`TcpConnection`]: frames are written directly
+    /// (chat-ha patch; see vendor/README.md). The guard lives as long as the
+    /// connection.
+    Direct(
+        Arc<Socket<D>>,
+        WebSocketStream<WsIo>,
+        Arc<Outbox>,
+        Box<dyn Any + Send + Sync>,
+    ),
+    /// Upgraded from any other connection: written by upstream's writer.
+    Split(
+        Arc<Socket<D>>,
+        WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    ),
+}
+
+/// Sets the upgraded connection `conn` up as a websocket: directly written
+/// if it is a [`TcpConnection`], as upstream otherwise.
+async fn open_upgraded<H: EngineIoHandler>(
+    engine: &Arc<EngineIo<H>>,
+    conn: hyper::upgrade::Upgraded,
+    protocol: ProtocolVersion,
+    sid: Option<Sid>,
+    req_data: Parts,
+) -> Result<Opened<H::Data>, Error> {
+    use hyper_util::rt::TokioIo;
+    match conn.downcast::<TokioIo<TcpConnection>>() {
+        Ok(parts) => {
+            let (stream, guard) = parts.io.into_inner().into_parts();
+            let stream = Arc::new(stream);
+            let outbox = Arc::new(Outbox::new(stream.clone()));
+            let io = WsIo::new(stream, outbox.clone());
+            let read = parts.read_buf.to_vec();
+            let (socket, ws) = open(engine, io, read, protocol, sid, req_data).await?;
+            Ok(Opened::Direct(socket, ws, outbox, guard))
+        }
+        Err(conn) => {
+            let (socket, ws) =
+                open(engine, TokioIo::new(conn), Vec::new(), protocol, sid, req_data).await?;
+            Ok(Opened::Split(socket, ws))
+        }
+    }
+}
 
 /// Create a response for websocket upgrade
 fn ws_response<B>(ws_key: &HeaderValue) -> Response<ResponseBody<B>> {
@@ -80,16 +135,7 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
         let engine = engine.clone();
         Box::pin(async move {
             match on_upgrade.await {
-                Ok(conn) => Some(
-                    open(
-                        &engine,
-                        hyper_util::rt::TokioIo::new(conn),
-                        protocol,
-                        sid,
-                        parts,
-                    )
-                    .await,
-                ),
+                Ok(conn) => Some(open_upgraded(&engine, conn, protocol, sid, parts).await),
                 Err(_e) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!("ws upgrade error: {}", _e);
@@ -100,7 +146,15 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     };
     tokio::spawn(async move {
         let res = match opening.await {
-            Some(Ok((socket, ws))) => run(&engine, socket, ws.split()).await,
+            Some(Ok(Opened::Direct(socket, mut ws, outbox, guard))) => {
+                tokio::spawn(write_direct(socket.clone(), outbox, guard));
+                run(&engine, socket, &mut ws).await
+            }
+            Some(Ok(Opened::Split(socket, ws))) => {
+                let (tx, mut rx) = ws.split();
+                tokio::spawn(forward_to_socket::<H, _>(socket.clone(), tx));
+                run(&engine, socket, &mut rx).await
+            }
             Some(Err(e)) => Err(e),
             None => return,
         };
@@ -139,8 +193,10 @@ pub async fn on_init<H: EngineIoHandler, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (socket, ws) = Box::pin(open(&engine, conn, protocol, sid, req_data)).await?;
-    run(&engine, socket, ws.split()).await
+    let (socket, ws) = Box::pin(open(&engine, conn, Vec::new(), protocol, sid, req_data)).await?;
+    let (tx, mut rx) = ws.split();
+    tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
+    run(&engine, socket, &mut rx).await
 }
 
 /// Sets a websocket connection up: a new session and its open packet, or the
@@ -152,6 +208,7 @@ where
 async fn open<H: EngineIoHandler, S>(
     engine: &Arc<EngineIo<H>>,
     conn: S,
+    read: Vec<u8>,
     protocol: ProtocolVersion,
     sid: Option<Sid>,
     req_data: Parts,
@@ -164,7 +221,9 @@ where
         .max_message_size(Some(engine.config.ws_max_message_size))
         .max_frame_size(Some(engine.config.ws_max_frame_size));
 
-    let ws_init = move || WebSocketStream::from_raw_socket(conn, Role::Server, Some(ws_config));
+    // `read`: what was read from the connection after the upgrade request.
+    let ws_init =
+        move || WebSocketStream::from_partially_read(conn, read, Role::Server, Some(ws_config));
     let (socket, ws) = if let Some(sid) = sid {
         match engine.get_socket(sid) {
             None => return Err(Error::UnknownSessionID(sid)),
@@ -209,24 +268,15 @@ where
     Ok((socket, ws))
 }
 
-/// Runs a websocket connection set up by [`open`] until it closes. Takes the
-/// websocket split, as the halves are used: a future keeps room for its
-/// arguments while it lives, and the whole websocket is ~300 bytes.
-async fn run<H: EngineIoHandler, S>(
+/// Runs a websocket connection set up by [`open`], whose writer runs in a
+/// task of its own, until it closes. Takes the websocket (or its reading
+/// half) by reference: a future keeps room for its arguments while it lives,
+/// even once they are moved on, and the websocket is ~300 bytes.
+async fn run<H: EngineIoHandler>(
     engine: &Arc<EngineIo<H>>,
     socket: Arc<Socket<H::Data>>,
-    (tx, rx): (
-        SplitSink<WebSocketStream<S>, Message>,
-        SplitStream<WebSocketStream<S>>,
-    ),
-) -> Result<(), Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-
-    // Pipe between websocket and internal socket channel.
-    tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
-
+    rx: &mut (impl Stream<Item = Result<Message, tungstenite::Error>> + Unpin),
+) -> Result<(), Error> {
     // pipe between internal socket channel and websocket
     match forward_to_handler(engine, rx, &socket)
         .with_cancellation_token(&socket.cancellation_token)
@@ -254,14 +304,11 @@ where
 }
 
 /// Forwards all packets received from a websocket to a EngineIo [`Socket`]
-async fn forward_to_handler<H: EngineIoHandler, S>(
+async fn forward_to_handler<H: EngineIoHandler>(
     engine: &Arc<EngineIo<H>>,
-    mut rx: SplitStream<WebSocketStream<S>>,
+    rx: &mut (impl Stream<Item = Result<Message, tungstenite::Error>> + Unpin),
     socket: &Arc<Socket<H::Data>>,
-) -> Result<(), Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) -> Result<(), Error> {
     while let Some(msg) = rx.try_next().await? {
         match msg {
             Message::Text(msg) => match Packet::parse(socket.protocol, ws_bytes_to_str(msg))? {
@@ -376,6 +423,53 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
 
     tx.flush().await.ok();
     tx.close().await.ok();
+}
+
+/// The writer of a websocket on a [`TcpConnection`]: moves what the socket's
+/// channel receives into the outbox, and writes what the kernel did not take
+/// at once, until the session closes (chat-ha patch; see vendor/README.md).
+/// Senders write directly to the connection once this runs.
+async fn write_direct<D: Default + Send + Sync + 'static>(
+    socket: Arc<Socket<D>>,
+    outbox: Arc<Outbox>,
+    _guard: Box<dyn Any + Send + Sync>,
+) {
+    // A polling request that was in progress during the upgrade may still hold the lock.
+    let lock = socket.internal_rx.lock();
+    if let Some(mut internal_rx) = lock
+        .with_cancellation_token(&socket.cancellation_token)
+        .await
+    {
+        let InternalRx {
+            buffered_rx,
+            volatile_rx,
+            ..
+        } = &mut *internal_rx;
+        let _ = socket.outbox.set(outbox.clone());
+        let mut cancelled = std::pin::pin!(socket.cancellation_token.cancelled());
+        loop {
+            tokio::select! {
+                biased;
+                // Ready only once the channel or the connection is closed.
+                _pumped = poll_fn(|cx| outbox.poll_pump(cx, buffered_rx, socket.protocol)) => {
+                    #[cfg(feature = "tracing")]
+                    tracing::debug!(sid = %socket.id, "ws writer stops: {_pumped:?}");
+                    break;
+                }
+                _ = &mut cancelled => break,
+                Ok(()) = volatile_rx.changed() => {
+                    let val = volatile_rx.borrow_and_update().clone();
+                    if let Some(packets) = val {
+                        outbox.send_packets(packets, socket.protocol);
+                    }
+                },
+            }
+        }
+    }
+    outbox.close();
+    let flushed = poll_fn(|cx| outbox.poll_flush(cx));
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flushed).await;
+    outbox.release();
 }
 
 /// Maps packets to websocket messages and feeds them to the websocket, unflushed.
