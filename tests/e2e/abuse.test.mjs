@@ -150,6 +150,16 @@ describe('abuse of a frontend', () => {
     await stillServing('a 4 KiB websocket message');
   }));
 
+  it('answers a websocket ping, and a close frame with one close frame before it closes', logged(() => topo, async () => {
+    const ws = await rawSocketIo(frontend.port);
+    ws.sendFrame(0x9, 'are you there');
+    await ws.until('the pong', () => ws.pongs.includes('are you there'));
+    ws.sendFrame(0x8, Buffer.from([0x03, 0xe8])); // 1000: normal closure
+    await ws.until('the server to close the connection', () => ws.ended);
+    assert.equal(ws.closeFrames, 1, 'one close frame in answer, nothing after it');
+    await stillServing('a websocket closed by its client');
+  }));
+
   // ---- the Socket.IO client misbehaving ----------------------------------
 
   const abuser = async (transport) => {

@@ -496,7 +496,9 @@ export class RawWebSocket {
   constructor(socket, rest) {
     this.socket = socket;
     this.messages = [];
+    this.pongs = [];
     this.closeFrame = null;
+    this.closeFrames = 0;
     this.ended = false;
     this.buffer = rest;
     this.fragments = null;
@@ -570,12 +572,15 @@ export class RawWebSocket {
       const payload = b.subarray(offset, offset + length);
       this.buffer = b.subarray(offset + length);
       if (opcode === 0x8) {
+        this.closeFrames += 1;
         this.closeFrame = {
           code: payload.length >= 2 ? payload.readUInt16BE(0) : null,
           reason: payload.subarray(2).toString('utf8'),
         };
       } else if (opcode === 0x9) {
         this.sendFrame(0xa, payload);
+      } else if (opcode === 0xa) {
+        this.pongs.push(payload.toString('utf8'));
       } else if (opcode <= 0x2) {
         this.fragments = opcode === 0x0 ? Buffer.concat([this.fragments ?? Buffer.alloc(0), payload]) : payload;
         if (fin) {
