@@ -298,23 +298,15 @@ impl Rooms {
                 Some(encode(sockets.first()?, m))
             })
             .collect();
-        let mut rooms: Vec<&str> = Vec::new();
-        for message in messages {
-            if !rooms.contains(&message.room.as_str()) {
-                rooms.push(&message.room);
-            }
-        }
+        let rooms = by_room(messages);
         // A socket in several rooms must get their messages interleaved as
         // the feed has them: it is sent its own selection below.
         let mixed = rooms.len() > 1;
         let mut in_several: HashMap<Sid, &SocketRef> = HashMap::new();
-        for room in rooms {
+        for (room, picked) in rooms {
             let Some(sockets) = shared.members.get(room) else {
                 continue;
             };
-            let picked: Vec<usize> = (0..messages.len())
-                .filter(|&i| messages[i].room == room)
-                .collect();
             let batch = joined(&events, &picked);
             for socket in sockets {
                 if mixed && shared.rooms_of.get(&socket.id).is_some_and(|r| r.len() > 1) {
@@ -346,6 +338,21 @@ impl Rooms {
             counts.add(self.send_live(socket, event), *messages);
         }
     }
+}
+
+/// The rooms of `messages`, in the order they first appear, each with the
+/// indices of its messages.
+fn by_room(messages: &[ChatMessage]) -> Vec<(&str, Vec<usize>)> {
+    let mut rooms: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut slots: HashMap<&str, usize> = HashMap::new();
+    for (i, message) in messages.iter().enumerate() {
+        let slot = *slots.entry(&message.room).or_insert_with(|| {
+            rooms.push((&message.room, Vec::new()));
+            rooms.len() - 1
+        });
+        rooms[slot].1.push(i);
+    }
+    rooms
 }
 
 /// The encoded messages at `picked` as one event, with how many messages it
