@@ -178,3 +178,35 @@ async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
     assert_eq!(receive(&mut rx, 20).await, after);
     wait_up(&health).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_skips_entries_the_backend_did_not_write_and_delivers_what_follows() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+
+    // Written by something else: a field missing, a text that is not UTF-8.
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let feed = format!("{}:feed", config.redis.key_prefix);
+    let foreign: [&[(&str, &[u8])]; 2] = [
+        &[("r", b"rooma")],
+        &[("r", b"rooma"), ("m", &[0x68, 0xff, 0xfe])],
+    ];
+    for fields in foreign {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&feed).arg("*");
+        for (field, value) in fields {
+            xadd.arg(*field).arg(*value);
+        }
+        let _: String = xadd.query_async(&mut conn).await.unwrap();
+    }
+    let after = store
+        .append(&post("rooma", "after the foreign entries"), None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(receive(&mut rx, 1).await, vec![after]);
+}

