@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamRangeReply, StreamReadOptions};
+use redis::streams::StreamReadOptions;
 
-use super::{Keys, RedisHealth, Subscriber};
+use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
 use crate::config::Config;
 use crate::message::{ChatMessage, StreamId};
 
@@ -132,14 +132,12 @@ impl Feed {
             .arg("-")
             .arg("COUNT")
             .arg(1);
-        let call = cmd.query_async::<StreamRangeReply>(conn);
-        let reply = tokio::time::timeout(self.timeout, call)
+        let call = cmd.query_async::<Entries>(conn);
+        let newest = tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| FeedError::Timeout(self.timeout))??;
-        match reply.ids.first() {
-            Some(entry) => {
-                StreamId::parse(&entry.id).ok_or_else(|| FeedError::Malformed(entry.id.clone()))
-            }
+        match newest.first() {
+            Some((id, _)) => StreamId::parse(id).ok_or_else(|| FeedError::Malformed(id.clone())),
             None => Ok(StreamId::ZERO),
         }
     }
@@ -167,17 +165,11 @@ impl Feed {
             .flatten()
             .flat_map(|(_key, entries)| entries);
         entries
-            .map(|(id, fields)| {
+            .map(|(id, mut fields)| {
                 let parsed =
                     StreamId::parse(&id).ok_or_else(|| FeedError::Malformed(id.clone()))?;
-                let (mut room, mut text) = (None, None);
-                for (field, value) in fields {
-                    match &field[..] {
-                        b"r" => room = String::from_utf8(value).ok(),
-                        b"m" => text = String::from_utf8(value).ok(),
-                        _ => {}
-                    }
-                }
+                let room = take_field(&mut fields, b"r");
+                let text = take_field(&mut fields, b"m");
                 let message = room
                     .zip(text)
                     .and_then(|(room, text)| ChatMessage::new(id, room, text));
@@ -187,14 +179,8 @@ impl Feed {
     }
 }
 
-/// An `XREAD` reply, as nested lists: each stream's key and entries, each
-/// entry's id and field-value pairs. Values are bytes, so that an entry the
-/// backend did not write is skipped rather than failing the whole reply.
-/// Converted from the reply as it is, where redis-rs's `StreamReadReply`
-/// copies the whole reply and builds a map per entry: a third of the
-/// instructions the frontend spent on each message it read from Redis
-/// (24,200 then, 16,500 now, callgrind).
-type XreadReply = Vec<(String, Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>)>;
+/// An `XREAD` reply: each stream's key and entries.
+type XreadReply = Vec<(String, Entries)>;
 
 /// Spreads reconnection attempts of many frontends over time (75%–100% of
 /// `pause`), so a restarted Redis is not met by all of them at once.

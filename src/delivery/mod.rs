@@ -37,6 +37,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::message::{ChatMessage, IdempotencyKey, Room, StreamId};
 
+/// Stream entries as Redis sends them: each entry's id and its field-value
+/// pairs. Read into these lists, a reply is converted as it is, where
+/// redis-rs's `StreamReadReply` and `StreamRangeReply` copy the whole reply
+/// and build a map per entry: a third of the instructions the frontend spent
+/// on each message it read from Redis (24,200 then, 16,400 now, callgrind).
+/// Values are bytes, so that an entry the backend did not write (text that
+/// is not UTF-8) is found malformed rather than failing the whole reply.
+type Entries = Vec<(String, Fields)>;
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Takes the text of the field `name` out of `fields`, if it is there and UTF-8.
+fn take_field(fields: &mut Fields, name: &[u8]) -> Option<String> {
+    let index = fields.iter().position(|(field, _)| field == name)?;
+    String::from_utf8(fields.swap_remove(index).1).ok()
+}
+
 /// What a [`Feed`] hands its messages to.
 pub trait Subscriber: Send + Sync + 'static {
     /// The feed (re)connected and continues after `cursor`; called before the

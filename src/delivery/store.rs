@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::StreamRangeReply;
 
-use super::{Keys, RedisHealth};
+use super::{Entries, Keys, RedisHealth, take_field};
 use crate::config::Config;
 use crate::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
 
@@ -172,14 +171,13 @@ impl Store {
         cmd: redis::Cmd,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut conn = self.0.conn.clone();
-        let reply: StreamRangeReply = self.bounded(cmd.query_async(&mut conn)).await?;
-        reply
-            .ids
+        let entries: Entries = self.bounded(cmd.query_async(&mut conn)).await?;
+        entries
             .into_iter()
-            .map(|entry| {
-                let text: Option<String> = entry.get("m");
-                text.and_then(|text| ChatMessage::new(entry.id.clone(), room.to_string(), text))
-                    .ok_or(StoreError::Malformed(entry.id))
+            .map(|(id, mut fields)| {
+                take_field(&mut fields, b"m")
+                    .and_then(|text| ChatMessage::new(id.clone(), room.to_string(), text))
+                    .ok_or(StoreError::Malformed(id))
             })
             .collect()
     }
