@@ -355,20 +355,33 @@ fn by_room(messages: &[ChatMessage]) -> Vec<(&str, Vec<usize>)> {
     rooms
 }
 
-/// The encoded messages at `picked` as one event, with how many messages it
-/// holds (borrowed when it is one message). Events with binary parts cannot
-/// be joined; they would go one by one.
+/// Most messages sent to a socket as one. A socket is sent a batch only if
+/// its queue has room for all of it; kept well under the queue's length
+/// (the room's history and more), a batch never waits for a queue that
+/// cannot hold it.
+const MAX_JOINED: usize = 64;
+
+/// The encoded messages at `picked` as events of up to [`MAX_JOINED`]
+/// messages each, with how many messages each holds (borrowed when it is
+/// one message). Events with binary parts cannot be joined; they would go
+/// one by one.
 fn joined<'a>(
     events: &'a [Option<EncodedEvent>],
     picked: &[usize],
 ) -> Vec<(Cow<'a, EncodedEvent>, usize)> {
-    let each = || picked.iter().filter_map(|&i| events[i].as_ref());
-    if picked.len() > 1 {
-        if let Some(event) = EncodedEvent::join(each()) {
-            return vec![(Cow::Owned(event), picked.len())];
+    let mut batch = Vec::new();
+    for chunk in picked.chunks(MAX_JOINED) {
+        let each = || chunk.iter().filter_map(|&i| events[i].as_ref());
+        let one = match chunk {
+            [_, _, ..] => EncodedEvent::join(each()),
+            _ => None,
+        };
+        match one {
+            Some(event) => batch.push((Cow::Owned(event), each().count())),
+            None => batch.extend(each().map(|event| (Cow::Borrowed(event), 1))),
         }
     }
-    each().map(|event| (Cow::Borrowed(event), 1)).collect()
+    batch
 }
 
 impl Rooms {

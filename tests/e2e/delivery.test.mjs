@@ -149,8 +149,9 @@ describe('delivery across domains, transports, frontends and backends', () => {
         sent.push(res.json);
       }
       // A burst over both rooms, posted at once: a frontend reads several
-      // of them from Redis at a time and sends each socket its part together.
-      const burst = await Promise.all(Array.from({ length: 60 }, (_, i) =>
+      // of them from Redis at a time and sends each socket its part together
+      // (up to 64 messages in one write).
+      const burst = await Promise.all(Array.from({ length: 200 }, (_, i) =>
         postMessage(topo.backends[i % 2].url, i % 3 === 0 ? ROOM_B : ROOM_A, `burst ${i}`)));
       for (const res of burst) assert.equal(res.status, 201, res.text);
       sent.push(...burst.map((res) => res.json).sort((a, b) => compareIds(a.id, b.id)));

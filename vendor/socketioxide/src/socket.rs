@@ -47,8 +47,8 @@ use socketioxide_core::{
 pub use socketioxide_core::Sid;
 
 /// An event encoded once by [`Socket::encode_event`], to be emitted to many
-/// sockets of one namespace with [`Socket::emit_encoded`]. Cheap to clone.
-/// An event without binary attachments is also framed once for websockets.
+/// sockets of one namespace with [`Socket::emit_encoded`]. An event without
+/// binary attachments is also framed once for websockets.
 ///
 /// (chat-ha patch; see vendor/README.md)
 #[derive(Debug, Clone)]
