@@ -119,22 +119,23 @@ pub struct Rooms {
     shared: tokio::sync::Mutex<Shared>,
 }
 
-/// What became of one message sent to one socket.
+/// What became of one event sent to one socket.
 enum Sent {
     Yes,
-    /// The socket's queue was full: its transport is now closing.
+    /// The socket was too far behind: its transport is now closing.
     Dropped,
     /// The socket is already gone.
     Gone,
 }
 
-/// Sends one encoded message to one socket; closes the transport of a socket
-/// whose queue is full so that it reconnects and resumes.
-fn send(socket: &SocketRef, event: &EncodedEvent) -> Sent {
-    match socket.emit_encoded(event) {
+/// Sends one encoded event to one socket, unless more than `backlog`
+/// packets would then wait for it: then its transport is closed, so that it
+/// reconnects and resumes.
+fn send(socket: &SocketRef, event: &EncodedEvent, backlog: usize) -> Sent {
+    match socket.emit_encoded(event, backlog) {
         Ok(()) => Sent::Yes,
         Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-            tracing::info!(sid = %socket.id, "send queue full; closing the socket so it resumes");
+            tracing::info!(sid = %socket.id, "too far behind; closing the socket so it resumes");
             socket.close_transport();
             Sent::Dropped
         }
@@ -218,24 +219,11 @@ impl Rooms {
         self.metrics.rooms.set(shared.members.len() as i64);
     }
 
-    /// Live messages waiting in `socket`'s queue.
-    fn waiting(&self, socket: &SocketRef) -> usize {
-        self.queue_len.saturating_sub(socket.send_capacity())
-    }
-
-    /// Sends a live message, unless `socket` has fallen so far behind that
-    /// resuming could no longer fill its gap from the room's history: then
-    /// its transport is closed now, and it resumes.
+    /// Sends live messages, unless `socket` would then have fallen so far
+    /// behind that resuming could no longer fill its gap from the room's
+    /// history: then its transport is closed now, and it resumes.
     fn send_live(&self, socket: &SocketRef, event: &EncodedEvent) -> Sent {
-        if !socket.connected() {
-            return Sent::Gone;
-        }
-        if self.waiting(socket) < self.live_backlog {
-            return send(socket, event);
-        }
-        tracing::info!(sid = %socket.id, "too far behind; closing the socket so it resumes");
-        socket.close_transport();
-        Sent::Dropped
+        send(socket, event, self.live_backlog)
     }
 }
 
@@ -441,7 +429,7 @@ impl Rooms {
         let held = resuming.into_iter().flat_map(|r| r.held);
         let mut replayed = 0;
         for message in missed.into_iter().chain(held.filter(|m| after(m, since))) {
-            match send(socket, &encode(socket, &message)) {
+            match send(socket, &encode(socket, &message), self.queue_len) {
                 Sent::Yes => replayed += 1,
                 // The socket is closing; it will resume again from what it got.
                 Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),

@@ -439,30 +439,40 @@ where
         TransportType::from(self.transport.load(Ordering::Relaxed))
     }
 
-    /// Packets that can still be queued before the buffer is full.
+    /// Packets waiting for the client: in the buffer, or written but not yet
+    /// taken by the kernel.
     ///
     /// (chat-ha patch; see vendor/README.md)
-    pub fn send_capacity(&self) -> usize {
-        let queued = self.outbox.get().map_or(0, |outbox| outbox.queued());
-        self.internal_tx.capacity().saturating_sub(queued)
+    pub fn queued(&self) -> usize {
+        let buffered = self.internal_tx.max_capacity() - self.internal_tx.capacity();
+        buffered + self.outbox.get().map_or(0, |outbox| outbox.queued())
     }
 
-    /// Emits messages framed once for many sockets, all or none. On a
-    /// websocket whose connection allows it, they are written at once, unless
-    /// packets wait before them; otherwise they are queued as [`Socket::emit`]
-    /// queues. Fails as [`Socket::emit`] does, with the buffer full or the
-    /// socket closed; messages written but not yet taken by the kernel count
-    /// in the buffer.
+    /// Emits messages framed once for many sockets, all or none, unless more
+    /// than `backlog` packets would then wait for the client (see
+    /// [`Socket::queued`]; the buffer's size is the most). On a websocket
+    /// whose connection allows it, they are written at once, unless packets
+    /// wait before them; otherwise they are queued as [`Socket::emit`]
+    /// queues. Fails as [`Socket::emit`] does, with the buffer full (or the
+    /// backlog reached) or the socket closed.
     ///
     /// (chat-ha patch; see vendor/README.md)
-    pub fn emit_shared(&self, msg: &SharedMessage) -> Result<(), TrySendError<()>> {
+    pub fn emit_shared(
+        &self,
+        msg: &SharedMessage,
+        backlog: usize,
+    ) -> Result<(), TrySendError<()>> {
+        let backlog = backlog.min(self.internal_tx.max_capacity());
         if let Some(outbox) = self.outbox.get() {
-            match outbox.send_direct(msg, &self.internal_tx) {
+            match outbox.send_direct(msg, &self.internal_tx, backlog) {
                 Direct::Sent => return Ok(()),
                 Direct::Full => return Err(TrySendError::Full(())),
                 Direct::Closed => return Err(TrySendError::Closed(())),
                 Direct::Behind => {}
             }
+        }
+        if self.queued() + msg.len() > backlog {
+            return Err(TrySendError::Full(()));
         }
         let permits = self.internal_tx.try_reserve_many(msg.len())?;
         for (permit, text) in permits.zip(&msg.texts) {

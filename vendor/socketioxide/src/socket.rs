@@ -739,37 +739,36 @@ impl<A: Adapter> Socket<A> {
     /// # Emit an event encoded by [`Socket::encode_event`]
     ///
     /// Fails as [`Socket::emit`] does, with the socket's buffer full or the
-    /// socket closed. On a websocket with nothing queued, a text event is
-    /// written to the connection at once ([`engineioxide::Socket::emit_shared`]).
+    /// socket closed; and with the buffer full when more than `backlog`
+    /// packets would then wait for the client, so that a server can let a
+    /// socket go before its buffer is full. On a websocket with nothing
+    /// queued, a text event is written to the connection at once
+    /// ([`engineioxide::Socket::emit_shared`]).
     ///
     /// (chat-ha patch; see vendor/README.md)
-    pub fn emit_encoded(&self, event: &EncodedEvent) -> Result<(), SendError> {
+    pub fn emit_encoded(&self, event: &EncodedEvent, backlog: usize) -> Result<(), SendError> {
         if !self.connected() {
             return Err(SendError::Socket(SocketError::Closed));
         }
+        let full = SendError::Socket(SocketError::InternalChannelFull);
         match event {
             EncodedEvent::Text(message) => {
-                self.esocket.emit_shared(message).map_err(|e| match e {
-                    TrySendError::Full(()) => SendError::Socket(SocketError::InternalChannelFull),
-                    TrySendError::Closed(()) => SendError::Socket(SocketError::Closed),
-                })
+                self.esocket
+                    .emit_shared(message, backlog)
+                    .map_err(|e| match e {
+                        TrySendError::Full(()) => full,
+                        TrySendError::Closed(()) => SendError::Socket(SocketError::Closed),
+                    })
             }
             EncodedEvent::Other(value) => {
+                if self.esocket.queued() >= backlog {
+                    return Err(full);
+                }
                 let permit = self.reserve().map_err(SendError::Socket)?;
                 permit.send_raw(value.clone());
                 Ok(())
             }
         }
-    }
-
-    /// # Packets that can still be queued for this socket
-    ///
-    /// How much room is left in the socket's send buffer (`max_buffer_size`
-    /// packets): a server can let a socket go before its buffer is full.
-    ///
-    /// (chat-ha patch; see vendor/README.md)
-    pub fn send_capacity(&self) -> usize {
-        self.esocket.send_capacity()
     }
 
     /// # Get the request info made by the client to connect.

@@ -186,7 +186,7 @@ pub(crate) enum Direct {
     Sent,
     /// Not written: packets wait in the socket's channel, and go first.
     Behind,
-    /// The outbox holds as many frames as the channel may hold packets.
+    /// The outbox would hold more packets than the sender allows.
     Full,
     /// The connection is closing.
     Closed,
@@ -238,11 +238,13 @@ impl Outbox {
     }
 
     /// Writes `message` for a sender outside the writer task, unless
-    /// packets wait in `channel`: they were sent first.
+    /// packets wait in `channel` (they were sent first), or more than
+    /// `backlog` packets would then wait in the outbox.
     pub(crate) fn send_direct(
         &self,
         message: &SharedMessage,
         channel: &mpsc::Sender<Queued>,
+        backlog: usize,
     ) -> Direct {
         let mut state = self.lock();
         if state.closed {
@@ -254,7 +256,7 @@ impl Outbox {
         if channel.capacity() < channel.max_capacity() {
             return Direct::Behind;
         }
-        if state.packets + message.len() > channel.max_capacity() {
+        if state.packets + message.len() > backlog {
             return Direct::Full;
         }
         state.push(message.frames.clone(), message.len());
