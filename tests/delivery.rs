@@ -210,3 +210,106 @@ async fn feed_skips_entries_the_backend_did_not_write_and_delivers_what_follows(
         .message;
     assert_eq!(receive(&mut rx, 1).await, vec![after]);
 }
+
+/// Appends an entry to the feed as an older backend would: no push.
+async fn append_without_push(
+    conn: &mut redis::aio::MultiplexedConnection,
+    feed: &str,
+    text: &str,
+) -> String {
+    redis::cmd("XADD")
+        .arg(feed)
+        .arg("*")
+        .arg("r")
+        .arg("rooma")
+        .arg("m")
+        .arg(text)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_delivers_entries_that_were_not_pushed_in_order() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let feed = format!("{}:feed", config.redis.key_prefix);
+
+    // Between two pushed messages: the second one's push reveals the gap.
+    let first = store.append(&post("rooma", "first"), None).await.unwrap();
+    let unpushed = append_without_push(&mut conn, &feed, "not pushed").await;
+    let last = store.append(&post("rooma", "last"), None).await.unwrap();
+    let got = receive(&mut rx, 3).await;
+    let texts: Vec<_> = got
+        .iter()
+        .map(|m| (m.id.as_str(), m.message.as_str()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            (first.message.id.as_str(), "first"),
+            (unpushed.as_str(), "not pushed"),
+            (last.message.id.as_str(), "last"),
+        ]
+    );
+
+    // Last in the feed, with no push after it: found by the periodic read.
+    let tail = append_without_push(&mut conn, &feed, "the tail").await;
+    let got = receive(&mut rx, 1).await;
+    assert_eq!(
+        (got[0].id.as_str(), got[0].message.as_str()),
+        (tail.as_str(), "the tail")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "no duplicate deliveries");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stream_reads = async |conn: &mut redis::aio::MultiplexedConnection| {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_xrange:") || l.starts_with("cmdstat_xread:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum::<u64>()
+    };
+
+    let before = stream_reads(&mut conn).await;
+    let mut sent = Vec::new();
+    for i in 0..200 {
+        sent.push(
+            store
+                .append(&post("rooma", &format!("m{i}")), None)
+                .await
+                .unwrap()
+                .message,
+        );
+    }
+    assert_eq!(receive(&mut rx, sent.len()).await, sent);
+    let reads = stream_reads(&mut conn).await - before;
+    // One read every two seconds while this runs (and the first), none per message.
+    assert!(reads <= 10, "200 messages took {reads} reads of the stream");
+}

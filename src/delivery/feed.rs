@@ -1,28 +1,45 @@
 //! The frontend's side of Redis: follow the feed of every appended message.
+//!
+//! Redis pushes each message to every frontend the moment it is stored: the
+//! append script publishes it on the feed's channel together with the id of
+//! the feed entry before it. A frontend hands a pushed message on only if
+//! that previous id is the last one it delivered; otherwise it has missed
+//! something (it was away, or an entry was appended without a push) and it
+//! reads the feed stream from its cursor instead, which is where the truth
+//! is. It also reads the stream after each (re)connection, and every
+//! [`POLL`], which both checks that Redis still answers and finds any entry
+//! that no later push revealed.
+//!
+//! Pushes spare Redis the work `XREAD BLOCK` costs it for each frontend and
+//! each read (a command to read, a client to block and unblock), and the
+//! frontend a request per read.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
-use redis::streams::StreamReadOptions;
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind};
+use tokio::sync::mpsc;
 
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
 use crate::config::Config;
 use crate::message::{ChatMessage, StreamId};
 
-/// How long one `XREAD` waits for new entries before asking again. Short
-/// enough that a silently dead connection is noticed within a few seconds.
-const BLOCK: Duration = Duration::from_secs(2);
-/// Most entries taken per `XREAD`: bounds the work done between two awaits.
+/// How often the feed stream is read even when pushes arrive as they should.
+/// Short enough that a silently dead connection is noticed within a few
+/// seconds.
+const POLL: Duration = Duration::from_secs(2);
+/// Most entries taken per read of the stream, and most pushed messages handed
+/// on together: bounds the work done between two awaits.
 const BATCH: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("Redis did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error("the connection to Redis closed")]
+    Disconnected,
     #[error("malformed feed entry {0:?}")]
     Malformed(String),
 }
@@ -42,8 +59,14 @@ pub struct Feed {
 impl Feed {
     pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, FeedError> {
         let redis = &config.redis;
+        // Pushes share the connection with commands only in RESP3.
+        let info = redis.url.as_str().into_connection_info()?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
         Ok(Feed {
-            client: redis::Client::open(redis.url.as_str())?,
+            client: redis::Client::open(info.set_redis_settings(resp3))?,
             keys: Keys::new(&redis.key_prefix),
             timeout: redis.command_timeout(),
             reconnect_min: redis.reconnect_min(),
@@ -59,7 +82,7 @@ impl Feed {
     pub async fn run(mut self, subscriber: Arc<impl Subscriber>) {
         let mut pause = self.reconnect_min;
         loop {
-            let error = self.follow(&*subscriber, &mut pause).await;
+            let Err(error) = self.follow(&*subscriber, &mut pause).await;
             if self.health.set_up(false) {
                 tracing::warn!(
                     "lost Redis, delivery paused at {:?}: {error}",
@@ -73,19 +96,20 @@ impl Feed {
         }
     }
 
-    /// Connects and delivers until the connection fails.
-    async fn follow(&mut self, subscriber: &impl Subscriber, pause: &mut Duration) -> FeedError {
-        let mut conn = match self.connect().await {
-            Ok(conn) => conn,
-            Err(e) => return e,
-        };
-        let start = match self.cursor {
-            Some(cursor) => Ok(cursor),
-            None => self.last_id(&mut conn).await,
-        };
-        let mut cursor = match start {
-            Ok(cursor) => cursor,
-            Err(e) => return e,
+    /// Connects, subscribes and delivers until the connection fails.
+    async fn follow(
+        &mut self,
+        subscriber: &impl Subscriber,
+        pause: &mut Duration,
+    ) -> Result<Infallible, FeedError> {
+        let (sender, mut pushes) = mpsc::unbounded_channel();
+        let mut conn = self.connect(sender).await?;
+        // Subscribed before the stream is read: whatever is appended after
+        // that read is pushed.
+        conn.subscribe(self.keys.feed()).await?;
+        let cursor = match self.cursor {
+            Some(cursor) => cursor,
+            None => self.last_id(&mut conn).await?,
         };
         self.cursor = Some(cursor);
         subscriber.following(cursor).await;
@@ -93,31 +117,45 @@ impl Feed {
             tracing::info!("following the Redis feed from {cursor}");
         }
         *pause = self.reconnect_min;
+        let mut reader = Reader {
+            feed: self,
+            conn,
+            cursor,
+            batch: Vec::new(),
+        };
+        // The first tick is immediate: it reads what was appended while away.
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let entries = match self.read_after(&mut conn, cursor).await {
-                Ok(entries) => entries,
-                Err(e) => return e,
-            };
-            let mut messages = Vec::with_capacity(entries.len());
-            for (id, message) in entries {
-                cursor = id;
-                match message {
-                    Some(message) => messages.push(message),
-                    None => tracing::error!("skipping malformed feed entry {id}"),
+            tokio::select! {
+                push = pushes.recv() => {
+                    let mut push = push.ok_or(FeedError::Disconnected)?;
+                    // Everything pushed meanwhile goes out together.
+                    loop {
+                        reader.take(push, subscriber).await?;
+                        if reader.batch.len() >= BATCH {
+                            break;
+                        }
+                        match pushes.try_recv() {
+                            Ok(next) => push = next,
+                            Err(_) => break,
+                        }
+                    }
                 }
+                _ = poll.tick() => reader.catch_up(subscriber).await?,
             }
-            self.cursor = Some(cursor);
-            if !messages.is_empty() {
-                subscriber.deliver(messages).await;
-            }
+            reader.hand_over(subscriber).await;
         }
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, FeedError> {
-        // XREAD blocks on the server for BLOCK; the reply may take that long.
+    async fn connect(
+        &self,
+        pushes: mpsc::UnboundedSender<PushInfo>,
+    ) -> Result<MultiplexedConnection, FeedError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(BLOCK + self.timeout));
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(pushes);
         Ok(self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -132,39 +170,92 @@ impl Feed {
             .arg("-")
             .arg("COUNT")
             .arg(1);
-        let call = cmd.query_async::<Entries>(conn);
-        let newest = tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| FeedError::Timeout(self.timeout))??;
+        let newest: Entries = cmd.query_async(conn).await?;
         match newest.first() {
             Some((id, _)) => StreamId::parse(id).ok_or_else(|| FeedError::Malformed(id.clone())),
             None => Ok(StreamId::ZERO),
         }
     }
+}
 
-    /// Waits up to [`BLOCK`] for entries after `cursor`. Each comes with its
-    /// id, and with its message unless the entry is malformed (written by
-    /// something else than [`super::Store`]): the cursor moves past it anyway.
-    async fn read_after(
-        &self,
-        conn: &mut MultiplexedConnection,
-        cursor: StreamId,
-    ) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
-        let options = StreamReadOptions::default()
-            .block(BLOCK.as_millis() as usize)
-            .count(BATCH);
-        let reply: Option<XreadReply> = redis::AsyncCommands::xread_options(
-            conn,
-            &[self.keys.feed()],
-            &[cursor.to_string()],
-            &options,
-        )
-        .await?;
-        let entries = reply
-            .into_iter()
-            .flatten()
-            .flat_map(|(_key, entries)| entries);
+/// Following the feed over one connection.
+struct Reader<'a> {
+    feed: &'a mut Feed,
+    conn: MultiplexedConnection,
+    /// Id of the last entry taken into `batch` (or handed out).
+    cursor: StreamId,
+    /// Messages taken but not yet handed to the subscriber.
+    batch: Vec<ChatMessage>,
+}
+
+impl Reader<'_> {
+    /// Takes one push: the next message, one already read from the stream,
+    /// or news that something was missed, and then reads the stream.
+    async fn take(
+        &mut self,
+        push: PushInfo,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        match push.kind {
+            PushKind::Message => {}
+            PushKind::Disconnection => return Err(FeedError::Disconnected),
+            // Confirmations of the subscription.
+            _ => return Ok(()),
+        }
+        match Pushed::parse(push) {
+            Some(pushed) if pushed.id <= self.cursor => Ok(()),
+            Some(pushed) if pushed.previous == self.cursor => {
+                self.advance(pushed.id, Some(pushed.message));
+                Ok(())
+            }
+            // A gap, or something published on the channel by someone else.
+            _ => self.catch_up(subscriber).await,
+        }
+    }
+
+    /// Reads the stream after the cursor up to its end.
+    async fn catch_up(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
+        loop {
+            let entries = self.read_after().await?;
+            let complete = entries.len() < BATCH;
+            for (id, message) in entries {
+                if message.is_none() {
+                    tracing::error!("skipping malformed feed entry {id}");
+                }
+                self.advance(id, message);
+            }
+            if complete {
+                return Ok(());
+            }
+            self.hand_over(subscriber).await;
+        }
+    }
+
+    fn advance(&mut self, id: StreamId, message: Option<ChatMessage>) {
+        self.cursor = id;
+        self.feed.cursor = Some(id);
+        self.batch.extend(message);
+    }
+
+    async fn hand_over(&mut self, subscriber: &impl Subscriber) {
+        if !self.batch.is_empty() {
+            subscriber.deliver(std::mem::take(&mut self.batch)).await;
+        }
+    }
+
+    /// Up to [`BATCH`] entries after the cursor. Each comes with its id, and
+    /// with its message unless the entry is malformed (written by something
+    /// else than [`super::Store`]): the cursor moves past it anyway.
+    async fn read_after(&mut self) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.feed.keys.feed())
+            .arg(format!("({}", self.cursor))
+            .arg("+")
+            .arg("COUNT")
+            .arg(BATCH);
+        let entries: Entries = cmd.query_async(&mut self.conn).await?;
         entries
+            .into_iter()
             .map(|(id, mut fields)| {
                 let parsed =
                     StreamId::parse(&id).ok_or_else(|| FeedError::Malformed(id.clone()))?;
@@ -179,8 +270,39 @@ impl Feed {
     }
 }
 
-/// An `XREAD` reply: each stream's key and entries.
-type XreadReply = Vec<(String, Entries)>;
+/// A message as the append script publishes it:
+/// `<previous entry's id> <id> <room> <text>`.
+struct Pushed {
+    previous: StreamId,
+    id: StreamId,
+    message: ChatMessage,
+}
+
+impl Pushed {
+    fn parse(push: PushInfo) -> Option<Self> {
+        // The data of a message push: the channel, then the payload.
+        let redis::Value::BulkString(payload) = push.data.into_iter().nth(1)? else {
+            return None;
+        };
+        let payload = String::from_utf8(payload).ok()?;
+        let mut parts = payload.splitn(4, ' ');
+        let previous = StreamId::parse(parts.next()?)?;
+        let id_text = parts.next()?;
+        let id = StreamId::parse(id_text)?;
+        let room = parts.next()?;
+        let text = parts.next()?;
+        Some(Pushed {
+            previous,
+            id,
+            message: ChatMessage {
+                id: id_text.to_owned(),
+                room: room.to_owned(),
+                message: text.to_owned(),
+                ts: id.ms,
+            },
+        })
+    }
+}
 
 /// Spreads reconnection attempts of many frontends over time (75%–100% of
 /// `pause`), so a restarted Redis is not met by all of them at once.

@@ -9,14 +9,19 @@
 //! - `{prefix}:room:{room}`: the room's history, trimmed to
 //!   `history.max_per_room`. `GET /back/messages` and resuming clients read it.
 //! - `{prefix}:feed`: every message of every room, trimmed to
-//!   `history.feed_length`. Every frontend follows it with `XREAD BLOCK` from
-//!   the id of the last message it delivered.
+//!   `history.feed_length`. Every frontend follows it from the id of the last
+//!   message it delivered.
+//!
+//! The script also publishes the message, with the id of the feed entry
+//! before it, on the channel `{prefix}:feed`: Redis pushes it to every
+//! frontend, which reads the stream itself only when a push does not follow
+//! on from its cursor (see [`Feed`]).
 //!
 //! The backend answers 201 only once the script has returned, so an
 //! acknowledged message is in both streams. A frontend that loses Redis keeps
 //! that cursor, and when Redis is back it reads on from it: nothing appended
-//! meanwhile is skipped, and nothing is delivered twice. Pub/sub would be
-//! forgotten by Redis the moment a frontend is away; a stream is not.
+//! meanwhile is skipped, and nothing is delivered twice. A push is forgotten
+//! by Redis the moment a frontend is away; a stream entry is not.
 //!
 //! A post may carry an idempotency key (`{prefix}:post:{key}`, kept ten
 //! minutes): a post repeated with the same key returns the first one's id
@@ -58,9 +63,8 @@ pub trait Subscriber: Send + Sync + 'static {
     /// The feed (re)connected and continues after `cursor`; called before the
     /// messages that follow it.
     fn following(&self, cursor: StreamId) -> impl std::future::Future<Output = ()> + Send;
-    /// The next messages of the feed, in order, each once: those one read
-    /// from Redis returned, so that what arrived together can be sent
-    /// together.
+    /// The next messages of the feed, in order, each once: those that
+    /// arrived from Redis together, so that they can be sent together.
     fn deliver(&self, messages: Vec<ChatMessage>) -> impl std::future::Future<Output = ()> + Send;
 }
 

@@ -13,6 +13,10 @@ use crate::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
 /// message is either in both or in neither. Trimming is approximate (`~`),
 /// which lets Redis drop whole nodes instead of single entries.
 ///
+/// Then it publishes the message on the channel named as the feed, for the
+/// frontends (see [`super::Feed`]): `<previous feed id> <id> <room> <text>`.
+/// The previous id lets a frontend tell that it missed nothing in between.
+///
 /// With an idempotency key (KEYS[3]), a post already stored under that key
 /// is not stored again: the script answers the first post's id, or
 /// `conflict` when the key came with another room or text. The key records
@@ -29,11 +33,14 @@ if KEYS[3] then
     return {'', 'conflict'}
   end
 end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local previous = last[1] and last[1][1] or '0-0'
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[1], 'm', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
 if KEYS[3] then
   redis.call('SET', KEYS[3], id .. ' ' .. digest, 'EX', ARGV[5])
 end
+redis.call('PUBLISH', KEYS[1], previous .. ' ' .. id .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
 return {id, 'new'}
 ";
 
