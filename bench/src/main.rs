@@ -247,13 +247,12 @@ fn check_args(args: &Args) -> Result<(), String> {
     if args.stack == Stack::Floor
         && (args.frontends != 1
             || args.backends != 1
-            || args.haproxy
             || args.frontend_threads > 1
             || args.backend_threads > 1)
     {
         return Err(
             "--stack floor is one single-threaded process: it takes no --frontends, \
-             --backends, --haproxy or threads"
+             --backends or threads"
                 .into(),
         );
     }
@@ -1111,9 +1110,10 @@ mod tests {
         let args = parse(&["--stack", "floor"]).unwrap();
         assert_eq!(args.stack.name(), "floor");
         assert!(check_args(&args).is_ok());
+        // Behind the load balancer, both paths lead to it.
+        assert!(check_args(&parse(&["--stack", "floor", "--haproxy"]).unwrap()).is_ok());
         for extra in [
-            &["--haproxy"][..],
-            &["--frontends", "2"],
+            &["--frontends", "2"][..],
             &["--backends", "2"],
             &["--frontend-threads", "2"],
         ] {
