@@ -56,6 +56,46 @@ async fn wait_up(health: &RedisHealth) {
     .expect("feed reached Redis");
 }
 
+/// A redis-server, a store appending to it and a feed following it, which
+/// has reached it.
+struct Setup {
+    redis: Redis,
+    config: Config,
+    /// Holds the configuration file.
+    _dir: tempfile::TempDir,
+    store: Store,
+    rx: mpsc::UnboundedReceiver<ChatMessage>,
+    health: Arc<RedisHealth>,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let redis = Redis::start();
+        let (config, _dir) = config(&redis);
+        let store = Store::new(&config, RedisHealth::new()).unwrap();
+        let (rx, health) = follow(&config);
+        wait_up(&health).await;
+        Setup {
+            redis,
+            config,
+            _dir,
+            store,
+            rx,
+            health,
+        }
+    }
+}
+
+/// A connection of the test's own, as another program would have.
+async fn connect(redis: &Redis) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+fn feed_key(config: &Config) -> String {
+    format!("{}:feed", config.redis.key_prefix)
+}
+
 /// Appends, retrying while Redis is away, like a client that got 503.
 async fn append_acknowledged(store: &Store, message: &PostMessage) -> ChatMessage {
     for _ in 0..200 {
@@ -112,11 +152,14 @@ async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_resumes_after_its_connection_is_killed_without_loss_or_duplicate() {
-    let redis = Redis::start();
-    let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
+    let Setup {
+        redis,
+        _dir,
+        store,
+        mut rx,
+        health,
+        ..
+    } = Setup::start().await;
 
     let killer_url = redis.url();
     let mut sent = Vec::new();
@@ -142,11 +185,14 @@ async fn feed_resumes_after_its_connection_is_killed_without_loss_or_duplicate()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
-    let mut redis = Redis::start();
-    let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
+    let Setup {
+        mut redis,
+        _dir,
+        store,
+        mut rx,
+        health,
+        ..
+    } = Setup::start().await;
 
     let mut sent = Vec::new();
     for i in 0..20 {
@@ -181,16 +227,18 @@ async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_skips_entries_the_backend_did_not_write_and_delivers_what_follows() {
-    let redis = Redis::start();
-    let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
+    let Setup {
+        redis,
+        config,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
 
     // Written by something else: a field missing, a text that is not UTF-8.
-    let client = redis::Client::open(redis.url().as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let feed = format!("{}:feed", config.redis.key_prefix);
+    let mut conn = connect(&redis).await;
+    let feed = feed_key(&config);
     let foreign: [&[(&str, &[u8])]; 2] = [
         &[("r", b"rooma")],
         &[("r", b"rooma"), ("m", &[0x68, 0xff, 0xfe])],
@@ -231,14 +279,16 @@ async fn append_without_push(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_delivers_entries_that_were_not_pushed_in_order() {
-    let redis = Redis::start();
-    let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
-    let client = redis::Client::open(redis.url().as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let feed = format!("{}:feed", config.redis.key_prefix);
+    let Setup {
+        redis,
+        config,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
+    let mut conn = connect(&redis).await;
+    let feed = feed_key(&config);
 
     // Between two pushed messages: the second one's push reveals the gap.
     let first = store.append(&post("rooma", "first"), None).await.unwrap();
@@ -271,13 +321,14 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
-    let redis = Redis::start();
-    let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
-    let client = redis::Client::open(redis.url().as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let Setup {
+        redis,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
+    let mut conn = connect(&redis).await;
     let stream_reads = async |conn: &mut redis::aio::MultiplexedConnection| {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
