@@ -25,6 +25,8 @@ pub struct FrontendMetrics {
     pub rooms: Gauge,
     /// Messages read from the Redis feed.
     pub received: Counter,
+    /// Of those, the ones read from the feed stream rather than pushed.
+    pub caught_up: Counter,
     /// Messages emitted to sockets (one per socket per message).
     pub delivered: Counter,
     /// Messages a socket could not take because its send queue was full.
@@ -88,6 +90,11 @@ impl Metrics {
             "messages_received",
             "Messages read from the Redis feed",
             metrics.received.clone(),
+        );
+        registry.register(
+            "messages_caught_up",
+            "Messages read from the feed stream rather than pushed by Redis",
+            metrics.caught_up.clone(),
         );
         registry.register(
             "messages_delivered",

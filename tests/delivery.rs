@@ -10,6 +10,7 @@ use chat_ha::config::Config;
 use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
 use chat_ha::message::{ChatMessage, PostMessage, Room, StreamId};
 use common::{Redis, write_config};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
 fn config(redis: &Redis) -> (Config, tempfile::TempDir) {
@@ -39,11 +40,27 @@ impl Subscriber for Forward {
 
 /// Starts a feed whose deliveries arrive on the returned channel.
 fn follow(config: &Config) -> (mpsc::UnboundedReceiver<ChatMessage>, Arc<RedisHealth>) {
+    let (rx, health, _) = follow_counting(config);
+    (rx, health)
+}
+
+/// Starts a feed as [`follow`] does, which also counts the messages it read
+/// from the stream rather than from pushes.
+fn follow_counting(
+    config: &Config,
+) -> (
+    mpsc::UnboundedReceiver<ChatMessage>,
+    Arc<RedisHealth>,
+    Counter,
+) {
     let health = RedisHealth::new();
-    let feed = Feed::new(config, health.clone()).unwrap();
+    let caught_up = Counter::default();
+    let feed = Feed::new(config, health.clone())
+        .unwrap()
+        .counting_caught_up(caught_up.clone());
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(feed.run(Arc::new(Forward(tx))));
-    (rx, health)
+    (rx, health, caught_up)
 }
 
 async fn wait_up(health: &RedisHealth) {
@@ -66,6 +83,8 @@ struct Setup {
     store: Store,
     rx: mpsc::UnboundedReceiver<ChatMessage>,
     health: Arc<RedisHealth>,
+    /// Messages the feed read from the stream rather than from pushes.
+    caught_up: Counter,
 }
 
 impl Setup {
@@ -73,7 +92,7 @@ impl Setup {
         let redis = Redis::start();
         let (config, _dir) = config(&redis);
         let store = Store::new(&config, RedisHealth::new()).unwrap();
-        let (rx, health) = follow(&config);
+        let (rx, health, caught_up) = follow_counting(&config);
         wait_up(&health).await;
         Setup {
             redis,
@@ -82,6 +101,7 @@ impl Setup {
             store,
             rx,
             health,
+            caught_up,
         }
     }
 }
@@ -285,6 +305,7 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
         _dir,
         store,
         mut rx,
+        caught_up,
         ..
     } = Setup::start().await;
     let mut conn = connect(&redis).await;
@@ -317,6 +338,13 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "no duplicate deliveries");
+    // The two entries not pushed, and "last" too when its push revealed the
+    // gap (rather than a periodic read between the two appends).
+    let read = caught_up.get();
+    assert!(
+        (2..=3).contains(&read),
+        "{read} messages read from the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,6 +354,7 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
         _dir,
         store,
         mut rx,
+        caught_up,
         ..
     } = Setup::start().await;
     let mut conn = connect(&redis).await;
@@ -363,4 +392,5 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
     let reads = stream_reads(&mut conn).await - before;
     // One read every two seconds while this runs (and the first), none per message.
     assert!(reads <= 10, "200 messages took {reads} reads of the stream");
+    assert_eq!(caught_up.get(), 0, "every message came from a push");
 }

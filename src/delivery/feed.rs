@@ -18,6 +18,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind};
 use tokio::sync::mpsc;
@@ -54,6 +55,8 @@ pub struct Feed {
     health: Arc<RedisHealth>,
     /// Id of the last entry handed out; `None` until Redis was first reached.
     cursor: Option<StreamId>,
+    /// Messages read from the stream rather than pushed.
+    caught_up: Counter,
 }
 
 impl Feed {
@@ -73,7 +76,16 @@ impl Feed {
             reconnect_max: redis.reconnect_max(),
             health,
             cursor: None,
+            caught_up: Counter::default(),
         })
+    }
+
+    /// Counts in `counter` the messages read from the stream rather than
+    /// pushed: those appended while the frontend was away, and any whose push
+    /// did not arrive (from a backend of a version that did not push).
+    pub fn counting_caught_up(mut self, counter: Counter) -> Self {
+        self.caught_up = counter;
+        self
     }
 
     /// Hands every message appended from now on to `subscriber`, in feed order,
@@ -219,7 +231,9 @@ impl Reader<'_> {
             let entries = self.read_after().await?;
             let complete = entries.len() < BATCH;
             for (id, message) in entries {
-                if message.is_none() {
+                if message.is_some() {
+                    self.feed.caught_up.inc();
+                } else {
                     tracing::error!("skipping malformed feed entry {id}");
                 }
                 self.advance(id, message);

@@ -239,7 +239,9 @@ pub async fn run(
     };
     io.ns("/", { async |_: SocketRef| {} }.with(middleware));
 
-    let feed = Feed::new(&config, health.clone()).map_err(std::io::Error::other)?;
+    let feed = Feed::new(&config, health.clone())
+        .map_err(std::io::Error::other)?
+        .counting_caught_up(metrics.caught_up.clone());
     let delivery = tokio::spawn(feed.run(rooms));
 
     let www_dir = config.frontend.www_dir.clone();
