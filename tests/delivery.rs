@@ -116,6 +116,22 @@ fn feed_key(config: &Config) -> String {
     format!("{}:feed", config.redis.key_prefix)
 }
 
+/// Appends `count` messages to `room` ("`prefix` 0", "`prefix` 1", ...) and
+/// returns them as stored.
+async fn append_numbered(
+    store: &Store,
+    room: &str,
+    prefix: &str,
+    count: usize,
+) -> Vec<ChatMessage> {
+    let mut sent = Vec::with_capacity(count);
+    for i in 0..count {
+        let message = post(room, &format!("{prefix} {i}"));
+        sent.push(store.append(&message, None).await.unwrap().message);
+    }
+    sent
+}
+
 /// Appends, retrying while Redis is away, like a client that got 503.
 async fn append_acknowledged(store: &Store, message: &PostMessage) -> ChatMessage {
     for _ in 0..200 {
@@ -214,16 +230,7 @@ async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
         ..
     } = Setup::start().await;
 
-    let mut sent = Vec::new();
-    for i in 0..20 {
-        sent.push(
-            store
-                .append(&post("rooma", &format!("before {i}")), None)
-                .await
-                .unwrap()
-                .message,
-        );
-    }
+    let sent = append_numbered(&store, "rooma", "before", 20).await;
     let before = receive(&mut rx, 20).await;
     assert_eq!(before, sent);
 
@@ -378,16 +385,7 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
     };
 
     let before = stream_reads(&mut conn).await;
-    let mut sent = Vec::new();
-    for i in 0..200 {
-        sent.push(
-            store
-                .append(&post("rooma", &format!("m{i}")), None)
-                .await
-                .unwrap()
-                .message,
-        );
-    }
+    let sent = append_numbered(&store, "rooma", "m", 200).await;
     assert_eq!(receive(&mut rx, sent.len()).await, sent);
     let reads = stream_reads(&mut conn).await - before;
     // One read every two seconds while this runs (and the first), none per message.
