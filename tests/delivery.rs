@@ -345,11 +345,11 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "no duplicate deliveries");
-    // The two entries not pushed, and "last" too when its push revealed the
-    // gap (rather than a periodic read between the two appends).
+    // The two entries not pushed; "last" too when its push revealed the gap,
+    // and "first" if a periodic read came before its push.
     let read = caught_up.get();
     assert!(
-        (2..=3).contains(&read),
+        (2..=4).contains(&read),
         "{read} messages read from the stream"
     );
 }
@@ -390,5 +390,8 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
     let reads = stream_reads(&mut conn).await - before;
     // One read every two seconds while this runs (and the first), none per message.
     assert!(reads <= 10, "200 messages took {reads} reads of the stream");
-    assert_eq!(caught_up.get(), 0, "every message came from a push");
+    // A periodic read finds the messages whose pushes are on their way, one
+    // or two at a time here, where each append waits for the one before.
+    let read = caught_up.get();
+    assert!(read <= 10, "{read} of 200 messages read from the stream");
 }
