@@ -119,20 +119,20 @@ impl Feed {
         // Subscribed before the stream is read: whatever is appended after
         // that read is pushed.
         conn.subscribe(self.keys.feed()).await?;
-        let cursor = match self.cursor {
+        let start = match self.cursor {
             Some(cursor) => cursor,
             None => self.last_id(&mut conn).await?,
         };
-        self.cursor = Some(cursor);
-        subscriber.following(cursor).await;
+        subscriber.following(start).await;
         if self.health.set_up(true) {
-            tracing::info!("following the Redis feed from {cursor}");
+            tracing::info!("following the Redis feed from {start}");
         }
         *pause = self.reconnect_min;
         let mut reader = Reader {
-            feed: self,
             conn,
-            cursor,
+            keys: &self.keys,
+            caught_up: &self.caught_up,
+            cursor: self.cursor.insert(start),
             batch: Vec::new(),
         };
         // The first tick is immediate: it reads what was appended while away.
@@ -192,10 +192,12 @@ impl Feed {
 
 /// Following the feed over one connection.
 struct Reader<'a> {
-    feed: &'a mut Feed,
     conn: MultiplexedConnection,
-    /// Id of the last entry taken into `batch` (or handed out).
-    cursor: StreamId,
+    keys: &'a Keys,
+    caught_up: &'a Counter,
+    /// Id of the last entry taken into `batch` (or handed out): the feed's
+    /// cursor, which outlives the connection.
+    cursor: &'a mut StreamId,
     /// Messages taken but not yet handed to the subscriber.
     batch: Vec<ChatMessage>,
 }
@@ -215,8 +217,8 @@ impl Reader<'_> {
             _ => return Ok(()),
         }
         match Pushed::parse(push) {
-            Some(pushed) if pushed.id <= self.cursor => Ok(()),
-            Some(pushed) if pushed.previous == self.cursor => {
+            Some(pushed) if pushed.id <= *self.cursor => Ok(()),
+            Some(pushed) if pushed.previous == *self.cursor => {
                 self.advance(pushed.id, Some(pushed.message));
                 Ok(())
             }
@@ -232,7 +234,7 @@ impl Reader<'_> {
             let complete = entries.len() < BATCH;
             for (id, message) in entries {
                 if message.is_some() {
-                    self.feed.caught_up.inc();
+                    self.caught_up.inc();
                 } else {
                     tracing::error!("skipping malformed feed entry {id}");
                 }
@@ -246,8 +248,7 @@ impl Reader<'_> {
     }
 
     fn advance(&mut self, id: StreamId, message: Option<ChatMessage>) {
-        self.cursor = id;
-        self.feed.cursor = Some(id);
+        *self.cursor = id;
         self.batch.extend(message);
     }
 
@@ -262,7 +263,7 @@ impl Reader<'_> {
     /// else than [`super::Store`]): the cursor moves past it anyway.
     async fn read_after(&mut self) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.feed.keys.feed())
+        cmd.arg(self.keys.feed())
             .arg(format!("({}", self.cursor))
             .arg("+")
             .arg("COUNT")

@@ -36,7 +36,7 @@
 //!
 //! The fan-out is done here, socket by socket, because that is where a
 //! lagging socket is seen. Each message is encoded and framed once. The
-//! messages that one read of the feed returned go to each socket together,
+//! messages that arrived from Redis together go to each socket together,
 //! in feed order: a websocket with nothing queued gets them with one write
 //! to its connection, made here rather than by a task of the socket's.
 
@@ -228,7 +228,7 @@ impl Rooms {
 }
 
 impl Subscriber for Rooms {
-    /// Emits the messages of one read of the feed to their rooms, and holds
+    /// Emits messages that arrived from Redis together to their rooms, and holds
     /// them for resuming sockets.
     async fn deliver(&self, messages: Vec<ChatMessage>) {
         let mut shared = self.shared.lock().await;
