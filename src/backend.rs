@@ -26,7 +26,7 @@ use crate::message::{
     parse_object,
 };
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
-use crate::serve::{ConnectionCount, Status, serve};
+use crate::serve::{Access, ConnectionCount, Listeners, Status, serve, serve_metrics};
 
 /// How long a client may take to send a request body.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -47,7 +47,6 @@ struct AppState {
     instance: u32,
     connections: ConnectionCount,
     metrics: Arc<BackendMetrics>,
-    exposition: Arc<Metrics>,
     tokens: Arc<PublishTokens>,
 }
 
@@ -338,22 +337,18 @@ async fn measure_post(State(state): State<AppState>, request: Request, next: Nex
     response
 }
 
-async fn serve_metrics(State(state): State<AppState>) -> Response {
-    state.exposition.response()
-}
-
-/// The backend's routes, with body limits, error mapping and metrics.
+/// The backend's routes, with body limits, error mapping and metrics
+/// (counted in `metrics`).
 pub fn router(
     config: &Config,
     store: Store,
     tokens: PublishTokens,
     instance: u32,
     connections: ConnectionCount,
+    metrics: Arc<BackendMetrics>,
 ) -> Router {
-    let metrics = Arc::new(BackendMetrics::default());
     let body_limit = config.backend.max_body_bytes.get();
     let state = AppState {
-        exposition: Arc::new(Metrics::backend(&metrics, store.health_handle())),
         store,
         body_limit,
         instance,
@@ -367,15 +362,14 @@ pub fn router(
         .route("/back/publish", post(publish))
         .route("/back/messages", get(get_messages))
         .route("/back/status", get(status))
-        .route("/metrics", get(serve_metrics))
         .fallback(not_found)
         .with_state(state)
 }
 
-/// Serves the backend on `listener` until `shutdown` resolves.
+/// Serves the backend on `listeners` until `shutdown` resolves.
 pub async fn run(
     config: Arc<Config>,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     instance: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -387,12 +381,19 @@ pub async fn run(
         tracing::info!("no publish tokens: POST /back/publish is off");
     }
     let connections = ConnectionCount::default();
+    let metrics = Arc::new(BackendMetrics::default());
+    let exposition = Arc::new(Metrics::backend(&metrics, store.health_handle()));
+    let metrics_server = tokio::spawn({
+        let allow = config.access.metrics_allow.clone();
+        async move { serve_metrics(listeners.metrics, exposition, &allow).await }
+    });
     let app = router(
         &config,
         store.clone(),
         tokens,
         instance,
         connections.clone(),
+        metrics,
     );
     // Learn Redis's state before announcing readiness, without waiting on it.
     let redis_up = store.ping().await;
@@ -400,12 +401,14 @@ pub async fn run(
         "serving; Redis {}",
         if redis_up { "up" } else { "down" }
     ));
-    serve(
-        listener,
+    let result = serve(
+        listeners.public,
         app,
-        connections,
+        Access::new(&config.access.allow, connections),
         shutdown,
         config.backend.shutdown_timeout(),
     )
-    .await
+    .await;
+    metrics_server.abort();
+    result
 }

@@ -5,7 +5,7 @@
 //! `/etc/chat-ha/chat-ha.toml` must stop the daemon at start, naming the file,
 //! the line and the key, rather than be silently ignored.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,11 +23,36 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    /// The parser's message quotes the offending line: the credentials of
+    /// any URL in it are masked.
+    #[error("{path}: {}", mask_credentials(&source.to_string()))]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+}
+
+/// `text` with the user and password of every `scheme://user:pass@host`
+/// replaced by `***`.
+fn mask_credentials(text: &str) -> String {
+    let mut masked = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        masked.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(user_end) => {
+                masked.push_str("***");
+                rest = &tail[user_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    masked.push_str(rest);
+    masked
 }
 
 /// The whole configuration of both daemons.
@@ -39,6 +64,7 @@ pub struct Config {
     pub history: HistoryConfig,
     pub frontend: FrontendConfig,
     pub backend: BackendConfig,
+    pub access: AccessConfig,
 }
 
 /// `[log]`: how much the daemons say.
@@ -79,12 +105,21 @@ impl LogLevel {
     }
 }
 
-/// `[redis]`: where messages are stored and how long to wait for it.
+/// `[redis]`: where messages are stored, how to log in, and how long to
+/// wait for it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// A `redis://` (or `unix://`) URL.
+    /// A `redis://`, `rediss://` (TLS) or `unix://` URL, without a password.
     pub url: RedisUrl,
+    /// The Redis ACL user the daemons log in as, when they have a password.
+    pub username: String,
+    /// File holding the password, when systemd passes no `redis-password`
+    /// credential. Unset, and no credential: no password is sent.
+    pub password_file: Option<PathBuf>,
+    /// CA certificate (PEM) a `rediss://` server's certificate is checked
+    /// against; unset: the system's trusted CAs.
+    pub tls_ca_file: Option<PathBuf>,
     /// Every key the project writes starts with this prefix and a colon, so
     /// several clusters can share one Redis.
     pub key_prefix: String,
@@ -99,6 +134,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: RedisUrl("redis://127.0.0.1:6379/0".into()),
+            username: "chat-ha".into(),
+            password_file: None,
+            tls_ca_file: None,
             key_prefix: "chat".into(),
             command_timeout_ms: NonZeroU32::new(1500).unwrap(),
             reconnect_min_ms: NonZeroU32::new(100).unwrap(),
@@ -132,10 +170,22 @@ impl RedisUrl {
 
 impl TryFrom<String> for RedisUrl {
     type Error = String;
+    /// Accepts a URL redis-rs can connect to, without a password: the
+    /// configuration file is readable by everyone on the host, so the
+    /// password lives in a credential file of its own (`redis.password_file`).
+    /// Errors never repeat the URL, which may hold one.
     fn try_from(url: String) -> Result<Self, String> {
-        redis::Client::open(url.as_str())
-            .map(|_| RedisUrl(url.clone()))
-            .map_err(|e| format!("invalid Redis URL {url:?}: {e}"))
+        use redis::IntoConnectionInfo;
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("invalid Redis URL: {e}"))?;
+        if info.redis_settings().password().is_some() {
+            return Err("the Redis URL must not hold a password: put it in \
+                 /etc/chat-ha/redis-password (or the file redis.password_file names)"
+                .into());
+        }
+        Ok(RedisUrl(url))
     }
 }
 
@@ -155,6 +205,11 @@ pub struct HistoryConfig {
     /// Messages kept in the stream every frontend follows: how far back a
     /// frontend can resume after losing Redis.
     pub feed_length: NonZeroUsize,
+    /// Most bytes of text that stream keeps, whatever its length.
+    pub feed_bytes: NonZeroUsize,
+    /// A room nobody posted to for this many days is forgotten, history and
+    /// all; every post starts the count again.
+    pub room_ttl_days: NonZeroU32,
 }
 
 impl Default for HistoryConfig {
@@ -162,7 +217,15 @@ impl Default for HistoryConfig {
         Self {
             max_per_room: NonZeroUsize::new(1000).unwrap(),
             feed_length: NonZeroUsize::new(100_000).unwrap(),
+            feed_bytes: NonZeroUsize::new(64 * 1024 * 1024).unwrap(),
+            room_ttl_days: NonZeroU32::new(30).unwrap(),
         }
+    }
+}
+
+impl HistoryConfig {
+    pub fn room_ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.room_ttl_days.get()) * 24 * 3600)
     }
 }
 
@@ -170,8 +233,11 @@ impl Default for HistoryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FrontendConfig {
-    /// Address bound when systemd passes no socket and `--listen` is not given.
+    /// Where instance 0 listens; instance N listens on the port N above it.
+    /// Under systemd the socket units are made from it (chat-ha-generator).
     pub listen: SocketAddr,
+    /// Where instance 0 serves `/metrics`; instance N on the port N above.
+    pub metrics_listen: SocketAddr,
     /// The directory the chat page is served from.
     pub www_dir: PathBuf,
     /// How many rooms one socket may be in at once.
@@ -187,12 +253,22 @@ pub struct FrontendConfig {
     /// Time allowed, after the drain, for a graceful stop before remaining
     /// connections are dropped.
     pub shutdown_timeout_ms: NonZeroU32,
+    /// Most bytes waiting in one socket's send queue; a socket that would
+    /// have more is let go (it reconnects and resumes).
+    pub max_queued_bytes: NonZeroUsize,
+    /// A socket whose send queue has not emptied for this long is let go.
+    pub backlog_timeout_ms: NonZeroU32,
+    /// History messages one client address may be replayed (resuming
+    /// joins): per second on average, and at once.
+    pub replay_per_second: NonZeroU32,
+    pub replay_burst: NonZeroU32,
 }
 
 impl Default for FrontendConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9300)),
             www_dir: PathBuf::from("/usr/share/chat-ha/www"),
             max_rooms_per_socket: NonZeroUsize::new(16).unwrap(),
             events_per_second: NonZeroU32::new(10).unwrap(),
@@ -200,6 +276,10 @@ impl Default for FrontendConfig {
             threads: NonZeroUsize::MIN,
             drain_delay_ms: 1500,
             shutdown_timeout_ms: NonZeroU32::new(5_000).unwrap(),
+            max_queued_bytes: NonZeroUsize::new(256 * 1024).unwrap(),
+            backlog_timeout_ms: NonZeroU32::new(5_000).unwrap(),
+            replay_per_second: NonZeroU32::new(200).unwrap(),
+            replay_burst: NonZeroU32::new(2_000).unwrap(),
         }
     }
 }
@@ -208,8 +288,11 @@ impl Default for FrontendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
-    /// Address bound when systemd passes no socket and `--listen` is not given.
+    /// Where instance 0 listens; instance N listens on the port N above it.
+    /// Under systemd the socket units are made from it (chat-ha-generator).
     pub listen: SocketAddr,
+    /// Where instance 0 serves `/metrics`; instance N on the port N above.
+    pub metrics_listen: SocketAddr,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: NonZeroUsize,
     /// File of tokens allowed to use `POST /back/publish`, when systemd passes
@@ -225,6 +308,7 @@ impl Default for BackendConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9200)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
             max_body_bytes: NonZeroUsize::new(16 * 1024).unwrap(),
             publish_tokens_file: None,
             threads: NonZeroUsize::MIN,
@@ -233,9 +317,101 @@ impl Default for BackendConfig {
     }
 }
 
+/// `[access]`: who may connect to the instances at all.
+///
+/// The instances sit behind the load balancers, which check hosts, origins
+/// and rates: a client that reached an instance directly would skip all of
+/// that. So only the listed networks may connect (under systemd the kernel
+/// drops everything else, `IPAddressDeny=`; the daemons check again).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Who may connect to the instances' ports: the load balancers (and
+    /// their health checks).
+    pub allow: Vec<Network>,
+    /// Who may read `/metrics`: the monitoring.
+    pub metrics_allow: Vec<Network>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        let loopback = vec![
+            Network::from(IpAddr::from([127, 0, 0, 1])).widen(8),
+            Network::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ];
+        Self {
+            allow: loopback.clone(),
+            metrics_allow: loopback,
+        }
+    }
+}
+
+/// An address or a network (`10.0.0.5`, `10.0.0.0/24`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Network(ipnet::IpNet);
+
+impl Network {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        self.0.contains(&address.to_canonical())
+    }
+
+    /// The network of `prefix` bits around this address.
+    fn widen(self, prefix: u8) -> Self {
+        Network(
+            ipnet::IpNet::new(self.0.addr(), prefix)
+                .expect("a valid prefix")
+                .trunc(),
+        )
+    }
+}
+
+impl From<IpAddr> for Network {
+    fn from(address: IpAddr) -> Self {
+        Network(ipnet::IpNet::from(address))
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Ok(address) = text.parse::<IpAddr>() {
+            return Ok(Network::from(address));
+        }
+        text.parse::<ipnet::IpNet>()
+            .map(|net| Network(net.trunc()))
+            .map_err(|_| format!("{text:?} is not an address or network such as 10.0.0.0/24"))
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Whether `address` is in one of `networks`.
+pub fn allowed(networks: &[Network], address: IpAddr) -> bool {
+    networks.iter().any(|n| n.contains(address))
+}
+
+/// `address` with its port raised by `instance`: where instance N of a
+/// daemon configured with `address` listens.
+pub fn instance_address(address: SocketAddr, instance: u32) -> SocketAddr {
+    let offset = u16::try_from(instance).unwrap_or(u16::MAX);
+    let mut shifted = address;
+    if address.port() != 0 {
+        shifted.set_port(address.port().saturating_add(offset));
+    }
+    shifted
+}
+
 impl FrontendConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         millis(self.shutdown_timeout_ms)
+    }
+    pub fn backlog_timeout(&self) -> Duration {
+        millis(self.backlog_timeout_ms)
     }
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(u64::from(self.drain_delay_ms))
@@ -331,6 +507,63 @@ mod tests {
 
         let err = parse("[log]\nlevel = \"loud\"\n").unwrap_err();
         assert!(err.contains("unknown variant `loud`"), "{err}");
+    }
+
+    #[test]
+    fn a_password_in_the_redis_url_is_refused_without_being_repeated() {
+        let err = parse("[redis]\nurl = \"redis://chat-ha:s3cret-pass@10.0.0.1/\"\n").unwrap_err();
+        assert!(err.contains("must not hold a password"), "{err}");
+        assert!(!err.contains("s3cret-pass"), "{err}");
+        let err = parse("[redis]\nurl = \"nonsense://s3cret-pass@x\"\n").unwrap_err();
+        assert!(err.contains("invalid Redis URL"), "{err}");
+        assert!(!err.contains("s3cret-pass"), "{err}");
+        let tls = parse("[redis]\nurl = \"rediss://redis.example:6380/0\"\n").unwrap();
+        assert_eq!(tls.redis.url.as_str(), "rediss://redis.example:6380/0");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_masked() {
+        assert_eq!(
+            mask_credentials("url = \"redis://u:p@h:1/0\" and rediss://:p@x/ and redis://h/"),
+            "url = \"redis://***@h:1/0\" and rediss://***@x/ and redis://h/"
+        );
+    }
+
+    #[test]
+    fn access_lists_take_addresses_and_networks() {
+        let config =
+            parse("[access]\nallow = [\"10.0.0.5\", \"192.168.1.7/24\", \"fd00::/8\"]\n").unwrap();
+        let allow = &config.access.allow;
+        assert!(allowed(allow, "10.0.0.5".parse().unwrap()));
+        assert!(!allowed(allow, "10.0.0.6".parse().unwrap()));
+        assert!(allowed(allow, "192.168.1.200".parse().unwrap()));
+        assert!(allowed(allow, "fd12::1".parse().unwrap()));
+        assert!(!allowed(allow, "127.0.0.1".parse().unwrap()));
+        // The default: loopback only, also as an IPv4-mapped IPv6 peer.
+        let default = Config::default().access.allow;
+        assert!(allowed(&default, "127.0.0.9".parse().unwrap()));
+        assert!(allowed(&default, "::1".parse().unwrap()));
+        assert!(allowed(&default, "::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!allowed(&default, "10.0.0.1".parse().unwrap()));
+
+        let err = parse("[access]\nallow = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("not an address or network"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn instance_n_listens_n_ports_above_instance_0() {
+        let base: SocketAddr = "10.0.0.5:9100".parse().unwrap();
+        assert_eq!(instance_address(base, 0), base);
+        assert_eq!(instance_address(base, 7).to_string(), "10.0.0.5:9107");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            instance_address(any, 7),
+            any,
+            "port 0 stays: the kernel picks one"
+        );
     }
 
     #[test]

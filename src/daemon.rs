@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::config::{self, Config};
+use crate::serve::Listeners;
 
 /// Which daemon this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,39 @@ impl Role {
             Role::Backend => "chat-backend",
         }
     }
+
+    /// Where instance 0 of this daemon listens.
+    fn listen(self, config: &Config) -> SocketAddr {
+        match self {
+            Role::Frontend => config.frontend.listen,
+            Role::Backend => config.backend.listen,
+        }
+    }
+
+    /// Where instance 0 of this daemon serves its metrics.
+    fn metrics_listen(self, config: &Config) -> SocketAddr {
+        match self {
+            Role::Frontend => config.frontend.metrics_listen,
+            Role::Backend => config.backend.metrics_listen,
+        }
+    }
+}
+
+/// What `--print-network` prints: one `key value` pair per line, for the
+/// generator of the socket units (`address` in the form `ListenStream=`
+/// takes, IPv6 in brackets).
+pub fn network_summary(role: Role, config: &Config) -> String {
+    let listen = role.listen(config);
+    let address = match listen {
+        SocketAddr::V4(v4) => v4.ip().to_string(),
+        SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+    };
+    let allow: Vec<String> = config.access.allow.iter().map(|n| n.to_string()).collect();
+    format!(
+        "address {address}\nport {}\nallow {}\n",
+        listen.port(),
+        allow.join(" ")
+    )
 }
 
 /// Options of both daemons.
@@ -39,12 +73,33 @@ pub struct Options {
     /// Address to listen on when systemd passes no socket (overrides the configuration).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Address to serve /metrics on (overrides the configuration; port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Instance number, reported by the status endpoint (systemd passes %i).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub instance: u32,
     /// Check the configuration, print it, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Print what the socket units need (listening address and port of
+    /// instance 0, the networks allowed in) and exit; for chat-ha-generator.
+    #[arg(long)]
+    pub print_network: bool,
+}
+
+impl Options {
+    /// Where this instance listens when systemd passes no socket.
+    fn public_address(&self, role: Role, config: &Config) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| config::instance_address(role.listen(config), self.instance))
+    }
+
+    /// Where this instance serves its metrics.
+    fn metrics_address(&self, role: Role, config: &Config) -> SocketAddr {
+        self.metrics_listen
+            .unwrap_or_else(|| config::instance_address(role.metrics_listen(config), self.instance))
+    }
 }
 
 /// Runs the daemon `role` until SIGTERM or SIGINT; the binaries' `main`.
@@ -61,6 +116,10 @@ pub fn main(role: Role) -> ExitCode {
     };
     if options.check_config {
         println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    if options.print_network {
+        print!("{}", network_summary(role, &config));
         return ExitCode::SUCCESS;
     }
     crate::logging::init(role.name(), config.log.level);
@@ -125,11 +184,13 @@ async fn serve(
     config: Arc<Config>,
     options: &Options,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let configured = match role {
-        Role::Frontend => config.frontend.listen,
-        Role::Backend => config.backend.listen,
+    let listeners = Listeners {
+        public: crate::systemd::listener(options.public_address(role, &config))?,
+        metrics: crate::systemd::bind(options.metrics_address(role, &config))?,
     };
-    let listener = crate::systemd::listener(options.listen.unwrap_or(configured))?;
+    if let Ok(metrics) = listeners.metrics.local_addr() {
+        tracing::info!("serving /metrics on {metrics}");
+    }
     tracing::info!(
         instance = options.instance,
         "{} {} starting",
@@ -146,9 +207,9 @@ async fn serve(
     };
     match role {
         Role::Frontend => {
-            crate::frontend::run(config, listener, options.instance, shutdown).await?
+            crate::frontend::run(config, listeners, options.instance, shutdown).await?
         }
-        Role::Backend => crate::backend::run(config, listener, options.instance, shutdown).await?,
+        Role::Backend => crate::backend::run(config, listeners, options.instance, shutdown).await?,
     }
     Ok(())
 }

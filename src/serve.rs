@@ -1,18 +1,53 @@
-//! HTTP serving shared by both daemons: counting open connections and
-//! stopping gracefully within a time limit.
+//! HTTP serving shared by both daemons: who may connect, counting open
+//! connections, the metrics port, and stopping gracefully within a time
+//! limit.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Json, Router};
 use engineioxide::TcpConnection;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+
+use crate::config::{Network, allowed};
+use crate::metrics::Metrics;
+
+/// The sockets an instance serves on: the public one, which the load
+/// balancers reach, and the one of its metrics, for the monitoring.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub metrics: TcpListener,
+}
+
+/// The address of the peer a request came from, in each request's
+/// extensions: the load balancer's, for requests that came through it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Who may connect to a listener, and the connections open on it.
+#[derive(Debug, Clone)]
+pub struct Access {
+    allow: Arc<[Network]>,
+    count: ConnectionCount,
+}
+
+impl Access {
+    /// Connections from `allow` only, counted in `count`.
+    pub fn new(allow: &[Network], count: ConnectionCount) -> Self {
+        Access {
+            allow: allow.into(),
+            count,
+        }
+    }
+}
 
 /// The answer of both status endpoints, which the load balancer's health
 /// checks read: 200 while the instance takes new clients (even with Redis
@@ -90,18 +125,20 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// requests finish, and returns once every connection closed or after `grace`.
 ///
 /// This is axum's own serving loop with what it does not offer: HTTP/1 with
-/// a header timeout, and connection counting.
+/// a header timeout, connection counting, and connections refused from
+/// addresses not allowed (closed at once, before a byte is read).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    count: ConnectionCount,
+    access: Access,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> io::Result<()> {
+    let Access { allow, count } = access;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -111,12 +148,16 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        if !allowed(&allow, peer.ip()) {
+            tracing::debug!("refusing a connection from {peer}: not in access.allow");
+            continue;
+        }
         // Chat frames are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
         // A websocket upgraded from it is written to without a task in
         // between (see vendor/README.md); the count lasts as long as it does.
         let io = TcpConnection::new(stream, count.open());
-        tokio::spawn(serve_connection(io, app.clone(), stop_rx.clone()));
+        tokio::spawn(serve_connection(io, peer, app.clone(), stop_rx.clone()));
     }
     // Connections made from now on wait in the socket's backlog (the socket
     // stays open in systemd) for the next process.
@@ -140,12 +181,15 @@ pub async fn serve(
 /// the request in progress) once `stop` turns true.
 async fn serve_connection(
     io: TcpConnection,
+    peer: SocketAddr,
     app: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let service =
         hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            tower::ServiceExt::oneshot(app.clone(), request.map(axum::body::Body::new))
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(Peer(peer));
+            tower::ServiceExt::oneshot(app.clone(), request)
         });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -184,4 +228,34 @@ async fn pause_after_accept_error(e: io::Error) {
     }
     tracing::error!("accept error: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Serves `GET /metrics` from `exposition` on `listener`, to `allow` only,
+/// until the task is dropped. Kept off the public port: the load balancers
+/// reach that one, and whoever reaches them must not read the metrics.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    exposition: Arc<Metrics>,
+    allow: &[Network],
+) -> io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(exposition.response())),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"error": "no such endpoint"})),
+            )
+        });
+    let access = Access::new(allow, ConnectionCount::default());
+    serve(
+        listener,
+        app,
+        access,
+        std::future::pending(),
+        Duration::ZERO,
+    )
+    .await
 }

@@ -35,7 +35,11 @@ pub enum ListenError {
 pub fn listener(addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
     let mut fds = sd_notify::listen_fds().map_err(ListenError::Activation)?;
     match fds.len() {
-        0 => bind(addr),
+        0 => {
+            let listener = bind(addr)?;
+            tracing::info!("listening on {}", listener.local_addr().unwrap_or(addr));
+            Ok(listener)
+        }
         1 => {
             let fd = fds.next().expect("one descriptor");
             // SAFETY: systemd passed this descriptor to this process (LISTEN_PID
@@ -55,7 +59,10 @@ pub fn listener(addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
+/// A freshly bound listening socket at `addr` (port 0: any free port).
+///
+/// Must be called from within a Tokio runtime.
+pub fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
     let bind_error = |source| ListenError::Bind { addr, source };
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
@@ -64,9 +71,7 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
     .map_err(bind_error)?;
     socket.set_reuseaddr(true).map_err(bind_error)?;
     socket.bind(addr).map_err(bind_error)?;
-    let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
-    tracing::info!("listening on {}", listener.local_addr().unwrap_or(addr));
-    Ok(listener)
+    socket.listen(LISTEN_BACKLOG).map_err(bind_error)
 }
 
 /// Tells systemd the daemon is serving, with a one-line status.

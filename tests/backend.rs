@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 /// A backend served in this process on a free port, stopped when dropped.
 struct Backend {
     base: String,
+    metrics_base: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
@@ -23,14 +24,20 @@ impl Backend {
         let dir = tempfile::tempdir().unwrap();
         let path = write_config(dir.path(), &redis.url(), extra_config);
         let config = Arc::new(Config::load(&path, true).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let listeners = chat_ha::serve::Listeners {
+            public: bind().await.unwrap(),
+            metrics: bind().await.unwrap(),
+        };
+        let base = format!("http://{}", listeners.public.local_addr().unwrap());
+        let metrics_base = format!("http://{}", listeners.metrics.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(chat_ha::backend::run(config, listener, 7, async {
+        tokio::spawn(chat_ha::backend::run(config, listeners, 7, async {
             let _ = stopped.await;
         }));
         Backend {
             base,
+            metrics_base,
             stop: Some(stop),
             _dir: dir,
         }
@@ -435,7 +442,15 @@ async fn metrics_count_answers_by_status_and_time_them() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE
     );
 
-    let response = reqwest::get(backend.url("/metrics")).await.unwrap();
+    let public = reqwest::get(backend.url("/metrics")).await.unwrap();
+    assert_eq!(
+        public.status(),
+        StatusCode::NOT_FOUND,
+        "not on the public port"
+    );
+    let response = reqwest::get(format!("{}/metrics", backend.metrics_base))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
         response.headers()["content-type"]

@@ -57,9 +57,22 @@ impl NotifySocket {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    http_get_on(stream, path)
+}
+
+/// As [`http_get`], from the source address `from`.
+fn http_get_from(from: std::net::IpAddr, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    socket.bind(&SocketAddr::new(from, 0).into()).ok()?;
+    socket
+        .connect_timeout(&addr.into(), Duration::from_millis(500))
+        .ok()?;
+    http_get_on(socket.into(), path)
+}
+
+fn http_get_on(mut stream: std::net::TcpStream, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     write!(
         stream,
@@ -106,6 +119,7 @@ fn both_daemons_serve_a_socket_passed_by_systemd_and_notify_readiness_and_stoppi
                 .arg("--setenv=NOTIFY_SOCKET")
                 .arg("--setenv=WATCHDOG_USEC")
                 .arg(binary(name))
+                .arg("--metrics-listen=127.0.0.1:0")
                 .arg("--config")
                 .arg(&config)
                 .arg("--instance")
@@ -155,6 +169,7 @@ fn without_activation_the_listen_option_or_the_configured_address_is_bound() {
     let mut from_config = spawn(
         "chat-backend",
         Command::new(binary("chat-backend"))
+            .arg("--metrics-listen=127.0.0.1:0")
             .arg("--config")
             .arg(&config)
             .env("LISTEN_FDS", "1")
@@ -175,6 +190,7 @@ fn without_activation_the_listen_option_or_the_configured_address_is_bound() {
     let _from_option = spawn(
         "chat-frontend",
         Command::new(binary("chat-frontend"))
+            .arg("--metrics-listen=127.0.0.1:0")
             .arg("--config")
             .arg(&config)
             .arg("--listen")
@@ -244,6 +260,7 @@ fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
     let mut frontend = spawn(
         "chat-frontend",
         Command::new(binary("chat-frontend"))
+            .arg("--metrics-listen=127.0.0.1:0")
             .arg("--config")
             .arg(&config)
             .arg("--listen")
@@ -283,6 +300,7 @@ fn watchdog_pings_stop_when_the_runtime_is_blocked() {
         let daemon = spawn(
             name,
             Command::new(binary(name))
+                .arg("--metrics-listen=127.0.0.1:0")
                 .arg("--config")
                 .arg(&config)
                 .arg("--listen")
@@ -304,4 +322,87 @@ fn watchdog_pings_stop_when_the_runtime_is_blocked() {
         assert!(http_get(addr, "/").is_none(), "{name} no longer answers");
         std::fs::remove_file(&notify.path).unwrap();
     }
+}
+
+#[test]
+fn only_allowed_addresses_may_connect_and_metrics_have_a_port_of_their_own() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &redis.url(),
+        "[access]\nallow = [\"127.0.0.2\"]\nmetrics_allow = [\"127.0.0.3/32\"]\n",
+    );
+    for (name, status_path) in [
+        ("chat-backend", "/back/status"),
+        ("chat-frontend", "/front/status"),
+    ] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let _daemon = spawn(
+            name,
+            Command::new(binary(name))
+                .arg("--config")
+                .arg(&config)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--metrics-listen")
+                .arg(metrics.to_string()),
+        );
+        let allowed = [127, 0, 0, 2].into();
+        let (status, _) = wait_for(
+            "an answer to an allowed address",
+            Duration::from_secs(10),
+            || http_get_from(allowed, addr, status_path),
+        );
+        assert_eq!(status, 200, "{name}");
+        // Another address is let in by the kernel, then closed at once, unanswered.
+        assert_eq!(
+            http_get_from([127, 0, 0, 1].into(), addr, status_path),
+            None,
+            "{name}"
+        );
+        assert_eq!(
+            http_get_from([127, 0, 0, 3].into(), addr, status_path),
+            None,
+            "{name}"
+        );
+
+        let (status, _) = http_get_from(allowed, addr, "/metrics").unwrap();
+        assert_eq!(status, 404, "{name}: no metrics on the public port");
+        let (status, body) = http_get_from([127, 0, 0, 3].into(), metrics, "/metrics").unwrap();
+        assert_eq!(status, 200, "{name}");
+        assert!(body.contains("redis_up"), "{name}: {body}");
+        assert_eq!(http_get_from(allowed, metrics, "/metrics"), None, "{name}");
+    }
+}
+
+#[test]
+fn the_socket_units_are_described_by_print_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("chat-ha.toml");
+    std::fs::write(
+        &config,
+        "[frontend]\nlisten = \"10.0.0.5:9100\"\n[backend]\nlisten = \"[fd00::5]:9200\"\n\
+         [access]\nallow = [\"10.0.0.10\", \"fd00::/64\"]\n",
+    )
+    .unwrap();
+    let print = |name| {
+        let output = Command::new(binary(name))
+            .arg("--config")
+            .arg(&config)
+            .arg("--print-network")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(
+        print("chat-frontend"),
+        "address 10.0.0.5\nport 9100\nallow 10.0.0.10/32 fd00::/64\n"
+    );
+    assert_eq!(
+        print("chat-backend"),
+        "address [fd00::5]\nport 9200\nallow 10.0.0.10/32 fd00::/64\n"
+    );
 }

@@ -409,6 +409,8 @@ fn server_command(
             let mut cmd = Command::new(plan.bin_dir.join(exe));
             cmd.arg("--config").arg(config);
             cmd.arg("--listen").arg(addr.to_string());
+            // Metrics are not read by the bench: any free port.
+            cmd.arg("--metrics-listen").arg("127.0.0.1:0");
             cmd.arg("--instance").arg(i.to_string());
             cmd
         }
@@ -562,6 +564,8 @@ mod tests {
                 "/tmp/c.toml",
                 "--listen",
                 "127.0.0.1:9100",
+                "--metrics-listen",
+                "127.0.0.1:0",
                 "--instance",
                 "2"
             ]

@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::delivery::{Feed, RedisHealth, Store};
 use crate::message::{InvalidInput, JoinRequest, Room};
 use crate::metrics::{FrontendMetrics, Metrics};
-use crate::serve::{ConnectionCount, Status, serve};
+use crate::serve::{Access, ConnectionCount, Listeners, Status, serve, serve_metrics};
 
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
@@ -142,7 +142,6 @@ struct AppState {
     www_dir: PathBuf,
     health: Arc<RedisHealth>,
     metrics: Arc<FrontendMetrics>,
-    exposition: Arc<Metrics>,
     instance: u32,
     draining: Arc<AtomicBool>,
 }
@@ -189,10 +188,6 @@ async fn status(State(state): State<AppState>) -> Status {
     }
 }
 
-async fn serve_metrics(State(state): State<AppState>) -> Response {
-    state.exposition.response()
-}
-
 async fn not_found() -> (StatusCode, Json<Value>) {
     (
         StatusCode::NOT_FOUND,
@@ -200,11 +195,11 @@ async fn not_found() -> (StatusCode, Json<Value>) {
     )
 }
 
-/// Serves the frontend on `listener` until `shutdown` resolves; then tells
+/// Serves the frontend on `listeners` until `shutdown` resolves; then tells
 /// every client to go (they reconnect elsewhere) and stops.
 pub async fn run(
     config: Arc<Config>,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     instance: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -246,9 +241,13 @@ pub async fn run(
 
     let www_dir = config.frontend.www_dir.clone();
     let draining = Arc::new(AtomicBool::new(false));
+    let exposition = Arc::new(Metrics::frontend(&metrics, health.clone()));
+    let metrics_server = tokio::spawn({
+        let allow = config.access.metrics_allow.clone();
+        async move { serve_metrics(listeners.metrics, exposition, &allow).await }
+    });
     let state = AppState {
         www_dir: www_dir.clone(),
-        exposition: Arc::new(Metrics::frontend(&metrics, health.clone())),
         health,
         metrics,
         instance,
@@ -256,7 +255,6 @@ pub async fn run(
     };
     let app = Router::new()
         .route("/front/status", get(status))
-        .route("/metrics", get(serve_metrics))
         .route("/front/{room}", get(page))
         .nest_service("/front/assets", ServeDir::new(www_dir.join("assets")))
         .fallback(not_found)
@@ -280,13 +278,14 @@ pub async fn run(
         close_io.close().await;
     };
     let result = serve(
-        listener,
+        listeners.public,
         app,
-        ConnectionCount::default(),
+        Access::new(&config.access.allow, ConnectionCount::default()),
         stop,
         config.frontend.shutdown_timeout(),
     )
     .await;
     delivery.abort();
+    metrics_server.abort();
     result
 }

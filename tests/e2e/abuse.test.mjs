@@ -198,10 +198,10 @@ describe('abuse of a frontend', () => {
   };
 
   it('refuses a flood of 500 room events over polling, then disconnects the socket', logged(() => topo, async () => {
-    const refusedBefore = (await metrics(frontend.url)).chat_frontend_joins_refused_total;
+    const refusedBefore = (await metrics(frontend.metricsUrl)).chat_frontend_joins_refused_total;
     const c = await abuser('polling');
     await assertFloodedOut(c, await flood(c, 500), 'flood over polling');
-    const refused = (await metrics(frontend.url)).chat_frontend_joins_refused_total - refusedBefore;
+    const refused = (await metrics(frontend.metricsUrl)).chat_frontend_joins_refused_total - refusedBefore;
     assert.ok(refused >= 50, `joins refused counted: ${refused}`);
     await stillServing('a flood over polling');
   }));

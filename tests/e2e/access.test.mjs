@@ -65,7 +65,7 @@ describe('access rules at HAProxy', () => {
     assert.equal((await request(`${topo.url}/front/status`, { host: DOMAIN_1 })).status, 200);
     const metrics = await request(`${topo.url}/metrics`, { host: DOMAIN_1 });
     assert.equal(metrics.status, 404, metrics.text);
-    const frontendMetrics = await request(`${topo.frontends[0].url}/metrics`);
+    const frontendMetrics = await request(`${topo.frontends[0].metricsUrl}/metrics`);
     assert.equal(frontendMetrics.status, 200, 'scraped directly on the instance');
     assert.match(frontendMetrics.text, /chat_frontend_sockets/);
   });

@@ -88,7 +88,7 @@ describe('resuming a room with since', () => {
     clients.push(...resuming);
     for (const c of resuming) c.open(url(), { transports: transport() });
     await Promise.all(resuming.map((c) => c.waitJoined(1)));
-    const replayedBefore = (await Promise.all(topo.frontends.map((f) => metrics(f.url))))
+    const replayedBefore = (await Promise.all(topo.frontends.map((f) => metrics(f.metricsUrl))))
       .reduce((n, m) => n + m.chat_frontend_messages_replayed_total, 0);
 
     // A first message, so that every client has an id to resume from.
@@ -132,7 +132,7 @@ describe('resuming a room with since', () => {
 
     const report = deliveryCounts('resume seam', poster, resuming);
     const sockets = resuming.reduce((n, c) => n + c.sockets, 0);
-    const replayed = (await Promise.all(topo.frontends.map((f) => metrics(f.url))))
+    const replayed = (await Promise.all(topo.frontends.map((f) => metrics(f.metricsUrl))))
       .reduce((n, m) => n + m.chat_frontend_messages_replayed_total, 0) - replayedBefore;
     const line = `${report.line}; ${sockets} connections, ${replayed} messages replayed`;
     t.diagnostic(line);

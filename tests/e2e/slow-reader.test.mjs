@@ -27,7 +27,7 @@ function messageIds(frames) {
 
 /** Posts to `room` in batches until the frontend counts a drop; returns the ids posted, in order. */
 async function postUntilDropped(t, frontend, backend, room, posted) {
-  const before = (await metrics(frontend.url))[DROPPED];
+  const before = (await metrics(frontend.metricsUrl))[DROPPED];
   let dropped = before;
   while (dropped === before && posted.length < MOST_POSTS) {
     const batch = Array.from({ length: BATCH }, (_, i) => postMessage(backend.url, room, `${posted.length + i} ${TEXT}`));
@@ -35,7 +35,7 @@ async function postUntilDropped(t, frontend, backend, room, posted) {
       assert.equal(res.status, 201, res.text);
       posted.push(res.json.id);
     }
-    dropped = (await metrics(frontend.url))[DROPPED];
+    dropped = (await metrics(frontend.metricsUrl))[DROPPED];
   }
   posted.sort(compareIds);
   t.diagnostic(`let go after ${posted.length} messages; ${DROPPED} ${before} -> ${dropped}`);

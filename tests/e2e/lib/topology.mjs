@@ -366,10 +366,11 @@ export async function startTopology({
   if (postsPer10s === null) delete env.CHAT_HA_POSTS_PER_10S;
   else env.CHAT_HA_POSTS_PER_10S = String(postsPer10s);
 
-  const [redisPort, ...ports] = await freePorts(1 + frontends + backends + (haproxyPort ? 0 : 1));
+  const [redisPort, ...ports] = await freePorts(1 + 2 * (frontends + backends) + (haproxyPort ? 0 : 1));
   const frontendPorts = ports.slice(0, frontends);
   const backendPorts = ports.slice(frontends, frontends + backends);
-  const proxyPort = haproxyPort || ports[frontends + backends];
+  const metricsPorts = ports.slice(frontends + backends, 2 * (frontends + backends));
+  const proxyPort = haproxyPort || ports[2 * (frontends + backends)];
   const redisUrl = `redis://127.0.0.1:${redisPort}/0`;
 
   const processes = [];
@@ -393,13 +394,14 @@ export async function startTopology({
   const redisReady = () => redisProcess.waitUntil('answering PING',
     async () => (await talk({ host: '127.0.0.1', port: redisPort }, 'PING\r\n', { until: (d) => d.includes('\r\n') })).startsWith('+PONG'));
 
-  const daemon = (role, index, port, threads) => {
+  const daemon = (role, index, port, metricsPort, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
     fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads }));
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),
-      args: ['--config', configFile, '--listen', `127.0.0.1:${port}`, '--instance', String(index)],
+      args: ['--config', configFile, '--listen', `127.0.0.1:${port}`,
+        '--metrics-listen', `127.0.0.1:${metricsPort}`, '--instance', String(index)],
       logFile: path.join(logDir, `${role}-${index}.log`),
     });
     const url = `http://127.0.0.1:${port}`;
@@ -416,6 +418,8 @@ export async function startTopology({
       port,
       instance: index,
       url,
+      /** Where its /metrics are served (not on its public port). */
+      metricsUrl: `http://127.0.0.1:${metricsPort}`,
       get pid() { return proc.pid; },
       get running() { return proc.running; },
       logFile: proc.logFile,
@@ -427,8 +431,8 @@ export async function startTopology({
     };
   };
 
-  const frontendList = frontendPorts.map((p, i) => daemon('frontend', i, p, frontendThreads[i] ?? 1));
-  const backendList = backendPorts.map((p, i) => daemon('backend', i, p, 1));
+  const frontendList = frontendPorts.map((p, i) => daemon('frontend', i, p, metricsPorts[i], frontendThreads[i] ?? 1));
+  const backendList = backendPorts.map((p, i) => daemon('backend', i, p, metricsPorts[frontends + i], 1));
 
   // HAProxy with the packaged configuration, pointed at these instances.
   const statsSocket = path.join(tmp, 'haproxy.sock');
