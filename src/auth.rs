@@ -81,12 +81,28 @@ impl PublishTokens {
     /// Whether `token` is one of the tokens. Compares with all of them, in
     /// constant time.
     pub fn allows(&self, token: &str) -> bool {
+        self.check(token).is_some()
+    }
+
+    /// Who `token` is, if it is one of the tokens. Compares with all of
+    /// them, in constant time.
+    pub fn check(&self, token: &str) -> Option<TokenId> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = subtle::Choice::from(0);
         for digest in &self.digests {
             found |= digest.ct_eq(&presented);
         }
-        found.into()
+        bool::from(found).then_some(TokenId(presented))
+    }
+}
+
+/// Which publish token a request holds: the token's SHA-256, never the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenId([u8; 32]);
+
+impl TokenId {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -109,6 +125,9 @@ mod tests {
         assert!(!tokens.allows("first-token-012345678"));
         assert!(!tokens.allows(""));
         assert!(!tokens.allows("# ops"));
+        let first = tokens.check("first-token-0123456789").unwrap();
+        let second = tokens.check("second-token-0123456789").unwrap();
+        assert_ne!(first, second, "each token is told apart");
     }
 
     #[test]

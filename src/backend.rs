@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequest, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
@@ -18,12 +19,12 @@ use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::PublishTokens;
+use crate::auth::{PublishTokens, TokenId};
 use crate::config::Config;
-use crate::delivery::{Store, StoreError};
+use crate::delivery::{PostKey, Store, StoreError};
 use crate::message::{
     ChatMessage, IdempotencyKey, InvalidInput, PostBody, PostMessage, Publish, PublishBody, Room,
-    parse_object,
+    StreamId, parse_object,
 };
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
 use crate::serve::{Access, ConnectionCount, Listeners, Status, serve, serve_metrics};
@@ -38,6 +39,9 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const DEFAULT_HISTORY: usize = 50;
 /// Most messages one `GET /back/messages` returns.
 pub const MAX_HISTORY: usize = 200;
+/// Most bytes of text one `GET /back/messages` returns: fewer messages than
+/// asked for come back when they would weigh more (ask again with `before`).
+pub const MAX_HISTORY_BYTES: usize = 256 * 1024;
 
 /// Everything a handler needs.
 #[derive(Clone)]
@@ -65,6 +69,8 @@ pub enum ApiError {
     BodyTimeout,
     #[error("message store unavailable, try again")]
     Unavailable(#[source] StoreError),
+    #[error("message store is full, try again later")]
+    StoreFull,
     #[error("this Idempotency-Key was already used for another message")]
     KeyConflict,
     #[error("{0}")]
@@ -80,7 +86,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::KeyConflict => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -95,8 +101,10 @@ struct ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Unavailable(cause) = &self {
-            tracing::warn!("answering 503: {cause}");
+        match &self {
+            ApiError::Unavailable(cause) => tracing::warn!("answering 503: {cause}"),
+            ApiError::StoreFull => tracing::warn!("answering 503: {}", StoreError::Full),
+            _ => {}
         }
         let body = ErrorBody {
             error: self.to_string(),
@@ -116,6 +124,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::KeyConflict => ApiError::KeyConflict,
+            StoreError::Full => ApiError::StoreFull,
             e => ApiError::Unavailable(e),
         }
     }
@@ -210,6 +219,7 @@ async fn post_message(
     State(state): State<AppState>,
     Checked(message, key): Checked<PostMessage>,
 ) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
+    let key = key.as_ref().map(PostKey::message);
     let appended = state.store.append(&message, key.as_ref()).await?;
     let stored = appended.message;
     if appended.repeated {
@@ -226,24 +236,18 @@ struct Published {
 }
 
 /// `POST /back/publish`: one message to several rooms, for servers holding a
-/// token. With an Idempotency-Key, each room's message is keyed `KEY/ROOM`,
-/// so a retry after a partial failure stores what is missing and no more.
+/// token. The token is checked before the body is read ([`Publisher`]).
+/// With an Idempotency-Key, each room's message is recorded under a key of
+/// its own, derived from the key, the token and the room, so a retry after
+/// a partial failure stores what is missing and no more.
 async fn publish(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Publisher(token): Publisher,
     Checked(publish, key): Checked<Publish>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
-    authorize(&state.tokens, &headers)?;
     let mut messages = Vec::with_capacity(publish.rooms.len());
     for room in publish.rooms {
-        let room_key = match &key {
-            Some(key) => Some(IdempotencyKey::parse(&format!(
-                "{}/{}",
-                key.as_str(),
-                room
-            ))?),
-            None => None,
-        };
+        let room_key = key.as_ref().map(|key| PostKey::publish(key, &token, &room));
         let message = PostMessage {
             room,
             text: publish.text.clone(),
@@ -259,23 +263,33 @@ async fn publish(
     Ok((StatusCode::CREATED, Json(Published { messages })))
 }
 
-/// Checks `Authorization: Bearer <token>` against the publish tokens.
-fn authorize(tokens: &PublishTokens, headers: &HeaderMap) -> Result<(), ApiError> {
-    if tokens.is_empty() {
-        return Err(ApiError::Unauthorized(
-            "publishing is not enabled on this backend",
-        ));
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if tokens.allows(token.trim()) => Ok(()),
-        Some(_) => Err(ApiError::Unauthorized("invalid token")),
-        None => Err(ApiError::Unauthorized(
-            "expected Authorization: Bearer <token>",
-        )),
+/// The holder of a publish token: `Authorization: Bearer <token>`, checked
+/// from the request's head alone, so that a caller without a valid token
+/// learns nothing about the body and costs no more than its headers.
+struct Publisher(TokenId);
+
+impl FromRequestParts<AppState> for Publisher {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let tokens = &state.tokens;
+        if tokens.is_empty() {
+            return Err(ApiError::Unauthorized(
+                "publishing is not enabled on this backend",
+            ));
+        }
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented.map(|token| tokens.check(token.trim())) {
+            Some(Some(token)) => Ok(Publisher(token)),
+            Some(None) => Err(ApiError::Unauthorized("invalid token")),
+            None => Err(ApiError::Unauthorized(
+                "expected Authorization: Bearer <token>",
+            )),
+        }
     }
 }
 
@@ -284,6 +298,8 @@ fn authorize(tokens: &PublishTokens, headers: &HeaderMap) -> Result<(), ApiError
 struct HistoryQuery {
     room: String,
     limit: Option<usize>,
+    /// Only messages older than this id.
+    before: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -304,7 +320,14 @@ async fn get_messages(
             "limit must be between 1 and {MAX_HISTORY}"
         )));
     }
-    let messages = state.store.history(&room, limit).await?;
+    let before = match query.before.as_deref() {
+        None => None,
+        Some(id) => Some(StreamId::parse(id).ok_or(InvalidInput::Before)?),
+    };
+    let messages = state
+        .store
+        .history(&room, limit, before, MAX_HISTORY_BYTES)
+        .await?;
     Ok(Json(History { room, messages }))
 }
 

@@ -27,6 +27,8 @@ pub enum InvalidInput {
     JoinPayload,
     #[error("since must be a message id such as \"1700000000000-0\"")]
     Since,
+    #[error("before must be a message id such as \"1700000000000-0\"")]
+    Before,
     #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
     IdempotencyKey,
     #[error("rooms must list 1 to 64 rooms")]

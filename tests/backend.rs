@@ -663,3 +663,248 @@ async fn without_tokens_publishing_is_off() {
     let body: Value = response.json().await.unwrap();
     assert!(error_text(&body).contains("not enabled"), "{body}");
 }
+
+/// A publisher that sends the body first, as any client may.
+async fn publish_raw(
+    backend: &Backend,
+    token: Option<&str>,
+    key: Option<&str>,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .post(backend.url("/back/publish"))
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// A backend that accepts the publish tokens `tokens` (one per line).
+async fn publishing_backend(redis: &Redis, dir: &std::path::Path, tokens: &str) -> Backend {
+    let file = dir.join("publish-tokens");
+    std::fs::write(&file, tokens).unwrap();
+    let config = format!("[backend]\npublish_tokens_file = \"{}\"\n", file.display());
+    Backend::start(redis, &config).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_checks_the_token_before_it_reads_the_body() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = publishing_backend(&redis, dir.path(), "announcer-token-0123456789\n").await;
+    let oversize = "x".repeat(64 * 1024);
+    for (content_type, body) in [
+        ("text/plain", "not json".to_owned()),
+        ("application/json", "{malformed".to_owned()),
+        ("application/json", oversize.clone()),
+    ] {
+        for token in [None, Some("not-the-token-0123456789")] {
+            let (status, answer) =
+                publish_raw(&backend, token, None, content_type, body.clone()).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{content_type} {token:?}: {answer}"
+            );
+        }
+    }
+    // With the token, the same bodies get what they deserve.
+    let token = Some("announcer-token-0123456789");
+    let statuses = [
+        publish_raw(&backend, token, None, "text/plain", "x")
+            .await
+            .0,
+        publish_raw(&backend, token, None, "application/json", "{malformed")
+            .await
+            .0,
+        publish_raw(&backend, token, None, "application/json", oversize)
+            .await
+            .0,
+    ];
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            StatusCode::BAD_REQUEST,
+            StatusCode::PAYLOAD_TOO_LARGE
+        ]
+    );
+}
+
+/// Idempotency keys live in one space per endpoint, and per token for
+/// publishing: the same key elsewhere is another key. The longest key with
+/// the longest room name works: the key of each room is derived, not built
+/// by joining strings that a length check could then refuse.
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_belong_to_their_endpoint_and_token() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = publishing_backend(
+        &redis,
+        dir.path(),
+        "first-token-0123456789\nsecond-token-0123456789\n",
+    )
+    .await;
+    let key = "k".repeat(128);
+    let room = "r".repeat(64);
+    let body = |text: &str| json!({"rooms": [room, "rooma"], "message": text}).to_string();
+    let first = publish_raw(
+        &backend,
+        Some("first-token-0123456789"),
+        Some(&key),
+        "application/json",
+        body("one"),
+    )
+    .await;
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
+    let repeated = publish_raw(
+        &backend,
+        Some("first-token-0123456789"),
+        Some(&key),
+        "application/json",
+        body("one"),
+    )
+    .await;
+    assert_eq!(
+        repeated, first,
+        "the same token repeating itself stores nothing new"
+    );
+    let conflict = publish_raw(
+        &backend,
+        Some("first-token-0123456789"),
+        Some(&key),
+        "application/json",
+        body("two"),
+    )
+    .await;
+    assert_eq!(conflict.0, StatusCode::CONFLICT, "{}", conflict.1);
+    // Another token with the same key and another text: its own key.
+    let other = publish_raw(
+        &backend,
+        Some("second-token-0123456789"),
+        Some(&key),
+        "application/json",
+        body("two"),
+    )
+    .await;
+    assert_eq!(other.0, StatusCode::CREATED, "{}", other.1);
+    // A post with the same key and another text: its own key too.
+    let response = reqwest::Client::new()
+        .post(backend.url("/back/message"))
+        .header("idempotency-key", &key)
+        .json(&json!({"room": "rooma", "message": "three"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let (_, history) = backend.get("/back/messages?room=rooma").await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_pages_back_with_before_and_is_capped_in_bytes() {
+    let redis = Redis::start();
+    let backend = Backend::start(&redis, "").await;
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let (status, body) = backend.post("paged", &format!("small {i}")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let texts = |history: &Value| -> Vec<String> {
+        history["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["message"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, newest) = backend.get("/back/messages?room=paged&limit=30").await;
+    assert_eq!(
+        texts(&newest),
+        (90..120).map(|i| format!("small {i}")).collect::<Vec<_>>()
+    );
+    let (_, older) = backend
+        .get(&format!(
+            "/back/messages?room=paged&limit=70&before={}",
+            ids[90]
+        ))
+        .await;
+    assert_eq!(
+        texts(&older),
+        (20..90).map(|i| format!("small {i}")).collect::<Vec<_>>()
+    );
+    let (status, body) = backend
+        .get("/back/messages?room=paged&before=yesterday")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_text(&body).contains("before"), "{body}");
+
+    // 200 messages of about 4,000 four-byte characters weigh 3.2 MB: the
+    // answer stops at 256 KiB of text, the newest messages kept.
+    let large = "\u{1F600}".repeat(3990);
+    for i in 0..200 {
+        assert_eq!(
+            backend.post("heavy", &format!("{i}{large}")).await.0,
+            StatusCode::CREATED
+        );
+    }
+    let response = reqwest::get(backend.url("/back/messages?room=heavy&limit=200"))
+        .await
+        .unwrap();
+    let bytes = response.bytes().await.unwrap();
+    assert!(
+        bytes.len() <= 256 * 1024 + 16 * 1024,
+        "{} bytes",
+        bytes.len()
+    );
+    let history: Value = serde_json::from_slice(&bytes).unwrap();
+    let got = texts(&history);
+    let each = 3 + 3990 * 4;
+    assert_eq!(got.len(), 256 * 1024 / each, "as many as fit");
+    assert!(got.last().unwrap().starts_with("199"), "the newest last");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_redis_refuses_posts_with_503_and_keeps_what_it_has() {
+    let redis = Redis::start_with(
+        ["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let backend = Backend::start(&redis, "").await;
+    let text = "x".repeat(4000);
+    let mut stored = 0;
+    let body = loop {
+        let (status, body) = backend.post("full", &text).await;
+        if status != StatusCode::CREATED {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            break body;
+        }
+        stored += 1;
+        assert!(stored < 10_000, "Redis never filled up");
+    };
+    assert_eq!(error_text(&body), "message store is full, try again later");
+    let (status, history) = backend.get("/back/messages?room=full&limit=200").await;
+    assert_eq!(status, StatusCode::OK, "reading still works");
+    let kept = history["messages"].as_array().unwrap().len();
+    assert_eq!(
+        kept,
+        stored.min(200).min(256 * 1024 / 4000),
+        "nothing acknowledged was evicted"
+    );
+}

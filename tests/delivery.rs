@@ -395,3 +395,95 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
     let read = caught_up.get();
     assert!(read <= 10, "{read} of 200 messages read from the stream");
 }
+
+/// Stream entries as Redis sends them: ids with field-value pairs.
+type RawEntries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// The text bytes of the feed's entries, as Redis has them, and their count.
+async fn feed_size(
+    conn: &mut redis::aio::MultiplexedConnection,
+    config: &Config,
+) -> (usize, usize) {
+    let entries: RawEntries = redis::cmd("XRANGE")
+        .arg(feed_key(config))
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let bytes = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().map(|(_, value)| value.len()))
+        .sum();
+    (bytes, entries.len())
+}
+
+/// The feed keeps at most `feed_bytes` of text and `feed_length` entries,
+/// dropping the oldest, and counts its bytes truly; a room's history expires
+/// `room_ttl_days` after its last post; the frontends still get every message.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[history]\nfeed_bytes = 20000\nfeed_length = 60\nroom_ttl_days = 2\n";
+    let path = write_config(dir.path(), &redis.url(), extra);
+    let config = Config::load(&path, true).unwrap();
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let (mut rx, health) = follow(&config);
+    wait_up(&health).await;
+    let mut conn = connect(&redis).await;
+
+    // 100 messages of about 500 bytes: the byte bound acts first.
+    let text = "b".repeat(495);
+    let mut sent = Vec::new();
+    for i in 0..100 {
+        let message = post("heavy", &format!("{i:03} {text}"));
+        sent.push(store.append(&message, None).await.unwrap().message);
+    }
+    let (bytes, length) = feed_size(&mut conn, &config).await;
+    let counted: usize = redis::cmd("GET")
+        .arg(format!("{}:feed:bytes", config.redis.key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counted, bytes, "the count of bytes is true");
+    assert!(
+        (20000 - 505..=20000).contains(&bytes),
+        "{bytes} bytes in {length} entries"
+    );
+    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(feed_key(&config))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(newest[0].0, sent[99].id, "the newest are kept");
+
+    // Many small messages: the length bound acts, exactly.
+    sent.extend(append_numbered(&store, "light", "m", 100).await);
+    assert_eq!(feed_size(&mut conn, &config).await.1, 60);
+
+    let room = format!("{}:room:heavy", config.redis.key_prefix);
+    let ttl = redis::cmd("TTL").arg(&room).to_owned();
+    let two_days = 2 * 86400 - 60..=2 * 86400;
+    assert!(two_days.contains(&ttl.query_async::<i64>(&mut conn).await.unwrap()));
+    // Nearly expired, then a post: the room has two days again.
+    let _: () = redis::cmd("EXPIRE")
+        .arg(&room)
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sent.push(
+        store
+            .append(&post("heavy", "still here"), None)
+            .await
+            .unwrap()
+            .message,
+    );
+    assert!(two_days.contains(&ttl.query_async::<i64>(&mut conn).await.unwrap()));
+    assert_eq!(receive(&mut rx, sent.len()).await, sent);
+}

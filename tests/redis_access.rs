@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
+use chat_ha::delivery::{Feed, PostKey, RedisHealth, Store, Subscriber};
 use chat_ha::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
 use common::{Redis, binary, free_port, write_config};
 use tokio::sync::mpsc;
@@ -129,7 +129,7 @@ async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
     let mut rx = follow(&config).await;
     let store = Store::new(&config, RedisHealth::new()).unwrap();
 
-    let key = IdempotencyKey::parse("acl-test-key").unwrap();
+    let key = PostKey::message(&IdempotencyKey::parse("acl-test-key").unwrap());
     let first = store
         .append(&post("acl", "hello"), Some(&key))
         .await
@@ -144,7 +144,7 @@ async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
     assert_eq!(next(&mut rx).await, first.message);
     assert_eq!(next(&mut rx).await, second.message);
     let history = store
-        .history(&Room::parse("acl").unwrap(), 10)
+        .history(&Room::parse("acl").unwrap(), 10, None, 1 << 20)
         .await
         .unwrap();
     assert_eq!(history, [first.message, second.message]);

@@ -42,6 +42,7 @@ pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::auth::TokenId;
 use crate::message::{ChatMessage, IdempotencyKey, Room, StreamId};
 
 /// Stream entries as Redis sends them: each entry's id and its field-value
@@ -75,6 +76,7 @@ pub trait Subscriber: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct Keys {
     feed: String,
+    feed_bytes: String,
     room_prefix: String,
     post_prefix: String,
 }
@@ -83,8 +85,9 @@ impl Keys {
     pub fn new(prefix: &str) -> Self {
         Keys {
             feed: format!("{prefix}:feed"),
+            feed_bytes: format!("{prefix}:feed:bytes"),
             room_prefix: format!("{prefix}:room:"),
-            post_prefix: format!("{prefix}:post:"),
+            post_prefix: format!("{prefix}:idem:"),
         }
     }
 
@@ -93,14 +96,63 @@ impl Keys {
         &self.feed
     }
 
+    /// The count of the bytes of text in the feed.
+    pub fn feed_bytes(&self) -> &str {
+        &self.feed_bytes
+    }
+
     /// The stream holding one room's history.
     pub fn room(&self, room: &Room) -> String {
         format!("{}{}", self.room_prefix, room.as_str())
     }
 
     /// The record of a post made with an idempotency key.
-    pub fn post(&self, key: &IdempotencyKey) -> String {
-        format!("{}{}", self.post_prefix, key.as_str())
+    pub fn post(&self, key: &PostKey) -> String {
+        let mut name = String::with_capacity(self.post_prefix.len() + 64);
+        name.push_str(&self.post_prefix);
+        for byte in key.0 {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        name
+    }
+}
+
+/// Where a post made with an `Idempotency-Key` is recorded: a digest of the
+/// key and of the key space it belongs to. Each endpoint has its own space,
+/// and publishing one per token and room: a client cannot make another's
+/// post fail with 409 by guessing its key on another endpoint or with
+/// another token. Derived keys never fail a length check, and what a client
+/// or the load balancer sent (a key made of the client's address and port)
+/// is never stored as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostKey([u8; 32]);
+
+impl PostKey {
+    /// A key of `POST /back/message`.
+    pub fn message(key: &IdempotencyKey) -> Self {
+        Self::digest(&[b"message", key.as_str().as_bytes()])
+    }
+
+    /// A key of `POST /back/publish` by the holder of `token`, for `room`.
+    pub fn publish(key: &IdempotencyKey, token: &TokenId, room: &Room) -> Self {
+        Self::digest(&[
+            b"publish",
+            token.as_bytes(),
+            key.as_str().as_bytes(),
+            room.as_str().as_bytes(),
+        ])
+    }
+
+    /// SHA-256 of the parts, each preceded by its length, so that no two
+    /// lists of parts give the same input.
+    fn digest(parts: &[&[u8]]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for part in parts {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        PostKey(hasher.finalize().into())
     }
 }
 

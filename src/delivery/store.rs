@@ -5,27 +5,35 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Entries, Keys, RedisHealth, take_field};
+use super::{Entries, Keys, PostKey, RedisHealth, take_field};
 use crate::config::Config;
-use crate::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
+use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 
 /// Appends to the feed and the room's stream in one step, under one id, so a
-/// message is either in both or in neither. Trimming is approximate (`~`),
-/// which lets Redis drop whole nodes instead of single entries.
+/// message is either in both or in neither.
+///
+/// The room's stream keeps `history.max_per_room` messages (trimmed
+/// approximately, `~`, which lets Redis drop whole nodes) and expires when
+/// nobody posted to the room for `history.room_ttl_days`. The feed keeps at
+/// most `history.feed_length` messages and `history.feed_bytes` bytes of
+/// text: it is trimmed here, oldest first, exactly, so that the count of its
+/// bytes (KEYS[3]) stays true. Its head is read a few entries at a time, and
+/// a post trims at most [`TRIM_BATCHES`] batches: the work per post stays
+/// small, and the next posts carry on.
 ///
 /// Then it publishes the message on the channel named as the feed, for the
 /// frontends (see [`super::Feed`]): `<previous feed id> <id> <room> <text>`.
 /// The previous id lets a frontend tell that it missed nothing in between.
 ///
-/// With an idempotency key (KEYS[3]), a post already stored under that key
+/// With an idempotency key (KEYS[4]), a post already stored under that key
 /// is not stored again: the script answers the first post's id, or
 /// `conflict` when the key came with another room or text. The key records
 /// the id and a digest of room and text, for [`IDEMPOTENCY_WINDOW`].
 const APPEND_SCRIPT: &str = r"
 local digest
-if KEYS[3] then
+if KEYS[4] then
   digest = redis.sha1hex(ARGV[1] .. '\0' .. ARGV[2])
-  local seen = redis.call('GET', KEYS[3])
+  local seen = redis.call('GET', KEYS[4])
   if seen then
     if string.sub(seen, -40) == digest then
       return {string.sub(seen, 1, -42), 'repeat'}
@@ -35,14 +43,45 @@ if KEYS[3] then
 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local previous = last[1] and last[1][1] or '0-0'
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[1], 'm', ARGV[2])
+local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'm', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
-if KEYS[3] then
-  redis.call('SET', KEYS[3], id .. ' ' .. digest, 'EX', ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+
+local max_length, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[6])
+local length = redis.call('XLEN', KEYS[1])
+local bytes = redis.call('INCRBY', KEYS[3], #ARGV[1] + #ARGV[2])
+local removed, cut = 0, nil
+for batch = 1, tonumber(ARGV[8]) do
+  if length <= max_length and bytes <= max_bytes then break end
+  local oldest = redis.call('XRANGE', KEYS[1], cut and ('(' .. cut) or '-', '+', 'COUNT', 8)
+  for _, entry in ipairs(oldest) do
+    if length <= max_length and bytes <= max_bytes then break end
+    local size = 0
+    for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+    cut, length, bytes, removed = entry[1], length - 1, bytes - size, removed + size
+  end
+end
+if cut then
+  local ms, seq = string.match(cut, '^(%d+)-(%d+)$')
+  redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  bytes = redis.call('DECRBY', KEYS[3], removed)
+end
+if length == 0 or bytes < 0 then
+  redis.call('SET', KEYS[3], 0)
+end
+
+if KEYS[4] then
+  redis.call('SET', KEYS[4], id .. ' ' .. digest, 'EX', ARGV[5])
 end
 redis.call('PUBLISH', KEYS[1], previous .. ' ' .. id .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
 return {id, 'new'}
 ";
+
+/// Batches of the feed's oldest entries (8 each) one post may trim.
+const TRIM_BATCHES: usize = 4;
+
+/// Messages read from Redis at once for a history answer.
+const HISTORY_PAGE: usize = 50;
 
 /// How long an idempotency key is remembered.
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
@@ -61,6 +100,20 @@ pub enum StoreError {
     Malformed(String),
     #[error("this Idempotency-Key was already used for another message")]
     KeyConflict,
+    /// Redis reached its `maxmemory` and, never evicting, refuses writes.
+    #[error("Redis is full (maxmemory): nothing was stored")]
+    Full,
+}
+
+impl StoreError {
+    /// Reads Redis's refusal to write beyond `maxmemory` as [`StoreError::Full`].
+    fn from_redis(e: redis::RedisError) -> Self {
+        if e.code() == Some("OOM") {
+            StoreError::Full
+        } else {
+            StoreError::Redis(e)
+        }
+    }
 }
 
 /// What [`Store::append`] did.
@@ -85,6 +138,8 @@ struct Inner {
     timeout: Duration,
     max_per_room: usize,
     feed_length: usize,
+    feed_bytes: usize,
+    room_ttl: Duration,
     health: Arc<RedisHealth>,
 }
 
@@ -108,6 +163,8 @@ impl Store {
             timeout: redis.command_timeout(),
             max_per_room: config.history.max_per_room.get(),
             feed_length: config.history.feed_length.get(),
+            feed_bytes: config.history.feed_bytes.get(),
+            room_ttl: config.history.room_ttl(),
             health,
         })))
     }
@@ -118,13 +175,14 @@ impl Store {
     pub async fn append(
         &self,
         message: &PostMessage,
-        key: Option<&IdempotencyKey>,
+        key: Option<&PostKey>,
     ) -> Result<Appended, StoreError> {
         let mut conn = self.0.conn.clone();
         let mut invocation = self.0.script.prepare_invoke();
         invocation
             .key(self.0.keys.feed())
-            .key(self.0.keys.room(&message.room));
+            .key(self.0.keys.room(&message.room))
+            .key(self.0.keys.feed_bytes());
         if let Some(key) = key {
             invocation.key(self.0.keys.post(key));
         }
@@ -133,7 +191,10 @@ impl Store {
             .arg(&message.text)
             .arg(self.0.feed_length)
             .arg(self.0.max_per_room)
-            .arg(IDEMPOTENCY_WINDOW.as_secs());
+            .arg(IDEMPOTENCY_WINDOW.as_secs())
+            .arg(self.0.feed_bytes)
+            .arg(self.0.room_ttl.as_secs())
+            .arg(TRIM_BATCHES);
         let (id, outcome): (String, String) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         if outcome == "conflict" {
@@ -146,15 +207,39 @@ impl Store {
         })
     }
 
-    /// The last `limit` messages of `room`, oldest first.
-    pub async fn history(&self, room: &Room, limit: usize) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.0.keys.room(room))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit);
-        let mut messages = self.read_range(room, cmd).await?;
+    /// The last `limit` messages of `room` older than `before` (all, if
+    /// `None`), oldest first: as many as fit in `max_bytes` of text, and at
+    /// least one. Read newest first in pages of [`HISTORY_PAGE`], so that
+    /// Redis never builds, nor this process holds, much more than that.
+    pub async fn history(
+        &self,
+        room: &Room,
+        limit: usize,
+        before: Option<StreamId>,
+        max_bytes: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let key = self.0.keys.room(room);
+        let mut messages: Vec<ChatMessage> = Vec::new();
+        let mut bytes = 0;
+        let mut end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+        'pages: while messages.len() < limit {
+            let count = (limit - messages.len()).min(HISTORY_PAGE);
+            let mut cmd = redis::cmd("XREVRANGE");
+            cmd.arg(&key).arg(&end).arg("-").arg("COUNT").arg(count);
+            let page = self.read_range(room, cmd).await?;
+            let last_page = page.len() < count;
+            for message in page {
+                bytes += message.message.len();
+                if bytes > max_bytes && !messages.is_empty() {
+                    break 'pages;
+                }
+                end = format!("({}", message.id);
+                messages.push(message);
+            }
+            if last_page {
+                break;
+            }
+        }
         messages.reverse();
         Ok(messages)
     }
@@ -212,7 +297,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let result = match tokio::time::timeout(self.0.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Ok(Err(e)) => Err(StoreError::from_redis(e)),
             Err(_) => Err(StoreError::Timeout(self.0.timeout)),
         };
         let reachable = !matches!(&result, Err(StoreError::Timeout(_)))
