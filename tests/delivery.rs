@@ -487,3 +487,125 @@ async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
     assert!(two_days.contains(&ttl.query_async::<i64>(&mut conn).await.unwrap()));
     assert_eq!(receive(&mut rx, sent.len()).await, sent);
 }
+
+/// Publishes on the feed's channel, as anyone who may publish there could.
+async fn publish_forged(
+    conn: &mut redis::aio::MultiplexedConnection,
+    config: &Config,
+    payload: &str,
+) {
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(feed_key(config))
+        .arg(payload)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// The id of the feed's newest entry.
+async fn newest_id(conn: &mut redis::aio::MultiplexedConnection, config: &Config) -> String {
+    let newest: RawEntries = redis::cmd("XREVRANGE")
+        .arg(feed_key(config))
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .unwrap();
+    newest[0].0.clone()
+}
+
+/// A push is a hint: one naming an id far in the future is not taken, and
+/// one naming an id a little ahead, though taken, does not make the
+/// frontend skip the real messages that follow it.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_pushes_do_not_stop_delivery() {
+    let Setup {
+        redis,
+        config,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
+    let mut conn = connect(&redis).await;
+    let mut sent = append_numbered(&store, "rooma", "before", 3).await;
+    assert_eq!(receive(&mut rx, 3).await, sent);
+
+    // Far ahead, following on from the real last id: not taken.
+    let last = newest_id(&mut conn, &config).await;
+    publish_forged(
+        &mut conn,
+        &config,
+        &format!("{last} 99999999999999-0 rooma far ahead"),
+    )
+    .await;
+    let after_far = append_numbered(&store, "rooma", "after far", 3).await;
+    assert_eq!(receive(&mut rx, 3).await, after_far);
+    sent.extend(after_far);
+
+    // Thirty seconds ahead: taken (and so delivered), then the next real
+    // push names an id behind it that was never handed out, and the stream
+    // is read again from the last confirmed entry.
+    let last = newest_id(&mut conn, &config).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ahead = format!("{}-0", now_ms + 30_000);
+    publish_forged(
+        &mut conn,
+        &config,
+        &format!("{last} {ahead} rooma a little ahead"),
+    )
+    .await;
+    let forged = receive(&mut rx, 1).await;
+    assert_eq!(
+        (forged[0].id.as_str(), forged[0].message.as_str()),
+        (ahead.as_str(), "a little ahead")
+    );
+    let after_near = append_numbered(&store, "rooma", "after near", 5).await;
+    assert_eq!(
+        receive(&mut rx, 5).await,
+        after_near,
+        "every real message, once, in order"
+    );
+
+    // Nothing more comes: a fence message is the next thing delivered.
+    let fence = append_numbered(&store, "rooma", "fence", 1).await;
+    assert_eq!(receive(&mut rx, 1).await, fence);
+}
+
+/// A forged push that is followed by no real push is found out by the
+/// periodic read of the stream, which does not hold its id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_cursor_is_found_out_by_the_periodic_read() {
+    let Setup {
+        redis,
+        config,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
+    let mut conn = connect(&redis).await;
+    let feed = feed_key(&config);
+    let first = append_numbered(&store, "rooma", "first", 1).await;
+    assert_eq!(receive(&mut rx, 1).await, first);
+    let last = newest_id(&mut conn, &config).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let ahead = format!("{}-0", now_ms + 30_000);
+    publish_forged(&mut conn, &config, &format!("{last} {ahead} rooma forged")).await;
+    assert_eq!(receive(&mut rx, 1).await[0].message, "forged");
+    // Written without a push, behind the forged id: only a read finds it.
+    let unpushed = append_without_push(&mut conn, &feed, "not pushed").await;
+    let got = receive(&mut rx, 1).await;
+    assert_eq!(
+        (got[0].id.as_str(), got[0].message.as_str()),
+        (unpushed.as_str(), "not pushed")
+    );
+}

@@ -13,6 +13,22 @@
 //! Pushes spare Redis the work `XREAD BLOCK` costs it for each frontend and
 //! each read (a command to read, a client to block and unblock), and the
 //! frontend a request per read.
+//!
+//! # A push is a hint; the stream is the truth
+//!
+//! Whoever may publish on the channel could push a message with an id of
+//! its choosing. Taken as truth, an id far ahead would move the cursor past
+//! every real message to come, and the frontend would skip them all. So:
+//!
+//! - a pushed id more than [`MAX_AHEAD`] ahead of this host's clock is not
+//!   taken; the stream is read instead;
+//! - every read of the stream starts *at* the cursor, and so checks that
+//!   the stream holds it. A cursor the stream does not hold, while it holds
+//!   older entries (so the cursor was not trimmed away), was never a real
+//!   entry: the feed goes back to the last position the stream confirmed,
+//!   and hands out what it has after it, less what was handed out already;
+//! - a push naming an id at or behind the cursor that was never handed out
+//!   means the cursor ran past a real message: the stream is read at once.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -34,6 +50,9 @@ const POLL: Duration = Duration::from_secs(2);
 /// Most entries taken per read of the stream, and most pushed messages handed
 /// on together: bounds the work done between two awaits.
 const BATCH: usize = 512;
+/// How far ahead of this host's clock a pushed id may be and still be taken
+/// (Redis's clock makes the ids; hosts' clocks agree far better than this).
+const MAX_AHEAD: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -55,10 +74,53 @@ pub struct Feed {
     reconnect_min: Duration,
     reconnect_max: Duration,
     health: Arc<RedisHealth>,
-    /// Id of the last entry handed out; `None` until Redis was first reached.
-    cursor: Option<StreamId>,
+    /// Where the feed is; `None` until Redis was first reached.
+    position: Option<Position>,
     /// Messages read from the stream rather than pushed.
     caught_up: Counter,
+}
+
+/// Where a feed is, and how much of that the stream has confirmed.
+#[derive(Debug)]
+struct Position {
+    /// Id of the last entry handed out: the feed's cursor.
+    cursor: StreamId,
+    /// The newest id known to be in the stream, with everything before it
+    /// handed out.
+    confirmed: StreamId,
+    /// Ids handed out after `confirmed`, in order: from pushes, which the
+    /// stream has yet to confirm.
+    unconfirmed: Vec<StreamId>,
+}
+
+impl Position {
+    fn at(id: StreamId) -> Self {
+        Position {
+            cursor: id,
+            confirmed: id,
+            unconfirmed: Vec::new(),
+        }
+    }
+
+    /// Whether the entry `id`, at or behind the cursor, was handed out.
+    fn handed_out(&self, id: StreamId) -> bool {
+        id <= self.confirmed || self.unconfirmed.binary_search(&id).is_ok()
+    }
+
+    /// Moves on to a pushed entry.
+    fn push(&mut self, id: StreamId) {
+        self.cursor = id;
+        self.unconfirmed.push(id);
+    }
+
+    /// Moves on to an entry read from the stream, from a cursor that the
+    /// same read showed the stream holds: everything up to it is confirmed.
+    fn read(&mut self, id: StreamId) {
+        self.cursor = id;
+        self.confirmed = id;
+        let through = self.unconfirmed.partition_point(|pushed| *pushed <= id);
+        self.unconfirmed.drain(..through);
+    }
 }
 
 impl Feed {
@@ -72,7 +134,7 @@ impl Feed {
             reconnect_min: redis.reconnect_min(),
             reconnect_max: redis.reconnect_max(),
             health,
-            cursor: None,
+            position: None,
             caught_up: Counter::default(),
         })
     }
@@ -95,7 +157,7 @@ impl Feed {
             if self.health.set_up(false) {
                 tracing::warn!(
                     "lost Redis, delivery paused at {:?}: {error}",
-                    self.cursor.map(|c| c.to_string())
+                    self.position.as_ref().map(|p| p.cursor.to_string())
                 );
             } else {
                 tracing::debug!("Redis still unreachable: {error}");
@@ -116,10 +178,11 @@ impl Feed {
         // Subscribed before the stream is read: whatever is appended after
         // that read is pushed.
         conn.subscribe(self.keys.feed()).await?;
-        let start = match self.cursor {
-            Some(cursor) => cursor,
-            None => self.last_id(&mut conn).await?,
+        let position = match self.position.take() {
+            Some(position) => position,
+            None => Position::at(self.last_id(&mut conn).await?),
         };
+        let start = position.cursor;
         subscriber.following(start).await;
         if self.health.set_up(true) {
             tracing::info!("following the Redis feed from {start}");
@@ -129,7 +192,7 @@ impl Feed {
             conn,
             keys: &self.keys,
             caught_up: &self.caught_up,
-            cursor: self.cursor.insert(start),
+            position: self.position.insert(position),
             batch: Vec::new(),
         };
         // The first tick is immediate: it reads what was appended while away.
@@ -192,16 +255,21 @@ struct Reader<'a> {
     conn: MultiplexedConnection,
     keys: &'a Keys,
     caught_up: &'a Counter,
-    /// Id of the last entry taken into `batch` (or handed out): the feed's
-    /// cursor, which outlives the connection.
-    cursor: &'a mut StreamId,
+    /// Where the feed is, counting the messages taken into `batch`; it
+    /// outlives the connection.
+    position: &'a mut Position,
     /// Messages taken but not yet handed to the subscriber.
     batch: Vec<ChatMessage>,
 }
 
+/// Pushed ids the stream may leave unconfirmed before it is read anyway
+/// (it is read every [`POLL`] regardless).
+const MAX_UNCONFIRMED: usize = 100_000;
+
 impl Reader<'_> {
-    /// Takes one push: the next message, one already read from the stream,
-    /// or news that something was missed, and then reads the stream.
+    /// Takes one push: the next message, one already handed out, or news
+    /// that something was missed (or that a push cannot be trusted), and
+    /// then reads the stream.
     async fn take(
         &mut self,
         push: PushInfo,
@@ -213,29 +281,67 @@ impl Reader<'_> {
             // Confirmations of the subscription.
             _ => return Ok(()),
         }
+        let position = &mut *self.position;
         match Pushed::parse(push) {
-            Some(pushed) if pushed.id <= *self.cursor => Ok(()),
-            Some(pushed) if pushed.previous == *self.cursor => {
-                self.advance(pushed.id, Some(pushed.message));
+            // Handed out already: read from the stream before its push came.
+            Some(pushed) if position.handed_out(pushed.id) => Ok(()),
+            // At or behind the cursor yet never handed out: the cursor ran
+            // past a real message.
+            Some(pushed) if pushed.id <= position.cursor => self.catch_up(subscriber).await,
+            Some(pushed)
+                if pushed.previous == position.cursor
+                    && plausible(pushed.id)
+                    && position.unconfirmed.len() < MAX_UNCONFIRMED =>
+            {
+                position.push(pushed.id);
+                self.batch.push(pushed.message);
                 Ok(())
             }
-            // A gap, or something published on the channel by someone else.
+            // A gap, an id too far ahead, or something that is not a message.
             _ => self.catch_up(subscriber).await,
         }
     }
 
-    /// Reads the stream after the cursor up to its end.
+    /// Reads the stream from the cursor to its end, and hands out what
+    /// follows the cursor and was not handed out yet.
+    ///
+    /// Each read starts at the cursor itself, to see that the stream holds
+    /// it. If it does not, yet holds older entries (so the cursor was not
+    /// trimmed away), the cursor came from a push the stream never had: the
+    /// feed goes back to the last confirmed position and reads from there.
     async fn catch_up(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
         loop {
-            let entries = self.read_after().await?;
-            let complete = entries.len() < BATCH;
-            for (id, message) in entries {
-                if message.is_some() {
-                    self.caught_up.inc();
-                } else {
-                    tracing::error!("skipping malformed feed entry {id}");
+            let cursor = self.position.cursor;
+            let entries = self.read_from(cursor).await?;
+            let holds_cursor = entries.first().is_some_and(|(id, _)| *id == cursor);
+            if !holds_cursor && cursor != StreamId::ZERO {
+                if self.holds_older(cursor).await? {
+                    if cursor != self.position.confirmed {
+                        self.go_back();
+                        continue;
+                    }
+                    tracing::warn!(
+                        "feed entry {cursor} is gone from Redis; delivery goes on after it"
+                    );
+                } else if !entries.is_empty() {
+                    tracing::warn!(
+                        "the feed was trimmed past entry {cursor} before this frontend read what \
+                         followed it: messages may have been skipped (history.feed_length, feed_bytes)"
+                    );
                 }
-                self.advance(id, message);
+            }
+            let complete = entries.len() <= BATCH;
+            for (id, message) in entries.into_iter().filter(|(id, _)| *id > cursor) {
+                let again = self.position.handed_out(id);
+                self.position.read(id);
+                match message {
+                    _ if again => {}
+                    Some(message) => {
+                        self.caught_up.inc();
+                        self.batch.push(message);
+                    }
+                    None => tracing::error!("skipping malformed feed entry {id}"),
+                }
             }
             if complete {
                 return Ok(());
@@ -244,9 +350,27 @@ impl Reader<'_> {
         }
     }
 
-    fn advance(&mut self, id: StreamId, message: Option<ChatMessage>) {
-        *self.cursor = id;
-        self.batch.extend(message);
+    /// Goes back to the last position the stream confirmed. Pushed messages
+    /// not yet handed to the subscriber are dropped: those the stream has
+    /// are read from it again.
+    fn go_back(&mut self) {
+        let position = &mut *self.position;
+        tracing::warn!(
+            "feed entry {} was pushed but Redis does not have it; reading the feed again from {}",
+            position.cursor,
+            position.confirmed
+        );
+        let confirmed = position.confirmed;
+        let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch)
+            .into_iter()
+            .partition(|m| StreamId::parse(&m.id).is_some_and(|id| id <= confirmed));
+        self.batch = kept;
+        let dropped: Vec<StreamId> = dropped
+            .iter()
+            .filter_map(|m| StreamId::parse(&m.id))
+            .collect();
+        position.unconfirmed.retain(|id| !dropped.contains(id));
+        position.cursor = confirmed;
     }
 
     async fn hand_over(&mut self, subscriber: &impl Subscriber) {
@@ -255,16 +379,20 @@ impl Reader<'_> {
         }
     }
 
-    /// Up to [`BATCH`] entries after the cursor. Each comes with its id, and
-    /// with its message unless the entry is malformed (written by something
-    /// else than [`super::Store`]): the cursor moves past it anyway.
-    async fn read_after(&mut self) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
+    /// The entry `from` (if the stream holds it) and up to [`BATCH`] after
+    /// it. Each comes with its id, and with its message unless the entry is
+    /// malformed (written by something else than [`super::Store`]): the
+    /// cursor moves past it anyway.
+    async fn read_from(
+        &mut self,
+        from: StreamId,
+    ) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(self.keys.feed())
-            .arg(format!("({}", self.cursor))
+            .arg(from.to_string())
             .arg("+")
             .arg("COUNT")
-            .arg(BATCH);
+            .arg(BATCH + 1);
         let entries: Entries = cmd.query_async(&mut self.conn).await?;
         entries
             .into_iter()
@@ -280,6 +408,27 @@ impl Reader<'_> {
             })
             .collect()
     }
+
+    /// Whether the stream holds an entry older than `id`.
+    async fn holds_older(&mut self, id: StreamId) -> Result<bool, FeedError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(self.keys.feed())
+            .arg(format!("({id}"))
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let older: Entries = cmd.query_async(&mut self.conn).await?;
+        Ok(!older.is_empty())
+    }
+}
+
+/// Whether a pushed `id` is no further ahead of this host's clock than
+/// [`MAX_AHEAD`].
+fn plausible(id: StreamId) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u128::from(id.ms) <= (now + MAX_AHEAD).as_millis()
 }
 
 /// A message as the append script publishes it:
