@@ -49,12 +49,17 @@ async function statusesOf(count, send) {
   return statuses;
 }
 
-/** A socket.io-client socket connecting from `from` over websocket only; resolves once connected. */
-function socketFrom(topo, from) {
-  const agent = new http.Agent({ localAddress: from });
+/**
+ * A socket.io-client socket connecting from `from`, over websocket only
+ * unless `transports` says otherwise: {socket, connected} (a promise of the
+ * connection).
+ */
+function socketFrom(topo, from, transports = ['websocket']) {
+  const agent = new http.Agent({ keepAlive: true, localAddress: from });
   const socket = io(topo.url, {
-    path: '/front/socket.io', transports: ['websocket'], agent, reconnection: false, forceNew: true, timeout: 10_000,
+    path: '/front/socket.io', transports, agent, reconnection: false, forceNew: true, timeout: 10_000,
   });
+  socket.on('disconnect', () => agent.destroy());
   const connected = new Promise((resolve, reject) => {
     socket.once('connect', () => resolve(socket));
     socket.once('connect_error', (e) => reject(new Error(`socket from ${from}: ${e.message} ${e.description?.message ?? ''}`)));
@@ -211,10 +216,18 @@ describe('Socket.IO connections per address', () => {
 
   it('refuses an address more than 10 new sockets in 10 s with 429; its open sessions and other addresses go on', logged(() => topo, async () => {
     const attacker = '127.0.0.4';
+    // A long-polling socket makes a request per packet it sends and per
+    // answer it waits for: none of them is a new socket.
+    const polling = socketFrom(topo, attacker, ['polling']);
+    sockets.push(polling.socket);
+    await polling.connected;
+    const join = () => within(10_000, 'a join answer', polling.socket.emitWithAck('room', 'access'));
+    for (let i = 0; i < 12; i++) assert.deepEqual(await join(), { ok: true });
+
     const opened = [];
-    for (let i = 0; i < 10; i++) {
+    for (let i = 2; i <= 10; i++) {
       const res = await handshake(topo, attacker);
-      assert.equal(res.status, 200, `handshake ${i + 1}: ${res.text}`);
+      assert.equal(res.status, 200, `new socket ${i}: ${res.text}`);
       opened.push(JSON.parse(res.text.slice(res.text.indexOf('{'))).sid);
     }
     const refused = await handshake(topo, attacker);
@@ -222,7 +235,9 @@ describe('Socket.IO connections per address', () => {
     assert.deepEqual(refused.json, { error: 'too many new connections; slow down' });
     assert.equal(refused.headers['retry-after'], '10');
 
-    // A request of a session it opened (the Socket.IO connect packet) is no new socket.
+    // The sessions it opened go on: the polling socket, and a handshaken one
+    // sending its Socket.IO connect packet.
+    assert.deepEqual(await join(), { ok: true });
     const inSession = await request(`${topo.url}${HANDSHAKE}&sid=${opened[0]}`, {
       method: 'POST', host: DOMAIN_1, localAddress: attacker, headers: { 'content-type': 'text/plain' }, body: '40',
     });
@@ -297,6 +312,9 @@ describe('/back/publish and the status endpoints', () => {
   }));
 });
 
+// This block runs an HAProxy of its own from the packaged file: with a TLS
+// listener besides the plain one, and its backend server a relay to the
+// real backend that shows what HAProxy sends.
 describe('what HAProxy forwards, and origins over TLS', () => {
   let topo;
   let tmp;
@@ -304,6 +322,11 @@ describe('what HAProxy forwards, and origins over TLS', () => {
   let tap; // a TCP relay between HAProxy and the backend that keeps what HAProxy sent
   let plainPort;
   let tlsPort;
+
+  /** Last resort, should this process end before after() ran. */
+  const killProxy = () => {
+    if (proxy.exitCode === null && proxy.signalCode === null) process.kill(proxy.pid, 'SIGKILL');
+  };
 
   before(async () => {
     topo = await startTopology({ frontends: 1, backends: 1 });
@@ -317,14 +340,16 @@ describe('what HAProxy forwards, and origins over TLS', () => {
     fs.writeFileSync(path.join(tmp, 'global.cfg'), haproxyGlobal({ statsSocket: path.join(tmp, 'stats.sock') }));
     const log = fs.openSync(path.join(tmp, 'haproxy.log'), 'a');
     proxy = spawn('haproxy', ['-db', '-f', path.join(tmp, 'global.cfg'), '-f', path.join(tmp, 'chat-ha.cfg')],
-      { stdio: ['ignore', log, log], detached: true });
+      { stdio: ['ignore', log, log] });
     fs.closeSync(log);
+    process.once('exit', killProxy);
     await waitFor('HAProxy of this block to route posts', async () =>
       (await post({ url: `http://127.0.0.1:${plainPort}` })).status === 201, { timeoutMs: 20_000 });
   });
 
   after(async () => {
-    if (proxy && proxy.exitCode === null) {
+    process.off('exit', killProxy);
+    if (proxy && proxy.exitCode === null && proxy.signalCode === null) {
       const exited = new Promise((resolve) => proxy.once('exit', resolve));
       process.kill(proxy.pid, 'SIGTERM');
       await exited;
@@ -342,7 +367,7 @@ describe('what HAProxy forwards, and origins over TLS', () => {
   it('replaces any X-Forwarded-For a client sends with the address it connects from', logged(logs, async () => {
     const room = `forwarded-${Date.now()}`;
     const res = await post({ url: `http://127.0.0.1:${plainPort}` }, {
-      from: '127.0.0.7', room, headers: { 'x-forwarded-for': '203.0.113.9, 198.51.100.2' },
+      from: '127.0.0.7', room, headers: { 'x-forwarded-for': ['203.0.113.9, 198.51.100.2', '192.0.2.1'] },
     });
     assert.equal(res.status, 201, res.text);
     const head = tap.requests().find((r) => r.startsWith('POST /back/message') && r.includes(`"room":"${room}"`));

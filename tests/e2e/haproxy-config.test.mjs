@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { DOMAINS_LST, HAPROXY_CFG, REPO, INTERNAL_LST, ORIGINS_LST, haproxyConfig, haproxyGlobal } from './lib/topology.mjs';
+import { DOMAINS_LST, HAPROXY_CFG, INTERNAL_LST, ORIGINS_LST, REPO, haproxyConfig, haproxyGlobal } from './lib/topology.mjs';
 
 const DEBIAN_CFG = '/etc/haproxy/haproxy.cfg';
 
