@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { DOMAINS_LST, HAPROXY_CFG, haproxyConfig, haproxyGlobal } from './lib/topology.mjs';
+import { DOMAINS_LST, HAPROXY_CFG, INTERNAL_LST, ORIGINS_LST, REPO, haproxyConfig, haproxyGlobal } from './lib/topology.mjs';
 
 const DEBIAN_CFG = '/etc/haproxy/haproxy.cfg';
 
@@ -18,6 +18,11 @@ function check(...files) {
   const result = spawnSync('haproxy', ['-c', ...files.flatMap((f) => ['-f', f])], { encoding: 'utf8' });
   if (result.error) throw result.error;
   return { status: result.status, output: `${result.stdout}${result.stderr}` };
+}
+
+/** The entries of a pattern file: its lines without comments and blank lines. */
+function entries(file) {
+  return fs.readFileSync(file, 'utf8').split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
 }
 
 /** The server lines of one backend section: [[name, address], ...]. */
@@ -42,9 +47,10 @@ describe('etc/haproxy/chat-ha.cfg', () => {
 
   before(() => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-ha-haproxy-check-'));
-    // As packaged, except that the domain list is the repository's copy.
+    // As packaged, except that the lists are the repository's copies.
+    const lists = { domains: DOMAINS_LST, origins: ORIGINS_LST, internal: INTERNAL_LST };
     cfg = path.join(tmp, 'chat-ha.cfg');
-    fs.writeFileSync(cfg, packaged.replace(/(-f\s+)\S*chat-ha-domains\.lst/g, `$1${DOMAINS_LST}`));
+    fs.writeFileSync(cfg, packaged.replace(/(-f\s+)\/etc\/haproxy\/chat-ha-(domains|origins|internal)\.lst/g, (_, f, list) => `${f}${lists[list]}`));
     globalCfg = path.join(tmp, 'global.cfg');
     fs.writeFileSync(globalCfg, haproxyGlobal({ statsSocket: path.join(tmp, 'stats.sock') }));
   });
@@ -57,6 +63,25 @@ describe('etc/haproxy/chat-ha.cfg', () => {
     assert.match(packaged, /-f\s+\S*\/chat-ha-domains\.lst/);
     const domains = fs.readFileSync(DOMAINS_LST, 'utf8').split('\n').filter((l) => l.trim() !== '');
     assert.deepEqual(domains, ['localhost', '127.0.0.1', 'www.node-services-1.com', 'www.node-services-2.com']);
+  });
+
+  it('reads the allowed origins from chat-ha-origins.lst: http:// and https:// of every served name', () => {
+    assert.match(packaged, /-f\s+\/etc\/haproxy\/chat-ha-origins\.lst/);
+    const expected = entries(DOMAINS_LST).flatMap((d) => [`http://${d}`, `https://${d}`]);
+    assert.deepEqual(entries(ORIGINS_LST), expected);
+  });
+
+  it('reads the internal networks from chat-ha-internal.lst, which holds loopback only', () => {
+    assert.match(packaged, /src\s+-f\s+\/etc\/haproxy\/chat-ha-internal\.lst/);
+    assert.deepEqual(entries(INTERNAL_LST), ['127.0.0.0/8', '::1']);
+    assert.doesNotMatch(packaged, /\b(10\.0\.0\.0\/8|172\.16\.0\.0\/12|192\.168\.0\.0\/16)\b/, 'no private range is trusted in the file itself');
+  });
+
+  it('is packaged in chat-haproxy with its three lists', () => {
+    const install = fs.readFileSync(path.join(REPO, 'debian', 'chat-haproxy.install'), 'utf8');
+    for (const file of ['chat-ha.cfg', 'chat-ha-domains.lst', 'chat-ha-origins.lst', 'chat-ha-internal.lst']) {
+      assert.match(install, new RegExp(`^etc/haproxy/${file.replace(/\./g, '\\.')} etc/haproxy/$`, 'm'), file);
+    }
   });
 
   it('has one frontend and the backends chat_front and chat_back, with a server per instance 0..15', () => {
@@ -76,11 +101,8 @@ describe('etc/haproxy/chat-ha.cfg', () => {
     assert.doesNotMatch(output, /\[(WARNING|ALERT)\]/, output);
   });
 
-  it('is valid after Debian\'s haproxy.cfg, without a warning', (t) => {
-    if (!fs.existsSync(DEBIAN_CFG)) {
-      t.skip(`${DEBIAN_CFG} not installed`);
-      return;
-    }
+  it('is valid after Debian\'s haproxy.cfg, without a warning', () => {
+    assert.ok(fs.existsSync(DEBIAN_CFG), `${DEBIAN_CFG}, from Debian's haproxy package, is needed for this test`);
     const { status, output } = check(DEBIAN_CFG, cfg);
     assert.equal(status, 0, output);
     assert.doesNotMatch(output, /\[(WARNING|ALERT)\]/, output);

@@ -46,17 +46,18 @@ export function within(timeoutMs, message, promise) {
 /**
  * An HTTP request. `url` is the address to connect to; `host`, when given,
  * is sent as the Host header (as a browser would for a domain pointing at
- * this address). Resolves to {status, headers, text, json} (json: parsed
- * body or undefined).
+ * this address). `localAddress` is the address to connect from (any of
+ * 127.0.0.0/8: another client, as the server sees it). Resolves to {status,
+ * headers, text, json} (json: parsed body or undefined).
  */
-export function request(url, { method = 'GET', host, headers = {}, body, timeoutMs = 10_000 } = {}) {
+export function request(url, { method = 'GET', host, headers = {}, body, localAddress, timeoutMs = 10_000 } = {}) {
   return new Promise((resolve, reject) => {
     const allHeaders = { ...headers };
     if (host !== undefined) allHeaders.host = host;
     if (body !== undefined && allHeaders['content-length'] === undefined) {
       allHeaders['content-length'] = Buffer.byteLength(body);
     }
-    const req = http.request(url, { method, headers: allHeaders, agent: false }, (res) => {
+    const req = http.request(url, { method, headers: allHeaders, agent: false, localAddress }, (res) => {
       const chunks = [];
       res.on('data', (c) => chunks.push(c));
       res.on('error', reject);

@@ -20,6 +20,8 @@ import { fileURLToPath } from 'node:url';
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 export const HAPROXY_CFG = path.join(REPO, 'etc', 'haproxy', 'chat-ha.cfg');
 export const DOMAINS_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-domains.lst');
+export const ORIGINS_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-origins.lst');
+export const INTERNAL_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-internal.lst');
 export const WWW_DIR = path.join(REPO, 'share', 'www');
 
 const READY_TIMEOUT_MS = 20_000;
@@ -244,9 +246,14 @@ class ManagedProcess {
 
 /**
  * The packaged HAProxy configuration with its listening address, its server
- * lines and the domain list's path replaced for this topology.
+ * lines and the paths of its lists (domains, origins, internal networks)
+ * replaced for this topology; the lists default to the repository's copies.
  */
-export function haproxyConfig({ text = fs.readFileSync(HAPROXY_CFG, 'utf8'), port, frontendPorts, backendPorts, domainsPath = DOMAINS_LST }) {
+export function haproxyConfig({
+  text = fs.readFileSync(HAPROXY_CFG, 'utf8'), port, frontendPorts, backendPorts,
+  domainsPath = DOMAINS_LST, originsPath = ORIGINS_LST, internalPath = INTERNAL_LST,
+}) {
+  const lists = { domains: domainsPath, origins: originsPath, internal: internalPath };
   const servers = { chat_front: frontendPorts, chat_back: backendPorts };
   const out = [];
   let section = null; // e.g. ['backend', 'chat_front']
@@ -279,7 +286,7 @@ export function haproxyConfig({ text = fs.readFileSync(HAPROXY_CFG, 'utf8'), por
       }
       continue;
     }
-    out.push(line.replace(/(-f\s+)\S*chat-ha-domains\.lst/g, `$1${domainsPath}`));
+    out.push(line.replace(/(-f\s+)\S*chat-ha-(domains|origins|internal)\.lst/g, (_, f, list) => `${f}${lists[list]}`));
   }
   for (const want of [...(port !== undefined ? ['bind'] : []), ...Object.keys(servers)]) {
     if (!replaced.has(want)) throw new Error(`${HAPROXY_CFG}: no ${want === 'bind' ? 'bind line in the frontend' : `server line in backend ${want}`}`);
@@ -315,7 +322,7 @@ function tomlString(s) {
   return JSON.stringify(s); // a JSON string is a valid TOML basic string
 }
 
-function daemonConfig({ redisUrl, threads }) {
+function daemonConfig({ redisUrl, threads, publishTokensFile }) {
   return [
     '# written by tests/e2e/lib/topology.mjs',
     '[log]',
@@ -326,8 +333,35 @@ function daemonConfig({ redisUrl, threads }) {
     `www_dir = ${tomlString(WWW_DIR)}`,
     `threads = ${threads}`,
     '[backend]',
+    ...(publishTokensFile ? [`publish_tokens_file = ${tomlString(publishTokensFile)}`] : []),
     '',
   ].join('\n');
+}
+
+/**
+ * HAProxy's limits per client address: the startTopology option and the
+ * environment variable chat-ha.cfg reads it from. Tests ask far more from
+ * one address than a person does, so every limit is lifted unless the
+ * option is null, which keeps the packaged default.
+ */
+const HAPROXY_LIMITS = {
+  postsPer10s: 'CHAT_HA_POSTS_PER_10S',
+  readsPer10s: 'CHAT_HA_READS_PER_10S',
+  socketsPerAddress: 'CHAT_HA_SOCKETS_PER_ADDRESS',
+  connectsPer10s: 'CHAT_HA_CONNECTS_PER_10S',
+  authFailuresPerMin: 'CHAT_HA_AUTH_FAILURES_PER_MIN',
+};
+const LIFTED_LIMIT = 1_000_000;
+
+/** Parses `show table` of HAProxy's stats socket into [{key, <data>: number}]. */
+function parseStickTable(text) {
+  return text.split('\n').filter((l) => /^0x[0-9a-f]+: /.test(l)).map((line) => {
+    const entry = {};
+    for (const [, name, value] of line.matchAll(/(\w+)(?:\(\d+\))?=(\S+)/g)) {
+      entry[name] = name === 'key' ? value : Number(value);
+    }
+    return entry;
+  });
 }
 
 /**
@@ -340,11 +374,21 @@ export async function startTopology({
   haproxyPort = 0,
   frontendThreads = [],
   logDir,
-  // HAProxy's limit of posts per client address in 10 s. Tests post far
-  // faster than a person from one address, so the default lifts it; null
-  // keeps the packaged default (50).
-  postsPer10s = 1_000_000,
+  // HAProxy's limits per client address (HAPROXY_LIMITS): a number, or
+  // null for the packaged default; lifted when not given.
+  postsPer10s,
+  readsPer10s,
+  socketsPerAddress,
+  connectsPer10s,
+  authFailuresPerMin,
+  // Networks HAProxy treats as internal (status endpoints, publishing),
+  // e.g. ['127.0.0.1/32']; by default the packaged chat-ha-internal.lst.
+  internalNetworks,
+  // Tokens the backends accept on POST /back/publish (at least 16
+  // characters each); by default none, and publishing is off.
+  publishTokens,
 } = {}) {
+  const limits = { postsPer10s, readsPer10s, socketsPerAddress, connectsPer10s, authFailuresPerMin };
   installHandlers();
   const binDir = process.env.CHAT_HA_BIN_DIR || path.join(REPO, 'target', 'debug');
   for (const bin of ['chat-frontend', 'chat-backend']) {
@@ -363,8 +407,11 @@ export async function startTopology({
 
   const env = { ...process.env, NO_COLOR: '1' };
   for (const name of SYSTEMD_ENV) delete env[name];
-  if (postsPer10s === null) delete env.CHAT_HA_POSTS_PER_10S;
-  else env.CHAT_HA_POSTS_PER_10S = String(postsPer10s);
+  for (const [option, variable] of Object.entries(HAPROXY_LIMITS)) {
+    const limit = limits[option] === undefined ? LIFTED_LIMIT : limits[option];
+    if (limit === null) delete env[variable];
+    else env[variable] = String(limit);
+  }
 
   const [redisPort, ...ports] = await freePorts(1 + 2 * (frontends + backends) + (haproxyPort ? 0 : 1));
   const frontendPorts = ports.slice(0, frontends);
@@ -394,9 +441,15 @@ export async function startTopology({
   const redisReady = () => redisProcess.waitUntil('answering PING',
     async () => (await talk({ host: '127.0.0.1', port: redisPort }, 'PING\r\n', { until: (d) => d.includes('\r\n') })).startsWith('+PONG'));
 
+  let publishTokensFile;
+  if (publishTokens) {
+    publishTokensFile = path.join(tmp, 'publish-tokens');
+    fs.writeFileSync(publishTokensFile, publishTokens.map((t) => `${t}\n`).join(''), { mode: 0o600 });
+  }
+
   const daemon = (role, index, port, metricsPort, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
-    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads }));
+    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads, publishTokensFile }));
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),
@@ -439,7 +492,12 @@ export async function startTopology({
   const globalFile = path.join(tmp, 'haproxy-global.cfg');
   const haproxyFile = path.join(tmp, 'chat-ha.cfg');
   fs.writeFileSync(globalFile, haproxyGlobal({ statsSocket }));
-  fs.writeFileSync(haproxyFile, haproxyConfig({ port: proxyPort, frontendPorts, backendPorts }));
+  let internalPath;
+  if (internalNetworks) {
+    internalPath = path.join(tmp, 'chat-ha-internal.lst');
+    fs.writeFileSync(internalPath, internalNetworks.map((n) => `${n}\n`).join(''));
+  }
+  fs.writeFileSync(haproxyFile, haproxyConfig({ port: proxyPort, frontendPorts, backendPorts, internalPath }));
   const haproxyProcess = manage({
     name: 'haproxy',
     command: 'haproxy',
@@ -478,6 +536,10 @@ export async function startTopology({
       config: haproxyFile,
       /** [{backend, server, status, sessions}] for every server, as HAProxy sees them. */
       serverStates,
+      /** The entries of stick table `name` (e.g. chat_limit_sockets): [{key, conn_cur, ...}]. */
+      async stickTable(name) {
+        return parseStickTable(await talk({ path: statsSocket }, `show table ${name}\n`));
+      },
     },
     failed: false,
     /** Keep the log directory after stop() (a test failed). */
