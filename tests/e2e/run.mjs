@@ -53,7 +53,11 @@ await new Promise((resolve) => {
 console.log(`starting Redis, ${frontends} frontend(s), ${backends} backend(s) and HAProxy on port ${port}...`);
 let topo;
 try {
-  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], postsPer10s: null });
+  // HAProxy's limits as packaged (null keeps each one).
+  const packagedLimits = {
+    postsPer10s: null, readsPer10s: null, socketsPerAddress: null, connectsPer10s: null, authFailuresPerMin: null,
+  };
+  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], ...packagedLimits });
 } catch (e) {
   console.error(`could not start: ${e.message}`);
   process.exit(1);
