@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
 use tokio::sync::mpsc;
 
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
@@ -39,6 +39,8 @@ const BATCH: usize = 512;
 pub enum FeedError {
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Setup(#[from] super::ConnectError),
     #[error("the connection to Redis closed")]
     Disconnected,
     #[error("malformed feed entry {0:?}")]
@@ -62,14 +64,9 @@ pub struct Feed {
 impl Feed {
     pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, FeedError> {
         let redis = &config.redis;
-        // Pushes share the connection with commands only in RESP3.
-        let info = redis.url.as_str().into_connection_info()?;
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
         Ok(Feed {
-            client: redis::Client::open(info.set_redis_settings(resp3))?,
+            // Pushes share the connection with commands only in RESP3.
+            client: super::connect::client(redis, ProtocolVersion::RESP3)?,
             keys: Keys::new(&redis.key_prefix),
             timeout: redis.command_timeout(),
             reconnect_min: redis.reconnect_min(),

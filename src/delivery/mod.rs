@@ -31,9 +31,11 @@
 //! increase within a room as they do in the feed, and one id tells a client
 //! where it is in either.
 
+mod connect;
 mod feed;
 mod store;
 
+pub use connect::{ConnectError, PASSWORD_CREDENTIAL};
 pub use feed::{Feed, FeedError};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 

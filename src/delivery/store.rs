@@ -55,6 +55,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Setup(#[from] super::ConnectError),
     #[error("Redis returned a malformed entry {0:?}")]
     Malformed(String),
     #[error("this Idempotency-Key was already used for another message")]
@@ -92,7 +94,7 @@ impl Store {
     /// remade in the background after it is lost.
     pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, StoreError> {
         let redis = &config.redis;
-        let client = redis::Client::open(redis.url.as_str())?;
+        let client = super::connect::client(redis, redis::ProtocolVersion::RESP2)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.command_timeout()))
             .set_response_timeout(Some(redis.command_timeout()))

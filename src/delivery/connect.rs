@@ -1,0 +1,95 @@
+//! How both daemons reach Redis: the URL, the login, and TLS.
+//!
+//! The password never comes from the configuration file, which everyone on
+//! the host may read, nor from the command line, which `ps` shows. Under
+//! systemd the units pass `/etc/chat-ha/redis-password` as a credential
+//! (`LoadCredential=redis-password:...`), readable by the service only;
+//! elsewhere `redis.password_file` names the file. An empty file means no
+//! password: the daemons then do not log in at all. With a password they log
+//! in as `redis.username`, a Redis ACL user limited to chat-ha's keys,
+//! channels and commands.
+//!
+//! A `rediss://` URL connects over TLS, checking the server's certificate
+//! against the host's trusted CAs, or against `redis.tls_ca_file`.
+
+use std::path::{Path, PathBuf};
+
+use redis::{IntoConnectionInfo, ProtocolVersion};
+
+use crate::config::RedisConfig;
+
+/// The credential name the systemd units load the password under.
+pub const PASSWORD_CREDENTIAL: &str = "redis-password";
+
+/// Why a Redis client could not be set up; nothing here names the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{path}: cannot read the Redis password: {source}")]
+    Password {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot read the CA certificate for Redis: {source}")]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("redis.tls_ca_file is set, but redis.url is not a rediss:// (TLS) URL")]
+    CaWithoutTls,
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A client for the configured Redis, speaking `protocol`, logged in when a
+/// password is configured. Connects lazily: nothing is sent until it is used.
+pub fn client(
+    config: &RedisConfig,
+    protocol: ProtocolVersion,
+) -> Result<redis::Client, ConnectError> {
+    let mut info = config.url.as_str().into_connection_info()?;
+    let mut settings = info.redis_settings().clone().set_protocol(protocol);
+    if let Some(password) = password(config)? {
+        if !config.username.is_empty() {
+            settings = settings.set_username(&config.username);
+        }
+        settings = settings.set_password(password);
+    }
+    info = info.set_redis_settings(settings);
+    match &config.tls_ca_file {
+        None => Ok(redis::Client::open(info)?),
+        Some(_) if !is_tls(info.addr()) => Err(ConnectError::CaWithoutTls),
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|source| ConnectError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            Ok(redis::Client::build_with_tls(info, certificates)?)
+        }
+    }
+}
+
+fn is_tls(addr: &redis::ConnectionAddr) -> bool {
+    matches!(addr, redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// The password: from the systemd credential when there is one, else from
+/// `redis.password_file` when set; `None` when neither gives a non-empty one.
+fn password(config: &RedisConfig) -> Result<Option<String>, ConnectError> {
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(&dir).join(PASSWORD_CREDENTIAL))
+        .filter(|path| path.exists());
+    let Some(path) = credential.or_else(|| config.password_file.clone()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConnectError::Password {
+        path: path.clone(),
+        source,
+    })?;
+    // One line; a trailing newline (as `echo` writes it) is not part of it.
+    let password = text.trim_end_matches(['\n', '\r']);
+    Ok((!password.is_empty()).then(|| password.to_owned()))
+}

@@ -1,0 +1,385 @@
+//! Redis that not everyone may use: the daemons log in as an ACL user limited
+//! to chat-ha's keys, channels and commands, with a password from a file of
+//! its own that is never printed, and reach Redis over TLS when told to.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_ha::config::Config;
+use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
+use chat_ha::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
+use common::{Redis, binary, free_port, write_config};
+use tokio::sync::mpsc;
+
+const PASSWORD: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const ADMIN_PASSWORD: &str = "admin-password-for-the-test";
+
+/// The rules of the `chat-ha` user, as the packaged Redis configuration
+/// gives them, for keys and channels under the prefix `chat`.
+const CHAT_HA_RULES: &str = "~chat:* &chat:* -@all +ping +hello +auth \
+    +client|setname +select +info +role +xadd +xrange +xrevrange +xlen +xtrim +xinfo|stream \
+    +get +set +del +expire +incrby +decrby +publish +subscribe +unsubscribe +eval +evalsha \
+    +script|load +script|exists";
+
+/// `redis-server` options: nobody anonymous, the `chat-ha` user, and an
+/// administrator for the test's own checks.
+fn acl_options() -> Vec<String> {
+    let mut options = vec!["--user".into(), "default".into(), "off".into()];
+    options.extend([
+        "--user".into(),
+        "chat-ha".into(),
+        "on".into(),
+        format!(">{PASSWORD}"),
+    ]);
+    options.extend(CHAT_HA_RULES.split_whitespace().map(String::from));
+    options.extend(
+        [
+            "--user",
+            "admin",
+            "on",
+            &format!(">{ADMIN_PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+        ]
+        .map(String::from),
+    );
+    options
+}
+
+/// Writes into `dir` a configuration pointing at `url`, logging in with
+/// `password` (if any) from a file beside it, with `redis_lines` more keys
+/// of `[redis]`; returns its path.
+fn write(dir: &Path, url: &str, password: Option<&str>, redis_lines: &str) -> PathBuf {
+    let mut lines = redis_lines.to_owned();
+    if let Some(password) = password {
+        let file = dir.join("redis-password");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        lines.push_str(&format!("password_file = \"{}\"\n", file.display()));
+    }
+    let path = write_config(dir, url, "");
+    // write_config opens [redis] itself: the keys go into that table.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("[redis]\n", &format!("[redis]\n{lines}"), 1),
+    )
+    .unwrap();
+    path
+}
+
+/// As [`write`], loaded.
+fn config(dir: &Path, url: &str, password: Option<&str>, redis_lines: &str) -> Config {
+    Config::load(&write(dir, url, password, redis_lines), true).unwrap()
+}
+
+fn post(room: &str, text: &str) -> PostMessage {
+    PostMessage {
+        room: Room::parse(room).unwrap(),
+        text: text.to_owned(),
+    }
+}
+
+struct Forward(mpsc::UnboundedSender<ChatMessage>);
+
+impl Subscriber for Forward {
+    async fn following(&self, _cursor: StreamId) {}
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
+        for message in messages {
+            let _ = self.0.send(message);
+        }
+    }
+}
+
+/// A feed following Redis as `config` says, once it has reached it.
+async fn follow(config: &Config) -> mpsc::UnboundedReceiver<ChatMessage> {
+    let health = RedisHealth::new();
+    let feed = Feed::new(config, health.clone()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !health.is_up() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the feed logged in to Redis");
+    rx
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<ChatMessage>) -> ChatMessage {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a message within 10 s")
+        .expect("the feed runs")
+}
+
+/// Everything the daemons do with Redis works as the limited user: the
+/// append script (loaded, then called by digest), a repeated post, history,
+/// and the feed, pushed and read.
+#[tokio::test]
+async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
+    let redis = Redis::start_with(acl_options());
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &redis.url(), Some(PASSWORD), "");
+    let mut rx = follow(&config).await;
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+
+    let key = IdempotencyKey::parse("acl-test-key").unwrap();
+    let first = store
+        .append(&post("acl", "hello"), Some(&key))
+        .await
+        .unwrap();
+    let again = store
+        .append(&post("acl", "hello"), Some(&key))
+        .await
+        .unwrap();
+    assert!(again.repeated && again.message == first.message);
+    let second = store.append(&post("acl", "world"), None).await.unwrap();
+
+    assert_eq!(next(&mut rx).await, first.message);
+    assert_eq!(next(&mut rx).await, second.message);
+    let history = store
+        .history(&Room::parse("acl").unwrap(), 10)
+        .await
+        .unwrap();
+    assert_eq!(history, [first.message, second.message]);
+}
+
+/// What the `chat-ha` user may not do, even with its password: flush,
+/// reconfigure, or touch keys and channels that are not chat-ha's.
+#[tokio::test]
+async fn the_acl_user_cannot_flush_reconfigure_or_reach_other_keys() {
+    let redis = Redis::start_with(acl_options());
+    let url = format!("redis://chat-ha:{PASSWORD}@127.0.0.1:{}/0", redis.port);
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for command in [
+        redis::cmd("FLUSHALL"),
+        redis::Cmd::new()
+            .arg("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("1")
+            .to_owned(),
+        redis::Cmd::new()
+            .arg("SET")
+            .arg("other:key")
+            .arg("x")
+            .to_owned(),
+        redis::Cmd::new()
+            .arg("PUBLISH")
+            .arg("other:channel")
+            .arg("x")
+            .to_owned(),
+        redis::Cmd::new().arg("KEYS").arg("*").to_owned(),
+        redis::Cmd::new().arg("ACL").arg("LIST").to_owned(),
+    ] {
+        let refused = command
+            .query_async::<redis::Value>(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("no permissions"),
+            "{:?}: {refused}",
+            command.args_iter().next()
+        );
+    }
+    // Nobody gets in without logging in.
+    let anonymous = redis::Client::open(redis.url()).unwrap();
+    let mut anonymous = anonymous.get_multiplexed_async_connection().await.unwrap();
+    let refused = redis::cmd("GET")
+        .arg("chat:feed")
+        .query_async::<redis::Value>(&mut anonymous)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("NOAUTH"), "{refused}");
+}
+
+/// A backend with a wrong password, or none, answers 503 and reports Redis
+/// down, and its output never shows the password; `--check-config` neither.
+#[tokio::test]
+async fn a_wrong_password_is_a_503_and_never_printed() {
+    let redis = Redis::start_with(acl_options());
+    for (password, case) in [
+        (Some("wrong-password-not-to-be-printed"), "wrong"),
+        (None, "none"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &redis.url(), password, "");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut backend = Command::new(binary("chat-backend"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let client = reqwest::Client::new();
+        let post = || {
+            client
+                .post(format!("http://{addr}/back/message"))
+                .header("content-type", "application/json")
+                .body(r#"{"room":"acl","message":"hi"}"#)
+                .send()
+        };
+        let answer = loop {
+            if let Ok(answer) = post().await {
+                break answer;
+            }
+            assert!(
+                backend.try_wait().unwrap().is_none(),
+                "{case}: the backend exited"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(answer.status(), 503, "{case}");
+        let status: serde_json::Value = client
+            .get(format!("http://{addr}/back/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(status["redis"], "down", "{case}: {status}");
+        let _ = Command::new("kill").arg(backend.id().to_string()).status();
+        let output = backend.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(log.contains("answering 503"), "{case}: {log}");
+        if let Some(password) = password {
+            assert!(
+                !log.contains(password),
+                "{case}: the log shows the password: {log}"
+            );
+            let check = Command::new(binary("chat-backend"))
+                .arg("--config")
+                .arg(&path)
+                .arg("--check-config")
+                .output()
+                .unwrap();
+            assert!(check.status.success());
+            let printed = String::from_utf8_lossy(&check.stdout);
+            assert!(printed.contains("password_file"), "{printed}");
+            assert!(!printed.contains(password), "{printed}");
+        }
+    }
+}
+
+/// A certificate authority and a server certificate for `localhost`, made
+/// with openssl in `dir`: (ca.pem, server.pem, server.key).
+fn certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl must be installed (make deps-apt)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=chat-ha test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// Over `rediss://`, the daemons check the server's certificate against
+/// `redis.tls_ca_file`: with it they store and deliver; without it (the
+/// host's CAs do not know this one) they refuse the server.
+#[tokio::test]
+async fn over_tls_the_server_certificate_is_checked_against_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    certificates(certs.path());
+    let tls_port = free_port();
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let mut options = acl_options();
+    options.extend([
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        file("server.pem"),
+        "--tls-key-file".into(),
+        file("server.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]);
+    let _redis = Redis::start_with(options);
+    let url = format!("rediss://localhost:{tls_port}/0");
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = format!("tls_ca_file = \"{}\"\n", file("ca.pem"));
+    let config = config(dir.path(), &url, Some(PASSWORD), &ca);
+    let mut rx = follow(&config).await;
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let stored = store.append(&post("tls", "over TLS"), None).await.unwrap();
+    assert_eq!(next(&mut rx).await, stored.message);
+
+    let untrusting = tempfile::tempdir().unwrap();
+    let config = self::config(untrusting.path(), &url, Some(PASSWORD), "");
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let refused = store
+        .append(&post("tls", "refused"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+}
