@@ -97,7 +97,8 @@ bench-compare: deps-apt deps-node
 	  done; \
 	done
 
-# Debian packages, written to target/debian/.
+# Debian packages, written to target/debian/: chat-ha (single host),
+# chat-ha-common, chat-frontend, chat-backend, chat-haproxy, chat-redis.
 DEB_OUT := $(CURDIR)/target/debian
 deb: deps-apt
 	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)
@@ -116,7 +117,9 @@ test-packaging: deb
 
 # The multi-host rig (vagrant-lxc): its box and dependency .debs are cached
 # in /var/cache/chat-ha-rig; lb, front1, front2, back1, back2 and redis boot
-# with the packages of target/debian installed for their role.
+# with the packages of target/debian installed for their role (chat-haproxy;
+# chat-frontend or chat-backend with chat-ha-common; chat-redis), sharing a
+# Redis password made once per rig.
 box:
 	tests/rig/box.sh
 rig: box

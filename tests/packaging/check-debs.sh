@@ -38,7 +38,7 @@ check() { # check DESCRIPTION COMMAND...
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-packages="chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy"
+packages="chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis"
 declare -A deb
 for p in $packages; do
     found=()
@@ -106,8 +106,8 @@ check "chat-frontend: the www directory (page, script, Socket.IO client)" eval \
 p=chat-ha-common
 check "$p: /etc/chat-ha/chat-ha.toml is a conffile, equal to etc/chat-ha/chat-ha.toml" eval \
     'conffile $p /etc/chat-ha/chat-ha.toml && same $tmp/$p/etc/chat-ha/chat-ha.toml $repo/etc/chat-ha/chat-ha.toml'
-check "$p: chat-ha.target and the generator (755, equal to systemd/)" eval \
-    'has_file $p /lib/systemd/system/chat-ha.target 644 &&
+check "$p: chat-ha.target, chat-ha.slice and the generator (755, equal to systemd/)" eval \
+    'has_file $p /lib/systemd/system/chat-ha.target 644 && same $tmp/$p/lib/systemd/system/chat-ha.slice $repo/systemd/chat-ha.slice &&
      has_file $p /usr/lib/systemd/system-generators/chat-ha-generator 755 &&
      same $tmp/$p/usr/lib/systemd/system-generators/chat-ha-generator $repo/systemd/chat-ha-generator &&
      same $tmp/$p/lib/systemd/system/chat-ha.target $repo/systemd/chat-ha.target'
@@ -116,6 +116,8 @@ check "$p: postinst enables and starts chat-ha.target" eval \
      grep -q "deb-systemd-invoke start .chat-ha.target." $tmp/$p/DEBIAN/postinst'
 check "$p: prerm stops chat-ha.target on remove only" eval \
     'grep -q "\"\$1\" = remove" $tmp/$p/DEBIAN/prerm && grep -q "deb-systemd-invoke stop .chat-ha.target." $tmp/$p/DEBIAN/prerm'
+check "$p: postinst creates /etc/chat-ha/redis-password (0600, empty) when missing" eval \
+    'grep -q "install -m 600 /dev/null /etc/chat-ha/redis-password" $tmp/$p/DEBIAN/postinst'
 check "$p: postrm purges chat-ha.target's state" eval 'grep -q "deb-systemd-helper purge .chat-ha.target." $tmp/$p/DEBIAN/postrm'
 
 p=chat-haproxy
@@ -130,10 +132,25 @@ if command -v haproxy >/dev/null; then
          haproxy -c -q -f /etc/haproxy/haproxy.cfg -f $tmp/chat-ha.cfg'
 fi
 
+p=chat-redis
+check "$p: /etc/redis/chat-ha.conf is a conffile, equal to etc/redis/chat-ha.conf, including Debian's first" eval \
+    'conffile $p /etc/redis/chat-ha.conf && same $tmp/$p/etc/redis/chat-ha.conf $repo/etc/redis/chat-ha.conf &&
+     [ "$(grep -v "^#" $tmp/$p/etc/redis/chat-ha.conf | grep -m1 .)" = "include /etc/redis/redis.conf" ]'
+check "$p: the chat-ha user's rules, equal to etc/redis/chat-ha-user.acl" eval \
+    'same $tmp/$p/usr/share/chat-redis/chat-ha-user.acl $repo/etc/redis/chat-ha-user.acl'
+check "$p: redis-server.service drop-in runs redis-server /etc/redis/chat-ha.conf, equal to systemd/" eval \
+    'same $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf $repo/systemd/redis-server.service.d/chat-ha.conf &&
+     grep -qx "ExecStart=" $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf &&
+     grep -qx "ExecStart=/usr/bin/redis-server /etc/redis/chat-ha.conf --supervised systemd --daemonize no" \
+         $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf'
+check "$p: depends on redis-server (>= 5:6.2)" depends $p "redis-server (>= 5:6.2)"
+check "$p: the ACL file is not shipped (postinst writes it)" test ! -e "$tmp/$p/etc/redis/chat-ha-users.acl"
+
 p=chat-ha
-for dep in "chat-frontend (= $version)" "chat-backend (= $version)" "chat-haproxy (= $version)" redis-server; do
+for dep in "chat-frontend (= $version)" "chat-backend (= $version)" "chat-haproxy (= $version)" "chat-redis (= $version)"; do
     check "$p: depends on $dep" depends $p "$dep"
 done
+check "$p: does not depend on redis-server directly" eval '! depends $p redis-server >/dev/null'
 
 dups=$(for p in $packages; do (cd "$tmp/$p" && find . -path ./DEBIAN -prune -o ! -type d -print); done | sort | uniq -d)
 [ -z "$dups" ] || printf '%s\n' "$dups" | sed 's/^/     in two packages: /'

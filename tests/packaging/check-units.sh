@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Checks the systemd units and the generator in systemd/ without installing
 # anything:
-#   - the generator's output for a given CPU count (ports, drop-ins, links),
+#   - the generator's output for a given CPU count (addresses, ports, access
+#     lists, drop-ins, links), from what the daemons' --print-network says,
+#     and its fallback to loopback when a daemon rejects its configuration,
 #   - `systemd-analyze verify` on every unit, instantiated through the
 #     generator's drop-ins, reports nothing,
 #   - `systemd-analyze security` scores each service 2.0 or lower,
-#   - the settings the packages rely on are there.
+#   - the settings the packages rely on are there (limits, credentials).
 #
 #   tests/packaging/check-units.sh [CPUS]     (default 4)
 # Needs systemd (systemd-analyze) on the machine; no running systemd.
@@ -37,11 +39,20 @@ mkdir -p "$root/usr/lib/systemd" "$root/usr/bin" "$root/etc/systemd/system"
 cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
 cp "$units"/chat-frontend@.socket "$units"/chat-frontend@.service \
    "$units"/chat-backend@.socket "$units"/chat-backend@.service \
-   "$units"/chat-ha.target "$root/usr/lib/systemd/system/"
-for bin in chat-frontend chat-backend; do
-    printf '#!/bin/sh\nexit 0\n' >"$root/usr/bin/$bin"
-    chmod 755 "$root/usr/bin/$bin"
-done
+   "$units"/chat-ha.target "$units"/chat-ha.slice "$root/usr/lib/systemd/system/"
+# stand_in DIR NAME ADDRESS PORT ALLOW: a daemon whose --print-network says
+# what the real one says for a configuration with these values.
+stand_in() {
+    mkdir -p "$1"
+    printf '#!/bin/sh\n[ "$1" = --print-network ] || exit 0\nprintf "address %s\\nport %s\\nallow %s\\n"\n' \
+        "$3" "$4" "$5" >"$1/$2"
+    chmod 755 "$1/$2"
+}
+# The packaged configuration's values.
+stand_in "$root/usr/bin" chat-frontend 127.0.0.1 9100 "127.0.0.0/8 ::1/128"
+stand_in "$root/usr/bin" chat-backend 127.0.0.1 9200 "127.0.0.0/8 ::1/128"
+# Reads one setting of a generated drop-in.
+setting() { sed -n "s/^$2=//p" "$1"; }
 
 echo "# generator, $cpus CPUs"
 check "generator is executable" test -x "$generator"
@@ -49,7 +60,7 @@ check "generator parses as POSIX sh (dash -n)" dash -n "$generator"
 # systemd-analyze verify --root reads no generator directory: the output goes
 # where it reads drop-ins and .wants links alike.
 gen=$root/etc/systemd/system
-CHAT_HA_NPROC=$cpus CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system \
+CHAT_HA_NPROC=$cpus CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_DIR=$root/usr/bin \
     dash "$generator" "$gen" "$tmp/early" "$tmp/late"
 check "generator wrote $((2 * cpus)) socket drop-ins" \
     test "$(find "$gen" -name '50-chat-ha-listen.conf' | wc -l)" -eq $((2 * cpus))
@@ -61,25 +72,66 @@ for ((n = 0; n < cpus; n++)); do
     for pair in frontend:9100 backend:9200; do
         name=chat-${pair%%:*}
         port=$((${pair#*:} + n))
-        got=$(sed -n 's/^ListenStream=//p' "$gen/$name@$n.socket.d/50-chat-ha-listen.conf")
-        [ "$got" = "$port" ] || { echo "     $name@$n listens on '$got', expected $port"; ports_ok=no; }
+        dropin=$gen/$name@$n.socket.d/50-chat-ha-listen.conf
+        got="$(setting "$dropin" ListenStream) deny $(setting "$dropin" IPAddressDeny) allow $(setting "$dropin" IPAddressAllow)"
+        want="127.0.0.1:$port deny any allow 127.0.0.0/8 ::1/128"
+        [ "$got" = "$want" ] || { echo "     $name@$n: '$got', expected '$want'"; ports_ok=no; }
         for type in socket service; do
             [ "$(readlink "$gen/chat-ha.target.wants/$name@$n.$type")" = "$root/usr/lib/systemd/system/$name@.$type" ] \
                 || { echo "     chat-ha.target.wants/$name@$n.$type is wrong"; links_ok=no; }
         done
     done
 done
-check "instance N listens on 9100+N (frontend) and 9200+N (backend), all addresses" test $ports_ok = yes
+check "instance N listens on 127.0.0.1:9100+N (frontend) and :9200+N (backend), admits loopback only" test $ports_ok = yes
 check "links point at the templates" test $links_ok = yes
 check "no instance at N=$cpus" test ! -e "$gen/chat-frontend@$cpus.socket.d"
+
+# Several hosts: the address of this host, the load balancers admitted.
+multi=$tmp/multi
+stand_in "$multi/bin" chat-frontend 10.0.0.5 9100 "10.0.0.10/32 10.0.0.11/32"
+stand_in "$multi/bin" chat-backend "[fd00::5]" 9250 "fd00::10/128"
+CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_DIR=$multi/bin \
+    dash "$generator" "$multi/out"
+check "a configured address and allow list: chat-frontend@1 on 10.0.0.5:9101, admits the two load balancers" eval \
+    '[ "$(setting "$multi/out/chat-frontend@1.socket.d/50-chat-ha-listen.conf" ListenStream)" = 10.0.0.5:9101 ] &&
+     [ "$(setting "$multi/out/chat-frontend@1.socket.d/50-chat-ha-listen.conf" IPAddressAllow)" = "10.0.0.10/32 10.0.0.11/32" ] &&
+     [ "$(setting "$multi/out/chat-frontend@1.socket.d/50-chat-ha-listen.conf" IPAddressDeny)" = any ]'
+check "an IPv6 address and another port: chat-backend@1 on [fd00::5]:9251, admits fd00::10/128" eval \
+    '[ "$(setting "$multi/out/chat-backend@1.socket.d/50-chat-ha-listen.conf" ListenStream)" = "[fd00::5]:9251" ] &&
+     [ "$(setting "$multi/out/chat-backend@1.socket.d/50-chat-ha-listen.conf" IPAddressAllow)" = fd00::10/128 ]'
+
+# A configuration the daemon rejects, or output that could not go into a
+# unit file: loopback only, and the reason on stderr.
+bad=$tmp/bad
+mkdir -p "$bad/bin"
+printf '#!/bin/sh\necho "/etc/chat-ha/chat-ha.toml: line 3: unknown key" >&2\nexit 2\n' >"$bad/bin/chat-frontend"
+chmod 755 "$bad/bin/chat-frontend"
+stand_in "$bad/bin" chat-backend 10.0.0.5 9200 "10.0.0.10/32 any"
+CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_DIR=$bad/bin \
+    dash "$generator" "$bad/out" 2>"$bad/stderr"
+sed 's/^/     stderr: /' "$bad/stderr"
+for name in chat-frontend chat-backend; do
+    base=9100; [ $name = chat-frontend ] || base=9200
+    check "$name rejected: falls back to 127.0.0.1:$((base + 1)), admits loopback only" eval \
+        '[ "$(setting "$bad/out/$name@1.socket.d/50-chat-ha-listen.conf" ListenStream)" = 127.0.0.1:$((base + 1)) ] &&
+         [ "$(grep -c "^IPAddress" "$bad/out/$name@1.socket.d/50-chat-ha-listen.conf")" = 2 ] &&
+         [ "$(setting "$bad/out/$name@1.socket.d/50-chat-ha-listen.conf" IPAddressAllow)" = "127.0.0.0/8 ::1/128" ]'
+done
+check "the generator says why on stderr" eval \
+    'grep -q "chat-frontend --print-network failed: /etc/chat-ha/chat-ha.toml: line 3" "$bad/stderr" &&
+     grep -q "chat-backend printed an unusable allow list" "$bad/stderr"'
 
 only=$tmp/only-backend
 mkdir -p "$only/units"
 cp "$units"/chat-backend@.socket "$units"/chat-backend@.service "$only/units/"
-CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$only/units dash "$generator" "$only/out"
+CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$only/units CHAT_HA_BIN_DIR=$root/usr/bin dash "$generator" "$only/out"
 check "links only the daemons whose units are installed" \
     test "$(ls "$only/out/chat-ha.target.wants" | tr '\n' ' ')" = "chat-backend@0.service chat-backend@0.socket chat-backend@1.service chat-backend@1.socket "
-CHAT_HA_NPROC=bogus CHAT_HA_UNIT_DIRS=$only/units dash "$generator" "$tmp/bogus" 2>/dev/null
+rm "$multi/bin/chat-frontend"
+CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_DIR=$multi/bin dash "$generator" "$multi/only-backend"
+check "writes nothing for a daemon whose binary is not installed" \
+    test "$(ls "$multi/only-backend" | tr '\n' ' ')" = "chat-backend@0.socket.d chat-backend@1.socket.d chat-ha.target.wants "
+CHAT_HA_NPROC=bogus CHAT_HA_UNIT_DIRS=$only/units CHAT_HA_BIN_DIR=$root/usr/bin dash "$generator" "$tmp/bogus" 2>/dev/null
 check "a bad CPU count falls back to one instance" \
     test "$(ls "$tmp/bogus/chat-ha.target.wants" | wc -l)" -eq 2
 
@@ -91,9 +143,9 @@ for n in 0 $((cpus - 1)); do
     done
 done
 # The man pages are checked with the packages (check-debs.sh), not here.
-out=$(cd "$root" && systemd-analyze verify --man=no --root="$root" "${instances[@]}" chat-ha.target 2>&1) && rc=0 || rc=$?
+out=$(cd "$root" && systemd-analyze verify --man=no --root="$root" "${instances[@]}" chat-ha.target chat-ha.slice 2>&1) && rc=0 || rc=$?
 [ -z "$out" ] || printf '%s\n' "$out" | sed 's/^/     /'
-check "verify ${instances[*]} chat-ha.target: rc 0, no output" test "$rc" -eq 0 -a -z "$out"
+check "verify ${instances[*]} chat-ha.target chat-ha.slice: rc 0, no output" test "$rc" -eq 0 -a -z "$out"
 rm -rf "$gen"/*.socket.d
 out=$(cd "$root" && systemd-analyze verify --man=no --root="$root" chat-frontend@0.socket 2>&1) && rc=0 || rc=$?
 check "without the generator's drop-in a socket is refused (the drop-in is what verify saw)" test "$rc" -ne 0
@@ -127,7 +179,15 @@ for name in chat-frontend chat-backend; do
         eval 'has $s DynamicUser=yes && has $s LimitNOFILE=65536 && has $s "Requires=$name@%i.socket"'
     check "$name@.socket: Backlog=4096, no address of its own (the generator's)" \
         eval 'has $name@.socket Backlog=4096 && ! grep -q "^ListenStream" "$units/$name@.socket"'
+    check "$s: in chat-ha.slice, OOMScoreAdjust=500, TasksMax=576" \
+        eval 'has $s Slice=chat-ha.slice && has $s OOMScoreAdjust=500 && has $s TasksMax=576'
+    check "$s: the Redis password as a credential" has "$s" LoadCredential=redis-password:/etc/chat-ha/redis-password
+    check "$name@.socket: in chat-ha.slice" has "$name@.socket" Slice=chat-ha.slice
 done
+check "chat-backend@.service: the publish tokens as a credential" \
+    has chat-backend@.service LoadCredential=publish-tokens:/etc/chat-ha/publish-tokens
+check "chat-ha.slice: MemoryHigh=60%, MemoryMax=70%, no swap" \
+    eval 'has chat-ha.slice MemoryHigh=60% && has chat-ha.slice MemoryMax=70% && has chat-ha.slice MemorySwapMax=0'
 check "chat-ha.target: WantedBy=multi-user.target" has chat-ha.target WantedBy=multi-user.target
 
 if [ "$failures" -ne 0 ]; then

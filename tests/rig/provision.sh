@@ -9,11 +9,17 @@
 #              DEPS/redis; when missing, apt fetches them from the mirror
 #   ADDRESS    this machine's address on the rig network
 #   REDIS      the Redis host's address
+#   LB         the load balancer's address: the one address (with loopback)
+#              the instances admit
+#   REDIS_PASSWORD_FILE  the rig's Redis password (made once per rig on the
+#              host, see the Vagrantfile): installed as
+#              /etc/chat-ha/redis-password on the redis machine and every
+#              frontend and backend host, before the packages
 #   FRONTENDS, BACKENDS   the frontend and backend hosts' addresses
 #   INSTANCES  instances per frontend or backend host
 #   POSTS_PER_10S  on lb: HAProxy's CHAT_HA_POSTS_PER_10S (empty: the default)
 set -euo pipefail
-: "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS:?}" "${INSTANCES:=2}"
+: "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS:?}" "${LB:?}" "${INSTANCES:=2}"
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 say() { echo "provision $ROLE: $*"; }
@@ -71,27 +77,40 @@ wait_for() {
     "$@"
 }
 
-# Points the daemons at Redis; keeps only INSTANCES instances per host.
+# The rig's Redis password, root-only, where the units and chat-redis read it.
+install_password() {
+    [ -s "${REDIS_PASSWORD_FILE:?}" ] || die "no Redis password in $REDIS_PASSWORD_FILE"
+    install -d -m 755 /etc/chat-ha
+    install -m 600 "$REDIS_PASSWORD_FILE" /etc/chat-ha/redis-password
+}
+
+# Points the daemons at Redis, has them listen on this machine's rig address
+# and admit only the load balancer (and loopback); keeps only INSTANCES
+# instances per host.
 configure_daemons() {
-    local daemon=$1 n
-    sed -i "s|^url = \".*\"|url = \"redis://$REDIS:6379/0\"|" /etc/chat-ha/chat-ha.toml
-    grep -q "^url = \"redis://$REDIS:6379/0\"" /etc/chat-ha/chat-ha.toml || die "redis.url not set in /etc/chat-ha/chat-ha.toml"
-    "/usr/bin/chat-$daemon" --check-config >/dev/null || die "chat-$daemon --check-config failed"
+    local daemon=$1 n base=9100 toml=/etc/chat-ha/chat-ha.toml
+    [ "$daemon" = frontend ] || base=9200
+    sed -i -e "s|^url = \".*\"|url = \"redis://$REDIS:6379/0\"|" \
+        -e "s|^listen = \"127.0.0.1:$base\"|listen = \"$ADDRESS:$base\"|" \
+        -e "s|^allow = .*|allow = [\"$LB/32\", \"127.0.0.0/8\", \"::1/128\"]|" "$toml"
+    grep -q "^url = \"redis://$REDIS:6379/0\"" "$toml" || die "redis.url not set in $toml"
+    [ "$("/usr/bin/chat-$daemon" --print-network | tr '\n' ' ')" = "address $ADDRESS port $base allow $LB/32 127.0.0.0/8 ::1/128 " ] \
+        || die "chat-$daemon --print-network: $("/usr/bin/chat-$daemon" --print-network | tr '\n' ' ')"
     for ((n = INSTANCES; n < $(nproc); n++)); do
         systemctl mask --now "chat-$daemon@$n.socket" "chat-$daemon@$n.service" >/dev/null 2>&1
     done
     systemctl daemon-reload
     # Started now, or restarted after a configuration change on a second run.
     systemctl restart chat-ha.target
-    local base=9100
-    [ "$daemon" = frontend ] || base=9200
     for ((n = 0; n < INSTANCES; n++)); do
         wait_for 20 systemctl is-active --quiet "chat-$daemon@$n.socket" "chat-$daemon@$n.service" \
             || die "chat-$daemon@$n is not active: $(systemctl is-active "chat-$daemon@$n.service")"
-        wait_for 20 curl -sf -o /dev/null "http://$ADDRESS:$((base + n))/${daemon%end}/status" \
+        # From loopback, which the instances admit (this machine's own rig
+        # address is not the load balancer's).
+        wait_for 20 curl -sf -o /dev/null --interface 127.0.0.1 "http://$ADDRESS:$((base + n))/${daemon%end}/status" \
             || die "http://$ADDRESS:$((base + n))/${daemon%end}/status does not answer"
     done
-    say "chat-$daemon@0..$((INSTANCES - 1)) active, Redis at $REDIS"
+    say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LB, Redis at $REDIS"
 }
 
 # curl (checks below) and socat (HAProxy's stats socket): in the lxc box;
@@ -107,19 +126,23 @@ fi
 
 case $ROLE in
 redis)
-    install_debs redis redis-server
+    install_password
+    install_debs redis redis-server "$(deb_of chat-redis)"
+    # Debian's redis.conf, which chat-redis's /etc/redis/chat-ha.conf
+    # includes: listen on the rig address too, protected mode stays on.
     conf=/etc/redis/redis.conf
-    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode no|' \
-        -e 's|^appendonly .*|appendonly yes|' "$conf"
-    if ! grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || ! grep -q '^appendonly yes$' "$conf"; then
-        die "could not set bind/appendonly in $conf"
-    fi
+    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' "$conf"
+    grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
+    systemctl daemon-reload
     systemctl enable --quiet redis-server.service
     systemctl restart redis-server.service
-    wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q PONG" || die "Redis does not answer on $ADDRESS:6379"
-    say "redis-server on $ADDRESS:6379, AOF $(redis-cli -h "$ADDRESS" config get appendonly | tail -1)"
+    admin() { redis-cli --no-auth-warning --user admin --pass "$(cat /etc/redis/admin-password)" -h "$ADDRESS" "$@"; }
+    wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q NOAUTH" || die "Redis on $ADDRESS:6379 does not refuse anonymous commands"
+    [ "$(admin ping)" = PONG ] || die "Redis does not let admin in"
+    say "redis-server (chat-redis) on $ADDRESS:6379, AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1)"
     ;;
 frontend | backend)
+    install_password
     install_debs - - "$(deb_of chat-ha-common)" "$(deb_of "chat-$ROLE")"
     configure_daemons "$ROLE"
     ;;

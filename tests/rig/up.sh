@@ -34,7 +34,7 @@ fi
 # --- the packages to install: a snapshot of target/debian, so that a
 # `make deb` running meanwhile does not pull them from under the machines.
 mkdir -p "$RIG_STATE/pkgs"
-for p in chat-ha-common chat-frontend chat-backend chat-haproxy; do
+for p in chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis; do
     # shellcheck disable=SC2012
     f=$(ls -v "$RIG_REPO/target/debian/${p}_"*.deb 2>/dev/null | tail -1)
     if [ -z "$f" ]; then
@@ -108,18 +108,26 @@ for host in www.node-services-1.com www.node-services-2.com; do
         [ $ok = yes ] || die "http://$lb$path (Host: $host) does not answer"
     done
 done
-# --- every instance reached Redis (the machines came up in parallel: an
-# instance that started before Redis reconnects with backoff)
+# --- every instance reached Redis and logged in (the machines came up in
+# parallel: an instance that started before Redis reconnects with backoff).
+# Asked from lb: the instances admit no one else.
+urls=
 for addr in $RIG_NET.11 $RIG_NET.12 $RIG_NET.21 $RIG_NET.22; do
     for n in 0 1; do
-        case $addr in *.1[0-9]) url=http://$addr:$((9100 + n))/front/status ;; *) url=http://$addr:$((9200 + n))/back/status ;; esac
-        ok=no
-        for _ in $(seq 100); do
-            if curl -sf --max-time 2 "$url" | grep -q '"redis":"up"'; then ok=yes; break; fi
-            sleep 0.2
-        done
-        [ $ok = yes ] || die "$url does not report Redis up: $(curl -s --max-time 2 "$url" || true)"
+        case $addr in *.1[0-9]) urls="$urls http://$addr:$((9100 + n))/front/status" ;; *) urls="$urls http://$addr:$((9200 + n))/back/status" ;; esac
     done
 done
+# shellcheck disable=SC2016  # expanded on lb
+if ! rig_vagrant ssh lb -c 'for url in '"$urls"'; do
+        ok=no
+        for _ in $(seq 100); do
+            if curl -sf --max-time 2 "$url" | grep -q "\"redis\":\"up\""; then ok=yes; break; fi
+            sleep 0.2
+        done
+        [ $ok = yes ] || { echo "$url does not report Redis up: $(curl -s --max-time 2 "$url")"; exit 1; }
+    done' >"$RIG_STATE/redis-up.log" 2>&1; then
+    cat "$RIG_STATE/redis-up.log" >&2
+    die "not every instance reached Redis"
+fi
 log "up: load balancer http://$lb/ (Host: www.node-services-1.com or www.node-services-2.com)"
 log "machines: tests/rig/vagrant.sh ssh NAME   ($RIG_MACHINES)"

@@ -1,9 +1,10 @@
 // What the system tests share: the rig's addresses (as in the Vagrantfile),
-// commands inside the machines (vagrant ssh), the frontends' status and
-// HAProxy's server states, and socket.io-client connections made through
-// the load balancer with a demo domain as Host.
+// commands inside the machines (vagrant ssh), the frontends' status (asked
+// from lb: the instances admit no one else) and HAProxy's server states,
+// and socket.io-client connections made through the load balancer with a
+// demo domain as Host.
 
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -39,9 +40,13 @@ export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // `vagrant ssh NAME -c CMD` starts Vagrant (about a second) for every
 // command: the tests ask Vagrant once for its ssh settings (vagrant
-// ssh-config) and make the same connection with ssh directly.
+// ssh-config) and make the same connection with ssh directly, one
+// connection per machine shared by all commands (ssh's ControlMaster; the
+// status of the instances is polled through lb). The shared connections are
+// closed when the test process exits.
 // CHAT_HA_RIG_VAGRANT_SSH=1 uses vagrant ssh for every command instead.
 let sshConfig;
+const sshMasters = new Set();
 function sshConfigFile() {
   sshConfig ??= new Promise((resolve, reject) => {
     execFile(path.join(REPO, 'tests/rig/vagrant.sh'), ['ssh-config'], { cwd: REPO, timeout: 60_000 }, (err, stdout, stderr) => {
@@ -49,18 +54,32 @@ function sshConfigFile() {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-ha-system-'));
       const file = path.join(dir, 'ssh-config');
       fs.writeFileSync(file, stdout);
-      process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+      process.on('exit', () => {
+        for (const name of sshMasters) {
+          try {
+            execFileSync('ssh', [...sshOptions(file), '-O', 'exit', name], { stdio: 'ignore', timeout: 5000 });
+          } catch { /* already gone */ }
+        }
+        fs.rmSync(dir, { recursive: true, force: true });
+      });
       resolve(file);
     });
   });
   return sshConfig;
 }
 
+function sshOptions(configFile) {
+  return ['-F', configFile, '-o', 'BatchMode=yes', '-o', 'LogLevel=ERROR',
+    '-o', 'ControlMaster=auto', '-o', `ControlPath=${path.dirname(configFile)}/%n.sock`, '-o', 'ControlPersist=60'];
+}
+
 /** Runs `command` (a shell command line) in machine `name`; resolves to its stdout. */
 export async function ssh(name, command, { timeoutMs = 60_000 } = {}) {
-  const [cmd, args] = process.env.CHAT_HA_RIG_VAGRANT_SSH === '1'
+  const vagrantSsh = process.env.CHAT_HA_RIG_VAGRANT_SSH === '1';
+  if (!vagrantSsh) sshMasters.add(name);
+  const [cmd, args] = vagrantSsh
     ? [path.join(REPO, 'tests/rig/vagrant.sh'), ['ssh', name, '-c', command]]
-    : ['ssh', ['-F', await sshConfigFile(), '-o', 'BatchMode=yes', '-o', 'LogLevel=ERROR', name, command]];
+    : ['ssh', [...sshOptions(await sshConfigFile()), name, command]];
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { cwd: REPO, timeout: timeoutMs, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
       if (err) reject(new Error(`ssh ${name} ${JSON.stringify(command)}: ${err.message}\n${stdout}\n${stderr}`));
@@ -69,19 +88,39 @@ export async function ssh(name, command, { timeoutMs = 60_000 } = {}) {
   });
 }
 
-/** GET /front/status of one frontend instance, straight from the host; null if it does not answer. */
-export async function frontStatus(inst) {
+/**
+ * GET each of `urls` (an instance's port) from lb, the one machine the
+ * instances admit, in one ssh command: [{code, body}], code 0 for no answer.
+ */
+export async function getFromLb(urls) {
+  // Each answer on one line: "CODE BODY" (the status endpoints answer one line).
+  const script = urls.map((u) => `printf '%s ' "$(curl -s -o /tmp/chat-ha-get.$$ -w '%{http_code}' --max-time 2 '${u}' || true)"; `
+    + 'tr -d "\\n" </tmp/chat-ha-get.$$ 2>/dev/null; echo').join('\n');
+  const out = await ssh('lb', `${script}\nrm -f /tmp/chat-ha-get.$$`);
+  return out.split('\n').slice(0, urls.length).map((line) => {
+    const space = line.indexOf(' ');
+    return { code: Number(line.slice(0, space)) || 0, body: line.slice(space + 1) };
+  });
+}
+
+const statusOf = ({ code, body }) => {
+  if (code !== 200) return null;
   try {
-    const res = await request(`http://${inst.ip}:${inst.port}/front/status`, { timeoutMs: 2000 });
-    return res.status === 200 ? res.json : null;
+    return JSON.parse(body);
   } catch {
     return null;
   }
+};
+
+/** GET /front/status of one frontend instance, from lb; null if it does not answer. */
+export async function frontStatus(inst) {
+  const [answer] = await getFromLb([`http://${inst.ip}:${inst.port}/front/status`]);
+  return statusOf(answer);
 }
 
 /** Sockets held by each frontend instance: {"front1-0": 3, ...} (null: not answering). */
 export async function frontConnections() {
-  const all = await Promise.all(FRONT_INSTANCES.map(frontStatus));
+  const all = (await getFromLb(FRONT_INSTANCES.map((f) => `http://${f.ip}:${f.port}/front/status`))).map(statusOf);
   return Object.fromEntries(FRONT_INSTANCES.map((f, i) => [f.server, all[i]?.connections ?? null]));
 }
 
