@@ -121,14 +121,15 @@ check "$p: postinst creates /etc/chat-ha/redis-password (0600, empty) when missi
 check "$p: postrm purges chat-ha.target's state" eval 'grep -q "deb-systemd-helper purge .chat-ha.target." $tmp/$p/DEBIAN/postrm'
 
 p=chat-haproxy
-check "$p: /etc/haproxy/chat-ha.cfg and chat-ha-domains.lst are conffiles" eval \
-    'conffile $p /etc/haproxy/chat-ha.cfg && conffile $p /etc/haproxy/chat-ha-domains.lst'
+check "$p: /etc/haproxy/chat-ha.cfg and its lists of domains, origins and internal networks are conffiles" eval \
+    'conffile $p /etc/haproxy/chat-ha.cfg && conffile $p /etc/haproxy/chat-ha-domains.lst &&
+     conffile $p /etc/haproxy/chat-ha-origins.lst && conffile $p /etc/haproxy/chat-ha-internal.lst'
 check "$p: haproxy.service drop-in loads /etc/haproxy/chat-ha.cfg" eval \
     'grep -q "^ExecStart=/usr/sbin/haproxy .*-f /etc/haproxy/chat-ha.cfg" $tmp/$p/lib/systemd/system/haproxy.service.d/chat-ha.conf'
 check "$p: depends on haproxy" depends $p haproxy
 if command -v haproxy >/dev/null; then
     check "$p: haproxy -c accepts chat-ha.cfg after Debian's haproxy.cfg" eval \
-        'sed "s#/etc/haproxy/chat-ha-domains.lst#$tmp/$p/etc/haproxy/chat-ha-domains.lst#" $tmp/$p/etc/haproxy/chat-ha.cfg >$tmp/chat-ha.cfg &&
+        'sed "s#/etc/haproxy/chat-ha-\(domains\|origins\|internal\)\.lst#$tmp/$p/etc/haproxy/chat-ha-\1.lst#" $tmp/$p/etc/haproxy/chat-ha.cfg >$tmp/chat-ha.cfg &&
          haproxy -c -q -f /etc/haproxy/haproxy.cfg -f $tmp/chat-ha.cfg'
 fi
 
