@@ -17,7 +17,8 @@
 #              frontend and backend host, before the packages
 #   FRONTENDS, BACKENDS   the frontend and backend hosts' addresses
 #   INSTANCES  instances per frontend or backend host
-#   POSTS_PER_10S  on lb: HAProxy's CHAT_HA_POSTS_PER_10S (empty: the default)
+#   ADDRESS_LIMIT  on lb: every limit per client address of HAProxy
+#              (CHAT_HA_POSTS_PER_10S and the others; empty: as packaged)
 set -euo pipefail
 : "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS:?}" "${LB:?}" "${INSTANCES:=2}"
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
@@ -181,12 +182,17 @@ lb)
         || die "could not rewrite the server lines of $cfg"
     mv "$cfg.new" "$cfg"
     haproxy -c -q -f /etc/haproxy/haproxy.cfg -f "$cfg" || die "haproxy -c rejects $cfg"
-    # Posts allowed per client address and 10 s: all the rig's test clients
-    # share one address (the host's).
+    # The limits per client address: all the rig's test clients share one
+    # address (the host's).
     dropin=/etc/systemd/system/haproxy.service.d/chat-ha-rig.conf
-    if [ -n "${POSTS_PER_10S:-}" ]; then
+    if [ -n "${ADDRESS_LIMIT:-}" ]; then
         mkdir -p "${dropin%/*}"
-        printf '[Service]\nEnvironment=CHAT_HA_POSTS_PER_10S=%s\n' "$POSTS_PER_10S" >"$dropin"
+        {
+            echo '[Service]'
+            for limit in POSTS_PER_10S READS_PER_10S SOCKETS_PER_ADDRESS CONNECTS_PER_10S AUTH_FAILURES_PER_MIN; do
+                echo "Environment=CHAT_HA_$limit=$ADDRESS_LIMIT"
+            done
+        } >"$dropin"
     else
         rm -f "$dropin"
     fi
