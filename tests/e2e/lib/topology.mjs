@@ -315,7 +315,8 @@ function tomlString(s) {
   return JSON.stringify(s); // a JSON string is a valid TOML basic string
 }
 
-function daemonConfig({ redisUrl, threads }) {
+/** `frontendLines`: more lines of the [frontend] section (TOML, newline-terminated). */
+function daemonConfig({ redisUrl, threads, frontendLines = '' }) {
   return [
     '# written by tests/e2e/lib/topology.mjs',
     '[log]',
@@ -325,6 +326,7 @@ function daemonConfig({ redisUrl, threads }) {
     '[frontend]',
     `www_dir = ${tomlString(WWW_DIR)}`,
     `threads = ${threads}`,
+    frontendLines.replace(/\n$/, ''),
     '[backend]',
     '',
   ].join('\n');
@@ -339,6 +341,9 @@ export async function startTopology({
   backends = 2,
   haproxyPort = 0,
   frontendThreads = [],
+  // Lines added to the [frontend] section of every frontend's configuration,
+  // e.g. 'max_queued_bytes = 65536\n'.
+  frontendConfig = '',
   logDir,
   // HAProxy's limit of posts per client address in 10 s. Tests post far
   // faster than a person from one address, so the default lifts it; null
@@ -396,7 +401,8 @@ export async function startTopology({
 
   const daemon = (role, index, port, metricsPort, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
-    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads }));
+    const frontendLines = role === 'frontend' ? frontendConfig : '';
+    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads, frontendLines }));
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),
