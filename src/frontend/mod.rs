@@ -208,6 +208,8 @@ pub async fn run(
     let (layer, io) = SocketIo::builder()
         .req_path(SOCKET_IO_PATH)
         .max_buffer_size(rooms::send_queue_len(&config.history))
+        .max_buffer_bytes(config.frontend.max_queued_bytes.get())
+        .backlog_timeout(config.frontend.backlog_timeout())
         .max_payload(MAX_PAYLOAD)
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)

@@ -322,7 +322,8 @@ function tomlString(s) {
   return JSON.stringify(s); // a JSON string is a valid TOML basic string
 }
 
-function daemonConfig({ redisUrl, threads, publishTokensFile }) {
+/** `frontendLines`: more lines of the [frontend] section (TOML, newline-terminated). */
+function daemonConfig({ redisUrl, threads, publishTokensFile, frontendLines = '' }) {
   return [
     '# written by tests/e2e/lib/topology.mjs',
     '[log]',
@@ -332,6 +333,7 @@ function daemonConfig({ redisUrl, threads, publishTokensFile }) {
     '[frontend]',
     `www_dir = ${tomlString(WWW_DIR)}`,
     `threads = ${threads}`,
+    frontendLines.replace(/\n$/, ''),
     '[backend]',
     ...(publishTokensFile ? [`publish_tokens_file = ${tomlString(publishTokensFile)}`] : []),
     '',
@@ -373,6 +375,9 @@ export async function startTopology({
   backends = 2,
   haproxyPort = 0,
   frontendThreads = [],
+  // Lines added to the [frontend] section of every frontend's configuration,
+  // e.g. 'max_queued_bytes = 65536\n'.
+  frontendConfig = '',
   logDir,
   // HAProxy's limits per client address (HAPROXY_LIMITS): a number, or
   // null for the packaged default; lifted when not given.
@@ -449,7 +454,8 @@ export async function startTopology({
 
   const daemon = (role, index, port, metricsPort, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
-    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads, publishTokensFile }));
+    const frontendLines = role === 'frontend' ? frontendConfig : '';
+    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads, publishTokensFile, frontendLines }));
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),

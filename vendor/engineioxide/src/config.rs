@@ -60,6 +60,27 @@ pub struct EngineIoConfig {
     /// Defaults to 128 packets
     pub max_buffer_size: usize,
 
+    /// The maximum number of bytes that can wait for the client, in the
+    /// buffer and, on a websocket written directly, in what the kernel did not
+    /// take yet. A send that would exceed it fails as with a full buffer,
+    /// unless nothing waits (a single packet larger than this always goes);
+    /// control packets (ping, pong, close, noop) are counted but never refused.
+    ///
+    /// Defaults to `usize::MAX`: the buffer is bounded in packets only.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub max_buffer_bytes: usize,
+
+    /// How long packets may keep waiting for the client without the queue
+    /// ever being empty (a websocket's buffer and unwritten frames, or what
+    /// waits for a long-polling client's next request) before the transport
+    /// is closed, as a closing server closes it.
+    ///
+    /// Defaults to `Duration::MAX`: no limit.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub backlog_timeout: Duration,
+
     /// The maximum number of bytes that can be received per http request.
     /// Defaults to 100KB.
     pub max_payload: u64,
@@ -97,6 +118,8 @@ impl Default for EngineIoConfig {
             ping_timeout: Duration::from_millis(20000),
             upgrade_timeout: Duration::from_millis(10000),
             max_buffer_size: 128,
+            max_buffer_bytes: usize::MAX,
+            backlog_timeout: Duration::MAX,
             max_payload: 1e5 as u64, // 100kb
             ws_read_buffer_size: 4096,
             ws_max_message_size: 64 << 20,
@@ -200,6 +223,21 @@ impl EngineIoConfigBuilder {
     /// ```
     pub fn max_buffer_size(mut self, max_buffer_size: usize) -> Self {
         self.config.max_buffer_size = max_buffer_size;
+        self
+    }
+
+    /// The maximum number of bytes that can wait for the client; see
+    /// [`EngineIoConfig::max_buffer_bytes`]. Defaults to `usize::MAX` (no limit).
+    pub fn max_buffer_bytes(mut self, max_buffer_bytes: usize) -> Self {
+        self.config.max_buffer_bytes = max_buffer_bytes;
+        self
+    }
+
+    /// How long packets may keep the queue for a client from ever being
+    /// empty before the transport is closed; see
+    /// [`EngineIoConfig::backlog_timeout`]. Defaults to `Duration::MAX` (no limit).
+    pub fn backlog_timeout(mut self, backlog_timeout: Duration) -> Self {
+        self.config.backlog_timeout = backlog_timeout;
         self
     }
 

@@ -9,7 +9,7 @@ use http::request::Parts;
 use crate::{
     config::EngineIoConfig,
     handler::EngineIoHandler,
-    socket::{DisconnectReason, Socket},
+    socket::{DisconnectReason, Sessions, Socket},
 };
 
 type SocketMap<T> = RwLock<HashMap<Sid, Arc<T>>>;
@@ -46,17 +46,7 @@ impl<H: EngineIoHandler> EngineIo<H> {
         req: Parts,
         supports_binary: bool,
     ) -> Arc<Socket<H::Data>> {
-        let engine = self.clone();
-        let close_fn = Box::new(move |sid, reason| engine.close_session(sid, reason));
-
-        let socket = Socket::new(
-            protocol,
-            transport,
-            &self.config,
-            req,
-            close_fn,
-            supports_binary,
-        );
+        let socket = Socket::new(protocol, transport, self.clone(), req, supports_binary);
         let socket = Arc::new(socket);
         self.sockets
             .write()
@@ -111,6 +101,24 @@ impl<H: EngineIoHandler> EngineIo<H> {
             rem_sockets = self.sockets.read().unwrap().len(),
             "remaining sockets",
         );
+    }
+}
+
+impl<H: EngineIoHandler> Sessions for EngineIo<H> {
+    fn close_session(&self, sid: Sid, reason: DisconnectReason) {
+        EngineIo::close_session(self, sid, reason)
+    }
+
+    fn config(&self) -> &EngineIoConfig {
+        &self.config
+    }
+
+    /// A timer task per backlogged socket, found by its id: the senders that
+    /// see a socket fall behind hold a reference to it, not its `Arc`.
+    fn watch_backlog(&self, sid: Sid) {
+        if let Some(socket) = self.get_socket(sid) {
+            tokio::spawn(socket.watch_backlog(self.config.backlog_timeout));
+        }
     }
 }
 

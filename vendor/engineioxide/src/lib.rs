@@ -22,6 +22,7 @@ pub mod sid {
     pub use engineioxide_core::Sid;
 }
 
+mod backlog;
 mod body;
 mod engine;
 mod errors;

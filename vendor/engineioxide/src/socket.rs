@@ -65,9 +65,10 @@ use std::{
 };
 
 use crate::{
+    backlog::{Added, Backlog, batch_bytes},
     config::EngineIoConfig,
     errors::Error,
-    transport::direct::{Direct, Outbox, SharedMessage},
+    transport::direct::{Direct, Outbox, SharedMessage, Waiting},
 };
 use bytes::Bytes;
 use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
@@ -121,21 +122,57 @@ impl From<&Error> for Option<DisconnectReason> {
 /// rather than 32 `PacketBuf`s (5.3 KiB), resident for every idle socket.
 pub(crate) type Queued = Box<PacketBuf>;
 
+/// What the engine that owns a socket does for it: a socket keeps a
+/// reference to it instead of a closure that only closes its session (which
+/// cost an allocation per socket), and so can also read the configuration and
+/// have its backlog watched (chat-ha patch; see vendor/README.md).
+pub(crate) trait Sessions: Send + Sync + 'static {
+    /// Closes the session `sid` (see [`EngineIo::close_session`](crate::engine::EngineIo::close_session)).
+    fn close_session(&self, sid: Sid, reason: DisconnectReason);
+    /// The engine's configuration.
+    fn config(&self) -> &EngineIoConfig;
+    /// Starts the backlog timer of the socket `sid` (see [`Socket::watch_backlog`]).
+    fn watch_backlog(&self, sid: Sid);
+}
+
+/// The part of a [`Socket`] a [`Permit`] counts its packets in (chat-ha patch).
+pub(crate) trait Queue: Send + Sync {
+    /// Counts `bytes` about to enter the channel (see [`Backlog::add`]).
+    fn add_queued(&self, bytes: usize);
+    /// See [`Socket::has_room_for`].
+    fn has_room_for(&self, bytes: usize) -> bool;
+}
+
 /// A permit to emit a message to the client.
 /// A permit holds a place in the internal channel to send one packet to the client.
 pub struct Permit<'a> {
     inner: mpsc::Permit<'a, Queued>,
+    queue: &'a dyn Queue,
 }
 impl Permit<'_> {
+    /// Whether the socket's queue has room for `bytes` more (see
+    /// [`Socket::has_room_for`]): a permit holds a place for a packet, not
+    /// its bytes, which are known only once it is encoded.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        self.queue.has_room_for(bytes)
+    }
+
+    fn send(self, packets: PacketBuf) {
+        self.queue.add_queued(batch_bytes(&packets));
+        self.inner.send(Box::new(packets));
+    }
+
     /// Consume the permit and emit a message to the client.
     #[inline]
     pub fn emit(self, msg: Str) {
-        self.inner.send(Box::new(smallvec![Packet::Message(msg)]));
+        self.send(smallvec![Packet::Message(msg)]);
     }
     /// Consume the permit and emit a binary message to the client.
     #[inline]
     pub fn emit_binary(self, data: Bytes) {
-        self.inner.send(Box::new(smallvec![Packet::Binary(data)]));
+        self.send(smallvec![Packet::Binary(data)]);
     }
 
     /// Consume the permit and emit a message with multiple binary data to the client.
@@ -147,7 +184,7 @@ impl Permit<'_> {
         for d in data {
             packets.push(Packet::Binary(d));
         }
-        self.inner.send(Box::new(packets));
+        self.send(packets);
     }
 
     /// Consume the permit and emit a message with multiple binary data to the client.
@@ -159,7 +196,7 @@ impl Permit<'_> {
         for d in data {
             packets.push(Packet::Binary(d));
         }
-        self.inner.send(Box::new(packets));
+        self.send(packets);
     }
 }
 
@@ -225,6 +262,10 @@ where
     /// Channel to send [PacketBuf] to the internal connection
     pub(crate) internal_tx: mpsc::Sender<Queued>,
 
+    /// The bytes in the channel, and the timer that lets go of a transport
+    /// that stays behind (chat-ha patch; see vendor/README.md).
+    pub(crate) backlog: Backlog,
+
     /// The websocket's frames waiting to be written, once a websocket writer
     /// that writes directly runs (chat-ha patch; see vendor/README.md).
     pub(crate) outbox: OnceLock<Arc<Outbox>>,
@@ -242,8 +283,8 @@ where
     /// A cancellation token that will be triggered when the socket is being closed.
     pub(crate) cancellation_token: CancellationToken,
 
-    /// Function to call when the socket is closed
-    close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
+    /// The engine that owns the socket, which closes it.
+    engine: Arc<dyn Sessions>,
     /// User data bound to the socket
     pub data: D,
 
@@ -261,12 +302,11 @@ where
     pub(crate) fn new(
         protocol: ProtocolVersion,
         transport: TransportType,
-        config: &EngineIoConfig,
+        engine: Arc<dyn Sessions>,
         req_parts: Parts,
-        close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
         supports_binary: bool,
     ) -> Self {
-        let (internal_tx, internal_rx) = mpsc::channel(config.max_buffer_size);
+        let (internal_tx, internal_rx) = mpsc::channel(engine.config().max_buffer_size);
         let (volatile_tx, volatile_rx) = watch::channel(None);
 
         Self {
@@ -277,6 +317,7 @@ where
 
             internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
             internal_tx,
+            backlog: Backlog::new(),
             outbox: OnceLock::new(),
 
             volatile_tx,
@@ -284,7 +325,7 @@ where
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),
 
-            close_fn,
+            engine,
 
             data: D::default(),
             req_parts,
@@ -293,17 +334,56 @@ where
         }
     }
 
-    /// Sends a packet to the connection.
+    /// Sends a control packet to the connection: counted in the bytes that
+    /// wait, but never refused for them.
     pub(crate) fn send(&self, packet: Packet) -> Result<(), TrySendError<Packet>> {
+        self.enqueue(packet, false)
+    }
+
+    /// Queues `packet` in the channel. If `limited`, refuses it (full) when
+    /// the queue would then hold more than the configured bytes.
+    fn enqueue(&self, packet: Packet, limited: bool) -> Result<(), TrySendError<Packet>> {
         #[cfg(feature = "tracing")]
         tracing::debug!(?packet, "sending packet");
 
-        self.internal_tx
-            .try_send(Box::new(smallvec![packet]))
-            .map_err(|p| match p {
+        let bytes = crate::backlog::packet_bytes(&packet);
+        let added = if limited {
+            let added = self
+                .backlog
+                .try_add(bytes, self.outbox_bytes(), self.max_bytes());
+            match added {
+                Some(added) => added,
+                None => return Err(TrySendError::Full(packet)),
+            }
+        } else {
+            self.backlog.add(bytes)
+        };
+        if let Err(e) = self.internal_tx.try_send(Box::new(smallvec![packet])) {
+            self.backlog.sub(bytes);
+            return Err(match e {
                 TrySendError::Full(p) => TrySendError::Full(p.into_iter().next().unwrap()),
                 TrySendError::Closed(p) => TrySendError::Closed(p.into_iter().next().unwrap()),
-            })?;
+            });
+        }
+        self.after_enqueue(added);
+        Ok(())
+    }
+
+    /// Queues `packet` in the channel, waiting for a place: a control packet,
+    /// as [`Socket::send`].
+    pub(crate) async fn send_waiting(&self, packet: Packet) -> Result<(), ()> {
+        let bytes = crate::backlog::packet_bytes(&packet);
+        let added = self.backlog.add(bytes);
+        if self
+            .internal_tx
+            .send(Box::new(smallvec![packet]))
+            .await
+            .is_err()
+        {
+            self.backlog.sub(bytes);
+            return Err(());
+        }
+        self.after_enqueue(added);
         Ok(())
     }
     pub(crate) fn is_upgrading(&self) -> bool {
@@ -381,8 +461,7 @@ where
             #[cfg(feature = "tracing")]
             tracing::trace!(sid = ?self.id, "emitting ping");
 
-            self.internal_tx
-                .try_send(Box::new(smallvec![Packet::Ping]))
+            self.send(Packet::Ping)
                 .map_err(|_| Error::HeartbeatTimeout)?;
 
             #[cfg(feature = "tracing")]
@@ -411,8 +490,7 @@ where
 
             #[cfg(feature = "tracing")]
             tracing::trace!(sid = ?self.id, "ping received, sending pong");
-            self.internal_tx
-                .try_send(Box::new(smallvec![Packet::Pong]))
+            self.send(Packet::Pong)
                 .map_err(|_| Error::HeartbeatTimeout)?;
         }
     }
@@ -448,9 +526,131 @@ where
         buffered + self.outbox.get().map_or(0, |outbox| outbox.queued())
     }
 
+    /// Bytes waiting for the client: the packets in the buffer (their
+    /// Engine.IO encoding), and on a websocket written directly, the frames
+    /// the kernel did not take yet.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn queued_bytes(&self) -> usize {
+        self.backlog.bytes() + self.outbox_bytes()
+    }
+
+    /// Whether `bytes` more may wait for the client: if nothing waits, or
+    /// if the bytes waiting would stay within
+    /// [`EngineIoConfig::max_buffer_bytes`].
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        let waiting = self.queued_bytes();
+        waiting == 0 || waiting.saturating_add(bytes) <= self.max_bytes()
+    }
+
+    /// Resolves to `true` once at most `bytes` wait for the client (see
+    /// [`Socket::queued_bytes`]), or to `false` if the socket closes first.
+    /// Woken by the transport as it drains the queue, not by polling: a
+    /// server can send a long history in pages, each once the previous one
+    /// has mostly gone.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub async fn wait_for_room(&self, bytes: usize) -> bool {
+        let waiter = self.backlog.room_waiter();
+        loop {
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            // Enabled before looking, so that a drain after the look wakes it.
+            notified.as_mut().enable();
+            if self.cancellation_token.is_cancelled() {
+                return false;
+            }
+            if self.queued_bytes() <= bytes {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.cancellation_token.cancelled() => return false,
+            }
+        }
+    }
+
+    fn outbox_bytes(&self) -> usize {
+        self.outbox.get().map_or(0, |outbox| outbox.queued_bytes())
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.engine.config().max_buffer_bytes
+    }
+
+    /// Packets were counted in the channel: if no transport waits to take
+    /// them, they wait, and the backlog timer must run.
+    fn after_enqueue(&self, added: Added) {
+        if added.unattended() {
+            self.backlogged();
+        }
+    }
+
+    /// Packets wait for the client: starts the backlog timer unless one runs
+    /// (or none is configured).
+    fn backlogged(&self) {
+        if self.backlog.is_armed() {
+            return;
+        }
+        if self.engine.config().backlog_timeout == Duration::MAX {
+            return;
+        }
+        if self.backlog.arm() {
+            self.engine.watch_backlog(self.id);
+        }
+    }
+
+    /// A transport took or wrote packets, or stopped waiting for them: starts
+    /// the backlog timer if packets still wait, or notes that the queue is
+    /// empty; wakes the tasks waiting for room.
+    pub(crate) fn transport_progressed(&self) {
+        if self.queued_bytes() > 0 {
+            self.backlogged();
+        } else {
+            self.backlog.emptied();
+        }
+        self.backlog.drained();
+    }
+
+    /// The backlog timer: closes the transport once its queue has not been
+    /// empty for `timeout` (see the module `backlog`). Runs from the moment
+    /// the queue is seen backlogged until it is seen empty when the timer
+    /// expires, or the socket closes.
+    pub(crate) async fn watch_backlog(self: Arc<Self>, timeout: Duration) {
+        let mut since = tokio::time::Instant::now();
+        loop {
+            let Some(deadline) = since.checked_add(timeout) else {
+                return;
+            };
+            tokio::select! {
+                _ = self.cancellation_token.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            if self.queued_bytes() == 0 {
+                self.backlog.disarm();
+                // Packets queued while the timer still ran started no other:
+                // they are watched from now on.
+                if self.queued_bytes() == 0 || !self.backlog.arm() {
+                    return;
+                }
+                since = tokio::time::Instant::now();
+            } else if let Some(emptied) = self.backlog.last_emptied().filter(|e| *e > since) {
+                since = emptied;
+            } else {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = ?self.id, ?timeout, "backlogged for too long, closing");
+                self.close(DisconnectReason::ClosingServer);
+                return;
+            }
+        }
+    }
+
     /// Emits messages framed once for many sockets, all or none, unless more
     /// than `backlog` packets would then wait for the client (see
-    /// [`Socket::queued`]; the buffer's size is the most). On a websocket
+    /// [`Socket::queued`]; the buffer's size is the most), or more than
+    /// [`EngineIoConfig::max_buffer_bytes`] bytes. On a websocket
     /// whose connection allows it, they are written at once, unless packets
     /// wait before them; otherwise they are queued as [`Socket::emit`]
     /// queues. Fails as [`Socket::emit`] does, with the buffer full (or the
@@ -463,21 +663,37 @@ where
         backlog: usize,
     ) -> Result<(), TrySendError<()>> {
         let backlog = backlog.min(self.internal_tx.max_capacity());
+        let max_bytes = self.max_bytes();
+        // What waits in the outbox; the channel is counted below.
+        let mut waiting = Waiting::default();
         if let Some(outbox) = self.outbox.get() {
-            match outbox.send_direct(msg, &self.internal_tx, backlog) {
+            match outbox.send_direct(msg, &self.internal_tx, backlog, max_bytes) {
                 Direct::Sent => return Ok(()),
                 Direct::Full => return Err(TrySendError::Full(())),
                 Direct::Closed => return Err(TrySendError::Closed(())),
-                Direct::Behind => {}
+                Direct::Behind(outbox) => waiting = outbox,
             }
         }
-        if self.queued() + msg.len() > backlog {
+        let buffered = self.internal_tx.max_capacity() - self.internal_tx.capacity();
+        if buffered + waiting.packets + msg.len() > backlog {
             return Err(TrySendError::Full(()));
         }
-        let permits = self.internal_tx.try_reserve_many(msg.len())?;
+        let bytes = msg.texts.iter().map(|text| 1 + text.len()).sum();
+        let added = self
+            .backlog
+            .try_add(bytes, waiting.bytes, max_bytes)
+            .ok_or(TrySendError::Full(()))?;
+        let permits = match self.internal_tx.try_reserve_many(msg.len()) {
+            Ok(permits) => permits,
+            Err(e) => {
+                self.backlog.sub(bytes);
+                return Err(e);
+            }
+        };
         for (permit, text) in permits.zip(&msg.texts) {
             permit.send(Box::new(smallvec![Packet::Message(text.clone())]));
         }
+        self.after_enqueue(added);
         Ok(())
     }
 
@@ -486,10 +702,20 @@ where
     ///
     /// If the internal chan is full, the function will return a [`TrySendError::Full`] error.
     /// If the socket is closed, the function will return a [`TrySendError::Closed`] error.
+    ///
+    /// Fails as full too when the bytes waiting reach
+    /// [`EngineIoConfig::max_buffer_bytes`]; see [`Permit::has_room_for`]
+    /// for the bytes of the packet itself.
     #[inline]
     pub fn reserve(&self) -> Result<Permit<'_>, TrySendError<()>> {
+        if !self.has_room_for(1) {
+            return Err(TrySendError::Full(()));
+        }
         let permit = self.internal_tx.try_reserve()?;
-        Ok(Permit { inner: permit })
+        Ok(Permit {
+            inner: permit,
+            queue: self,
+        })
     }
 
     /// Emits a message to the client.
@@ -500,10 +726,11 @@ where
     ///
     /// ⚠️ If the buffer is full or the socket is disconnected, an error will be returned with the original data
     pub fn emit(&self, msg: impl Into<Str>) -> Result<(), TrySendError<Str>> {
-        self.send(Packet::Message(msg.into())).map_err(|e| match e {
-            TrySendError::Full(p) => TrySendError::Full(p.into_message()),
-            TrySendError::Closed(p) => TrySendError::Closed(p.into_message()),
-        })
+        self.enqueue(Packet::Message(msg.into()), true)
+            .map_err(|e| match e {
+                TrySendError::Full(p) => TrySendError::Full(p.into_message()),
+                TrySendError::Closed(p) => TrySendError::Closed(p.into_message()),
+            })
     }
 
     /// Immediately closes the socket and the underlying connection.
@@ -513,7 +740,7 @@ where
         // Try to send a close packet is the connection is still operational.
         self.send(Packet::Close).ok();
 
-        (self.close_fn)(self.id, reason);
+        self.engine.close_session(self.id, reason);
     }
 
     /// Returns true if the socket is closed
@@ -536,9 +763,9 @@ where
     /// ⚠️ If the buffer is full or the socket is disconnected, an error will be returned with the original data
     pub fn emit_binary<B: Into<Bytes>>(&self, data: B) -> Result<(), TrySendError<Bytes>> {
         if self.protocol == ProtocolVersion::V3 {
-            self.send(Packet::BinaryV3(data.into()))
+            self.enqueue(Packet::BinaryV3(data.into()), true)
         } else {
-            self.send(Packet::Binary(data.into()))
+            self.enqueue(Packet::Binary(data.into()), true)
         }
         .map_err(|e| match e {
             TrySendError::Full(p) => TrySendError::Full(p.into_binary()),
@@ -593,6 +820,16 @@ where
 
     pub(crate) fn send_volatile(&self, packets: PacketBuf) -> bool {
         self.volatile_tx.send(Some(packets)).is_ok()
+    }
+}
+
+impl<D: Default + Send + Sync + 'static> Queue for Socket<D> {
+    fn add_queued(&self, bytes: usize) {
+        let added = self.backlog.add(bytes);
+        self.after_enqueue(added);
+    }
+    fn has_room_for(&self, bytes: usize) -> bool {
+        Socket::has_room_for(self, bytes)
     }
 }
 
@@ -662,13 +899,14 @@ where
 
             internal_rx: Mutex::new(InternalRx::new(internal_rx, volatile_rx)),
             internal_tx,
+            backlog: Backlog::new(),
             outbox: OnceLock::new(),
 
             volatile_tx,
 
             heartbeat: Notify::new(),
             cancellation_token: CancellationToken::new(),
-            close_fn,
+            engine: ClosingWith::sessions(close_fn, EngineIoConfig::default()),
 
             data: D::default(),
             req_parts: http::Request::<()>::default().into_parts().0,
@@ -682,6 +920,8 @@ where
         tokio::spawn(async move {
             let mut internal_rx = sock_clone.internal_rx.try_lock().unwrap();
             while let Some(packets) = internal_rx.buffered_rx.recv().await {
+                sock_clone.backlog.sub(batch_bytes(&packets));
+                sock_clone.transport_progressed();
                 for packet in *packets {
                     tx.send(packet).await.unwrap();
                 }
@@ -690,4 +930,33 @@ where
 
         (sock, rx)
     }
+}
+
+/// Sessions that are only closed, with a closure, for sockets made without
+/// an engine (tests).
+#[cfg(any(test, feature = "__test_harness"))]
+pub(crate) struct ClosingWith {
+    close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
+    config: EngineIoConfig,
+}
+
+#[cfg(any(test, feature = "__test_harness"))]
+impl ClosingWith {
+    pub(crate) fn sessions(
+        close_fn: Box<dyn Fn(Sid, DisconnectReason) + Send + Sync>,
+        config: EngineIoConfig,
+    ) -> Arc<dyn Sessions> {
+        Arc::new(ClosingWith { close_fn, config })
+    }
+}
+
+#[cfg(any(test, feature = "__test_harness"))]
+impl Sessions for ClosingWith {
+    fn close_session(&self, sid: Sid, reason: DisconnectReason) {
+        (self.close_fn)(sid, reason)
+    }
+    fn config(&self) -> &EngineIoConfig {
+        &self.config
+    }
+    fn watch_backlog(&self, _sid: Sid) {}
 }

@@ -204,6 +204,37 @@ impl<A: Adapter> SocketIoBuilder<A> {
         self
     }
 
+    /// The maximum number of bytes that can wait for a client, in its buffer
+    /// and in what the kernel did not take from its websocket. An emit that
+    /// would exceed it fails with [`SocketError::InternalChannelFull`], as
+    /// with a full buffer, unless nothing waits (a single larger packet goes).
+    ///
+    /// Defaults to `usize::MAX` (bounded in packets only).
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    #[inline]
+    pub fn max_buffer_bytes(mut self, max_buffer_bytes: usize) -> Self {
+        self.engine_config_builder = self
+            .engine_config_builder
+            .max_buffer_bytes(max_buffer_bytes);
+        self
+    }
+
+    /// How long packets may keep waiting for a client without its queue ever
+    /// being empty before its transport is closed, as
+    /// [`Socket::close_transport`](crate::socket::Socket::close_transport)
+    /// closes it: a client that keeps its session alive without reading is
+    /// let go.
+    ///
+    /// Defaults to `Duration::MAX` (no limit).
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    #[inline]
+    pub fn backlog_timeout(mut self, backlog_timeout: Duration) -> Self {
+        self.engine_config_builder = self.engine_config_builder.backlog_timeout(backlog_timeout);
+        self
+    }
+
     /// The maximum size of a payload in bytes.
     /// If a payload is bigger than this value the `emit()` method will return an error.
     ///

@@ -134,9 +134,9 @@ impl<A: Adapter> ConfOperators<'_, A> {
             }
         };
         let packet = self.get_packet(event, data)?;
-        permit.send(packet, self.socket.parser);
-
-        Ok(())
+        permit
+            .send(packet, self.socket.parser)
+            .map_err(SendError::Socket)
     }
 
     #[doc = include_str!("../docs/operators/emit_with_ack.md")]
@@ -161,7 +161,10 @@ impl<A: Adapter> ConfOperators<'_, A> {
             .timeout
             .unwrap_or_else(|| self.socket.get_io().config().ack_timeout);
         let packet = self.get_packet(event, data)?;
-        let rx = self.socket.send_with_ack_permit(packet, permit);
+        let rx = self
+            .socket
+            .send_with_ack_permit(packet, permit)
+            .map_err(SendError::Socket)?;
         let stream = AckInnerStream::send(rx, timeout, self.socket.id);
         Ok(AckStream::<V>::new(stream, self.socket.parser))
     }

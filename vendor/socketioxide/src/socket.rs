@@ -137,25 +137,41 @@ impl From<EIoDisconnectReason> for DisconnectReason {
     }
 }
 
+/// Queues an encoded packet in the place a permit holds, unless the bytes
+/// waiting for the client would then exceed the configured limit
+/// (`max_buffer_bytes`; chat-ha patch, see vendor/README.md): the permit
+/// holds a place for a packet, and its bytes are known only once encoded.
 pub(crate) trait PermitExt<'a> {
-    fn send(self, packet: Packet, parser: Parser);
-    fn send_raw(self, value: Value);
+    fn send(self, packet: Packet, parser: Parser) -> Result<(), SocketError>;
+    fn send_raw(self, value: Value) -> Result<(), SocketError>;
 }
 impl<'a> PermitExt<'a> for Permit<'a> {
-    fn send(self, packet: Packet, parser: Parser) {
-        match parser.encode(packet) {
-            Value::Str(msg, None) => self.emit(msg),
-            Value::Str(msg, Some(bin_payloads)) => self.emit_many(msg, bin_payloads),
-            Value::Bytes(bin) => self.emit_binary(bin),
-        }
+    fn send(self, packet: Packet, parser: Parser) -> Result<(), SocketError> {
+        self.send_raw(parser.encode(packet))
     }
 
-    fn send_raw(self, value: Value) {
+    fn send_raw(self, value: Value) -> Result<(), SocketError> {
+        if !self.has_room_for(value_bytes(&value)) {
+            return Err(SocketError::InternalChannelFull);
+        }
         match value {
             Value::Str(msg, None) => self.emit(msg),
             Value::Str(msg, Some(bin_payloads)) => self.emit_many(msg, bin_payloads),
             Value::Bytes(bin) => self.emit_binary(bin),
         }
+        Ok(())
+    }
+}
+
+/// The bytes an encoded packet counts for in engineioxide: each Engine.IO
+/// packet it makes, type and payload.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Str(msg, bins) => {
+            let bins = bins.iter().flatten().map(|bin| 1 + bin.len());
+            1 + msg.len() + bins.sum::<usize>()
+        }
+        Value::Bytes(bin) => 1 + bin.len(),
     }
 }
 
@@ -539,8 +555,9 @@ impl<A: Adapter> Socket<A> {
         let ns = self.ns.path.clone();
         let data = self.parser.encode_value(data, Some(event.as_ref()))?;
 
-        permit.send(Packet::event(ns, data), self.parser);
-        Ok(())
+        permit
+            .send(Packet::event(ns, data), self.parser)
+            .map_err(SendError::Socket)
     }
 
     #[doc = include_str!("../docs/operators/emit_with_ack.md")]
@@ -563,7 +580,9 @@ impl<A: Adapter> Socket<A> {
         let ns = self.ns.path.clone();
         let data = self.parser.encode_value(data, Some(event.as_ref()))?;
         let packet = Packet::event(ns, data);
-        let rx = self.send_with_ack_permit(packet, permit);
+        let rx = self
+            .send_with_ack_permit(packet, permit)
+            .map_err(SendError::Socket)?;
         let stream = AckInnerStream::send(rx, self.get_io().config().ack_timeout, self.id);
         Ok(AckStream::<V>::new(stream, self.parser))
     }
@@ -715,6 +734,32 @@ impl<A: Adapter> Socket<A> {
         }
     }
 
+    /// # The bytes waiting for the client
+    ///
+    /// The packets in the socket's buffer (their Engine.IO encoding) and, on
+    /// a websocket written directly, the frames the kernel did not take yet.
+    /// Emits fail as with a full buffer once they would exceed
+    /// [`SocketIoBuilder::max_buffer_bytes`](crate::SocketIoBuilder::max_buffer_bytes).
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn queued_bytes(&self) -> usize {
+        self.esocket.queued_bytes()
+    }
+
+    /// # Wait until at most `bytes` wait for the client
+    ///
+    /// Resolves to `true` once [`Socket::queued_bytes`] is at most `bytes`,
+    /// or to `false` if the socket closes first (for instance let go by
+    /// [`SocketIoBuilder::backlog_timeout`](crate::SocketIoBuilder::backlog_timeout)
+    /// because its client does not read). Woken as the transport drains the
+    /// queue, without polling: a long history can be sent in pages, each
+    /// once there is room for it.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub async fn wait_for_room(&self, bytes: usize) -> bool {
+        self.esocket.wait_for_room(bytes).await
+    }
+
     /// # Encode an event once, to emit it to many sockets
     ///
     /// [`Socket::emit`] serialises its data for every socket it is called on.
@@ -738,10 +783,10 @@ impl<A: Adapter> Socket<A> {
 
     /// # Emit an event encoded by [`Socket::encode_event`]
     ///
-    /// Fails as [`Socket::emit`] does, with the socket's buffer full or the
-    /// socket closed; and with the buffer full when more than `backlog`
-    /// packets would then wait for the client, so that a server can let a
-    /// socket go before its buffer is full. On a websocket with nothing
+    /// Fails as [`Socket::emit`] does, with the socket's buffer full (in
+    /// packets or in bytes) or the socket closed; and with the buffer full
+    /// when more than `backlog` packets would then wait for the client, so
+    /// that a server can let a socket go before its buffer is full. On a websocket with nothing
     /// queued, a text event is written to the connection at once
     /// ([`engineioxide::Socket::emit_shared`]).
     ///
@@ -765,8 +810,7 @@ impl<A: Adapter> Socket<A> {
                     return Err(full);
                 }
                 let permit = self.reserve().map_err(SendError::Socket)?;
-                permit.send_raw(value.clone());
-                Ok(())
+                permit.send_raw(value.clone()).map_err(SendError::Socket)
             }
         }
     }
@@ -840,13 +884,11 @@ impl<A: Adapter> Socket<A> {
 
     pub(crate) fn send(&self, packet: Packet) -> Result<(), SocketError> {
         let permit = self.reserve()?;
-        permit.send(packet, self.parser);
-        Ok(())
+        permit.send(packet, self.parser)
     }
     pub(crate) fn send_raw(&self, value: Value) -> Result<(), SocketError> {
         let permit = self.reserve()?;
-        permit.send_raw(value);
-        Ok(())
+        permit.send_raw(value)
     }
 
     pub(crate) fn send_raw_volatile(&self, value: Value) {
@@ -867,7 +909,7 @@ impl<A: Adapter> Socket<A> {
         &self,
         mut packet: Packet,
         permit: Permit<'_>,
-    ) -> Receiver<AckResult<Value>> {
+    ) -> Result<Receiver<AckResult<Value>>, SocketError> {
         let (tx, rx) = oneshot::channel();
 
         let ack = self.ack_counter.fetch_add(1, Ordering::SeqCst) + 1;
@@ -882,13 +924,19 @@ impl<A: Adapter> Socket<A> {
         }
         ack_message.insert(ack, tx);
         drop(ack_message);
-        permit.send(packet, self.parser);
-        rx
+        if let Err(e) = permit.send(packet, self.parser) {
+            self.ack_message.lock().unwrap().remove(&ack);
+            return Err(e);
+        }
+        Ok(rx)
     }
 
     pub(crate) fn send_with_ack(&self, packet: Packet) -> Receiver<AckResult<Value>> {
-        match self.reserve() {
-            Ok(permit) => self.send_with_ack_permit(packet, permit),
+        let sent = self
+            .reserve()
+            .and_then(|permit| self.send_with_ack_permit(packet, permit));
+        match sent {
+            Ok(rx) => rx,
             Err(err) => {
                 let (tx, rx) = oneshot::channel();
                 tx.send(Err(AckError::Socket(err))).ok();

@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::backlog::{Backlog, batch_bytes};
 use crate::socket::Queued;
 
 /// A server's accepted TCP connection, for hyper to serve in place of the
@@ -185,11 +186,20 @@ pub(crate) enum Direct {
     /// Written, or queued behind what the kernel did not take yet.
     Sent,
     /// Not written: packets wait in the socket's channel, and go first.
-    Behind,
-    /// The outbox would hold more packets than the sender allows.
+    /// What waits in the outbox, for the sender to count.
+    Behind(Waiting),
+    /// The outbox would hold more packets than the sender allows, or more
+    /// bytes than the configuration does.
     Full,
     /// The connection is closing.
     Closed,
+}
+
+/// What waits in an outbox.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Waiting {
+    pub(crate) packets: usize,
+    pub(crate) bytes: usize,
 }
 
 /// The frames waiting to be written to one websocket's TCP connection.
@@ -206,6 +216,8 @@ struct OutState {
     queue: VecDeque<(Bytes, usize)>,
     /// Packets in `queue`.
     packets: usize,
+    /// Bytes in `queue` not written yet (chat-ha patch: the bound in bytes).
+    bytes: usize,
     /// Bytes of the first frame already written.
     written: usize,
     /// The writer task, to wake when the queue stops being empty.
@@ -220,6 +232,7 @@ impl Outbox {
                 stream: Some(stream),
                 queue: VecDeque::new(),
                 packets: 0,
+                bytes: 0,
                 written: 0,
                 writer: None,
                 closed: false,
@@ -237,14 +250,22 @@ impl Outbox {
         self.lock().packets
     }
 
+    /// Bytes waiting to be written (of any frame, the packets' and
+    /// tungstenite's own).
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Writes `message` for a sender outside the writer task, unless
     /// packets wait in `channel` (they were sent first), or more than
-    /// `backlog` packets would then wait in the outbox.
+    /// `backlog` packets, or `max_bytes` bytes, would then wait in the outbox
+    /// (a message larger than `max_bytes` goes if nothing waits).
     pub(crate) fn send_direct(
         &self,
         message: &SharedMessage,
         channel: &mpsc::Sender<Queued>,
         backlog: usize,
+        max_bytes: usize,
     ) -> Direct {
         let mut state = self.lock();
         if state.closed {
@@ -254,9 +275,15 @@ impl Outbox {
         // under it too: an empty channel means everything sent before is in
         // the queue or written. A reserved permit counts as a packet.
         if channel.capacity() < channel.max_capacity() {
-            return Direct::Behind;
+            return Direct::Behind(Waiting {
+                packets: state.packets,
+                bytes: state.bytes,
+            });
         }
         if state.packets + message.len() > backlog {
+            return Direct::Full;
+        }
+        if state.bytes > 0 && state.bytes + message.frames.len() > max_bytes {
             return Direct::Full;
         }
         state.push(message.frames.clone(), message.len());
@@ -281,12 +308,14 @@ impl Outbox {
     ///
     /// Packets stay in the channel while the kernel takes no more: a client
     /// that does not read fills the channel, and its senders see it full, as
-    /// upstream.
+    /// upstream. `backlog` counts the bytes in the channel: those taken
+    /// from it are uncounted there, and counted in the outbox if they wait.
     pub(crate) fn poll_pump(
         &self,
         cx: &mut Context<'_>,
         channel: &mut mpsc::Receiver<Queued>,
         protocol: ProtocolVersion,
+        backlog: &Backlog,
     ) -> Poll<io::Result<()>> {
         let mut state = self.lock();
         loop {
@@ -296,6 +325,7 @@ impl Outbox {
             loop {
                 match channel.poll_recv(cx) {
                     Poll::Ready(Some(mut packets)) => {
+                        backlog.sub(batch_bytes(&packets));
                         count += packets.len();
                         for packet in packets.drain(..) {
                             put_packet(&mut frames, packet, protocol);
@@ -365,6 +395,7 @@ impl OutState {
         }
         if !self.queue.is_empty() {
             // The writer task is writing the queue, or has been woken to.
+            self.bytes += frame.len();
             self.queue.push_back((frame, packets));
             self.packets += packets;
             return;
@@ -380,6 +411,7 @@ impl OutState {
         };
         if written < frame.len() {
             self.written = written;
+            self.bytes += frame.len() - written;
             self.queue.push_back((frame, packets));
             self.packets += packets;
             if let Some(writer) = self.writer.take() {
@@ -426,6 +458,7 @@ impl OutState {
 
     /// Drops the `n` bytes just written from the front of the queue.
     fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
         while let Some((front, packets)) = self.queue.front() {
             let left = front.len() - self.written;
             if n < left {
@@ -442,6 +475,7 @@ impl OutState {
     fn clear(&mut self) {
         self.queue.clear();
         self.packets = 0;
+        self.bytes = 0;
         self.written = 0;
     }
 }

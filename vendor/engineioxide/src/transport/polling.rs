@@ -12,8 +12,8 @@ use tokio_util::future::FutureExt as _;
 use engineioxide_core::{Packet, ProtocolVersion, Sid, TransportType};
 
 use crate::{
-    DisconnectReason, body::ResponseBody, engine::EngineIo, errors::Error,
-    handler::EngineIoHandler, socket::InternalRx, transport::make_open_packet,
+    DisconnectReason, Socket, backlog::batch_bytes, body::ResponseBody, engine::EngineIo,
+    errors::Error, handler::EngineIoHandler, socket::InternalRx, transport::make_open_packet,
 };
 
 /// Create a response for http request
@@ -116,6 +116,9 @@ where
     tracing::debug!(%sid, %protocol, supports_binary = socket.supports_binary, "polling request");
 
     let max_payload = engine.config.max_payload;
+    // While this request waits, packets are taken as they come; it tells the
+    // backlog when it leaves, even if its client goes first (chat-ha patch).
+    let _draining = Draining::start(&socket);
     let payload = {
         let InternalRx {
             buffered_rx,
@@ -125,8 +128,15 @@ where
 
         // Prepend the packet peeked during the previous
         // polling request so it is encoded first, ahead of the newly received packets.
-        let rx_stream = stream::iter(peeked_packet.take())
-            .chain(rx_stream::EncoderStream::new(buffered_rx, volatile_rx));
+        let peeked = peeked_packet.take();
+        if let Some(packets) = &peeked {
+            socket.backlog.sub(batch_bytes(packets));
+        }
+        let rx_stream = stream::iter(peeked).chain(rx_stream::EncoderStream::new(
+            buffered_rx,
+            volatile_rx,
+            &socket.backlog,
+        ));
 
         // Stop waiting for the next packet as soon as the session is closed. The combinator is biased
         // towards the encoder completion, so any buffered close packet is still flushed to the client.
@@ -147,13 +157,36 @@ where
     };
 
     // set back the peeked packet so it can be read again
-    // on the next polling request
+    // on the next polling request; it still waits for the client.
+    if let Some(packets) = &peeked {
+        socket.backlog.add(batch_bytes(packets));
+    }
     rx.peeked_packet = peeked;
 
     #[cfg(feature = "tracing")]
     tracing::trace!(%sid, %protocol, supports_binary = socket.supports_binary, "sending data: {:?}", data);
 
     Ok(http_response(StatusCode::OK, data, has_binary))
+}
+
+/// A polling request waiting for packets, as the backlog sees it (chat-ha
+/// patch; see vendor/README.md): while it waits, what is queued is taken at
+/// once; once it is gone (answered, or dropped with its client), what is
+/// queued waits for the next one, and starts the backlog timer.
+struct Draining<'a, D: Default + Send + Sync + 'static>(&'a Socket<D>);
+
+impl<'a, D: Default + Send + Sync + 'static> Draining<'a, D> {
+    fn start(socket: &'a Socket<D>) -> Self {
+        socket.backlog.drainer_waits();
+        Draining(socket)
+    }
+}
+
+impl<D: Default + Send + Sync + 'static> Drop for Draining<'_, D> {
+    fn drop(&mut self) {
+        self.0.backlog.drainer_leaves();
+        self.0.transport_progressed();
+    }
 }
 
 /// Handle http polling post request
@@ -226,29 +259,39 @@ mod rx_stream {
         task::{Context, Poll, ready},
     };
 
+    use engineioxide_core::PacketBuf;
     use futures_core::Stream;
     use pin_project_lite::pin_project;
     use tokio::sync::{mpsc, watch};
     use tokio_util::sync::ReusableBoxFuture;
 
+    use crate::backlog::{Backlog, batch_bytes};
+    use crate::socket::Queued;
+
     /// [`ReceiverStream`] is a stream that wraps a [`mpsc::Receiver`] by reference.
     /// Allowing to use it as a stream even if it is behind a mutex.
-    /// It unboxes what the channel carries (see [`crate::socket::Queued`]).
-    pub struct ReceiverStream<'a, T> {
-        inner: &'a mut mpsc::Receiver<Box<T>>,
+    /// It unboxes what the channel carries (see [`crate::socket::Queued`]),
+    /// and uncounts it from the bytes waiting in the channel.
+    pub struct ReceiverStream<'a> {
+        inner: &'a mut mpsc::Receiver<Queued>,
+        backlog: &'a Backlog,
     }
 
-    impl<'a, T> ReceiverStream<'a, T> {
-        pub fn new(inner: &'a mut mpsc::Receiver<Box<T>>) -> Self {
-            Self { inner }
+    impl<'a> ReceiverStream<'a> {
+        pub fn new(inner: &'a mut mpsc::Receiver<Queued>, backlog: &'a Backlog) -> Self {
+            Self { inner, backlog }
         }
     }
 
-    impl<'a, T> Stream for ReceiverStream<'a, T> {
-        type Item = T;
+    impl<'a> Stream for ReceiverStream<'a> {
+        type Item = PacketBuf;
 
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            self.inner.poll_recv(cx).map(|item| item.map(|boxed| *boxed))
+            let item = ready!(self.inner.poll_recv(cx));
+            if let Some(packets) = &item {
+                self.backlog.sub(batch_bytes(packets));
+            }
+            Poll::Ready(item.map(|boxed| *boxed))
         }
     }
 
@@ -302,28 +345,29 @@ mod rx_stream {
 
     pin_project! {
         /// Combines a [`WatchStream`] and a [`ReceiverStream`] into a single [`Stream`].
-        pub struct EncoderStream<'a, T> {
+        pub struct EncoderStream<'a> {
             #[pin]
-            watch: WatchStream<'a, Option<T>>,
+            watch: WatchStream<'a, Option<PacketBuf>>,
             #[pin]
-            rx: ReceiverStream<'a, T>,
+            rx: ReceiverStream<'a>,
         }
     }
 
-    impl<'a, T: Clone + Send + Sync + 'static> EncoderStream<'a, T> {
+    impl<'a> EncoderStream<'a> {
         pub fn new(
-            rx: &'a mut mpsc::Receiver<Box<T>>,
-            watch: &'a mut watch::Receiver<Option<T>>,
+            rx: &'a mut mpsc::Receiver<Queued>,
+            watch: &'a mut watch::Receiver<Option<PacketBuf>>,
+            backlog: &'a Backlog,
         ) -> Self {
             Self {
-                rx: ReceiverStream::new(rx),
+                rx: ReceiverStream::new(rx, backlog),
                 watch: WatchStream::new(watch),
             }
         }
     }
 
-    impl<'a, T: Clone + Send + Sync + 'static> Stream for EncoderStream<'a, T> {
-        type Item = T;
+    impl<'a> Stream for EncoderStream<'a> {
+        type Item = PacketBuf;
 
         fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
             let this = self.project();

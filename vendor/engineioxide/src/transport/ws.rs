@@ -14,7 +14,6 @@ use futures_util::{
     stream::SplitSink,
 };
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
-use smallvec::smallvec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::{
     WebSocketStream,
@@ -30,6 +29,7 @@ use engineioxide_core::{Packet, ProtocolVersion, Sid, Str, TransportType};
 
 use crate::{
     DisconnectReason, Socket,
+    backlog::batch_bytes,
     body::ResponseBody,
     config::EngineIoConfig,
     engine::EngineIo,
@@ -147,6 +147,10 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     tokio::spawn(async move {
         let res = match opening.await {
             Some(Ok(Opened::Direct(socket, mut ws, outbox, guard))) => {
+                // The writer takes what the channel receives at once from its
+                // first turn: packets queued before it, which are, are not
+                // left waiting (chat-ha patch; see vendor/README.md).
+                socket.backlog.drainer_waits();
                 tokio::spawn(write_direct(socket.clone(), outbox, guard));
                 run(&engine, socket, &mut ws).await
             }
@@ -375,8 +379,13 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
     let InternalRx {
         buffered_rx,
         volatile_rx,
-        ..
+        peeked_packet,
     } = &mut *internal_rx;
+
+    // A packet that did not fit in the last polling response before an upgrade.
+    if let Some(packets) = peeked_packet.take() {
+        feed(&socket, &mut tx, Box::new(packets), true).await;
+    }
 
     // Forward buffered packets until the channel is closed or the session is cancelled.
     // The packets are written by `feed`, one call per batch: this task lives as
@@ -387,31 +396,40 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
     // anew in every `select!`, it registered a waiter and removed it again,
     // under a lock, whenever everything was written (4% of the frontend's
     // instructions per message, for 80 bytes more per connection).
+    //
+    // While it waits for packets, what is queued is taken at once; while it
+    // writes, packets queued wait, and start the backlog timer (chat-ha
+    // patch). What tungstenite buffers is not counted.
     let mut cancelled = std::pin::pin!(socket.cancellation_token.cancelled());
     loop {
+        socket.backlog.drainer_waits();
         tokio::select! {
             biased;
             items = buffered_rx.recv() => {
+                socket.backlog.drainer_leaves();
                 match items {
                     Some(packets) => {
-                        feed(&socket, &mut tx, packets).await;
+                        feed(&socket, &mut tx, packets, true).await;
                         while let Ok(packets) = buffered_rx.try_recv() {
-                            feed(&socket, &mut tx, packets).await;
+                            feed(&socket, &mut tx, packets, true).await;
                         }
+                        socket.transport_progressed();
                     }
                     None => break
                 }
             }
             _ = &mut cancelled => break,
             Ok(()) = volatile_rx.changed() => {
+                socket.backlog.drainer_leaves();
                 let val = volatile_rx.borrow_and_update().clone();
                 if let Some(packets) = val {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    feed(&socket, &mut tx, Box::new(packets)).await;
+                    // Volatile packets are not counted.
+                    feed(&socket, &mut tx, Box::new(packets), false).await;
                 }
             },
-        }
+        };
 
         #[cfg(feature = "tracing")]
         tracing::trace!(sid = %socket.id, "ws flush");
@@ -443,15 +461,23 @@ async fn write_direct<D: Default + Send + Sync + 'static>(
         let InternalRx {
             buffered_rx,
             volatile_rx,
-            ..
+            peeked_packet,
         } = &mut *internal_rx;
+        // A packet that did not fit in the last polling response before an upgrade.
+        if let Some(packets) = peeked_packet.take() {
+            socket.backlog.sub(batch_bytes(&packets));
+            outbox.send_packets(packets, socket.protocol);
+        }
         let _ = socket.outbox.set(outbox.clone());
+        // This task takes what the channel receives at once, unless the
+        // outbox is not written out: it then starts the backlog timer itself
+        // (in `pump`).
         let mut cancelled = std::pin::pin!(socket.cancellation_token.cancelled());
         loop {
             tokio::select! {
                 biased;
                 // Ready only once the channel or the connection is closed.
-                _pumped = poll_fn(|cx| outbox.poll_pump(cx, buffered_rx, socket.protocol)) => {
+                _pumped = poll_fn(|cx| pump(cx, &socket, &outbox, buffered_rx)) => {
                     #[cfg(feature = "tracing")]
                     tracing::debug!(sid = %socket.id, "ws writer stops: {_pumped:?}");
                     break;
@@ -466,21 +492,41 @@ async fn write_direct<D: Default + Send + Sync + 'static>(
             }
         }
     }
+    socket.backlog.drainer_leaves();
     outbox.close();
     let flushed = poll_fn(|cx| outbox.poll_flush(cx));
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flushed).await;
     outbox.release();
 }
 
+/// One turn of the direct writer: writes what the outbox holds and moves
+/// what the channel holds into it (see [`Outbox::poll_pump`]); then starts
+/// the backlog timer if anything still waits, or notes that nothing does.
+fn pump<D: Default + Send + Sync + 'static>(
+    cx: &mut std::task::Context<'_>,
+    socket: &Socket<D>,
+    outbox: &Outbox,
+    channel: &mut tokio::sync::mpsc::Receiver<Queued>,
+) -> std::task::Poll<std::io::Result<()>> {
+    let pumped = outbox.poll_pump(cx, channel, socket.protocol, &socket.backlog);
+    socket.transport_progressed();
+    pumped
+}
+
 /// Maps packets to websocket messages and feeds them to the websocket, unflushed.
 /// The packets stay boxed and are drained in place: that keeps this future small.
+/// `counted`: the packets come from the channel, whose bytes count them.
 async fn feed<D: Default + Send + Sync + 'static, S>(
     socket: &Socket<D>,
     tx: &mut SplitSink<WebSocketStream<S>, Message>,
     mut packets: Queued,
+    counted: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if counted {
+        socket.backlog.sub(batch_bytes(&packets));
+    }
     for item in packets.drain(..) {
         let res = match item {
             Packet::Binary(bin) | Packet::BinaryV3(bin) => {
@@ -569,8 +615,7 @@ where
 
     // We send a last Noop request to close a potential waiting polling request.
     socket
-        .internal_tx
-        .send(Box::new(smallvec![Packet::Noop]))
+        .send_waiting(Packet::Noop)
         .await
         .map_err(|_| Error::Upgrade)?;
 
@@ -652,9 +697,11 @@ mod tests {
         Arc::new(Socket::new(
             ProtocolVersion::V4,
             TransportType::Websocket,
-            &EngineIoConfig::default(),
+            crate::socket::ClosingWith::sessions(
+                Box::new(|_, _| ()),
+                EngineIoConfig::default(),
+            ),
             Request::<()>::default().into_parts().0,
-            Box::new(|_, _| ()),
             false,
         ))
     }

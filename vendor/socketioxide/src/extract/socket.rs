@@ -120,8 +120,9 @@ impl<A: Adapter> AckSender<A> {
             let ns = self.socket.ns.path.clone();
             let data = self.socket.parser.encode_value(data, None)?;
             let packet = Packet::ack(ns, data, ack_id);
-            permit.send(packet, self.socket.parser);
-            Ok(())
+            permit
+                .send(packet, self.socket.parser)
+                .map_err(SendError::Socket)
         } else {
             Ok(())
         }
