@@ -15,6 +15,11 @@ use serde::Deserialize;
 /// Where the daemons look for their configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/chat-ha/chat-ha.toml";
 
+/// The least `frontend.max_queued_bytes`: twice the largest message as sent
+/// (4,000 characters, each escaped in JSON as up to 6 bytes, and the event
+/// around them), so that a queue half full still takes any message.
+pub const MIN_QUEUED_BYTES: usize = 64 * 1024;
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -29,6 +34,12 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {key} {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
     },
 }
 
@@ -431,10 +442,33 @@ fn millis(ms: NonZeroU32) -> Duration {
 impl Config {
     /// Parses a configuration from TOML text; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
-        })
+        })?;
+        config
+            .check()
+            .map_err(|(key, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                problem,
+            })?;
+        Ok(config)
+    }
+
+    /// What a value's type alone cannot say: the key at fault and why.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let queued = self.frontend.max_queued_bytes.get();
+        if queued < MIN_QUEUED_BYTES {
+            return Err((
+                "frontend.max_queued_bytes",
+                format!(
+                    "is {queued}; it must be at least {MIN_QUEUED_BYTES}, \
+                     twice what the largest message may weigh"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Reads the file at `path`. A missing file at the default path means
@@ -519,6 +553,13 @@ mod tests {
         assert!(!err.contains("s3cret-pass"), "{err}");
         let tls = parse("[redis]\nurl = \"rediss://redis.example:6380/0\"\n").unwrap();
         assert_eq!(tls.redis.url.as_str(), "rediss://redis.example:6380/0");
+    }
+
+    #[test]
+    fn a_send_queue_too_small_for_a_message_is_refused() {
+        let err = parse("[frontend]\nmax_queued_bytes = 1000\n").unwrap_err();
+        assert!(err.contains("frontend.max_queued_bytes is 1000"), "{err}");
+        assert!(parse("[frontend]\nmax_queued_bytes = 65536\n").is_ok());
     }
 
     #[test]

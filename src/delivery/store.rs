@@ -77,6 +77,23 @@ redis.call('PUBLISH', KEYS[1], previous .. ' ' .. id .. ' ' .. ARGV[1] .. ' ' ..
 return {id, 'new'}
 ";
 
+/// Reads a page of a room's history for a resuming socket: at most ARGV[3]
+/// entries after ARGV[1] up to ARGV[2], with no more than ARGV[4] bytes of
+/// text between them, but at least one entry. It writes nothing, so it also
+/// runs on a Redis that is full.
+const PAGE_SCRIPT: &str = r"#!lua flags=no-writes
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+local page, bytes = {}, 0
+for _, entry in ipairs(entries) do
+  local size = 0
+  for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+  if #page > 0 and bytes + size > tonumber(ARGV[4]) then break end
+  bytes = bytes + size
+  page[#page + 1] = entry
+end
+return page
+";
+
 /// Batches of the feed's oldest entries (8 each) one post may trim.
 const TRIM_BATCHES: usize = 4;
 
@@ -135,6 +152,7 @@ struct Inner {
     conn: ConnectionManager,
     keys: Keys,
     script: redis::Script,
+    page_script: redis::Script,
     timeout: Duration,
     max_per_room: usize,
     feed_length: usize,
@@ -160,6 +178,7 @@ impl Store {
             conn: ConnectionManager::new_lazy_with_config(client, manager_config)?,
             keys: Keys::new(&redis.key_prefix),
             script: redis::Script::new(APPEND_SCRIPT),
+            page_script: redis::Script::new(PAGE_SCRIPT),
             timeout: redis.command_timeout(),
             max_per_room: config.history.max_per_room.get(),
             feed_length: config.history.feed_length.get(),
@@ -244,19 +263,30 @@ impl Store {
         Ok(messages)
     }
 
-    /// The messages of `room` with ids after `after` up to and including
-    /// `until`, oldest first: what a client that saw `after` has missed.
-    pub async fn range(
+    /// Messages of `room` with ids after `after` up to and including
+    /// `until`, oldest first: the next page of what a client that saw
+    /// `after` has missed. At most `count` messages, and no more than
+    /// `max_bytes` of text unless the first message alone weighs more: the
+    /// page is cut inside Redis ([`PAGE_SCRIPT`]), so that neither Redis's
+    /// reply nor this process ever holds more than that.
+    pub async fn page(
         &self,
         room: &Room,
         after: StreamId,
         until: StreamId,
+        count: usize,
+        max_bytes: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.0.keys.room(room))
-            .arg(format!("({after}"))
-            .arg(until.to_string());
-        self.read_range(room, cmd).await
+        let mut conn = self.0.conn.clone();
+        let mut invocation = self.0.page_script.prepare_invoke();
+        invocation
+            .key(self.0.keys.room(room))
+            .arg(after.to_string())
+            .arg(until.to_string())
+            .arg(count)
+            .arg(max_bytes);
+        let entries: Entries = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Self::messages(room, entries)
     }
 
     async fn read_range(
@@ -266,6 +296,11 @@ impl Store {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let mut conn = self.0.conn.clone();
         let entries: Entries = self.bounded(cmd.query_async(&mut conn)).await?;
+        Self::messages(room, entries)
+    }
+
+    /// The messages of `room` in `entries`; a malformed entry is an error.
+    fn messages(room: &Room, entries: Entries) -> Result<Vec<ChatMessage>, StoreError> {
         entries
             .into_iter()
             .map(|(id, mut fields)| {

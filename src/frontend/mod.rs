@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -22,6 +22,7 @@ use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::socket::DisconnectReason;
 use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::config::Config;
 use crate::delivery::{Feed, RedisHealth, Store};
@@ -32,7 +33,11 @@ use crate::serve::{Access, ConnectionCount, Listeners, Status, serve, serve_metr
 /// Where the Socket.IO endpoint lives; clients pass it as `path`.
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
 
+/// The chat page's `Content-Security-Policy`.
+const PAGE_POLICY: &str = "default-src 'self'; frame-ancestors 'none'";
+
 mod budget;
+mod replay;
 mod request;
 mod rooms;
 
@@ -66,6 +71,9 @@ struct EventLimits {
 /// finds its handler (an async connect handler would race with it).
 fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) {
     let flood = Arc::new(Flood::new(limits.rate, limits.burst));
+    // A socket's joins are handled one at a time, in the order they came:
+    // one socket never has two resumes under way.
+    let turns = Arc::new(tokio::sync::Mutex::new(()));
     let (join_rooms, join_flood) = (rooms.clone(), flood.clone());
     socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
         let rooms = join_rooms;
@@ -86,6 +94,7 @@ fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) 
             }
             Admission::Ignore => return,
         };
+        let _turn = turns.lock().await;
         let answer = match on_room(&rooms, &s, data.ok()).await {
             Ok(joined) => {
                 tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");
@@ -160,6 +169,9 @@ async fn page(State(state): State<AppState>, Path(room): Path<String>) -> Respon
             [
                 (header::CONTENT_TYPE, "text/html; charset=utf-8"),
                 (header::CACHE_CONTROL, "no-cache"),
+                // Only the page's own scripts, styles and connections; and
+                // no other site may frame it.
+                (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
             ],
             html,
         )
@@ -221,10 +233,9 @@ pub async fn run(
     };
     // The feed reports Redis's health; the store only serves resuming joins.
     let store = Store::new(&config, RedisHealth::new()).map_err(std::io::Error::other)?;
-    let max_rooms = config.frontend.max_rooms_per_socket.get();
     let rooms = Arc::new(Rooms::new(
         store,
-        max_rooms,
+        &config.frontend,
         &config.history,
         metrics.clone(),
     ));
@@ -262,6 +273,11 @@ pub async fn run(
         .fallback(not_found)
         .with_state(state)
         .layer(layer)
+        // Browsers take every answer for the type it says it is.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
         // Outside socketioxide's layer, so it sees the request first.
         .layer(tower::util::MapRequestLayer::new(request::trim_socket_io));
 

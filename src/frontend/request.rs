@@ -12,12 +12,41 @@
 //! a long-polling post). Nothing in the frontend reads other headers of a
 //! socket (`SocketRef::req_parts`); a handler that needs one must add it to
 //! [`KEPT`].
+//!
+//! What the frontend needs to know of the client, its address, is worked
+//! out here and kept as a [`ClientAddress`] among the request's extensions.
+
+use std::net::IpAddr;
 
 use axum::body::{Body, Bytes};
 use axum::http::header::{CONTENT_TYPE, SEC_WEBSOCKET_KEY};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 
 use super::SOCKET_IO_PATH;
+use crate::serve::Peer;
+
+/// The address of the client a Socket.IO request came from: the last
+/// `X-Forwarded-For` value, which the load balancer in front appends (and
+/// HAProxy's configuration deletes what the client sent), else the peer's
+/// own address. Only the load balancers may connect at all (`access.allow`),
+/// so the header is theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddress(pub IpAddr);
+
+impl ClientAddress {
+    fn of<B>(request: &Request<B>) -> Option<Self> {
+        let forwarded = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|list| list.rsplit(',').next())
+            .and_then(|last| last.trim().parse::<IpAddr>().ok());
+        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
+        forwarded.or(peer).map(|a| ClientAddress(a.to_canonical()))
+    }
+}
 
 /// The headers a Socket.IO request keeps.
 const KEPT: [HeaderName; 2] = [SEC_WEBSOCKET_KEY, CONTENT_TYPE];
@@ -31,8 +60,11 @@ pub fn trim_socket_io(mut request: Request<Body>) -> Request<Body> {
 }
 
 /// Replaces the URI and the kept header values by slices of one fresh
-/// buffer, and drops the other headers.
+/// buffer, and drops the other headers, once the client's address is known.
 fn trim<B>(request: &mut Request<B>) {
+    if let Some(client) = ClientAddress::of(request) {
+        request.extensions_mut().insert(client);
+    }
     let old = std::mem::take(request.headers_mut());
     let kept: Vec<(&HeaderName, &HeaderValue)> = KEPT
         .iter()
@@ -96,6 +128,31 @@ mod tests {
         let key_at = headers["sec-websocket-key"].as_bytes().as_ptr() as usize;
         let path_at = request.uri().path().as_ptr() as usize;
         assert!(!original.contains(&key_at) && !original.contains(&path_at));
+    }
+
+    #[test]
+    fn the_client_is_the_last_forwarded_address_else_the_peer() {
+        let peer = Peer("127.0.0.1:40000".parse().unwrap());
+        let client = |forwarded: &[&str]| {
+            let mut request = Request::builder().uri("/front/socket.io/?EIO=4");
+            for value in forwarded {
+                request = request.header("x-forwarded-for", *value);
+            }
+            let mut request = request.extension(peer).body(()).unwrap();
+            trim(&mut request);
+            request
+                .extensions()
+                .get::<ClientAddress>()
+                .unwrap()
+                .0
+                .to_string()
+        };
+        assert_eq!(client(&[]), "127.0.0.1");
+        assert_eq!(client(&["203.0.113.7"]), "203.0.113.7");
+        assert_eq!(client(&["1.2.3.4, 203.0.113.7"]), "203.0.113.7");
+        assert_eq!(client(&["1.2.3.4", "2001:db8::1"]), "2001:db8::1");
+        assert_eq!(client(&["::ffff:198.51.100.1"]), "198.51.100.1");
+        assert_eq!(client(&["garbage"]), "127.0.0.1", "unparsable: the peer");
     }
 
     #[test]

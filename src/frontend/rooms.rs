@@ -14,7 +14,8 @@
 //!    for the socket instead of being missed.
 //! 2. Without the lock, the room's stream is read from `since` (exclusive) to
 //!    `L` (inclusive): exactly what the socket missed up to the cursor. It is
-//!    sent to the socket.
+//!    read a page at a time and sent to the socket as the socket takes it
+//!    (see [`super::replay`] for what bounds it).
 //! 3. Under the lock again, the held messages (all after `L`) are sent and the
 //!    socket joins the room, so the next message reaches it through the room.
 //!
@@ -32,7 +33,9 @@
 //! the messages that arrive while it reconnects. The queue itself is larger,
 //! by that margin over the history ([`send_queue_len`]), because a resuming
 //! socket is sent up to the whole history at once. So a slow reader costs
-//! the frontend at most its queue, and never a message.
+//! the frontend at most its queue, and never a message. The queue is
+//! bounded in bytes too (`frontend.max_queued_bytes`), and a socket whose
+//! queue does not empty for `frontend.backlog_timeout_ms` is let go as well.
 //!
 //! The fan-out is done here, socket by socket, because that is where a
 //! lagging socket is seen. Each message is encoded and framed once. The
@@ -49,7 +52,9 @@ use socketioxide::extract::SocketRef;
 use socketioxide::socket::{EncodedEvent, Sid};
 use socketioxide::{SendError, SocketError};
 
-use crate::config::HistoryConfig;
+use super::replay::{self, ReplayLimits};
+use super::request::ClientAddress;
+use crate::config::{FrontendConfig, HistoryConfig};
 use crate::delivery::{Store, Subscriber};
 use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room, StreamId};
 use crate::metrics::FrontendMetrics;
@@ -77,6 +82,8 @@ pub enum JoinError {
     TooManyRooms(usize),
     #[error("history is unavailable right now; join again shortly")]
     HistoryUnavailable,
+    #[error("too much history replayed to this address; join again shortly")]
+    ReplayBudget,
 }
 
 /// What a successful join did.
@@ -88,6 +95,13 @@ pub struct Joined {
     /// Messages sent to catch up.
     pub replayed: usize,
 }
+
+/// Bytes of text read from Redis at once for a resuming socket: its next
+/// page waits in this process, so it stays small.
+const PAGE_BYTES: usize = 64 * 1024;
+
+/// The most bytes a message's text may take (four per character).
+const MAX_MESSAGE_BYTES: usize = crate::message::MAX_MESSAGE_CHARS * 4;
 
 /// A socket catching up on a room, and the live messages held for it.
 struct Resuming {
@@ -113,8 +127,15 @@ pub struct Rooms {
     max_rooms: usize,
     /// Size of each socket's send queue.
     queue_len: usize,
-    /// Live messages a socket may have waiting before it is let go.
+    /// Live messages a socket may have waiting before it is let go; and
+    /// live messages held for a resuming socket before its resume is given
+    /// up (it resumes again, from what it got).
     live_backlog: usize,
+    /// Bytes a resuming socket's queue may hold before its replay waits:
+    /// half the queue, which a message always fits in (the configuration
+    /// makes the queue at least twice the largest message).
+    replay_room: usize,
+    replay: ReplayLimits,
     metrics: Arc<FrontendMetrics>,
     shared: tokio::sync::Mutex<Shared>,
 }
@@ -158,16 +179,21 @@ fn encode(socket: &SocketRef, message: &ChatMessage) -> EncodedEvent {
 impl Rooms {
     pub fn new(
         store: Store,
-        max_rooms: usize,
+        frontend: &FrontendConfig,
         history: &HistoryConfig,
         metrics: Arc<FrontendMetrics>,
     ) -> Self {
         let kept = history.max_per_room.get();
         Rooms {
             store,
-            max_rooms,
+            max_rooms: frontend.max_rooms_per_socket.get(),
             queue_len: send_queue_len(history),
             live_backlog: kept - RESUME_MARGIN.min(kept / 2),
+            replay_room: frontend.max_queued_bytes.get() / 2,
+            replay: ReplayLimits::new(
+                frontend.replay_per_second.get(),
+                frontend.replay_burst.get(),
+            ),
             metrics,
             shared: Default::default(),
         }
@@ -239,6 +265,10 @@ impl Subscriber for Rooms {
             if let Some(waiting) = shared.resuming.get_mut(&message.room) {
                 for resuming in waiting {
                     resuming.held.push(message.clone());
+                    if resuming.held.len() == self.live_backlog {
+                        tracing::info!(sid = %resuming.socket.id, "resuming too slowly; closing the socket so it resumes again");
+                        resuming.socket.close_transport();
+                    }
                 }
             }
         }
@@ -412,36 +442,94 @@ impl Rooms {
         room: Room,
         since: StreamId,
     ) -> Result<Joined, JoinError> {
+        let client = socket
+            .req_parts()
+            .extensions
+            .get::<ClientAddress>()
+            .map(|c| c.0);
+        if client.is_some_and(|c| !self.replay.budgets().admits(c, Instant::now())) {
+            return Err(JoinError::ReplayBudget);
+        }
         let cursor = self.register(socket, &room).await;
         let missed = match cursor {
             Some(until) if until > since => {
-                self.store.range(&room, since, until).await.map_err(|e| {
-                    tracing::warn!(%room, "cannot read history to resume a socket: {e}");
-                    JoinError::HistoryUnavailable
-                })
+                self.replay_history(socket, &room, since, until, client)
+                    .await
             }
-            Some(_) => Ok(Vec::new()),
+            Some(_) => Ok(0),
             None => Err(JoinError::HistoryUnavailable),
         };
         let mut shared = self.shared.lock().await;
         let resuming = take_resuming(&mut shared, &room, socket);
-        let missed = missed?;
+        let mut replayed = missed?;
         let held = resuming.into_iter().flat_map(|r| r.held);
-        let mut replayed = 0;
-        for message in missed.into_iter().chain(held.filter(|m| after(m, since))) {
+        for message in held.filter(|m| after(m, since)) {
             match send(socket, &encode(socket, &message), self.queue_len) {
                 Sent::Yes => replayed += 1,
                 // The socket is closing; it will resume again from what it got.
                 Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),
             }
+            self.metrics.replayed.inc();
         }
-        self.metrics.replayed.inc_by(replayed as u64);
         self.enter(&mut shared, socket, &room);
         Ok(Joined {
             room,
             resumed: true,
             replayed,
         })
+    }
+
+    /// Step 2: sends `socket` the messages of `room` after `since` up to
+    /// `until`, read from Redis a page at a time, each message once the
+    /// socket's queue has room for it; returns how many. Fails when the
+    /// socket goes away meanwhile, or Redis does not answer.
+    async fn replay_history(
+        &self,
+        socket: &SocketRef,
+        room: &Room,
+        since: StreamId,
+        until: StreamId,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<usize, JoinError> {
+        let gone = || JoinError::HistoryUnavailable;
+        let mut after = since;
+        let mut replayed = 0;
+        loop {
+            let page = {
+                let _reading = self.replay.page().await;
+                self.store
+                    .page(room, after, until, replay::PAGE, PAGE_BYTES)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(%room, "cannot read history to resume a socket: {e}");
+                        JoinError::HistoryUnavailable
+                    })?
+            };
+            if let Some(client) = client {
+                self.replay
+                    .budgets()
+                    .spend(client, page.len(), Instant::now());
+            }
+            // A page ends short of PAGE messages where the range ends, or
+            // where the next message would pass PAGE_BYTES.
+            let text: usize = page.iter().map(|m| m.message.len()).sum();
+            let last_page = page.len() < replay::PAGE && text + MAX_MESSAGE_BYTES <= PAGE_BYTES;
+            for message in &page {
+                if !socket.wait_for_room(self.replay_room).await {
+                    return Err(gone());
+                }
+                match send(socket, &encode(socket, message), self.queue_len) {
+                    Sent::Yes => replayed += 1,
+                    // The socket is closing; it will resume again from what it got.
+                    Sent::Dropped | Sent::Gone => return Err(gone()),
+                }
+                self.metrics.replayed.inc();
+            }
+            match page.last().and_then(|m| StreamId::parse(&m.id)) {
+                Some(last) if !last_page && last < until => after = last,
+                _ => return Ok(replayed),
+            }
+        }
     }
 
     /// Step 1: marks `socket` as resuming in `room` and returns the cursor.

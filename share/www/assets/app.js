@@ -305,9 +305,10 @@
         // joined first, then read: anything stored before the join is in
         // the history, anything after it arrives as an event.
         if (since === null || !historyLoadedOnce) loadHistory();
-      } else if (answer && typeof answer.error === 'string' && /history is unavailable/.test(answer.error)) {
-        // The frontend cannot resume right now (it is starting, or lost
-        // Redis): join again shortly, on this connection.
+      } else if (answer && typeof answer.error === 'string' && /join again shortly/.test(answer.error)) {
+        // The frontend cannot resume right now (it is starting, lost Redis,
+        // or replayed much to this address): join again shortly, on this
+        // connection.
         setTimeout(() => {
           if (socket.connected && socket.id === joiningSocketId) join();
         }, JOIN_RETRY_MS);
