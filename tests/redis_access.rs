@@ -18,24 +18,24 @@ use tokio::sync::mpsc;
 const PASSWORD: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 const ADMIN_PASSWORD: &str = "admin-password-for-the-test";
 
-/// The rules of the `chat-ha` user, as the packaged Redis configuration
-/// gives them, for keys and channels under the prefix `chat`.
-const CHAT_HA_RULES: &str = "~chat:* &chat:* -@all +ping +hello +auth \
-    +client|setname +select +info +role +xadd +xrange +xrevrange +xlen +xtrim +xinfo|stream \
-    +get +set +del +expire +incrby +decrby +publish +subscribe +unsubscribe +eval +evalsha \
-    +script|load +script|exists";
-
-/// `redis-server` options: nobody anonymous, the `chat-ha` user, and an
-/// administrator for the test's own checks.
+/// `redis-server` options, as the package chat-redis sets Redis up:
+/// nobody anonymous (the default user locked by the administrator's
+/// password), the `chat-ha` user with the rules of
+/// `etc/redis/chat-ha-user.acl`, and the administrator.
 fn acl_options() -> Vec<String> {
-    let mut options = vec!["--user".into(), "default".into(), "off".into()];
-    options.extend([
-        "--user".into(),
-        "chat-ha".into(),
-        "on".into(),
-        format!(">{PASSWORD}"),
-    ]);
-    options.extend(CHAT_HA_RULES.split_whitespace().map(String::from));
+    let mut options: Vec<String> = [
+        "--user",
+        "default",
+        "on",
+        &format!(">{ADMIN_PASSWORD}"),
+        "~*",
+        "&*",
+        "+@all",
+    ]
+    .map(String::from)
+    .to_vec();
+    options.push("--user".into());
+    options.extend(common::chat_ha_acl_rules(&format!(">{PASSWORD}")));
     options.extend(
         [
             "--user",
@@ -148,6 +148,33 @@ async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
         .await
         .unwrap();
     assert_eq!(history, [first.message, second.message]);
+}
+
+/// Messages appended as the limited user are still there after Redis
+/// restarts from its append-only file: Redis replays it as the default user,
+/// and drops every transaction (the append script's writes are one) that
+/// user may not run, so the default user must never be "off".
+#[tokio::test]
+async fn what_the_acl_user_stored_survives_a_restart() {
+    let mut redis = Redis::start_with(acl_options());
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &redis.url(), Some(PASSWORD), "");
+    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let stored = store
+        .append(&post("kept", "before the restart"), None)
+        .await
+        .unwrap();
+    redis.stop();
+    redis.restart();
+    let room = Room::parse("kept").unwrap();
+    let history = loop {
+        match store.history(&room, 10, None, 1 << 20).await {
+            Ok(history) => break history,
+            // The store reconnects on the next command.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(history, [stored.message]);
 }
 
 /// What the `chat-ha` user may not do, even with its password: flush,

@@ -186,3 +186,35 @@ pub fn binary(name: &str) -> PathBuf {
 pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
+
+/// The `user` line of the package chat-redis's ACL for the daemons
+/// (`etc/redis/chat-ha-user.acl`), split into words after `user`, with
+/// `password_rule` (`>secret` or `#sha256`) for its password; without the
+/// rule the Redis on this machine does not know (CLIENT SETINFO came with
+/// Redis 7.2).
+pub fn chat_ha_acl_rules(password_rule: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/redis/chat-ha-user.acl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("user chat-ha "))
+        .unwrap_or_else(|| panic!("{}: no user chat-ha line", path.display()));
+    let version = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let knows_setinfo = version
+        .split("v=")
+        .nth(1)
+        .and_then(|v| {
+            let mut parts = v.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next()?))
+        })
+        .is_some_and(|version| version >= (7, 2));
+    line.split_whitespace()
+        .skip(1)
+        .filter(|word| knows_setinfo || *word != "+client|setinfo")
+        .map(|word| word.replace("@PASSWORD@", password_rule))
+        .collect()
+}

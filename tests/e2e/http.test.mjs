@@ -171,8 +171,14 @@ describe('HTTP through HAProxy', () => {
         assert.match(res.headers['content-type'], /^text\/html/);
         assert.match(res.text, /<html/i);
         assert.equal(res.text, page);
+        // Only the page's own scripts, styles and connections, in no frame.
+        assert.equal(res.headers['content-security-policy'], "default-src 'self'; frame-ancestors 'none'");
+        assert.equal(res.headers['x-content-type-options'], 'nosniff');
       }
     }
+    const script = await request(`${topo.url}/front/assets/app.js`, { host: DOMAIN_1 });
+    assert.equal(script.status, 200);
+    assert.equal(script.headers['x-content-type-options'], 'nosniff');
     for (const room of ['bad%20room', 'room!', 'r'.repeat(65), '%C3%A9']) {
       const res = await via(`/front/${room}`);
       assertError(res, 404, /^room must be/);

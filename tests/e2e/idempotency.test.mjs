@@ -27,8 +27,9 @@ describe('idempotent posts through HAProxy', () => {
     body: JSON.stringify({ room, message }),
   });
 
-  /** The idempotency records in Redis. */
-  const records = () => execFileSync('redis-cli', ['-p', String(topo.redis.port), '--scan', '--pattern', 'chat:post:*'], { encoding: 'utf8' })
+  /** The idempotency records in Redis, as the administrator sees them. */
+  const records = () => execFileSync('redis-cli', ['-p', String(topo.redis.port), '--user', topo.redis.admin.user, '--scan', '--pattern', 'chat:idem:*'],
+    { encoding: 'utf8', env: { ...process.env, REDISCLI_AUTH: topo.redis.admin.password } })
     .split('\n').filter((l) => l !== '');
 
   it('gives every POST without a key one, which the backend records', async () => {
@@ -37,7 +38,10 @@ describe('idempotent posts through HAProxy', () => {
       const res = await post('idem-auto', `auto ${i}`);
       assert.equal(res.status, 201, res.text);
     }
-    assert.equal(records().length, before + 4, 'one record per post');
+    const after = records();
+    assert.equal(after.length, before + 4, 'one record per post');
+    // Digests, not what HAProxy made the key of (the client's address and port).
+    for (const key of after) assert.match(key, /^chat:idem:[0-9a-f]{64}$/);
   });
 
   it('stores and delivers a post repeated with the same key once, whichever backend and domain it reaches', async () => {

@@ -53,9 +53,10 @@ await new Promise((resolve) => {
 console.log(`starting Redis, ${frontends} frontend(s), ${backends} backend(s) and HAProxy on port ${port}...`);
 let topo;
 try {
-  // HAProxy's limits as packaged (null keeps each one).
+  // HAProxy's limits and the frontends' replay budget as packaged (null keeps each one).
   const packagedLimits = {
     postsPer10s: null, readsPer10s: null, socketsPerAddress: null, connectsPer10s: null, authFailuresPerMin: null,
+    replayPerAddress: null,
   };
   topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], ...packagedLimits });
 } catch (e) {

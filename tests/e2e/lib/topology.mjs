@@ -8,7 +8,8 @@
 // Binaries come from $CHAT_HA_BIN_DIR (default <repo>/target/debug);
 // redis-server and haproxy from $PATH.
 
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import http from 'node:http';
@@ -23,6 +24,8 @@ export const DOMAINS_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-domains.ls
 export const ORIGINS_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-origins.lst');
 export const INTERNAL_LST = path.join(REPO, 'etc', 'haproxy', 'chat-ha-internal.lst');
 export const WWW_DIR = path.join(REPO, 'share', 'www');
+export const REDIS_CONF = path.join(REPO, 'etc', 'redis', 'chat-ha.conf');
+export const REDIS_USER_ACL = path.join(REPO, 'etc', 'redis', 'chat-ha-user.acl');
 
 const READY_TIMEOUT_MS = 20_000;
 const STOP_TIMEOUT_MS = 15_000;
@@ -323,19 +326,55 @@ function tomlString(s) {
 }
 
 /** `frontendLines`: more lines of the [frontend] section (TOML, newline-terminated). */
-function daemonConfig({ redisUrl, threads, publishTokensFile, frontendLines = '' }) {
+function daemonConfig({ redisUrl, redisPasswordFile, threads, publishTokensFile, frontendLines = '' }) {
   return [
     '# written by tests/e2e/lib/topology.mjs',
     '[log]',
     'level = "info"',
     '[redis]',
     `url = ${tomlString(redisUrl)}`,
+    `password_file = ${tomlString(redisPasswordFile)}`,
     '[frontend]',
     `www_dir = ${tomlString(WWW_DIR)}`,
     `threads = ${threads}`,
     frontendLines.replace(/\n$/, ''),
     '[backend]',
     ...(publishTokensFile ? [`publish_tokens_file = ${tomlString(publishTokensFile)}`] : []),
+    '',
+  ].join('\n');
+}
+
+/** The version of the redis-server on $PATH, as [major, minor]. */
+function redisVersion() {
+  const text = execFileSync('redis-server', ['--version'], { encoding: 'utf8' });
+  const [, major, minor] = /v=(\d+)\.(\d+)/.exec(text);
+  return [Number(major), Number(minor)];
+}
+
+/**
+ * A configuration for a test's redis-server, as the package chat-redis sets
+ * Redis up: the directives of etc/redis/chat-ha.conf (but the include of
+ * Debian's redis.conf and the ACL file, which the test's own server has
+ * not), nobody anonymous, the chat-ha user with the rules of
+ * etc/redis/chat-ha-user.acl, and an administrator for the tests' own looks,
+ * as chat-redis's postinst writes them.
+ */
+export function redisConfig({ password, adminPassword }) {
+  const directives = fs.readFileSync(REDIS_CONF, 'utf8').split('\n')
+    .filter((l) => l.trim() !== '' && !l.startsWith('#') && !/^(include|aclfile)\s/.test(l));
+  let user = fs.readFileSync(REDIS_USER_ACL, 'utf8').split('\n').find((l) => l.startsWith('user chat-ha '));
+  user = user.replace('@PASSWORD@', `>${password}`);
+  const [major, minor] = redisVersion();
+  // Redis before 7.2 knows no CLIENT SETINFO, and refuses the rule.
+  if (major < 7 || (major === 7 && minor < 2)) user = user.replace(' +client|setinfo', '');
+  return [
+    '# written by tests/e2e/lib/topology.mjs from etc/redis/',
+    ...directives,
+    // Locked, never off: Redis replays its append-only file as the default
+    // user, and drops the transactions that user may not run.
+    `user default on >${adminPassword} ~* &* +@all`,
+    user,
+    `user admin on >${adminPassword} ~* &* +@all`,
     '',
   ].join('\n');
 }
@@ -392,6 +431,10 @@ export async function startTopology({
   // Tokens the backends accept on POST /back/publish (at least 16
   // characters each); by default none, and publishing is off.
   publishTokens,
+  // The frontends' budget of history replayed per client address
+  // (frontend.replay_per_second and replay_burst): every test client comes
+  // from one address, so it is lifted unless this is null (as packaged).
+  replayPerAddress = 1_000_000,
 } = {}) {
   const limits = { postsPer10s, readsPer10s, socketsPerAddress, connectsPer10s, authFailuresPerMin };
   installHandlers();
@@ -432,19 +475,33 @@ export async function startTopology({
     return p;
   };
 
-  // Redis: no RDB snapshots; an append-only file in the temp dir, so a
-  // restarted Redis has every message it acknowledged.
+  // Redis as packaged (chat-redis): its limits, ACL users and append-only
+  // file (in the temp dir, so a restarted Redis has every message it
+  // acknowledged); no RDB snapshots. The daemons log in as chat-ha.
+  const redisPassword = crypto.randomBytes(16).toString('hex');
+  const redisAdmin = { user: 'admin', password: crypto.randomBytes(16).toString('hex') };
+  const redisPasswordFile = path.join(tmp, 'redis-password');
+  fs.writeFileSync(redisPasswordFile, `${redisPassword}\n`, { mode: 0o600 });
+  const redisConfFile = path.join(tmp, 'redis.conf');
+  fs.writeFileSync(redisConfFile, redisConfig({ password: redisPassword, adminPassword: redisAdmin.password }), { mode: 0o600 });
   const redisProcess = manage({
     name: 'redis-server',
     command: 'redis-server',
     args: [
-      '--port', String(redisPort), '--bind', '127.0.0.1', '--dir', redisDir,
-      '--save', '', '--appendonly', 'yes', '--daemonize', 'no', '--logfile', '',
+      redisConfFile, '--port', String(redisPort), '--bind', '127.0.0.1', '--dir', redisDir,
+      '--save', '', '--daemonize', 'no', '--logfile', '',
     ],
     logFile: path.join(logDir, 'redis.log'),
   });
+  /** Sends `command` (an inline command line) as the administrator; resolves to the answer's first line. */
+  const redisAsAdmin = async (command) => {
+    const answer = await talk({ host: '127.0.0.1', port: redisPort },
+      `AUTH ${redisAdmin.user} ${redisAdmin.password}\r\n${command}\r\n`,
+      { until: (d) => d.split('\r\n').length > 2 });
+    return answer.split('\r\n')[1];
+  };
   const redisReady = () => redisProcess.waitUntil('answering PING',
-    async () => (await talk({ host: '127.0.0.1', port: redisPort }, 'PING\r\n', { until: (d) => d.includes('\r\n') })).startsWith('+PONG'));
+    async () => (await redisAsAdmin('PING')) === '+PONG');
 
   let publishTokensFile;
   if (publishTokens) {
@@ -454,8 +511,10 @@ export async function startTopology({
 
   const daemon = (role, index, port, metricsPort, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
-    const frontendLines = role === 'frontend' ? frontendConfig : '';
-    fs.writeFileSync(configFile, daemonConfig({ redisUrl, threads, publishTokensFile, frontendLines }));
+    const replayLines = replayPerAddress === null ? ''
+      : `replay_per_second = ${replayPerAddress}\nreplay_burst = ${replayPerAddress}\n`;
+    const frontendLines = role === 'frontend' ? replayLines + frontendConfig : '';
+    fs.writeFileSync(configFile, daemonConfig({ redisUrl, redisPasswordFile, threads, publishTokensFile, frontendLines }));
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),
@@ -534,6 +593,12 @@ export async function startTopology({
       get running() { return redisProcess.running; },
       stop: (options) => redisProcess.stop(options),
       async start() { redisProcess.start(); await redisReady(); },
+      /** The administrator's login, for a test's own looks (redis-cli --user, REDISCLI_AUTH). */
+      admin: redisAdmin,
+      /** Sends PING as the administrator; resolves to Redis's answer ('PONG'), without its RESP framing. */
+      async ping() {
+        return (await redisAsAdmin('PING')).replace(/^[+-]/, '');
+      },
     },
     frontends: frontendList,
     backends: backendList,
