@@ -10,7 +10,7 @@ APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core lib
 	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare lint
+.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare bench-attack lint
 
 all: build
 
@@ -77,6 +77,14 @@ BENCH_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
 bench: deps-apt
 	$(CARGO) build --release --bins -p chat-ha -p chat-bench
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench $(BENCH_ARGS)
+
+# The replay amplification attack of the security review (bench/attack.mjs):
+# 20 attacking addresses against release binaries and HAProxy as packaged,
+# beside a bystander; prints the figures and checks them against their
+# targets.
+bench-attack: deps-apt deps-npm
+	$(CARGO) build --release --bins -p chat-ha
+	CHAT_HA_BIN_DIR=$(CURDIR)/target/release node bench/attack.mjs $(ATTACK_ARGS)
 
 # chat-ha against the Node.js Socket.IO reference stack of bench/node
 # (socket.io + Redis adapter, express + Redis emitter), back to back: the

@@ -216,13 +216,14 @@ export function compareIds(a, b) {
   return 0;
 }
 
-const HISTORY_UNAVAILABLE = /history is unavailable/;
+/** The answers to a join after which the client joins again shortly, as the chat page does. */
+const JOIN_AGAIN = /join again shortly/;
 
 /**
  * A client of one room written like the chat page: on every connect it joins
  * with `since` = the last id it has seen (a plain room name before the first
- * message), and joins again shortly when the answer is "history is
- * unavailable". It keeps its state across sockets: open() starts a new
+ * message), and joins again shortly when the answer says so (history
+ * unavailable, or too much replayed to its address). It keeps its state across sockets: open() starts a new
  * connection (to any frontend) that resumes where the previous one stopped.
  *
  * Every `message` event is recorded: `messages` (in arrival order, each id
@@ -241,7 +242,7 @@ export class ResumingClient {
     this.outOfOrder = [];
     this.answers = []; // every join answer, in order
     this.joined = 0; // successful joins
-    this.unavailable = 0; // "history is unavailable" answers
+    this.unavailable = 0; // "join again shortly" answers
     this.connectCount = 0;
     this.disconnects = [];
     this.connectErrors = [];
@@ -294,7 +295,7 @@ export class ResumingClient {
       this.answers.push(answer);
       if (answer?.ok) {
         this.joined += 1;
-      } else if (HISTORY_UNAVAILABLE.test(answer?.error ?? '')) {
+      } else if (JOIN_AGAIN.test(answer?.error ?? '')) {
         this.unavailable += 1;
         setTimeout(() => { if (this.socket === socket && socket.connected) this.join(socket); }, this.retryMs);
       }
@@ -518,10 +519,13 @@ export class RawWebSocket {
     setImmediate(() => this.parse());
   }
 
-  /** Opens `path` on 127.0.0.1:`port` with the Host header `host`. */
-  static open(port, path, { host = `127.0.0.1:${port}`, timeoutMs = 5000 } = {}) {
+  /**
+   * Opens `path` on 127.0.0.1:`port` with the Host header `host`, from
+   * `localAddress` (any of 127.0.0.0/8) if given.
+   */
+  static open(port, path, { host = `127.0.0.1:${port}`, localAddress, timeoutMs = 5000 } = {}) {
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: '127.0.0.1', port });
+      const socket = net.connect({ host: '127.0.0.1', port, localAddress });
       const key = crypto.randomBytes(16).toString('base64');
       let head = Buffer.alloc(0);
       const timer = setTimeout(() => socket.destroy(new Error(`websocket handshake for ${path}: no answer within ${timeoutMs} ms`)), timeoutMs);
@@ -662,8 +666,8 @@ export class RawWebSocket {
  * Socket.IO connect to the default namespace; answers the server's pings.
  * Resolves to the RawWebSocket.
  */
-export async function rawSocketIo(port, { host } = {}) {
-  const ws = await RawWebSocket.open(port, '/front/socket.io/?EIO=4&transport=websocket', { host });
+export async function rawSocketIo(port, { host, localAddress } = {}) {
+  const ws = await RawWebSocket.open(port, '/front/socket.io/?EIO=4&transport=websocket', { host, localAddress });
   ws.onMessage = (text) => { if (text === '2') ws.send('3'); };
   await ws.until('the Engine.IO open packet', () => ws.messages.some((m) => m.startsWith('0{')));
   ws.send('40');
