@@ -206,7 +206,7 @@ impl<A: Adapter> SocketIoBuilder<A> {
 
     /// The maximum number of bytes that can wait for a client, in its buffer
     /// and in what the kernel did not take from its websocket. An emit that
-    /// would exceed it fails with [`SocketError::InternalChannelFull`], as
+    /// would exceed it fails with [`crate::SocketError::InternalChannelFull`], as
     /// with a full buffer, unless nothing waits (a single larger packet goes).
     ///
     /// Defaults to `usize::MAX` (bounded in packets only).

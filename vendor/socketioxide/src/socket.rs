@@ -786,8 +786,9 @@ impl<A: Adapter> Socket<A> {
     /// Fails as [`Socket::emit`] does, with the socket's buffer full (in
     /// packets or in bytes) or the socket closed; and with the buffer full
     /// when more than `backlog` packets would then wait for the client, so
-    /// that a server can let a socket go before its buffer is full. On a websocket with nothing
-    /// queued, a text event is written to the connection at once
+    /// that a server can let a socket go before its buffer is full. On a
+    /// websocket with nothing queued, a text event is written to the
+    /// connection at once
     /// ([`engineioxide::Socket::emit_shared`]).
     ///
     /// (chat-ha patch; see vendor/README.md)

@@ -147,9 +147,10 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
     tokio::spawn(async move {
         let res = match opening.await {
             Some(Ok(Opened::Direct(socket, mut ws, outbox, guard))) => {
-                // The writer takes what the channel receives at once from its
-                // first turn: packets queued before it, which are, are not
-                // left waiting (chat-ha patch; see vendor/README.md).
+                // The writer takes what the channel receives from its first
+                // turn on: packets queued before that turn are taken then,
+                // and start no backlog timer (chat-ha patch; see
+                // vendor/README.md).
                 socket.backlog.drainer_waits();
                 tokio::spawn(write_direct(socket.clone(), outbox, guard));
                 run(&engine, socket, &mut ws).await
@@ -429,7 +430,7 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
                     feed(&socket, &mut tx, Box::new(packets), false).await;
                 }
             },
-        };
+        }
 
         #[cfg(feature = "tracing")]
         tracing::trace!(sid = %socket.id, "ws flush");
