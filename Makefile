@@ -6,7 +6,7 @@
 #
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core libssl-dev pkg-config openssl \
+APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core libssl-dev pkg-config openssl iproute2 \
 	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 

@@ -406,3 +406,49 @@ fn the_socket_units_are_described_by_print_network() {
         "address [fd00::5]\nport 9200\nallow 10.0.0.10/32 fd00::/64\n"
     );
 }
+
+/// A frontend's client connections have a send buffer of 256 KiB (the
+/// kernel doubles it), not one the kernel grows to megabytes for a client
+/// that does not read.
+#[test]
+fn client_connections_of_a_frontend_have_a_bounded_send_buffer() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &redis.url(), "");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _frontend = spawn(
+        "chat-frontend",
+        Command::new(binary("chat-frontend"))
+            .arg("--metrics-listen=127.0.0.1:0")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(addr.to_string()),
+    );
+    wait_for("the frontend", Duration::from_secs(10), || {
+        http_get(addr, "/front/status")
+    });
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    // The server's side of the connection: its local port is the frontend's.
+    let send_buffer = wait_for("the connection in ss", Duration::from_secs(5), || {
+        let output = Command::new("ss")
+            .args([
+                "-tmnH",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{}", addr.port()),
+            ])
+            .output()
+            .expect("ss (iproute2) must be installed");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let at = text.find(",tb")?;
+        let digits: String = text[at + 3..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<usize>().ok()
+    });
+    assert_eq!(send_buffer, 2 * 256 * 1024);
+}

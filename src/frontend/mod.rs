@@ -52,6 +52,14 @@ const MAX_PAYLOAD: u64 = 32 * 1024;
 /// Largest websocket message a client may send: clients send only small
 /// events (`room`), so anything larger is an error, not a message.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
+/// The kernel's send buffer of each client connection. Left to itself, the
+/// kernel grows a connection's buffer up to 4 MiB while its client does not
+/// read; a few hundred such clients would hold a gigabyte of the host's
+/// memory, outside any of the frontend's own bounds. 256 KiB (the kernel
+/// doubles it for its bookkeeping) holds seconds of even a busy room's
+/// messages.
+const SEND_BUFFER: usize = 256 * 1024;
+
 /// Bytes a websocket reads from its connection at once. The buffer lives as
 /// long as the socket and is zeroed up to this size before each read, so it
 /// costs every idle connection this much; clients send small, rare events,
@@ -215,6 +223,8 @@ pub async fn run(
     instance: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Connections accepted from now on take the listener's buffer size.
+    socket2::SockRef::from(&listeners.public).set_send_buffer_size(SEND_BUFFER)?;
     let health = RedisHealth::new();
     let metrics = Arc::new(FrontendMetrics::default());
     let (layer, io) = SocketIo::builder()
