@@ -908,3 +908,29 @@ async fn a_full_redis_refuses_posts_with_503_and_keeps_what_it_has() {
         "nothing acknowledged was evicted"
     );
 }
+
+/// Redis closes the connection of a client whose unread replies pass its
+/// output buffer limit (chat-redis bounds them). A backend whose connection
+/// Redis closed for that answers that request 503, and the next ones as
+/// usual on a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_redis_closed_for_its_output_buffer_is_replaced() {
+    let limit = ["--client-output-buffer-limit", "normal 64kb 32kb 0"];
+    let redis = Redis::start_with(limit.map(String::from).to_vec());
+    let backend = Backend::start(&redis, "").await;
+    let large = "\u{1F600}".repeat(3990);
+    for i in 0..20 {
+        assert_eq!(
+            backend.post("large", &format!("{i}{large}")).await.0,
+            StatusCode::CREATED
+        );
+    }
+    // One page of history, 20 messages of 16 KB, passes the limit.
+    let (status, body) = backend.get("/back/messages?room=large&limit=20").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = backend.post("small", "after").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, history) = backend.get("/back/messages?room=large&limit=3").await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    assert_eq!(history["messages"].as_array().unwrap().len(), 3);
+}
