@@ -7,10 +7,12 @@
 //! streams under the same id:
 //!
 //! - `{prefix}:room:{room}`: the room's history, trimmed to
-//!   `history.max_per_room`. `GET /back/messages` and resuming clients read it.
+//!   `history.max_per_room`, forgotten `history.room_ttl_days` after its last
+//!   post. `GET /back/messages` and resuming clients read it.
 //! - `{prefix}:feed`: every message of every room, trimmed to
-//!   `history.feed_length`. Every frontend follows it from the id of the last
-//!   message it delivered.
+//!   `history.feed_length` messages and `history.feed_bytes` of text (counted
+//!   in `{prefix}:feed:bytes`). Every frontend follows it from the id of the
+//!   last message it delivered.
 //!
 //! The script also publishes the message, with the id of the feed entry
 //! before it, on the channel `{prefix}:feed`: Redis pushes it to every
@@ -23,9 +25,13 @@
 //! meanwhile is skipped, and nothing is delivered twice. A push is forgotten
 //! by Redis the moment a frontend is away; a stream entry is not.
 //!
-//! A post may carry an idempotency key (`{prefix}:post:{key}`, kept ten
-//! minutes): a post repeated with the same key returns the first one's id
-//! and is not stored again, so retrying a post whose answer was lost is safe.
+//! A post may carry an idempotency key (recorded as `{prefix}:idem:{digest}`,
+//! see [`PostKey`], kept ten minutes): a post repeated with the same key
+//! returns the first one's id and is not stored again, so retrying a post
+//! whose answer was lost is safe.
+//!
+//! The daemons reach Redis as the module `connect` says: logged in as an ACL user,
+//! over TLS where configured.
 //!
 //! The id Redis assigns to the feed entry is reused for the room entry, so ids
 //! increase within a room as they do in the feed, and one id tells a client

@@ -228,7 +228,7 @@ impl Store {
 
     /// The last `limit` messages of `room` older than `before` (all, if
     /// `None`), oldest first: as many as fit in `max_bytes` of text, and at
-    /// least one. Read newest first in pages of [`HISTORY_PAGE`], so that
+    /// least one. Read newest first in pages of `HISTORY_PAGE`, so that
     /// Redis never builds, nor this process holds, much more than that.
     pub async fn history(
         &self,
@@ -267,7 +267,7 @@ impl Store {
     /// `until`, oldest first: the next page of what a client that saw
     /// `after` has missed. At most `count` messages, and no more than
     /// `max_bytes` of text unless the first message alone weighs more: the
-    /// page is cut inside Redis ([`PAGE_SCRIPT`]), so that neither Redis's
+    /// page is cut inside Redis (`PAGE_SCRIPT`), so that neither Redis's
     /// reply nor this process ever holds more than that.
     pub async fn page(
         &self,

@@ -32,10 +32,12 @@
 //! [`RESUME_MARGIN`] live messages wait in its queue, the margin being for
 //! the messages that arrive while it reconnects. The queue itself is larger,
 //! by that margin over the history ([`send_queue_len`]), because a resuming
-//! socket is sent up to the whole history at once. So a slow reader costs
-//! the frontend at most its queue, and never a message. The queue is
-//! bounded in bytes too (`frontend.max_queued_bytes`), and a socket whose
-//! queue does not empty for `frontend.backlog_timeout_ms` is let go as well.
+//! socket may be sent up to the whole history before it reads any of it (its
+//! replay waits for room in bytes, and small messages take few). So a slow
+//! reader costs the frontend at most its queue, and never a message. The
+//! queue is bounded in bytes too (`frontend.max_queued_bytes`), and a socket
+//! whose queue does not empty for `frontend.backlog_timeout_ms` is let go as
+//! well.
 //!
 //! The fan-out is done here, socket by socket, because that is where a
 //! lagging socket is seen. Each message is encoded and framed once. The
