@@ -96,10 +96,11 @@ if ! rig_vagrant up --provider=lxc >"$RIG_STATE/vagrant-up.log" 2>&1; then
 fi
 grep -h '^ *[a-z0-9]*: provision [a-z]*:' "$RIG_STATE/vagrant-up.log" | sed 's/^ */rig: /' >&2 || true
 
-# --- every service answers through the load balancer, on both domains
+# --- both tiers answer through the load balancer, on both domains (the
+# public paths: the status endpoints answer only internal networks)
 lb=$RIG_NET.10
 for host in www.node-services-1.com www.node-services-2.com; do
-    for path in /front/status /back/status; do
+    for path in /front/lobby '/back/messages?room=lobby'; do
         ok=no
         for _ in $(seq 100); do
             if curl -sf -o /dev/null --max-time 2 -H "Host: $host" "http://$lb$path"; then ok=yes; break; fi
