@@ -17,9 +17,9 @@ use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 /// nobody posted to the room for `history.room_ttl_days`. The feed keeps at
 /// most `history.feed_length` messages and `history.feed_bytes` bytes of
 /// text: it is trimmed here, oldest first, exactly, so that the count of its
-/// bytes (KEYS[3]) stays true. Its head is read a few entries at a time, and
-/// a post trims at most [`TRIM_BATCHES`] batches: the work per post stays
-/// small, and the next posts carry on.
+/// bytes (KEYS[3]) stays true. Once past a bound it is trimmed to 1/64 under
+/// both, so that only one post in many trims; a post trims at most
+/// [`TRIM_BATCHES`] batches of 64 entries, and the next posts carry on.
 ///
 /// Then it publishes the message on the channel named as the feed, for the
 /// frontends (see [`super::Feed`]): `<previous feed id> <id> <room> <text>`.
@@ -51,9 +51,15 @@ local max_length, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[6])
 local length = redis.call('XLEN', KEYS[1])
 local bytes = redis.call('INCRBY', KEYS[3], #ARGV[1] + #ARGV[2])
 local removed, cut = 0, nil
+if length > max_length or bytes > max_bytes then
+  -- Past a bound: trim to 1/64 under both, so that the posts after this
+  -- one have nothing to trim for a while.
+  max_length = max_length - math.floor(max_length / 64)
+  max_bytes = max_bytes - math.floor(max_bytes / 64)
+end
 for batch = 1, tonumber(ARGV[8]) do
   if length <= max_length and bytes <= max_bytes then break end
-  local oldest = redis.call('XRANGE', KEYS[1], cut and ('(' .. cut) or '-', '+', 'COUNT', 8)
+  local oldest = redis.call('XRANGE', KEYS[1], cut and ('(' .. cut) or '-', '+', 'COUNT', 64)
   for _, entry in ipairs(oldest) do
     if length <= max_length and bytes <= max_bytes then break end
     local size = 0
@@ -94,7 +100,7 @@ end
 return page
 ";
 
-/// Batches of the feed's oldest entries (8 each) one post may trim.
+/// Batches of the feed's oldest entries (64 each) one post may trim.
 const TRIM_BATCHES: usize = 4;
 
 /// Messages read from Redis at once for a history answer.
