@@ -1,4 +1,5 @@
-//! How many events one socket may send: a token bucket per socket.
+//! How many events one socket may send, a token bucket per socket, and in
+//! what order its joins are handled: one at a time.
 //!
 //! A client sends few events (a `room` per room it opens). A socket that
 //! sends more than `burst` at once, or more than `rate` per second for long,
@@ -104,6 +105,10 @@ impl EventBudget {
 pub struct Flood {
     budget: Mutex<EventBudget>,
     answering: Arc<RwLock<()>>,
+    /// Held while one join is handled: a socket never has two resumes under
+    /// way. Kept here, where each socket's state already is, rather than in
+    /// an allocation of its own.
+    turns: tokio::sync::Mutex<()>,
 }
 
 /// Held while an allowed or refused event is being answered.
@@ -130,6 +135,7 @@ impl Flood {
         Flood {
             budget: Mutex::new(EventBudget::new(rate, burst)),
             answering: Arc::new(RwLock::new(())),
+            turns: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -150,6 +156,11 @@ impl Flood {
             Verdict::Disconnect => Admission::Disconnect,
             Verdict::Ignore => Admission::Ignore,
         }
+    }
+
+    /// Waits for the socket's joins before this one to be handled.
+    pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turns.lock().await
     }
 
     /// Resolves once every event admitted before the disconnect is answered.

@@ -79,9 +79,6 @@ struct EventLimits {
 /// finds its handler (an async connect handler would race with it).
 fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) {
     let flood = Arc::new(Flood::new(limits.rate, limits.burst));
-    // A socket's joins are handled one at a time, in the order they came:
-    // one socket never has two resumes under way.
-    let turns = Arc::new(tokio::sync::Mutex::new(()));
     let (join_rooms, join_flood) = (rooms.clone(), flood.clone());
     socket.on("room", move |s: SocketRef, TryData(data): TryData<Value>, ack: AckSender| async move {
         let rooms = join_rooms;
@@ -102,7 +99,8 @@ fn register_socket(socket: &SocketRef, rooms: &Arc<Rooms>, limits: EventLimits) 
             }
             Admission::Ignore => return,
         };
-        let _turn = turns.lock().await;
+        // One join at a time, in the order they came.
+        let _turn = join_flood.turn().await;
         let answer = match on_room(&rooms, &s, data.ok()).await {
             Ok(joined) => {
                 tracing::debug!(sid = %s.id, room = %joined.room, replayed = joined.replayed, "joined");

@@ -14,7 +14,9 @@
 //! [`KEPT`].
 //!
 //! What the frontend needs to know of the client, its address, is worked
-//! out here and kept as a [`ClientAddress`] among the request's extensions.
+//! out here and kept as the one `X-Forwarded-For` value of the trimmed
+//! request ([`ClientAddress`]); the peer's address, which the server put
+//! among the request's extensions, goes (it would keep a map alive).
 
 use std::net::IpAddr;
 
@@ -34,19 +36,33 @@ use crate::serve::Peer;
 pub struct ClientAddress(pub IpAddr);
 
 impl ClientAddress {
+    /// Works it out from a request as received.
     fn of<B>(request: &Request<B>) -> Option<Self> {
-        let forwarded = request
-            .headers()
-            .get_all("x-forwarded-for")
+        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
+        Self::forwarded(request.headers())
+            .or(peer)
+            .map(|a| ClientAddress(a.to_canonical()))
+    }
+
+    /// The one a trimmed request keeps (see [`trim_socket_io`]).
+    pub fn kept(headers: &HeaderMap) -> Option<Self> {
+        Self::forwarded(headers).map(ClientAddress)
+    }
+
+    /// The last address of the last `X-Forwarded-For` header.
+    fn forwarded(headers: &HeaderMap) -> Option<IpAddr> {
+        headers
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .next_back()
             .and_then(|value| value.to_str().ok())
             .and_then(|list| list.rsplit(',').next())
-            .and_then(|last| last.trim().parse::<IpAddr>().ok());
-        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
-        forwarded.or(peer).map(|a| ClientAddress(a.to_canonical()))
+            .and_then(|last| last.trim().parse::<IpAddr>().ok())
     }
 }
+
+/// The header a trimmed request keeps its client's address in.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The headers a Socket.IO request keeps.
 const KEPT: [HeaderName; 2] = [SEC_WEBSOCKET_KEY, CONTENT_TYPE];
@@ -60,22 +76,25 @@ pub fn trim_socket_io(mut request: Request<Body>) -> Request<Body> {
 }
 
 /// Replaces the URI and the kept header values by slices of one fresh
-/// buffer, and drops the other headers, once the client's address is known.
+/// buffer, drops the other headers, and keeps the client's address as the
+/// one value of `X-Forwarded-For`.
 fn trim<B>(request: &mut Request<B>) {
-    if let Some(client) = ClientAddress::of(request) {
-        request.extensions_mut().insert(client);
-    }
+    let client = ClientAddress::of(request).map(|c| c.0.to_string());
+    forget_peer(request);
     let old = std::mem::take(request.headers_mut());
-    let kept: Vec<(&HeaderName, &HeaderValue)> = KEPT
+    let mut kept: Vec<(HeaderName, &[u8])> = KEPT
         .iter()
-        .filter_map(|name| old.get(name).map(|value| (name, value)))
+        .filter_map(|name| old.get(name).map(|value| (name.clone(), value.as_bytes())))
         .collect();
+    if let Some(client) = &client {
+        kept.push((X_FORWARDED_FOR, client.as_bytes()));
+    }
     let uri = request.uri().to_string();
     let size = uri.len() + kept.iter().map(|(_, v)| v.len()).sum::<usize>();
     let mut text = Vec::with_capacity(size);
     text.extend_from_slice(uri.as_bytes());
     for (_, value) in &kept {
-        text.extend_from_slice(value.as_bytes());
+        text.extend_from_slice(value);
     }
     let text = Bytes::from(text);
 
@@ -86,12 +105,24 @@ fn trim<B>(request: &mut Request<B>) {
     let mut at = uri.len();
     for (name, value) in kept {
         let end = at + value.len();
-        // The bytes were valid in the original; keep that one if not.
-        let copied = HeaderValue::from_maybe_shared(text.slice(at..end)).unwrap_or(value.clone());
+        // The bytes were valid in the original, and an address is.
+        if let Ok(copied) = HeaderValue::from_maybe_shared(text.slice(at..end)) {
+            headers.insert(name, copied);
+        }
         at = end;
-        headers.insert(name.clone(), copied);
     }
     *request.headers_mut() = headers;
+}
+
+/// Removes the peer's address from the request's extensions, and the
+/// extensions' map with it when nothing else is in it (a long-polling
+/// request's): the session keeps the request's parts as long as it lives.
+fn forget_peer<B>(request: &mut Request<B>) {
+    let mut extensions = std::mem::take(request.extensions_mut());
+    extensions.remove::<Peer>();
+    if !extensions.is_empty() {
+        *request.extensions_mut() = extensions;
+    }
 }
 
 #[cfg(test)]
@@ -140,9 +171,10 @@ mod tests {
             }
             let mut request = request.extension(peer).body(()).unwrap();
             trim(&mut request);
-            request
-                .extensions()
-                .get::<ClientAddress>()
+            assert!(request.extensions().is_empty(), "the peer is forgotten");
+            let kept = request.headers().get_all("x-forwarded-for").iter().count();
+            assert_eq!(kept, 1, "one address kept");
+            ClientAddress::kept(request.headers())
                 .unwrap()
                 .0
                 .to_string()

@@ -444,11 +444,7 @@ impl Rooms {
         room: Room,
         since: StreamId,
     ) -> Result<Joined, JoinError> {
-        let client = socket
-            .req_parts()
-            .extensions
-            .get::<ClientAddress>()
-            .map(|c| c.0);
+        let client = ClientAddress::kept(&socket.req_parts().headers).map(|c| c.0);
         if client.is_some_and(|c| !self.replay.budgets().admits(c, Instant::now())) {
             return Err(JoinError::ReplayBudget);
         }
