@@ -11,7 +11,7 @@
 import { parseArgs } from 'node:util';
 
 import { describe, replayAttack } from '../tests/e2e/lib/attack.mjs';
-import { startTopology } from '../tests/e2e/lib/topology.mjs';
+import { PACKAGED_LIMITS, startTopology } from '../tests/e2e/lib/topology.mjs';
 
 const { values: options } = parseArgs({
   options: {
@@ -25,12 +25,7 @@ const { values: options } = parseArgs({
 const topo = await startTopology({
   frontends: Number(options.frontends),
   backends: Number(options.backends),
-  postsPer10s: null,
-  readsPer10s: null,
-  socketsPerAddress: null,
-  connectsPer10s: null,
-  authFailuresPerMin: null,
-  replayPerAddress: null,
+  ...PACKAGED_LIMITS,
 });
 let figures;
 try {

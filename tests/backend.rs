@@ -755,46 +755,21 @@ async fn idempotency_keys_belong_to_their_endpoint_and_token() {
     .await;
     let key = "k".repeat(128);
     let room = "r".repeat(64);
-    let body = |text: &str| json!({"rooms": [room, "rooma"], "message": text}).to_string();
-    let first = publish_raw(
-        &backend,
-        Some("first-token-0123456789"),
-        Some(&key),
-        "application/json",
-        body("one"),
-    )
-    .await;
+    let publish = |token: &'static str, text: &str| {
+        let body = json!({"rooms": [room, "rooma"], "message": text}).to_string();
+        publish_raw(&backend, Some(token), Some(&key), "application/json", body)
+    };
+    let first = publish("first-token-0123456789", "one").await;
     assert_eq!(first.0, StatusCode::CREATED, "{}", first.1);
-    let repeated = publish_raw(
-        &backend,
-        Some("first-token-0123456789"),
-        Some(&key),
-        "application/json",
-        body("one"),
-    )
-    .await;
+    let repeated = publish("first-token-0123456789", "one").await;
     assert_eq!(
         repeated, first,
         "the same token repeating itself stores nothing new"
     );
-    let conflict = publish_raw(
-        &backend,
-        Some("first-token-0123456789"),
-        Some(&key),
-        "application/json",
-        body("two"),
-    )
-    .await;
+    let conflict = publish("first-token-0123456789", "two").await;
     assert_eq!(conflict.0, StatusCode::CONFLICT, "{}", conflict.1);
     // Another token with the same key and another text: its own key.
-    let other = publish_raw(
-        &backend,
-        Some("second-token-0123456789"),
-        Some(&key),
-        "application/json",
-        body("two"),
-    )
-    .await;
+    let other = publish("second-token-0123456789", "two").await;
     assert_eq!(other.0, StatusCode::CREATED, "{}", other.1);
     // A post with the same key and another text: its own key too.
     let response = reqwest::Client::new()

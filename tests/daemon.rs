@@ -86,6 +86,19 @@ fn http_get_on(mut stream: std::net::TcpStream, path: &str) -> Option<(u16, Stri
     Some((status, body))
 }
 
+/// A daemon's command line: `config`, listening on `addr`, metrics on any
+/// free port.
+fn daemon_command(name: &str, config: &std::path::Path, addr: SocketAddr) -> Command {
+    let mut command = Command::new(binary(name));
+    command
+        .arg("--metrics-listen=127.0.0.1:0")
+        .arg("--config")
+        .arg(config)
+        .arg("--listen")
+        .arg(addr.to_string());
+    command
+}
+
 fn spawn(name: &str, command: &mut Command) -> Process {
     let child = command
         .stdout(Stdio::null())
@@ -189,12 +202,7 @@ fn without_activation_the_listen_option_or_the_configured_address_is_bound() {
     let overridden: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _from_option = spawn(
         "chat-frontend",
-        Command::new(binary("chat-frontend"))
-            .arg("--metrics-listen=127.0.0.1:0")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(overridden.to_string()),
+        &mut daemon_command("chat-frontend", &config, overridden),
     );
     let (status, _) = wait_for("the --listen address", Duration::from_secs(10), || {
         http_get(overridden, "/front/status")
@@ -259,12 +267,7 @@ fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut frontend = spawn(
         "chat-frontend",
-        Command::new(binary("chat-frontend"))
-            .arg("--metrics-listen=127.0.0.1:0")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(addr.to_string()),
+        &mut daemon_command("chat-frontend", &config, addr),
     );
     // Until the feed has reached Redis, the status is "degraded".
     let (status, body) = wait_for("the frontend", Duration::from_secs(10), || {
@@ -299,12 +302,7 @@ fn watchdog_pings_stop_when_the_runtime_is_blocked() {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let daemon = spawn(
             name,
-            Command::new(binary(name))
-                .arg("--metrics-listen=127.0.0.1:0")
-                .arg("--config")
-                .arg(&config)
-                .arg("--listen")
-                .arg(addr.to_string())
+            daemon_command(name, &config, addr)
                 .env("NOTIFY_SOCKET", &notify.path)
                 .env("WATCHDOG_USEC", "200000"),
         );
@@ -418,12 +416,7 @@ fn client_connections_of_a_frontend_have_a_bounded_send_buffer() {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _frontend = spawn(
         "chat-frontend",
-        Command::new(binary("chat-frontend"))
-            .arg("--metrics-listen=127.0.0.1:0")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(addr.to_string()),
+        &mut daemon_command("chat-frontend", &config, addr),
     );
     wait_for("the frontend", Duration::from_secs(10), || {
         http_get(addr, "/front/status")

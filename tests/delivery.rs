@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
-use chat_ha::message::{ChatMessage, PostMessage, Room, StreamId};
-use common::{Redis, write_config};
+use chat_ha::delivery::{Feed, RedisHealth, Store};
+use chat_ha::message::{ChatMessage, PostMessage};
+use common::{Forward, Redis, post, write_config};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
@@ -17,25 +17,6 @@ fn config(redis: &Redis) -> (Config, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &redis.url(), "");
     (Config::load(&path, true).unwrap(), dir)
-}
-
-fn post(room: &str, text: &str) -> PostMessage {
-    PostMessage {
-        room: Room::parse(room).unwrap(),
-        text: text.to_owned(),
-    }
-}
-
-/// Passes every delivered message on to a channel.
-struct Forward(mpsc::UnboundedSender<ChatMessage>);
-
-impl Subscriber for Forward {
-    async fn following(&self, _cursor: StreamId) {}
-    async fn deliver(&self, messages: Vec<ChatMessage>) {
-        for message in messages {
-            let _ = self.0.send(message);
-        }
-    }
 }
 
 /// Starts a feed whose deliveries arrive on the returned channel.
@@ -502,6 +483,14 @@ async fn publish_forged(
         .unwrap();
 }
 
+/// A stream id `ahead` of this host's clock.
+fn id_ahead_of_now(ahead: Duration) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}-0", (now + ahead).as_millis())
+}
+
 /// The id of the feed's newest entry.
 async fn newest_id(conn: &mut redis::aio::MultiplexedConnection, config: &Config) -> String {
     let newest: RawEntries = redis::cmd("XREVRANGE")
@@ -549,11 +538,7 @@ async fn forged_pushes_do_not_stop_delivery() {
     // push names an id behind it that was never handed out, and the stream
     // is read again from the last confirmed entry.
     let last = newest_id(&mut conn, &config).await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let ahead = format!("{}-0", now_ms + 30_000);
+    let ahead = id_ahead_of_now(Duration::from_secs(30));
     publish_forged(
         &mut conn,
         &config,
@@ -594,11 +579,7 @@ async fn a_forged_cursor_is_found_out_by_the_periodic_read() {
     let first = append_numbered(&store, "rooma", "first", 1).await;
     assert_eq!(receive(&mut rx, 1).await, first);
     let last = newest_id(&mut conn, &config).await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let ahead = format!("{}-0", now_ms + 30_000);
+    let ahead = id_ahead_of_now(Duration::from_secs(30));
     publish_forged(&mut conn, &config, &format!("{last} {ahead} rooma forged")).await;
     assert_eq!(receive(&mut rx, 1).await[0].message, "forged");
     // Written without a push, behind the forged id: only a read finds it.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, PostKey, RedisHealth, Store, Subscriber};
-use chat_ha::message::{ChatMessage, IdempotencyKey, PostMessage, Room, StreamId};
-use common::{Redis, binary, free_port, write_config};
+use chat_ha::delivery::{Feed, PostKey, RedisHealth, Store};
+use chat_ha::message::{ChatMessage, IdempotencyKey, Room};
+use common::{Forward, Redis, binary, free_port, post, write_config};
 use tokio::sync::mpsc;
 
 const PASSWORD: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -75,24 +75,6 @@ fn write(dir: &Path, url: &str, password: Option<&str>, redis_lines: &str) -> Pa
 /// As [`write`], loaded.
 fn config(dir: &Path, url: &str, password: Option<&str>, redis_lines: &str) -> Config {
     Config::load(&write(dir, url, password, redis_lines), true).unwrap()
-}
-
-fn post(room: &str, text: &str) -> PostMessage {
-    PostMessage {
-        room: Room::parse(room).unwrap(),
-        text: text.to_owned(),
-    }
-}
-
-struct Forward(mpsc::UnboundedSender<ChatMessage>);
-
-impl Subscriber for Forward {
-    async fn following(&self, _cursor: StreamId) {}
-    async fn deliver(&self, messages: Vec<ChatMessage>) {
-        for message in messages {
-            let _ = self.0.send(message);
-        }
-    }
 }
 
 /// A feed following Redis as `config` says, once it has reached it.

@@ -218,3 +218,23 @@ pub fn chat_ha_acl_rules(password_rule: &str) -> Vec<String> {
         .map(|word| word.replace("@PASSWORD@", password_rule))
         .collect()
 }
+
+/// A message for `room` that passed every check.
+pub fn post(room: &str, text: &str) -> chat_ha::message::PostMessage {
+    chat_ha::message::PostMessage {
+        room: chat_ha::message::Room::parse(room).unwrap(),
+        text: text.to_owned(),
+    }
+}
+
+/// A feed's subscriber that passes every delivered message on to a channel.
+pub struct Forward(pub tokio::sync::mpsc::UnboundedSender<chat_ha::message::ChatMessage>);
+
+impl chat_ha::delivery::Subscriber for Forward {
+    async fn following(&self, _cursor: chat_ha::message::StreamId) {}
+    async fn deliver(&self, messages: Vec<chat_ha::message::ChatMessage>) {
+        for message in messages {
+            let _ = self.0.send(message);
+        }
+    }
+}

@@ -7,7 +7,7 @@
 import net from 'node:net';
 import { parseArgs } from 'node:util';
 
-import { startTopology } from './lib/topology.mjs';
+import { PACKAGED_LIMITS, startTopology } from './lib/topology.mjs';
 
 const usage = 'usage: node tests/e2e/run.mjs [--port N] [--frontends N] [--backends N] [--log-dir DIR]';
 
@@ -53,12 +53,7 @@ await new Promise((resolve) => {
 console.log(`starting Redis, ${frontends} frontend(s), ${backends} backend(s) and HAProxy on port ${port}...`);
 let topo;
 try {
-  // HAProxy's limits and the frontends' replay budget as packaged (null keeps each one).
-  const packagedLimits = {
-    postsPer10s: null, readsPer10s: null, socketsPerAddress: null, connectsPer10s: null, authFailuresPerMin: null,
-    replayPerAddress: null,
-  };
-  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], ...packagedLimits });
+  topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], ...PACKAGED_LIMITS });
 } catch (e) {
   console.error(`could not start: ${e.message}`);
   process.exit(1);

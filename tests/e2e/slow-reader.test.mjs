@@ -262,10 +262,10 @@ describe('a socket whose queue would hold more than max_queued_bytes', () => {
     const { stalled, first } = await stalledWebSocket(frontend, backend, room, clients);
 
     const posted = await postUntilDropped(t, frontend, backend, room, [first], WIDE_TEXT);
-    // Let go once the kernel's buffers (up to net.ipv4.tcp_wmem's 4 MB over
-    // loopback: about 350 of these messages) and 64 KiB are full, where the
-    // bound in packets alone waits for 744 messages in the frontend on top
-    // of the kernel's.
+    // Let go once the kernel's buffers (the frontend's 256 KiB send buffer,
+    // and the client's receive buffer, a few MB over loopback) and 64 KiB are
+    // full, where the bound in packets alone waits for 744 messages in the
+    // frontend on top of the kernel's.
     assert.ok(posted.length < LIVE_BACKLOG,
       `let go after ${posted.length} messages, before the ${LIVE_BACKLOG} the bound in packets needs`);
 
@@ -383,9 +383,10 @@ describe('200 sockets that resume a full room and stop reading', () => {
 
     // A full room, 1,000 messages, each of which a socket resuming with
     // `since: "0-0"` asks for. Messages of 3,000 three-byte characters
-    // (9 KB): over loopback the kernel takes about 4 MB of what is sent to
-    // a client that does not read, more than 1,000 messages of 3 KB, which
-    // would then never wait in the frontend at all.
+    // (9 KB): over loopback the kernel takes a few MB of what is sent to a
+    // client that does not read (its receive buffer, and the frontend's send
+    // buffer), as much as 1,000 messages of 3 KB, which would then never
+    // wait in the frontend at all.
     await postAll(backend, room, 1000, '€'.repeat(3000));
     const start = memoryOf(frontend.pid);
     // Resets VmHWM to the current VmRSS: the peak from here on is this test's.

@@ -406,6 +406,20 @@ function parseStickTable(text) {
 }
 
 /**
+ * startTopology options that keep every limit per client address as
+ * packaged (HAProxy's, and the frontends' replay budget), where tests lift
+ * them because all their clients share one address.
+ */
+export const PACKAGED_LIMITS = Object.freeze({
+  postsPer10s: null,
+  readsPer10s: null,
+  socketsPerAddress: null,
+  connectsPer10s: null,
+  authFailuresPerMin: null,
+  replayPerAddress: null,
+});
+
+/**
  * Starts Redis, the frontends, the backends and HAProxy; resolves once every
  * one of them is ready. See the module comment.
  */
