@@ -17,12 +17,11 @@ import assert from 'node:assert/strict';
 
 import { startTopology } from './lib/topology.mjs';
 import {
-  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, replaysBacklog, request, waitFor,
+  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, request, waitFor,
 } from './lib/helpers.mjs';
 
 const CLIENTS = 8;
 // A client away for a few seconds misses this many messages or more.
-const BACKLOG = 200;
 const POST_INTERVAL_MS = 10;
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const sum = (list) => list.reduce((a, b) => a + b, 0);
@@ -31,21 +30,10 @@ describe('drills under a steady stream of posts', () => {
   let topo;
   let clients = [];
   let poster = null;
-  let backlog = null;
 
   before(async () => {
     topo = await startTopology({ frontends: 2, backends: 2 });
-    backlog = await replaysBacklog(topo, topo.frontends[0], BACKLOG);
   });
-
-  /**
-   * The frontend drills need a resuming client to catch up on a few
-   * seconds' worth of messages; a frontend that cannot replay that many to
-   * one socket (see "replays a backlog" in resume.test.mjs) makes them TODO.
-   */
-  const needsBacklogReplay = (t) => {
-    if (!backlog.ok) t.todo(`daemon bug: a frontend cannot replay ${BACKLOG} messages to a resuming socket (${backlog.detail})`);
-  };
 
   after(async () => {
     await poster?.stop();
@@ -155,7 +143,6 @@ describe('drills under a steady stream of posts', () => {
   }));
 
   it('a frontend stopped with SIGTERM and restarted: draining status, its clients resume on the other one, nothing lost or repeated, no failed post', { timeout: 90_000 }, drill(async (t) => {
-    needsBacklogReplay(t);
     await everyServerUp();
     await connectClients('drill-sigterm');
     const victim = topo.frontends[0];
@@ -219,7 +206,6 @@ describe('drills under a steady stream of posts', () => {
   }));
 
   it('a frontend killed with SIGKILL and restarted: its clients resume on the other one, nothing lost or repeated, no failed post', { timeout: 90_000 }, drill(async (t) => {
-    needsBacklogReplay(t);
     await everyServerUp();
     await connectClients('drill-sigkill');
     const victim = topo.frontends[1];

@@ -343,38 +343,6 @@ export class ResumingClient {
 }
 
 /**
- * Whether a frontend can replay a backlog of `count` messages to one
- * resuming socket over long-polling: posts them to a fresh room, joins with
- * since 0-0 straight at `frontend`, and checks that all arrive. Resolves to
- * {ok, detail}.
- */
-export async function replaysBacklog(topo, frontend, count = 200) {
-  const room = `backlog-probe-${Date.now()}`;
-  for (let i = 0; i < count; i++) {
-    const res = await postMessage(topo.backends[i % topo.backends.length].url, room, `backlog ${i}`);
-    if (res.status !== 201) throw new Error(`POST for the backlog probe: ${res.status} ${res.text}`);
-  }
-  const client = new Client(frontend.url, { transports: ['polling'], name: 'backlog probe' });
-  try {
-    await client.connect();
-    let answer;
-    try {
-      answer = await client.join({ room, since: '0-0' }, 5000);
-    } catch (e) {
-      answer = { error: e.message };
-    }
-    await waitFor('the backlog', () => client.messages.length >= count || client.disconnects.length > 0, { timeoutMs: 10_000 }).catch(() => {});
-    const ok = answer?.ok === true && answer.replayed === count && client.messages.length === count && client.disconnects.length === 0;
-    return { ok, detail: `join since 0-0 of a room with ${count} messages over polling: answer ${JSON.stringify(answer)}, received ${client.messages.length}, disconnects ${JSON.stringify(client.disconnects)}` };
-  } finally {
-    // Leaves no session behind: the goodbye gets through before the agent goes.
-    client.socket.close();
-    await sleep(500);
-    client.close();
-  }
-}
-
-/**
  * A steady, client-paced stream of posts to one room: each POST waits for
  * its answer, then `intervalMs`. The text carries a sequence number.
  * `acked` holds the stored messages (201), in order; `failed` every other
