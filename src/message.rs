@@ -207,30 +207,32 @@ impl IdempotencyKey {
 /// A stored message, as the backend returns it and the frontends deliver it.
 ///
 /// `id` is the Redis stream id (`<ms>-<seq>`), increasing within a room; `ts`
-/// is the millisecond part of it, the time Redis stored the message.
+/// is the millisecond part of it, the time Redis stored the message. In JSON
+/// both the id and the room are strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    pub id: String,
-    pub room: String,
+    pub id: StreamId,
+    pub room: Room,
     pub message: String,
     pub ts: u64,
 }
 
 impl ChatMessage {
-    /// Builds the message stored under stream id `id`; `None` if `id` is not a stream id.
-    pub fn new(id: String, room: String, message: String) -> Option<Self> {
-        let ts = StreamId::parse(&id)?.ms;
-        Some(ChatMessage {
+    /// The message stored under stream id `id`.
+    pub fn new(id: StreamId, room: Room, message: String) -> Self {
+        ChatMessage {
             id,
             room,
             message,
-            ts,
-        })
+            ts: id.ms,
+        }
     }
 }
 
-/// A Redis stream id, `<milliseconds>-<sequence>`, ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A Redis stream id, `<milliseconds>-<sequence>`, ordered as Redis orders
+/// them; a string in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct StreamId {
     pub ms: u64,
     pub seq: u64,
@@ -249,6 +251,19 @@ impl StreamId {
             ms: ms.parse().ok()?,
             seq: seq.parse().ok()?,
         })
+    }
+}
+
+impl TryFrom<String> for StreamId {
+    type Error = InvalidInput;
+    fn try_from(id: String) -> Result<Self, InvalidInput> {
+        StreamId::parse(&id).ok_or(InvalidInput::Since)
+    }
+}
+
+impl From<StreamId> for String {
+    fn from(id: StreamId) -> String {
+        id.to_string()
     }
 }
 
@@ -398,10 +413,18 @@ mod tests {
     }
 
     #[test]
-    fn chat_message_takes_its_time_from_the_id() {
-        let m = ChatMessage::new("1700000000123-4".into(), "r".into(), "m".into()).unwrap();
+    fn chat_message_takes_its_time_from_the_id_and_is_strings_in_json() {
+        let id = StreamId::parse("1700000000123-4").unwrap();
+        let m = ChatMessage::new(id, Room::parse("r").unwrap(), "m".into());
         assert_eq!(m.ts, 1_700_000_000_123);
-        assert!(ChatMessage::new("nope".into(), "r".into(), "m".into()).is_none());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": "1700000000123-4", "room": "r", "message": "m", "ts": 1_700_000_000_123u64})
+        );
+        assert_eq!(serde_json::from_value::<ChatMessage>(json).unwrap(), m);
+        let bad = serde_json::json!({"id": "nope", "room": "r", "message": "m", "ts": 1});
+        assert!(serde_json::from_value::<ChatMessage>(bad).is_err());
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
 use crate::config::Config;
-use crate::message::{ChatMessage, StreamId};
+use crate::message::{ChatMessage, Room, StreamId};
 
 /// How often the feed stream is read even when pushes arrive as they should.
 /// Short enough that a silently dead connection is noticed within a few
@@ -363,12 +363,9 @@ impl Reader<'_> {
         let confirmed = position.confirmed;
         let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch)
             .into_iter()
-            .partition(|m| StreamId::parse(&m.id).is_some_and(|id| id <= confirmed));
+            .partition(|m| m.id <= confirmed);
         self.batch = kept;
-        let dropped: Vec<StreamId> = dropped
-            .iter()
-            .filter_map(|m| StreamId::parse(&m.id))
-            .collect();
+        let dropped: Vec<StreamId> = dropped.iter().map(|m| m.id).collect();
         position.unconfirmed.retain(|id| !dropped.contains(id));
         position.cursor = confirmed;
     }
@@ -399,11 +396,11 @@ impl Reader<'_> {
             .map(|(id, mut fields)| {
                 let parsed =
                     StreamId::parse(&id).ok_or_else(|| FeedError::Malformed(id.clone()))?;
-                let room = take_field(&mut fields, b"r");
+                let room = take_field(&mut fields, b"r").and_then(|r| Room::parse(&r).ok());
                 let text = take_field(&mut fields, b"m");
                 let message = room
                     .zip(text)
-                    .and_then(|(room, text)| ChatMessage::new(id, room, text));
+                    .map(|(room, text)| ChatMessage::new(parsed, room, text));
                 Ok((parsed, message))
             })
             .collect()
@@ -448,19 +445,13 @@ impl Pushed {
         let payload = String::from_utf8(payload).ok()?;
         let mut parts = payload.splitn(4, ' ');
         let previous = StreamId::parse(parts.next()?)?;
-        let id_text = parts.next()?;
-        let id = StreamId::parse(id_text)?;
-        let room = parts.next()?;
+        let id = StreamId::parse(parts.next()?)?;
+        let room = Room::parse(parts.next()?).ok()?;
         let text = parts.next()?;
         Some(Pushed {
             previous,
             id,
-            message: ChatMessage {
-                id: id_text.to_owned(),
-                room: room.to_owned(),
-                message: text.to_owned(),
-                ts: id.ms,
-            },
+            message: ChatMessage::new(id, room, text.to_owned()),
         })
     }
 }

@@ -225,9 +225,9 @@ impl Store {
         if outcome == "conflict" {
             return Err(StoreError::KeyConflict);
         }
-        let stored = ChatMessage::new(id.clone(), message.room.to_string(), message.text.clone());
+        let id = StreamId::parse(&id).ok_or(StoreError::Malformed(id))?;
         Ok(Appended {
-            message: stored.ok_or(StoreError::Malformed(id))?,
+            message: ChatMessage::new(id, message.room.clone(), message.text.clone()),
             repeated: outcome == "repeat",
         })
     }
@@ -310,8 +310,10 @@ impl Store {
         entries
             .into_iter()
             .map(|(id, mut fields)| {
-                take_field(&mut fields, b"m")
-                    .and_then(|text| ChatMessage::new(id.clone(), room.to_string(), text))
+                let stored = StreamId::parse(&id);
+                stored
+                    .zip(take_field(&mut fields, b"m"))
+                    .map(|(stored, text)| ChatMessage::new(stored, room.clone(), text))
                     .ok_or(StoreError::Malformed(id))
             })
             .collect()

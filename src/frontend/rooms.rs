@@ -114,13 +114,13 @@ struct Resuming {
 #[derive(Default)]
 struct Shared {
     /// The sockets of each room.
-    members: HashMap<String, Vec<SocketRef>>,
+    members: HashMap<Room, Vec<SocketRef>>,
     /// The rooms of each socket.
-    rooms_of: HashMap<Sid, Vec<String>>,
+    rooms_of: HashMap<Sid, Vec<Room>>,
     /// Id of the last feed message delivered; `None` before the feed started.
     cursor: Option<StreamId>,
     /// Resuming sockets, by room.
-    resuming: HashMap<String, Vec<Resuming>>,
+    resuming: HashMap<Room, Vec<Resuming>>,
 }
 
 /// The frontend's rooms: who is in which, and how messages reach them.
@@ -235,13 +235,13 @@ impl Rooms {
             .rooms_of
             .entry(socket.id)
             .or_insert_with(|| Vec::with_capacity(1));
-        if rooms.iter().any(|r| r == room.as_str()) {
+        if rooms.contains(room) {
             return;
         }
-        rooms.push(room.to_string());
+        rooms.push(room.clone());
         shared
             .members
-            .entry(room.to_string())
+            .entry(room.clone())
             .or_default()
             .push(socket.clone());
         self.metrics.rooms.set(shared.members.len() as i64);
@@ -261,9 +261,7 @@ impl Subscriber for Rooms {
     async fn deliver(&self, messages: Vec<ChatMessage>) {
         let mut shared = self.shared.lock().await;
         for message in &messages {
-            if let Some(id) = StreamId::parse(&message.id) {
-                shared.cursor = Some(id);
-            }
+            shared.cursor = Some(message.id);
             if let Some(waiting) = shared.resuming.get_mut(&message.room) {
                 for resuming in waiting {
                     resuming.held.push(message.clone());
@@ -362,9 +360,9 @@ impl Rooms {
 
 /// The rooms of `messages`, in the order they first appear, each with the
 /// indices of its messages.
-fn by_room(messages: &[ChatMessage]) -> Vec<(&str, Vec<usize>)> {
-    let mut rooms: Vec<(&str, Vec<usize>)> = Vec::new();
-    let mut slots: HashMap<&str, usize> = HashMap::new();
+fn by_room(messages: &[ChatMessage]) -> Vec<(&Room, Vec<usize>)> {
+    let mut rooms: Vec<(&Room, Vec<usize>)> = Vec::new();
+    let mut slots: HashMap<&Room, usize> = HashMap::new();
     for (i, message) in messages.iter().enumerate() {
         let slot = *slots.entry(&message.room).or_insert_with(|| {
             rooms.push((&message.room, Vec::new()));
@@ -418,7 +416,7 @@ impl Rooms {
                 .rooms_of
                 .get(&socket.id)
                 .map_or(&[][..], Vec::as_slice);
-            let already_in = rooms.iter().any(|r| r == room.as_str());
+            let already_in = rooms.contains(&room);
             if !already_in && rooms.len() >= self.max_rooms {
                 return Err(JoinError::TooManyRooms(self.max_rooms));
             }
@@ -461,7 +459,7 @@ impl Rooms {
         let resuming = take_resuming(&mut shared, &room, socket);
         let mut replayed = missed?;
         let held = resuming.into_iter().flat_map(|r| r.held);
-        for message in held.filter(|m| after(m, since)) {
+        for message in held.filter(|m| m.id > since) {
             match send(socket, &encode(socket, &message), self.queue_len) {
                 Sent::Yes => replayed += 1,
                 // The socket is closing; it will resume again from what it got.
@@ -523,7 +521,7 @@ impl Rooms {
                 }
                 self.metrics.replayed.inc();
             }
-            match page.last().and_then(|m| StreamId::parse(&m.id)) {
+            match page.last().map(|m| m.id) {
                 Some(last) if !last_page && last < until => after = last,
                 _ => return Ok(replayed),
             }
@@ -538,7 +536,7 @@ impl Rooms {
             if let Some(cursor) = shared.cursor {
                 shared
                     .resuming
-                    .entry(room.to_string())
+                    .entry(room.clone())
                     .or_default()
                     .push(Resuming {
                         socket: socket.clone(),
@@ -555,16 +553,12 @@ impl Rooms {
     }
 }
 
-fn after(message: &ChatMessage, since: StreamId) -> bool {
-    StreamId::parse(&message.id).is_some_and(|id| id > since)
-}
-
 fn take_resuming(shared: &mut Shared, room: &Room, socket: &SocketRef) -> Option<Resuming> {
-    let waiting = shared.resuming.get_mut(room.as_str())?;
+    let waiting = shared.resuming.get_mut(room)?;
     let index = waiting.iter().position(|r| r.socket.id == socket.id)?;
     let resuming = waiting.swap_remove(index);
     if waiting.is_empty() {
-        shared.resuming.remove(room.as_str());
+        shared.resuming.remove(room);
     }
     Some(resuming)
 }
