@@ -27,7 +27,8 @@ use crate::message::{
     StreamId, parse_object,
 };
 use crate::metrics::{BackendMetrics, Metrics, StatusLabel};
-use crate::serve::{Access, ConnectionCount, Listeners, Status, serve, serve_metrics};
+use crate::serve::{Access, ConnectionCount, Listeners, serve, serve_metrics};
+use crate::status::Status;
 
 /// How long a client may take to send a request body.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -396,8 +397,7 @@ pub async fn run(
     instance: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let health = crate::delivery::RedisHealth::new();
-    let store = Store::new(&config, health).map_err(std::io::Error::other)?;
+    let store = Store::new(&config).map_err(std::io::Error::other)?;
     let tokens = PublishTokens::load(config.backend.publish_tokens_file.as_deref())
         .map_err(std::io::Error::other)?;
     if tokens.is_empty() {

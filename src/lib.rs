@@ -19,8 +19,9 @@
 //! - [`backend`]: the REST API: post a message, read history, status.
 //! - [`auth`]: who may publish server-to-server: tokens from a credential file.
 //! - [`metrics`]: the Prometheus counters each instance serves at `/metrics`.
-//! - [`serve`]: HTTP serving both daemons share: open-connection counts and a
-//!   graceful stop bounded in time.
+//! - [`serve`]: HTTP serving both daemons share: who may connect, open
+//!   connections counted, the metrics port, a graceful stop bounded in time.
+//! - [`status`]: what the status endpoints answer the load balancer.
 //! - [`systemd`]: socket activation, readiness, watchdog and stop notifications.
 //! - [`logging`]: journal (syslog) under systemd, readable lines in a terminal.
 //! - [`daemon`]: the command line and start-up sequence both binaries share.
@@ -38,4 +39,5 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod serve;
+pub mod status;
 pub mod systemd;

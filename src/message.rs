@@ -17,11 +17,11 @@ pub const MAX_MESSAGE_CHARS: usize = 4000;
 /// Why some input was refused. The text is shown to the client as is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInput {
-    #[error("room must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.' or '-'")]
+    #[error("room must be 1 to {MAX_ROOM_LEN} characters of A-Z, a-z, 0-9, '_', '.' or '-'")]
     Room,
     #[error("message must not be empty")]
     EmptyMessage,
-    #[error("message is longer than 4000 characters")]
+    #[error("message is longer than {MAX_MESSAGE_CHARS} characters")]
     LongMessage,
     #[error("join with a room name, or {{\"room\": name, \"since\": id}}")]
     JoinPayload,
@@ -29,9 +29,12 @@ pub enum InvalidInput {
     Since,
     #[error("before must be a message id such as \"1700000000000-0\"")]
     Before,
-    #[error("Idempotency-Key must be 1 to 128 visible ASCII characters")]
+    #[error(
+        "Idempotency-Key must be 1 to {} visible ASCII characters",
+        IdempotencyKey::MAX_LEN
+    )]
     IdempotencyKey,
-    #[error("rooms must list 1 to 64 rooms")]
+    #[error("rooms must list 1 to {MAX_PUBLISH_ROOMS} rooms")]
     PublishRooms,
 }
 
@@ -324,6 +327,30 @@ mod tests {
         for bad in ["", " ", "a b", "é", "a/b", "room!", &"x".repeat(65), "a\0"] {
             assert_eq!(Room::parse(bad), Err(InvalidInput::Room), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn error_texts_name_the_limits() {
+        assert!(
+            InvalidInput::Room
+                .to_string()
+                .contains("1 to 64 characters")
+        );
+        assert!(
+            InvalidInput::LongMessage
+                .to_string()
+                .contains("4000 characters")
+        );
+        assert!(
+            InvalidInput::IdempotencyKey
+                .to_string()
+                .contains("1 to 128")
+        );
+        assert!(
+            InvalidInput::PublishRooms
+                .to_string()
+                .contains("1 to 64 rooms")
+        );
     }
 
     #[test]

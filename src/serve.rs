@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+
 use axum::routing::get;
 use axum::{Json, Router};
 use engineioxide::TcpConnection;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::{Network, allowed};
@@ -46,49 +45,6 @@ impl Access {
             allow: allow.into(),
             count,
         }
-    }
-}
-
-/// The answer of both status endpoints, which the load balancer's health
-/// checks read: 200 while the instance takes new clients (even with Redis
-/// down: a frontend keeps its sockets, a backend answers 503 itself), 503
-/// once it is draining before a stop.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    /// `ok`, `degraded` (Redis unreachable) or `draining` (stopping).
-    pub status: String,
-    /// `up` or `down`.
-    pub redis: String,
-    pub instance: u32,
-    /// Sockets (frontend) or open HTTP connections (backend).
-    pub connections: usize,
-}
-
-impl Status {
-    pub fn new(redis_up: bool, instance: u32, connections: usize) -> Self {
-        Status {
-            status: if redis_up { "ok" } else { "degraded" }.into(),
-            redis: if redis_up { "up" } else { "down" }.into(),
-            instance,
-            connections,
-        }
-    }
-
-    /// The same, marked as draining.
-    pub fn draining(mut self) -> Self {
-        self.status = "draining".into();
-        self
-    }
-}
-
-impl IntoResponse for Status {
-    fn into_response(self) -> Response {
-        let code = if self.status == "draining" {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
-        };
-        (code, Json(self)).into_response()
     }
 }
 

@@ -79,11 +79,6 @@ pub fn notify_ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// Updates the one-line status `systemctl status` shows.
-pub fn notify_status(status: &str) {
-    notify(&[NotifyState::Status(status)]);
-}
-
 /// Tells systemd the daemon is stopping on purpose.
 pub fn notify_stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

@@ -72,7 +72,7 @@ impl Setup {
     async fn start() -> Self {
         let redis = Redis::start();
         let (config, _dir) = config(&redis);
-        let store = Store::new(&config, RedisHealth::new()).unwrap();
+        let store = Store::new(&config).unwrap();
         let (rx, health, caught_up) = follow_counting(&config);
         wait_up(&health).await;
         Setup {
@@ -139,7 +139,7 @@ async fn receive(rx: &mut mpsc::UnboundedReceiver<ChatMessage>, count: usize) ->
 async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
     let redis = Redis::start();
     let (config, _dir) = config(&redis);
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
     store
         .append(&post("old", "appended before the frontend started"), None)
         .await
@@ -406,7 +406,7 @@ async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
     let extra = "[history]\nfeed_bytes = 20000\nfeed_length = 60\nroom_ttl_days = 2\n";
     let path = write_config(dir.path(), &redis.url(), extra);
     let config = Config::load(&path, true).unwrap();
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
     let (mut rx, health) = follow(&config);
     wait_up(&health).await;
     let mut conn = connect(&redis).await;

@@ -109,7 +109,7 @@ async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &redis.url(), Some(PASSWORD), "");
     let mut rx = follow(&config).await;
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
 
     let key = PostKey::message(&IdempotencyKey::parse("acl-test-key").unwrap());
     let first = store
@@ -141,7 +141,7 @@ async fn what_the_acl_user_stored_survives_a_restart() {
     let mut redis = Redis::start_with(acl_options());
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &redis.url(), Some(PASSWORD), "");
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
     let stored = store
         .append(&post("kept", "before the restart"), None)
         .await
@@ -376,13 +376,13 @@ async fn over_tls_the_server_certificate_is_checked_against_the_configured_ca() 
     let ca = format!("tls_ca_file = \"{}\"\n", file("ca.pem"));
     let config = config(dir.path(), &url, Some(PASSWORD), &ca);
     let mut rx = follow(&config).await;
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
     let stored = store.append(&post("tls", "over TLS"), None).await.unwrap();
     assert_eq!(next(&mut rx).await, stored.message);
 
     let untrusting = tempfile::tempdir().unwrap();
     let config = self::config(untrusting.path(), &url, Some(PASSWORD), "");
-    let store = Store::new(&config, RedisHealth::new()).unwrap();
+    let store = Store::new(&config).unwrap();
     let refused = store
         .append(&post("tls", "refused"), None)
         .await

@@ -170,8 +170,9 @@ struct Inner {
 impl Store {
     /// Creates the handle without connecting: the backend starts, and answers
     /// 503, while Redis is down; the connection is made on first use and
-    /// remade in the background after it is lost.
-    pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, StoreError> {
+    /// remade in the background after it is lost. It records whether Redis
+    /// answers in a health of its own ([`Store::health_handle`]).
+    pub fn new(config: &Config) -> Result<Self, StoreError> {
         let redis = &config.redis;
         let client = super::connect::client(redis, redis::ProtocolVersion::RESP2)?;
         let manager_config = ConnectionManagerConfig::new()
@@ -190,7 +191,7 @@ impl Store {
             feed_length: config.history.feed_length.get(),
             feed_bytes: config.history.feed_bytes.get(),
             room_ttl: config.history.room_ttl(),
-            health,
+            health: RedisHealth::new(),
         })))
     }
 
