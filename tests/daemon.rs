@@ -9,7 +9,10 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Process, Redis, accepts, binary, free_port, wait_for, write_config};
+use common::{
+    Daemon, Process, Redis, accepts, binary, daemon_on_any_port, free_port, start_daemon, wait_for,
+    write_config,
+};
 
 /// A datagram socket standing in for systemd's notification socket. Like
 /// systemd, it reads every datagram as it arrives (a full socket buffer would
@@ -84,19 +87,6 @@ fn http_get_on(mut stream: std::net::TcpStream, path: &str) -> Option<(u16, Stri
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     Some((status, body))
-}
-
-/// A daemon's command line: `config`, listening on `addr`, metrics on any
-/// free port.
-fn daemon_command(name: &str, config: &std::path::Path, addr: SocketAddr) -> Command {
-    let mut command = Command::new(binary(name));
-    command
-        .arg("--metrics-listen=127.0.0.1:0")
-        .arg("--config")
-        .arg(config)
-        .arg("--listen")
-        .arg(addr.to_string());
-    command
 }
 
 fn spawn(name: &str, command: &mut Command) -> Process {
@@ -199,13 +189,14 @@ fn without_activation_the_listen_option_or_the_configured_address_is_bound() {
         "SIGINT stops it cleanly"
     );
 
-    let overridden: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _from_option = spawn(
+    // --listen overrides it: another address (and any port).
+    let from_option = start_daemon(
         "chat-frontend",
-        &mut daemon_command("chat-frontend", &config, overridden),
+        &mut daemon_on_any_port("chat-frontend", &config, "127.0.0.2"),
     );
+    assert_eq!(from_option.public.ip().to_string(), "127.0.0.2");
     let (status, _) = wait_for("the --listen address", Duration::from_secs(10), || {
-        http_get(overridden, "/front/status")
+        http_get(from_option.public, "/front/status")
     });
     assert_eq!(status, 200);
 }
@@ -264,10 +255,13 @@ fn a_stopping_frontend_reports_draining_before_it_lets_clients_go() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &redis.url(), "drain_delay_ms = 1500\n");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut frontend = spawn(
+    let Daemon {
+        process: mut frontend,
+        public: addr,
+        ..
+    } = start_daemon(
         "chat-frontend",
-        &mut daemon_command("chat-frontend", &config, addr),
+        &mut daemon_on_any_port("chat-frontend", &config, "127.0.0.1"),
     );
     // Until the feed has reached Redis, the status is "degraded".
     let (status, body) = wait_for("the frontend", Duration::from_secs(10), || {
@@ -299,10 +293,13 @@ fn watchdog_pings_stop_when_the_runtime_is_blocked() {
     let config = write_config(dir.path(), &redis.url(), "");
     for name in ["chat-frontend", "chat-backend"] {
         let notify = NotifySocket::bind(dir.path());
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let daemon = spawn(
+        let Daemon {
+            process: daemon,
+            public: addr,
+            ..
+        } = start_daemon(
             name,
-            daemon_command(name, &config, addr)
+            daemon_on_any_port(name, &config, "127.0.0.1")
                 .env("NOTIFY_SOCKET", &notify.path)
                 .env("WATCHDOG_USEC", "200000"),
         );
@@ -335,18 +332,12 @@ fn only_allowed_addresses_may_connect_and_metrics_have_a_port_of_their_own() {
         ("chat-backend", "/back/status"),
         ("chat-frontend", "/front/status"),
     ] {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let _daemon = spawn(
-            name,
-            Command::new(binary(name))
-                .arg("--config")
-                .arg(&config)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--metrics-listen")
-                .arg(metrics.to_string()),
-        );
+        let Daemon {
+            process: _daemon,
+            public: addr,
+            metrics,
+            ..
+        } = start_daemon(name, &mut daemon_on_any_port(name, &config, "127.0.0.1"));
         let allowed = [127, 0, 0, 2].into();
         let (status, _) = wait_for(
             "an answer to an allowed address",
@@ -413,11 +404,15 @@ fn client_connections_of_a_frontend_have_a_bounded_send_buffer() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &redis.url(), "");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _frontend = spawn(
+    let Daemon {
+        process: _frontend,
+        public: addr,
+        ..
+    } = start_daemon(
         "chat-frontend",
-        &mut daemon_command("chat-frontend", &config, addr),
+        &mut daemon_on_any_port("chat-frontend", &config, "127.0.0.1"),
     );
+    // Serving: the listener has its buffer size, which connections take.
     wait_for("the frontend", Duration::from_secs(10), || {
         http_get(addr, "/front/status")
     });

@@ -12,7 +12,10 @@ use std::time::Duration;
 use chat_ha::config::Config;
 use chat_ha::delivery::{Feed, PostKey, RedisHealth, Store};
 use chat_ha::message::{ChatMessage, IdempotencyKey, Room};
-use common::{Forward, Redis, binary, free_port, post, write_config};
+use common::{
+    Forward, Redis, binary, daemon_on_any_port, free_port, post, start_daemon, wait_for,
+    write_config,
+};
 use tokio::sync::mpsc;
 
 const PASSWORD: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
@@ -164,8 +167,7 @@ async fn what_the_acl_user_stored_survives_a_restart() {
 #[tokio::test]
 async fn the_acl_user_cannot_flush_reconfigure_or_reach_other_keys() {
     let redis = Redis::start_with(acl_options());
-    let url = format!("redis://chat-ha:{PASSWORD}@127.0.0.1:{}/0", redis.port);
-    let mut conn = redis::Client::open(url)
+    let mut conn = redis::Client::open(redis.url_as("chat-ha", PASSWORD))
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -223,15 +225,11 @@ async fn a_wrong_password_is_a_503_and_never_printed() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), &redis.url(), password, "");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut backend = Command::new(binary("chat-backend"))
-            .arg("--config")
-            .arg(&path)
-            .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut backend = start_daemon(
+            "chat-backend",
+            &mut daemon_on_any_port("chat-backend", &path, "127.0.0.1"),
+        );
+        let addr = backend.public;
         let client = reqwest::Client::new();
         let post = || {
             client
@@ -240,16 +238,7 @@ async fn a_wrong_password_is_a_503_and_never_printed() {
                 .body(r#"{"room":"acl","message":"hi"}"#)
                 .send()
         };
-        let answer = loop {
-            if let Ok(answer) = post().await {
-                break answer;
-            }
-            assert!(
-                backend.try_wait().unwrap().is_none(),
-                "{case}: the backend exited"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let answer = post().await.unwrap();
         assert_eq!(answer.status(), 503, "{case}");
         let status: serde_json::Value = client
             .get(format!("http://{addr}/back/status"))
@@ -260,10 +249,12 @@ async fn a_wrong_password_is_a_503_and_never_printed() {
             .await
             .unwrap();
         assert_eq!(status["redis"], "down", "{case}: {status}");
-        let _ = Command::new("kill").arg(backend.id().to_string()).status();
-        let output = backend.wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&output.stderr);
-        assert!(log.contains("answering 503"), "{case}: {log}");
+        let log = wait_for("the 503 in the log", Duration::from_secs(10), || {
+            let log = backend.log_text();
+            log.contains("answering 503").then_some(log)
+        });
+        backend.process.signal(15);
+        backend.process.wait(Duration::from_secs(15));
         if let Some(password) = password {
             assert!(
                 !log.contains(password),

@@ -71,9 +71,10 @@ impl Drop for Process {
 }
 
 /// A private `redis-server` with append-only persistence in a temp dir, so a
-/// restart keeps what was stored (as a production Redis with AOF would).
+/// restart keeps what was stored (as a production Redis with AOF would). It
+/// listens on a unix socket in that directory, not on a TCP port: no other
+/// process can have taken it.
 pub struct Redis {
-    pub port: u16,
     dir: tempfile::TempDir,
     process: Option<Process>,
     /// More configuration, as `redis-server` command-line options.
@@ -88,7 +89,6 @@ impl Redis {
     /// Starts a server with more configuration (`--name value...` options).
     pub fn start_with(options: Vec<String>) -> Redis {
         let mut redis = Redis {
-            port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             process: None,
             options,
@@ -102,21 +102,26 @@ impl Redis {
         self.dir.path()
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+    /// The server's unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
     }
 
-    /// Starts the server again (after [`Redis::stop`]) on the same port and data.
+    pub fn url(&self) -> String {
+        format!("unix://{}?db=0", self.socket().display())
+    }
+
+    /// The URL with a login, for a connection of the test's own.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("{}&user={user}&pass={password}", self.url())
+    }
+
+    /// Starts the server again (after [`Redis::stop`]) on the same socket and data.
     pub fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+            .args(["--port", "0", "--unixsocketperm", "700", "--save", ""])
+            .arg("--unixsocket")
+            .arg(self.socket())
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -129,11 +134,11 @@ impl Redis {
             child,
             name: "redis-server".into(),
         });
-        let port = self.port;
+        let socket = self.socket();
         wait_for(
             "redis-server to accept connections",
             Duration::from_secs(10),
-            || redis_ping(port).then_some(()),
+            || redis_ping(&socket).then_some(()),
         );
     }
 
@@ -146,11 +151,11 @@ impl Redis {
     }
 }
 
-/// Whether a Redis answers on `port`: a pong, or an error such as NOAUTH
+/// Whether a Redis answers on `socket`: a pong, or an error such as NOAUTH
 /// from one that wants a login.
-fn redis_ping(port: u16) -> bool {
+fn redis_ping(socket: &Path) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
@@ -236,5 +241,95 @@ impl chat_ha::delivery::Subscriber for Forward {
         for message in messages {
             let _ = self.0.send(message);
         }
+    }
+}
+
+/// A daemon started on any free ports: where the kernel put them, read from
+/// its log, so that no other process can have taken them meanwhile.
+pub struct Daemon {
+    pub process: Process,
+    pub public: SocketAddr,
+    pub metrics: SocketAddr,
+    /// Every line it logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// What it logged so far, one line each.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+/// `name`'s command line with `config`, listening on `ip` and the metrics on
+/// loopback, both on ports the kernel picks.
+pub fn daemon_on_any_port(name: &str, config: &Path, ip: &str) -> Command {
+    let mut command = Command::new(binary(name));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg(format!("--listen={ip}:0"))
+        .arg("--metrics-listen=127.0.0.1:0");
+    command
+}
+
+/// Starts `command` and reads from its log (stderr, drained for as long as
+/// it runs) where it listens and serves its metrics.
+pub fn start_daemon(name: &str, command: &mut Command) -> Daemon {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            kept.lock().unwrap().push(line.clone());
+            let _ = lines.send(line);
+        }
+    });
+    let mut process = Process {
+        child,
+        name: name.into(),
+    };
+    let address_after = |line: &str, marker: &str| {
+        let at = line.find(marker)? + marker.len();
+        line[at..]
+            .split_whitespace()
+            .next()?
+            .parse::<SocketAddr>()
+            .ok()
+    };
+    let (mut public, mut metrics) = (None, None);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while public.is_none() || metrics.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read.recv_timeout(left) {
+            Ok(line) => {
+                public = public.or(address_after(&line, "listening on "));
+                metrics = metrics.or(address_after(&line, "serving /metrics on "));
+                seen.push(line);
+            }
+            Err(_) => {
+                let exited = process.child.try_wait().unwrap();
+                panic!(
+                    "{name} did not say where it listens (exit: {exited:?}); its log: {seen:#?}"
+                );
+            }
+        }
+    }
+    Daemon {
+        process,
+        public: public.unwrap(),
+        metrics: metrics.unwrap(),
+        log,
     }
 }
