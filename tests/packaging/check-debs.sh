@@ -3,6 +3,7 @@
 #   - lintian reports no error and no warning,
 #   - each package holds the files, conffiles and dependencies it should,
 #     and no file is in two packages,
+#   - chat-frontend and chat-backend have one set of maintainer scripts,
 #   - the packaged binaries run and accept the packaged configuration,
 #   - the packaged units and generator are the ones in systemd/.
 #
@@ -79,6 +80,13 @@ depends() { # depends PACKAGE REGEX
         || { echo "     $1 does not depend on $2"; return 1; }
 }
 same() { cmp -s "$1" "$2" || { echo "     $1 differs from $2"; return 1; }; }
+# Are maintainer script $1 of chat-frontend and chat-backend the same but
+# for the package's name?
+same_script_but_name() {
+    cmp -s <(sed s/chat-frontend/PACKAGE/g "$tmp/chat-frontend/DEBIAN/$1") \
+        <(sed s/chat-backend/PACKAGE/g "$tmp/chat-backend/DEBIAN/$1") ||
+        { echo "     DEBIAN/$1 of chat-frontend and chat-backend differ"; return 1; }
+}
 
 for d in frontend backend; do
     p=chat-$d
@@ -95,10 +103,14 @@ for d in frontend backend; do
     check "$p: full RELRO (BIND_NOW)" eval 'readelf -d "$tmp/$p/usr/bin/$p" | grep -q "BIND_NOW"'
     check "$p: man page renders without warnings" eval \
         '[ -z "$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l -Tutf8 -Z "$tmp/$p/usr/share/man/man8/$p.8.gz" 2>&1 >/dev/null)" ]'
-    check "$p: maintainer scripts stop instances on remove, restart them one by one on upgrade" eval \
+    check "$p: maintainer scripts stop its instances on remove, restart them one by one on upgrade" eval \
         'grep -q "stop .$p@\*.socket. .$p@\*.service." "$tmp/$p/DEBIAN/prerm" &&
-         grep -q "deb-systemd-invoke restart" "$tmp/$p/DEBIAN/postinst"'
+         grep -q "state=active .$p@\*.service." "$tmp/$p/DEBIAN/postinst" &&
+         grep -q "deb-systemd-invoke restart" "$tmp/$p/DEBIAN/postinst" &&
+         ! grep -q "#PACKAGE#" "$tmp/$p/DEBIAN/postinst" "$tmp/$p/DEBIAN/prerm"'
 done
+check "chat-frontend and chat-backend: the same maintainer scripts but for the package's name" eval \
+    'same_script_but_name postinst && same_script_but_name prerm && same_script_but_name postrm'
 check "chat-frontend: the www directory (page, script, Socket.IO client)" eval \
     'has_file chat-frontend /usr/share/chat-ha/www/index.html && has_file chat-frontend /usr/share/chat-ha/www/assets/app.js &&
      has_file chat-frontend /usr/share/chat-ha/www/assets/socket.io.min.js'
