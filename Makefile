@@ -6,24 +6,52 @@
 #
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core libssl-dev pkg-config openssl iproute2 \
-	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
+# The Debian packages the project needs, besides Rust (rustup) and Node.js.
+# Running (make run): the services it starts.
+APT_RUN := redis-server haproxy
+# Building the daemons (openssl-sys links libssl, mimalloc compiles C) and
+# checking the locked crates' Rust versions (tests/msrv.sh).
+APT_BUILD := build-essential libssl-dev pkg-config jq
+# Building the Debian packages: the tools of make deb; the rest is
+# debian/control's Build-Depends (deps-deb installs them).
+APT_DEB := dpkg-dev
+# Testing: the clients, Chromium, the packaging checks, the containers.
+APT_TEST := systemd curl chromium fonts-dejavu-core openssl iproute2 lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare bench-attack lint
+.PHONY: all build deps deps-apt deps-run deps-build deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare bench-attack lint
 
 all: build
 
 build:
 	$(CARGO) build --bins
 
-# Debian packages the project needs at run and test time.
-deps-apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+# Installs the Debian packages of $(1) that are not installed yet (the
+# package lists are updated only then).
+apt_install = @missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing: $$missing"; \
+	  echo "installing:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# What make run needs: the services and the build.
+deps-run:
+	$(call apt_install,$(APT_RUN) $(APT_BUILD))
+
+deps-build:
+	$(call apt_install,$(APT_BUILD))
+
+# What make deb needs: its tools, then the Build-Depends of debian/control
+# (Debian 12's rustc-web and cargo-web among them).
+deps-deb:
+	$(call apt_install,$(APT_BUILD) $(APT_DEB))
+	@dpkg-checkbuilddeps 2>/dev/null || { \
+	  echo "installing the Build-Depends of debian/control"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq --no-install-recommends ./; }
+
+# What running, building and testing need.
+deps-apt:
+	$(call apt_install,$(APT_RUN) $(APT_BUILD) $(APT_TEST))
 
 # Node.js 20 or later runs the test clients and `make run`'s launcher.
 deps-node:
@@ -37,12 +65,13 @@ deps-npm: deps-node
 
 deps: deps-apt deps-npm
 
-run: deps-apt deps-node build
+run: deps-run deps-node build
 	node tests/e2e/run.mjs --port 8080 --log-dir $(CURDIR)/target/run-logs
 
-lint:
+lint: deps-build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	tests/msrv.sh
 
 test-rust: deps-apt
 	$(CARGO) test --workspace --all-targets
@@ -108,7 +137,7 @@ bench-compare: deps-apt deps-node
 # Debian packages, written to target/debian/: chat-ha (single host),
 # chat-ha-common, chat-frontend, chat-backend, chat-haproxy, chat-redis.
 DEB_OUT := $(CURDIR)/target/debian
-deb: deps-apt
+deb: deps-deb
 	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)
 	v=$$(dpkg-parsechangelog -SVersion); a=$$(dpkg-architecture -qDEB_HOST_ARCH); \
 	DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
@@ -118,7 +147,7 @@ deb: deps-apt
 
 # Units (verify, exposure score), packages (lintian, contents), and an install
 # into a booted Debian 12 container: the product as an admin meets it.
-test-packaging: deb
+test-packaging: deps-apt deb
 	tests/packaging/check-units.sh
 	tests/packaging/check-debs.sh $(DEB_OUT)
 	tests/packaging/install-test.sh $(DEB_OUT)
@@ -137,7 +166,7 @@ rig-down:
 
 # System tests through the rig's load balancer; the rig is taken down at the
 # end unless KEEP_RIG=1.
-test-system: deb deps-node
+test-system: deps-apt deb deps-node
 	tests/system/run.sh
 
 test: lint test-rust test-fuzz test-e2e test-browser test-packaging test-system
