@@ -12,14 +12,15 @@ APT_RUN := redis-server haproxy
 # Building the daemons (openssl-sys links libssl, mimalloc compiles C) and
 # checking the locked crates' Rust versions (tests/msrv.sh).
 APT_BUILD := build-essential libssl-dev pkg-config jq
-# Building the Debian packages: the tools of make deb; the rest is
-# debian/control's Build-Depends (deps-deb installs them).
-APT_DEB := dpkg-dev
+# Building the Debian packages: the tools of make deb (unshare is in the
+# essential util-linux); the rest is debian/control's Build-Depends
+# (deps-deb installs them).
+APT_DEB := dpkg-dev iproute2
 # Testing: the clients, Chromium, the packaging checks, the containers.
 APT_TEST := systemd curl chromium fonts-dejavu-core openssl iproute2 lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-run deps-build deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare bench-attack lint
+.PHONY: all build deps deps-apt deps-run deps-build deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb deb-vendor bench bench-compare bench-attack lint
 
 all: build
 
@@ -136,14 +137,29 @@ bench-compare: deps-apt deps-node
 
 # Debian packages, written to target/debian/: chat-ha (single host),
 # chat-ha-common, chat-frontend, chat-backend, chat-haproxy, chat-redis.
+# Two steps: deb-vendor fetches what the build needs, then the package build
+# runs without any network (Debian policy): in a network namespace of its
+# own, where no interface is up and no route exists, checked before it
+# starts. A build that tried to download would fail there.
 DEB_OUT := $(CURDIR)/target/debian
-deb: deps-deb
+WITHOUT_NETWORK = unshare --net $(if $(filter 0,$(shell id -u)),,--map-root-user) -- \
+	sh -euc '[ -z "$$(ip -o route show; ip -o -6 route show)" ] || { echo "make deb: the build namespace has a route" >&2; exit 1; }; exec "$$@"' without-network
+deb: deps-deb deb-vendor
 	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)
 	v=$$(dpkg-parsechangelog -SVersion); a=$$(dpkg-architecture -qDEB_HOST_ARCH); \
-	DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
+	$(WITHOUT_NETWORK) env DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
 	  --buildinfo-option=-u$(DEB_OUT) --changes-option=-u$(DEB_OUT) \
 	  --buildinfo-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.buildinfo \
 	  --changes-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.changes
+
+# The crates of Cargo.lock, as published, into debian/cargo-vendor (the
+# package build reads them from there), and the check that debian/copyright
+# covers exactly those crates. Made anew each time: cargo vendor keeps a
+# crate's directory that exists, even if a file of it is gone.
+deb-vendor: deps-deb
+	rm -rf debian/cargo-vendor
+	$(CARGO) vendor --locked --versioned-dirs --quiet debian/cargo-vendor >/dev/null
+	debian/gen-copyright --check
 
 # Units (verify, exposure score), packages (lintian, contents), and an install
 # into a booted Debian 12 container: the product as an admin meets it.
