@@ -9,8 +9,8 @@ CARGO ?= cargo
 # The Debian packages the project needs, besides Rust (rustup) and Node.js.
 # Running (make run): the services it starts.
 APT_RUN := redis-server haproxy
-# Building the daemons (openssl-sys links libssl, mimalloc compiles C) and
-# checking the locked crates' Rust versions (tests/msrv.sh).
+# Building the daemons (openssl-sys links libssl, mimalloc compiles C), and
+# jq to read the locked crates (tests/msrv.sh, debian/gen-copyright).
 APT_BUILD := build-essential libssl-dev pkg-config jq
 # Building the Debian packages: the tools of make deb (unshare is in the
 # essential util-linux); the rest is debian/control's Build-Depends

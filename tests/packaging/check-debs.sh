@@ -113,7 +113,7 @@ covers_locked_crates() {
         grep -qxE "Files: vendor/(.+/)?$name/\*" "$1" ||
             { echo "     no paragraph for vendor/ $name"; missing=$((missing + 1)); }
     done < <(locked_vendor_crates)
-    [ "$missing" -eq 0 ] && [ "$(locked_registry_crates | wc -l)" -gt 0 ] && [ "$(locked_vendor_crates | wc -l)" -gt 0 ]
+    [ "$missing" -eq 0 ] && [ "$(locked_registry_crates | wc -l)" -gt 0 ]
 }
 
 for d in frontend backend; do
