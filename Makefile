@@ -35,7 +35,7 @@ apt_install = @missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# What make run needs: the services and the build.
+# What make run needs: the services it starts and what building needs.
 deps-run:
 	$(call apt_install,$(APT_RUN) $(APT_BUILD))
 

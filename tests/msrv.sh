@@ -3,7 +3,8 @@
 #   - no crate of Cargo.lock (the patched ones of vendor/ included) declares
 #     a rust-version above Cargo.toml's rust-version;
 #   - debian/control asks Debian's rustc-web and cargo-web for that version;
-#   - the rustc at hand is not older (else nothing here was built with it).
+#   - the rustc at hand is not older than it (else make lint and the tests
+#     would run on a compiler chat-ha says it does not support).
 #
 # Why not build with that version: this machine has one toolchain (no
 # `cargo +VERSION`). A crate's rust-version is the oldest compiler its
