@@ -9,9 +9,10 @@ CARGO ?= cargo
 # The Debian packages the project needs, besides Rust (rustup) and Node.js.
 # Running (make run): the services it starts.
 APT_RUN := redis-server haproxy
-# Building the daemons (openssl-sys links libssl, mimalloc compiles C), and
-# jq to read the locked crates (tests/msrv.sh, debian/gen-copyright).
-APT_BUILD := build-essential libssl-dev pkg-config jq
+# Building the daemons (openssl-sys links libssl, mimalloc compiles C).
+APT_BUILD := build-essential libssl-dev pkg-config
+# Reading the locked crates (tests/msrv.sh, debian/gen-copyright).
+APT_CRATES := jq
 # Building the Debian packages: the tools of make deb (unshare is in the
 # essential util-linux); the rest is debian/control's Build-Depends
 # (deps-deb installs them).
@@ -20,7 +21,7 @@ APT_DEB := dpkg-dev iproute2
 APT_TEST := systemd curl chromium fonts-dejavu-core openssl iproute2 lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-run deps-build deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb deb-vendor bench bench-compare bench-attack lint
+.PHONY: all build deps deps-apt deps-run deps-lint deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb deb-vendor bench bench-compare bench-attack lint
 
 all: build
 
@@ -39,20 +40,21 @@ apt_install = @missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 
 deps-run:
 	$(call apt_install,$(APT_RUN) $(APT_BUILD))
 
-deps-build:
-	$(call apt_install,$(APT_BUILD))
+# What make lint needs: clippy builds the crates.
+deps-lint:
+	$(call apt_install,$(APT_BUILD) $(APT_CRATES))
 
 # What make deb needs: its tools, then the Build-Depends of debian/control
 # (Debian 12's rustc-web and cargo-web among them).
 deps-deb:
-	$(call apt_install,$(APT_BUILD) $(APT_DEB))
+	$(call apt_install,$(APT_BUILD) $(APT_CRATES) $(APT_DEB))
 	@dpkg-checkbuilddeps 2>/dev/null || { \
 	  echo "installing the Build-Depends of debian/control"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq --no-install-recommends ./; }
 
 # What running, building and testing need.
 deps-apt:
-	$(call apt_install,$(APT_RUN) $(APT_BUILD) $(APT_TEST))
+	$(call apt_install,$(APT_RUN) $(APT_BUILD) $(APT_CRATES) $(APT_TEST))
 
 # Node.js 20 or later runs the test clients and `make run`'s launcher.
 deps-node:
@@ -69,7 +71,7 @@ deps: deps-apt deps-npm
 run: deps-run deps-node build
 	node tests/e2e/run.mjs --port 8080 --log-dir $(CURDIR)/target/run-logs
 
-lint: deps-build
+lint: deps-lint
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	tests/msrv.sh
