@@ -6,24 +6,55 @@
 #
 SHELL := /bin/bash
 CARGO ?= cargo
-APT_PACKAGES := redis-server haproxy systemd curl chromium fonts-dejavu-core libssl-dev pkg-config openssl iproute2 \
-	debhelper dpkg-dev build-essential lintian man-db systemd-container debootstrap
+# The Debian packages the project needs, besides Rust (rustup) and Node.js.
+# Running (make run): the services it starts.
+APT_RUN := redis-server haproxy
+# Building the daemons (openssl-sys links libssl, mimalloc compiles C).
+APT_BUILD := build-essential libssl-dev pkg-config
+# Reading the locked crates (tests/msrv.sh, debian/gen-copyright).
+APT_CRATES := jq
+# Building the Debian packages: the tools of make deb (unshare is in the
+# essential util-linux); the rest is debian/control's Build-Depends
+# (deps-deb installs them).
+APT_DEB := dpkg-dev iproute2
+# Testing: the clients, Chromium, the packaging checks, the containers.
+APT_TEST := systemd curl chromium fonts-dejavu-core openssl iproute2 lintian man-db systemd-container debootstrap
 export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 
-.PHONY: all build deps deps-apt deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb bench bench-compare bench-attack lint
+.PHONY: all build deps deps-apt deps-run deps-lint deps-deb deps-node deps-npm run test test-rust test-e2e test-browser test-packaging test-fuzz test-system box rig rig-down deb deb-vendor bench bench-compare bench-attack lint
 
 all: build
 
 build:
 	$(CARGO) build --bins
 
-# Debian packages the project needs at run and test time.
-deps-apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+# Installs the Debian packages of $(1) that are not installed yet (the
+# package lists are updated only then).
+apt_install = @missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing: $$missing"; \
+	  echo "installing:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# What make run needs: the services it starts and what building needs.
+deps-run:
+	$(call apt_install,$(APT_RUN) $(APT_BUILD))
+
+# What make lint needs: clippy builds the crates.
+deps-lint:
+	$(call apt_install,$(APT_BUILD) $(APT_CRATES))
+
+# What make deb needs: its tools, then the Build-Depends of debian/control
+# (Debian 12's rustc-web and cargo-web among them).
+deps-deb:
+	$(call apt_install,$(APT_BUILD) $(APT_CRATES) $(APT_DEB))
+	@dpkg-checkbuilddeps 2>/dev/null || { \
+	  echo "installing the Build-Depends of debian/control"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq --no-install-recommends ./; }
+
+# What running, building and testing need.
+deps-apt:
+	$(call apt_install,$(APT_RUN) $(APT_BUILD) $(APT_CRATES) $(APT_TEST))
 
 # Node.js 20 or later runs the test clients and `make run`'s launcher.
 deps-node:
@@ -37,12 +68,13 @@ deps-npm: deps-node
 
 deps: deps-apt deps-npm
 
-run: deps-apt deps-node build
+run: deps-run deps-node build
 	node tests/e2e/run.mjs --port 8080 --log-dir $(CURDIR)/target/run-logs
 
-lint:
+lint: deps-lint
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	tests/msrv.sh
 
 test-rust: deps-apt
 	$(CARGO) test --workspace --all-targets
@@ -107,18 +139,33 @@ bench-compare: deps-apt deps-node
 
 # Debian packages, written to target/debian/: chat-ha (single host),
 # chat-ha-common, chat-frontend, chat-backend, chat-haproxy, chat-redis.
+# Two steps: deb-vendor fetches what the build needs, then the package build
+# runs without any network (Debian policy): in a network namespace of its
+# own, where no interface is up and no route exists, checked before it
+# starts. A build that tried to download would fail there.
 DEB_OUT := $(CURDIR)/target/debian
-deb: deps-apt
+WITHOUT_NETWORK = unshare --net $(if $(filter 0,$(shell id -u)),,--map-root-user) -- \
+	sh -euc '[ -z "$$(ip -o route show; ip -o -6 route show)" ] || { echo "make deb: the build namespace has a route" >&2; exit 1; }; exec "$$@"' without-network
+deb: deps-deb deb-vendor
 	rm -rf $(DEB_OUT) && mkdir -p $(DEB_OUT)
 	v=$$(dpkg-parsechangelog -SVersion); a=$$(dpkg-architecture -qDEB_HOST_ARCH); \
-	DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
+	$(WITHOUT_NETWORK) env DEB_OUT=$(DEB_OUT) dpkg-buildpackage -us -uc -b --post-clean \
 	  --buildinfo-option=-u$(DEB_OUT) --changes-option=-u$(DEB_OUT) \
 	  --buildinfo-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.buildinfo \
 	  --changes-file=$(DEB_OUT)/chat-ha_$${v}_$${a}.changes
 
+# The crates of Cargo.lock, as published, into debian/cargo-vendor (the
+# package build reads them from there), and the check that debian/copyright
+# covers exactly those crates. Made anew each time: cargo vendor keeps a
+# crate's directory that exists, even if a file of it is gone.
+deb-vendor: deps-deb
+	rm -rf debian/cargo-vendor
+	$(CARGO) vendor --locked --versioned-dirs --quiet debian/cargo-vendor >/dev/null
+	debian/gen-copyright --check
+
 # Units (verify, exposure score), packages (lintian, contents), and an install
 # into a booted Debian 12 container: the product as an admin meets it.
-test-packaging: deb
+test-packaging: deps-apt deb
 	tests/packaging/check-units.sh
 	tests/packaging/check-debs.sh $(DEB_OUT)
 	tests/packaging/install-test.sh $(DEB_OUT)
@@ -137,7 +184,7 @@ rig-down:
 
 # System tests through the rig's load balancer; the rig is taken down at the
 # end unless KEEP_RIG=1.
-test-system: deb deps-node
+test-system: deps-apt deb deps-node
 	tests/system/run.sh
 
 test: lint test-rust test-fuzz test-e2e test-browser test-packaging test-system

@@ -3,6 +3,10 @@
 #   - lintian reports no error and no warning,
 #   - each package holds the files, conffiles and dependencies it should,
 #     and no file is in two packages,
+#   - the daemons' copyright has a paragraph for every crate of Cargo.lock,
+#     and names the Socket.IO client that chat-frontend ships (minified and
+#     not),
+#   - chat-frontend and chat-backend have one set of maintainer scripts,
 #   - the packaged binaries run and accept the packaged configuration,
 #   - the packaged units and generator are the ones in systemd/.
 #
@@ -79,6 +83,38 @@ depends() { # depends PACKAGE REGEX
         || { echo "     $1 does not depend on $2"; return 1; }
 }
 same() { cmp -s "$1" "$2" || { echo "     $1 differs from $2"; return 1; }; }
+# Are maintainer script $1 of chat-frontend and chat-backend the same but
+# for the package's name?
+same_script_but_name() {
+    cmp -s <(sed s/chat-frontend/PACKAGE/g "$tmp/chat-frontend/DEBIAN/$1") \
+        <(sed s/chat-backend/PACKAGE/g "$tmp/chat-backend/DEBIAN/$1") ||
+        { echo "     DEBIAN/$1 of chat-frontend and chat-backend differ"; return 1; }
+}
+# Prints "NAME VERSION" for each crates.io crate of Cargo.lock.
+locked_registry_crates() {
+    awk '/^\[\[package\]\]/ {n = v = ""} /^name = / {n = $3} /^version = / {v = $3}
+         /^source = "registry/ {print n, v}' "$repo/Cargo.lock" | tr -d '"'
+}
+# Prints the name of each crate of Cargo.lock that has a path of this
+# repository's vendor/ as its source (neither crates.io nor the workspace's).
+locked_vendor_crates() {
+    awk 'function flush() { if (n != "" && s == "") print n; n = s = "" }
+         /^\[\[package\]\]/ {flush()} /^name = / {n = $3} /^source = / {s = $3} END {flush()}' "$repo/Cargo.lock" |
+        tr -d '"' | grep -vx -e chat-ha -e chat-bench
+}
+# Has copyright file $1 a paragraph for every crate of Cargo.lock?
+covers_locked_crates() {
+    local name version missing=0
+    while read -r name version; do
+        grep -qxF "Files: debian/cargo-vendor/$name-$version/*" "$1" ||
+            { echo "     no paragraph for $name $version"; missing=$((missing + 1)); }
+    done < <(locked_registry_crates)
+    while read -r name; do
+        grep -qxE "Files: vendor/(.+/)?$name/\*" "$1" ||
+            { echo "     no paragraph for vendor/ $name"; missing=$((missing + 1)); }
+    done < <(locked_vendor_crates)
+    [ "$missing" -eq 0 ] && [ "$(locked_registry_crates | wc -l)" -gt 0 ]
+}
 
 for d in frontend backend; do
     p=chat-$d
@@ -95,13 +131,24 @@ for d in frontend backend; do
     check "$p: full RELRO (BIND_NOW)" eval 'readelf -d "$tmp/$p/usr/bin/$p" | grep -q "BIND_NOW"'
     check "$p: man page renders without warnings" eval \
         '[ -z "$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l -Tutf8 -Z "$tmp/$p/usr/share/man/man8/$p.8.gz" 2>&1 >/dev/null)" ]'
-    check "$p: maintainer scripts stop instances on remove, restart them one by one on upgrade" eval \
+    check "$p: maintainer scripts stop its instances on remove, restart them one by one on upgrade" eval \
         'grep -q "stop .$p@\*.socket. .$p@\*.service." "$tmp/$p/DEBIAN/prerm" &&
-         grep -q "deb-systemd-invoke restart" "$tmp/$p/DEBIAN/postinst"'
+         grep -q "state=active .$p@\*.service." "$tmp/$p/DEBIAN/postinst" &&
+         grep -q "deb-systemd-invoke restart" "$tmp/$p/DEBIAN/postinst" &&
+         ! grep -q "#PACKAGE#" "$tmp/$p/DEBIAN/postinst" "$tmp/$p/DEBIAN/prerm"'
+    check "$p: its copyright has a paragraph for every crate of Cargo.lock" \
+        covers_locked_crates "$tmp/$p/usr/share/doc/$p/copyright"
 done
-check "chat-frontend: the www directory (page, script, Socket.IO client)" eval \
+check "chat-frontend and chat-backend: the same maintainer scripts but for the package's name" eval \
+    'same_script_but_name postinst && same_script_but_name prerm && same_script_but_name postrm'
+check "chat-frontend: the www directory (page, script, Socket.IO client and its source)" eval \
     'has_file chat-frontend /usr/share/chat-ha/www/index.html && has_file chat-frontend /usr/share/chat-ha/www/assets/app.js &&
-     has_file chat-frontend /usr/share/chat-ha/www/assets/socket.io.min.js'
+     has_file chat-frontend /usr/share/chat-ha/www/assets/socket.io.min.js && has_file chat-frontend /usr/share/chat-ha/www/assets/socket.io.js'
+www=$tmp/chat-frontend/usr/share/chat-ha/www/assets
+socket_io=$(sed -n 's/^Comment: The Socket.IO browser client, version \([0-9.]*\):.*/\1/p' "$tmp/chat-frontend/usr/share/doc/chat-frontend/copyright")
+check "chat-frontend: socket.io.min.js and socket.io.js are the Socket.IO client its copyright names (${socket_io:-none})" eval \
+    '[ -n "$socket_io" ] && [ "$(sed -n 2p "$www/socket.io.min.js")" = " * Socket.IO v$socket_io" ] &&
+     [ "$(sed -n 2p "$www/socket.io.js")" = " * Socket.IO v$socket_io" ]'
 
 p=chat-ha-common
 check "$p: /etc/chat-ha/chat-ha.toml is a conffile, equal to etc/chat-ha/chat-ha.toml" eval \
