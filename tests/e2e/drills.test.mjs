@@ -17,13 +17,15 @@ import assert from 'node:assert/strict';
 
 import { startTopology } from './lib/topology.mjs';
 import {
-  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, request, waitFor,
+  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, request, sleep, waitFor,
 } from './lib/helpers.mjs';
 
 const CLIENTS = 8;
 // A client away for a few seconds misses this many messages or more.
 const POST_INTERVAL_MS = 10;
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// Posts acknowledged once the stopped frontend is back, before the stream
+// ends: the drill goes on with every instance up.
+const POSTS_AFTER_RESTART = 50;
 const sum = (list) => list.reduce((a, b) => a + b, 0);
 
 describe('drills under a steady stream of posts', () => {
@@ -182,7 +184,7 @@ describe('drills under a steady stream of posts', () => {
 
     await victim.start();
     await everyServerUp();
-    await sleep(500);
+    await poster.acknowledgedMore(POSTS_AFTER_RESTART);
     const report = await finish(t, 'drill: frontend stopped with SIGTERM');
 
     assert.equal(report.failedRequests, 0, `failed requests: ${JSON.stringify(poster.failed.slice(0, 5))}`);
@@ -217,19 +219,20 @@ describe('drills under a steady stream of posts', () => {
     const exit = await victim.stop({ signal: 'SIGKILL' });
     const killedAt = Date.now();
     assert.deepEqual(exit, { code: null, signal: 'SIGKILL' });
-    await waitFor('the killed frontend\'s clients to be connected again and joined',
-      () => moved.every((c) => c.joined >= 2 && c.connected), { timeoutMs: 30_000 });
     // Every transport notices at once: HAProxy answers a long-poll pending
-    // on the dead instance (see retry-on in chat-ha.cfg). At 100 posts/s the
-    // room's 1000-message history covers a client away for about 10 s.
-    const resumedAfterMs = Date.now() - killedAt;
-    t.diagnostic(`the killed frontend's clients resumed within ${resumedAfterMs} ms`);
-    assert.ok(resumedAfterMs < 8000, `the killed frontend's clients resumed within ${resumedAfterMs} ms, in less than 8 s`);
+    // on the dead instance (see retry-on in chat-ha.cfg). Without that, a
+    // polling client would notice only when socket.io's heartbeat fails,
+    // after 45 s (ping interval and timeout): the wait's bound tells the
+    // two apart with room to spare for a loaded machine (about 1.5 s
+    // otherwise). How fast, exactly, is the benchmark's to measure.
+    await waitFor(() => `the killed frontend's clients to be connected again and joined (${moved.filter((c) => c.joined >= 2 && c.connected).length} of ${moved.length})`,
+      () => moved.every((c) => c.joined >= 2 && c.connected), { timeoutMs: 25_000 });
+    t.diagnostic(`the killed frontend's clients resumed within ${Date.now() - killedAt} ms`);
     assert.deepEqual(await socketCounts(), [CLIENTS, 0], 'every client on the other frontend');
 
     await victim.start();
     await everyServerUp();
-    await sleep(500);
+    await poster.acknowledgedMore(POSTS_AFTER_RESTART);
     const report = await finish(t, 'drill: frontend killed with SIGKILL');
 
     assert.equal(report.failedRequests, 0, `failed requests: ${JSON.stringify(poster.failed.slice(0, 5))}`);
