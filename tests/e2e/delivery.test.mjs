@@ -45,8 +45,9 @@ describe('delivery across domains, transports, frontends and backends', () => {
       clients.push(client);
       await client.connect();
       const previous = counts;
-      counts = await waitFor(`the frontends to count ${clients.length} sockets`, async () => {
-        const now = await socketCounts();
+      let now = counts;
+      counts = await waitFor(() => `the frontends to count ${clients.length} sockets (they count ${now})`, async () => {
+        now = await socketCounts();
         return now.reduce((a, b) => a + b, 0) === clients.length ? now : null;
       });
       client.frontend = counts.findIndex((n, i) => n > previous[i]);

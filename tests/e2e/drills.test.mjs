@@ -78,8 +78,9 @@ describe('drills under a steady stream of posts', () => {
       c.open(`http://${domain}:${topo.haproxyPort}`, { transports: [transport], reconnection: true });
       await c.waitJoined(1);
       const previous = counts;
-      counts = await waitFor(`the frontends to count ${i + 1} sockets`,
-        async () => { const n = await socketCounts(); return sum(n) === i + 1 ? n : null; });
+      let now = counts;
+      counts = await waitFor(() => `the frontends to count ${i + 1} sockets (they count ${now})`,
+        async () => { now = await socketCounts(); return sum(now) === i + 1 ? now : null; });
       c.frontend = counts.findIndex((n, j) => n > previous[j]);
     }
     assert.deepEqual([...new Set(clients.map((c) => c.frontend))].sort(), [0, 1], 'clients on both frontends');

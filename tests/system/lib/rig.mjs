@@ -134,8 +134,9 @@ export async function lbServers() {
 
 /** Waits until HAProxy reports each server named in `want` ({server: "UP"|"DOWN"}) so. */
 export function waitForServers(want, timeoutMs = 20_000) {
-  return waitFor(`HAProxy to report ${JSON.stringify(want)}`, async () => {
-    const states = Object.fromEntries((await lbServers()).map((s) => [s.server, s.status]));
+  let states = {};
+  return waitFor(() => `HAProxy to report ${JSON.stringify(want)} (it reports ${JSON.stringify(states)})`, async () => {
+    states = Object.fromEntries((await lbServers()).map((s) => [s.server, s.status]));
     return Object.entries(want).every(([server, status]) => states[server]?.startsWith(status)) ? states : null;
   }, { timeoutMs, intervalMs: 500 });
 }
@@ -294,8 +295,9 @@ export class Spreader {
     const client = new RigClient(domain, this.room, { transports, reconnect: this.reconnect, name });
     this.clients.push(client);
     await client.ready();
-    const counts = await waitFor(`the frontends to count ${total(previous) + 1} sockets`, async () => {
-      const now = await frontConnections();
+    let now = previous;
+    const counts = await waitFor(() => `the frontends to count ${total(previous) + 1} sockets (they count ${JSON.stringify(now)})`, async () => {
+      now = await frontConnections();
       return total(now) === total(previous) + 1 ? now : null;
     }, { timeoutMs: 10_000, intervalMs: 50 });
     client.server = Object.keys(counts).find((k) => counts[k] > previous[k]);
