@@ -26,6 +26,12 @@ const POST_INTERVAL_MS = 10;
 // Posts acknowledged once the stopped frontend is back, before the stream
 // ends: the drill goes on with every instance up.
 const POSTS_AFTER_RESTART = 50;
+// A polling client whose long-poll was pending on a killed instance is
+// answered at once (retry-on in chat-ha.cfg) and resumes within about
+// 1.5 s; without that answer it would wait for HAProxy's 10 s `timeout
+// http-request`. The bound tells the two apart with six times the usual
+// time to spare; how fast, exactly, is the benchmark's to measure.
+const RESUMED_WITHIN_MS = 9000;
 const sum = (list) => list.reduce((a, b) => a + b, 0);
 
 describe('drills under a steady stream of posts', () => {
@@ -220,15 +226,13 @@ describe('drills under a steady stream of posts', () => {
     const exit = await victim.stop({ signal: 'SIGKILL' });
     const killedAt = Date.now();
     assert.deepEqual(exit, { code: null, signal: 'SIGKILL' });
-    // Every transport notices at once: HAProxy answers a long-poll pending
-    // on the dead instance (see retry-on in chat-ha.cfg). Without that, a
-    // polling client would notice only when socket.io's heartbeat fails,
-    // after 45 s (ping interval and timeout): the wait's bound tells the
-    // two apart with room to spare for a loaded machine (about 1.5 s
-    // otherwise). How fast, exactly, is the benchmark's to measure.
     await waitFor(() => `the killed frontend's clients to be connected again and joined (${moved.filter((c) => c.joined >= 2 && c.connected).length} of ${moved.length})`,
-      () => moved.every((c) => c.joined >= 2 && c.connected), { timeoutMs: 25_000 });
-    t.diagnostic(`the killed frontend's clients resumed within ${Date.now() - killedAt} ms`);
+      () => moved.every((c) => c.joined >= 2 && c.connected), { timeoutMs: 30_000 });
+    // Every transport notices at once: HAProxy answers a long-poll pending
+    // on the dead instance (see RESUMED_WITHIN_MS).
+    const resumedAfterMs = Date.now() - killedAt;
+    t.diagnostic(`the killed frontend's clients resumed within ${resumedAfterMs} ms`);
+    assert.ok(resumedAfterMs < RESUMED_WITHIN_MS, `the killed frontend's clients resumed within ${resumedAfterMs} ms, not in less than ${RESUMED_WITHIN_MS} ms`);
     assert.deepEqual(await socketCounts(), [CLIENTS, 0], 'every client on the other frontend');
 
     await victim.start();
