@@ -5,6 +5,9 @@
 #   make test    install what is missing and run every test tier
 #
 SHELL := /bin/bash
+# Every cargo command that resolves crates runs with --locked: the crates of
+# the lock files as committed, and a stale lock file fails the build
+# instead of being rewritten in the tree.
 CARGO ?= cargo
 # The Debian packages the project needs, besides Rust (rustup) and Node.js.
 # Running (make run): the services it starts.
@@ -26,7 +29,7 @@ export CHAT_HA_BIN_DIR := $(CURDIR)/target/debug
 all: build
 
 build:
-	$(CARGO) build --bins
+	$(CARGO) build --locked --bins
 
 # Installs the Debian packages of $(1) that are not installed yet (the
 # package lists are updated only then).
@@ -73,25 +76,29 @@ run: deps-run deps-node build
 
 lint: deps-lint
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	tests/msrv.sh
 
 test-rust: deps-apt
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --locked --workspace --all-targets
 	# A short benchmark run: it fails on any lost, duplicated or refused message.
-	$(CARGO) run -q -p chat-bench -- --smoke
+	$(CARGO) run --locked -q -p chat-bench -- --smoke
 
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
 
 # The project's own parsers under libFuzzer, briefly: request bodies, the
-# configuration, the join payload. cargo fuzz passes flags of the nightly
-# compiler; this machine's toolchain is stable, hence RUSTC_BOOTSTRAP for this
-# build only. Seeds are read from fuzz/corpus/ and never written there.
+# configuration, the join payload, each against what the documentation says
+# it accepts. cargo fuzz passes flags of the nightly compiler; this
+# machine's toolchain is stable, hence RUSTC_BOOTSTRAP for this build only.
+# cargo fuzz has no --locked: fetching with it first fails on a stale
+# fuzz/Cargo.lock, which the build then has no reason to rewrite. Seeds
+# are read from fuzz/corpus/ and never written there.
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := post_body config join_payload
 test-fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	$(CARGO) fetch --locked --manifest-path fuzz/Cargo.toml
 	for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t target/fuzz-artifacts/$$t && \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O -s none $$t target/fuzz-corpus/$$t fuzz/corpus/$$t -- \
@@ -107,7 +114,7 @@ test-browser: deps build
 #   make bench BENCH_ARGS="--clients 1000 --rooms 10 --rate 1000 --duration 20"
 BENCH_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
 bench: deps-apt
-	$(CARGO) build --release --bins -p chat-ha -p chat-bench
+	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench $(BENCH_ARGS)
 
 # The replay amplification attack of the security review (bench/attack.mjs):
@@ -115,7 +122,7 @@ bench: deps-apt
 # beside a bystander; prints the figures and checks them against their
 # targets.
 bench-attack: deps-apt deps-npm
-	$(CARGO) build --release --bins -p chat-ha
+	$(CARGO) build --locked --release --bins -p chat-ha
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release node bench/attack.mjs $(ATTACK_ARGS)
 
 # chat-ha against the Node.js Socket.IO reference stack of bench/node
@@ -127,7 +134,7 @@ COMPARE_LOAD_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
 COMPARE_STACKS ?= chat-ha node
 bench-compare: deps-apt deps-node
 	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
-	$(CARGO) build --release --bins -p chat-ha -p chat-bench
+	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench
 	@: > target/bench-compare.jsonl
 	for args in "$(COMPARE_CONNECT_ARGS)" "$(COMPARE_LOAD_ARGS)"; do \
 	  for stack in $(COMPARE_STACKS); do \

@@ -1,5 +1,12 @@
 //! Configuration files: any text is either a configuration or an error that
-//! names the file; nothing panics.
+//! names the file; nothing panics. And an accepted configuration keeps to
+//! what the README and the shipped file document, checked here without the
+//! library's own validation:
+//!
+//! - `frontend.max_queued_bytes` is at least 64 KiB;
+//! - `redis.url` holds no password, neither as a URL's password
+//!   (`redis://user:password@host`) nor as the `pass` of a socket URL
+//!   (`unix:///path?pass=...`): the file is readable by everyone on the host.
 #![no_main]
 
 use std::path::Path;
@@ -8,9 +15,32 @@ use chat_ha::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data)
-        && let Err(e) = Config::from_toml(text, Path::new("/fuzz/chat-ha.toml"))
-    {
-        assert!(e.to_string().starts_with("/fuzz/chat-ha.toml: "));
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::from_toml(text, Path::new("/fuzz/chat-ha.toml")) {
+        Err(e) => assert!(e.to_string().starts_with("/fuzz/chat-ha.toml: "), "{e}"),
+        Ok(config) => {
+            let queued = config.frontend.max_queued_bytes.get();
+            assert!(queued >= 64 * 1024, "max_queued_bytes {queued} accepted");
+            let url = config.redis.url.as_str();
+            assert!(
+                !holds_password(url),
+                "a Redis URL with a password accepted: {url}"
+            );
+        }
     }
 });
+
+/// Whether the Redis URL `url` carries a password: the URL's own for a
+/// network address, the `pass` query parameter for a unix socket.
+fn holds_password(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    if parsed.scheme().ends_with("unix") {
+        parsed.query_pairs().any(|(key, _)| key == "pass")
+    } else {
+        parsed.password().is_some()
+    }
+}

@@ -4,14 +4,10 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startChat, openChat, closeChat, waitState, waitInPage, waitForMessage, countMessage,
+  startChat, openChat, closeChat, waitState, waitInPage, waitForMessage, countMessage, fence,
   shownMessages, typeAndEnter, postMessage, history, assertOrderedUnique, unique, uniqueRoom,
-  sleep, WAIT_MS,
+  WAIT_MS,
 } from './lib/harness.mjs';
-
-// After a message has arrived where expected: time for a duplicate or a
-// stray copy to show up before counting.
-const SETTLE_MS = 1000;
 
 let env;
 const pages = [];
@@ -48,12 +44,13 @@ test('a message sent with Enter in one room appears once on both domains, not in
   await waitInPage(a, () => document.getElementById('composer-text').value === '', null,
     { message: 'the box to be cleared after a 201' });
 
-  // A control message to roomb: once C shows it, C has had its chance to
-  // show the rooma message too.
+  // A control message to roomb, then a fence in each room: once a page
+  // shows its room's fence, a copy of the message or a message of the
+  // other room would have been shown already.
   const control = unique('control for roomb');
   await postMessage(env, 'roomb', control);
-  await waitForMessage(c, control);
-  await sleep(SETTLE_MS);
+  await fence(env, 'rooma', [a, b]);
+  await fence(env, 'roomb', [c]);
 
   assert.equal(await countMessage(a, text), 1, 'A shows the message once');
   assert.equal(await countMessage(b, text), 1, 'B shows the message once');
@@ -84,7 +81,7 @@ test('markup in a message is shown as text and runs nothing', { timeout: 60000 }
   await waitState(b, 'connected');
   await waitForMessage(b, typed);
   await waitForMessage(b, posted);
-  await sleep(SETTLE_MS);
+  await fence(env, room, [a, b]);
 
   for (const page of [a, b]) {
     assert.deepEqual(page.dialogs, [], `no dialog opened on ${page.chatUrl}`);
@@ -114,9 +111,9 @@ test('reloading shows the history in order, without repeats', { timeout: 60000 }
   await page.reload();
   await waitState(page, 'connected');
   await waitForMessage(page, sent);
-  await sleep(SETTLE_MS);
+  texts.push(await fence(env, room, [page]));
   const shown = await shownMessages(page);
-  assert.deepEqual(shown.map((m) => m.text), texts, 'history in the order it was sent');
+  assert.deepEqual(shown.map((m) => m.text), texts, 'history in the order it was sent, then the live fence');
   assertOrderedUnique(shown, page.chatUrl);
   const stored = await history(env, room);
   assert.deepEqual(shown.map((m) => m.id), stored.map((m) => m.id), 'the ids the backend holds');
@@ -144,7 +141,7 @@ test('a page forced to long-polling sends and receives like a websocket one', { 
   await postMessage(env, room, fromApi);
   await waitForMessage(polling, fromApi);
   await waitForMessage(ws, fromApi);
-  await sleep(SETTLE_MS);
+  await fence(env, room, [polling, ws]);
 
   assert.deepEqual(polling.sockets, [], 'the polling page opened no WebSocket');
   assert.ok(ws.sockets.some((url) => url.includes('/front/socket.io/') && url.includes('transport=websocket')),
@@ -210,10 +207,7 @@ test('Shift+Enter makes a new line and does not send', { timeout: 60000 }, async
   await box.pressSequentially('line one');
   await box.press('Shift+Enter');
   await box.pressSequentially('line two');
-  assert.equal(await box.inputValue(), 'line one\nline two');
-  await sleep(SETTLE_MS);
-  assert.equal((await shownMessages(page)).length, 0, 'nothing was sent');
-  assert.deepEqual(await history(env, room), [], 'nothing was stored');
+  assert.equal(await box.inputValue(), 'line one\nline two', 'a new line, and the box still takes text');
 
   await box.press('Enter');
   await waitForMessage(page, 'line one\nline two');
@@ -221,8 +215,12 @@ test('Shift+Enter makes a new line and does not send', { timeout: 60000 }, async
   // which is what clears the box.
   await waitInPage(page, () => document.getElementById('composer-text').value === '', null,
     { message: 'the box to be cleared once the post is acknowledged' });
+  // The page sends one message at a time, the next once the last is
+  // answered: a message sent by Shift+Enter would be stored and shown
+  // before the one sent by Enter, the fence.
   const stored = await history(env, room);
-  assert.deepEqual(stored.map((m) => m.message), ['line one\nline two']);
+  assert.deepEqual(stored.map((m) => m.message), ['line one\nline two'], 'Shift+Enter stored nothing');
+  assert.deepEqual((await shownMessages(page)).map((m) => m.text), ['line one\nline two'], 'Shift+Enter sent nothing');
 });
 
 test('the room field checks the name and switches rooms', { timeout: 60000 }, async () => {

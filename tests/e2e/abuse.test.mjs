@@ -10,13 +10,17 @@ import { isDeepStrictEqual } from 'node:util';
 
 import { startTopology } from './lib/topology.mjs';
 import {
-  Client, RawWebSocket, logged, metrics, postMessage, rawSocketIo, request, waitFor,
+  Client, RawWebSocket, logged, metrics, postMessage, rawSocketIo, request, sleep, waitFor,
 } from './lib/helpers.mjs';
 
 const WATCH_ROOM = 'abuse-watch';
 const SLOW_DOWN = { ok: false, error: 'too many events; slow down' };
 const SESSION_UNKNOWN = { code: '1', message: 'Session ID unknown' };
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// The server closes a flooder's connection 5 s after disconnecting it. Seen
+// from the client, whose clock starts when the disconnect packet arrives,
+// it is less by however late that packet was read: half of it is a margin
+// no loaded machine eats, and still tells "waits" from "closes at once".
+const FLOODER_GRACE_AT_LEAST_MS = 2500;
 
 describe('abuse of a frontend', () => {
   let topo;
@@ -230,7 +234,7 @@ describe('abuse of a frontend', () => {
     // answers, and closes the connection a few seconds later.
     const keepOn = setInterval(() => send(5), 100);
     try {
-      await ws.until('the server to close the connection', () => ws.ended, 15_000);
+      await ws.until('the server to close the connection', () => ws.ended, 30_000);
     } finally {
       clearInterval(keepOn);
     }
@@ -247,7 +251,7 @@ describe('abuse of a frontend', () => {
     // After the disconnect: at most Engine.IO's own close packet.
     assert.deepEqual(got.slice(disconnectAt + 1).filter((m) => m !== '1'), [], 'nothing answered after the disconnect');
     assert.ok(sent > 100, `the client kept sending (${sent} events)`);
-    assert.ok(closedAfterMs >= 3000 && closedAfterMs < 10_000, `closed ${closedAfterMs} ms after the disconnect (the server waits 5 s)`);
+    assert.ok(closedAfterMs >= FLOODER_GRACE_AT_LEAST_MS, `closed ${closedAfterMs} ms after the disconnect (the server waits 5 s)`);
     await stillServing('a websocket flooder that ignores the disconnect');
   }));
 
@@ -255,7 +259,9 @@ describe('abuse of a frontend', () => {
     const c = await abuser('websocket');
     for (let i = 0; i < 25; i++) c.socket.emit('nonsense', i);
     assert.deepEqual(await c.join('abuse-after-nonsense'), SLOW_DOWN);
-    // The budget refills (10 a second): the socket may join again.
+    // The budget refills (10 a second): the socket may join again. The
+    // passing of time is what is tested here; a slower machine only lets
+    // more of it pass.
     await sleep(1200);
     assert.deepEqual(await c.join('abuse-after-nonsense'), { ok: true });
     assert.equal(c.socket.connected, true);
@@ -275,12 +281,15 @@ describe('abuse of a frontend', () => {
 
   it('closes a websocket client that sends an event over 4 KiB, unanswered', logged(() => topo, async () => {
     const c = await abuser('websocket');
-    let answer = 'no answer';
-    c.socket.timeout(3000).emit('room', 'x'.repeat(5000), (err, a) => { if (!err) answer = a; });
+    // The acknowledgement settles once: with the server's answer, or with
+    // an error when the socket disconnects first (socket.io-client then
+    // drops every pending acknowledgement), or after 30 s.
+    const settled = new Promise((resolve) => {
+      c.socket.timeout(30_000).emit('room', 'x'.repeat(5000), (err, answer) => resolve(err ? err.message : answer));
+    });
     await waitFor('the client to be disconnected', () => c.disconnects.length > 0);
     assert.deepEqual(c.disconnects, ['transport close']);
-    await sleep(200);
-    assert.equal(answer, 'no answer');
+    assert.equal(await settled, 'socket has been disconnected', 'no answer came before the disconnect');
     await stillServing('an oversized websocket event');
   }));
 

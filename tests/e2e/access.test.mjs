@@ -16,7 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { io } from 'socket.io-client';
 
-import { freePorts, haproxyConfig, haproxyGlobal, startTopology } from './lib/topology.mjs';
+import { bindInherited, haproxyConfig, haproxyGlobal, listeningSocket, startTopology } from './lib/topology.mjs';
 import { DOMAIN_1, DOMAIN_2, logged, request, waitFor, within } from './lib/helpers.mjs';
 
 const HANDSHAKE = '/front/socket.io/?EIO=4&transport=polling';
@@ -332,16 +332,25 @@ describe('what HAProxy forwards, and origins over TLS', () => {
     topo = await startTopology({ frontends: 1, backends: 1 });
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-ha-access-'));
     tap = await startTap(topo.backends[0].port);
-    [plainPort, tlsPort] = await freePorts(2);
+    // Both listening sockets are bound here and inherited by HAProxy (fd 3
+    // and 4): no port is chosen and then bound by another process.
+    const plain = await listeningSocket();
+    const tls = await listeningSocket();
+    [plainPort, tlsPort] = [plain.port, tls.port];
     const pem = selfSignedPem(tmp);
-    const config = haproxyConfig({ port: plainPort, frontendPorts: [topo.frontends[0].port], backendPorts: [tap.port] })
-      .replace(`    bind 127.0.0.1:${plainPort}\n`, `    bind 127.0.0.1:${plainPort}\n    bind 127.0.0.1:${tlsPort} ssl crt ${pem}\n`);
+    const config = bindInherited(
+      haproxyConfig({ port: plainPort, frontendPorts: [topo.frontends[0].port], backendPorts: [tap.port] }),
+      plainPort, ['fd@3', `fd@4 ssl crt ${pem}`]);
     fs.writeFileSync(path.join(tmp, 'chat-ha.cfg'), config);
     fs.writeFileSync(path.join(tmp, 'global.cfg'), haproxyGlobal({ statsSocket: path.join(tmp, 'stats.sock') }));
     const log = fs.openSync(path.join(tmp, 'haproxy.log'), 'a');
-    proxy = spawn('haproxy', ['-db', '-f', path.join(tmp, 'global.cfg'), '-f', path.join(tmp, 'chat-ha.cfg')],
-      { stdio: ['ignore', log, log] });
-    fs.closeSync(log);
+    try {
+      proxy = spawn('haproxy', ['-db', '-f', path.join(tmp, 'global.cfg'), '-f', path.join(tmp, 'chat-ha.cfg')],
+        { stdio: ['ignore', log, log, plain.fd, tls.fd] });
+    } finally {
+      fs.closeSync(log);
+      await Promise.all([plain.close(), tls.close()]);
+    }
     process.once('exit', killProxy);
     await waitFor('HAProxy of this block to route posts', async () =>
       (await post({ url: `http://127.0.0.1:${plainPort}` })).status === 201, { timeoutMs: 20_000 });

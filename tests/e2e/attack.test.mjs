@@ -28,14 +28,19 @@ describe('20 clients replaying whole histories and reading nothing', () => {
   });
 
   it('leave Redis alive under 2 GiB, and the bystander posts and receives everything', logged(() => topo, async (t) => {
-    const figures = await replayAttack(topo, { attackers: 20, rooms: 8, perRoom: 1100, bytes: 3000, seconds: 30 });
+    const seconds = 30;
+    const figures = await replayAttack(topo, { attackers: 20, rooms: 8, perRoom: 1100, bytes: 3000, seconds });
     t.diagnostic(figuresLine(figures));
     assert.ok(figures.attackerConnections > 100, `the attack ran: ${figuresLine(figures)}`);
     assert.ok(figures.redisAlive, 'Redis answers');
     assert.ok(figures.redisPeakMiB < 2 * GIB, `Redis peaked at ${figures.redisPeakMiB} MiB`);
     const { counts } = figures;
     assert.equal(counts.failedRequests, 0, counts.line);
-    assert.ok(counts.acknowledged >= 100, counts.line);
+    // The bystander posts 4 times a second, each post once the last is
+    // answered: how fast it is served is `make bench-attack`'s to measure
+    // against its targets; here, that it was served all along, at least
+    // once a second on average whatever the machine's load.
+    assert.ok(counts.acknowledged >= seconds, counts.line);
     assert.equal(counts.delivered, counts.acknowledged, counts.line);
     assert.equal(counts.duplicated + counts.outOfOrder + counts.lost, 0, counts.line);
   }));

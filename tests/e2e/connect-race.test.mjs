@@ -61,7 +61,7 @@ describe('clients joining the instant they connect', () => {
         });
       }));
     }
-    const answers = await within(60_000, `${CLIENTS} join acknowledgements (failures so far: ${failures.slice(0, 5)})`, Promise.all(acks));
+    const answers = await within(60_000, () => `${CLIENTS} join acknowledgements (failures so far: ${failures.slice(0, 5)})`, Promise.all(acks));
     const bad = answers.map((a, i) => [i, a]).filter(([, a]) => !(a && a.ok === true));
     assert.deepEqual(bad, [], `joins not acknowledged ok: ${JSON.stringify(bad.slice(0, 10))}`);
     assert.deepEqual(failures, []);

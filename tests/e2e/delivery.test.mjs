@@ -45,8 +45,9 @@ describe('delivery across domains, transports, frontends and backends', () => {
       clients.push(client);
       await client.connect();
       const previous = counts;
-      counts = await waitFor(`the frontends to count ${clients.length} sockets`, async () => {
-        const now = await socketCounts();
+      let now = counts;
+      counts = await waitFor(() => `the frontends to count ${clients.length} sockets (they count ${now})`, async () => {
+        now = await socketCounts();
         return now.reduce((a, b) => a + b, 0) === clients.length ? now : null;
       });
       client.frontend = counts.findIndex((n, i) => n > previous[i]);
@@ -200,6 +201,15 @@ describe('delivery across domains, transports, frontends and backends', () => {
   }));
 
   it('keeps every client connected on its transport, with no other message received', logged(() => topo, async () => {
+    // A last message per room, after everything the tests posted (to other
+    // rooms too): once a client has it, any other message for it would have
+    // come before it.
+    for (const room of [ROOM_A, ROOM_B]) {
+      const res = await postMessage(topo.url, room, `last fence ${room}`, { host: DOMAIN_2 });
+      assert.equal(res.status, 201, res.text);
+      posted[room].push(res.json);
+    }
+    await Promise.all(clients.map((c) => c.waitForMessage(`last fence ${c.room}`, (m) => m.id === posted[c.room].at(-1).id)));
     await waitFor('both frontends to count every socket', async () => {
       const statuses = await Promise.all(topo.frontends.map((f) => f.status()));
       return statuses.reduce((n, s) => n + s.connections, 0) === clients.length;

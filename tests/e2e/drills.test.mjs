@@ -17,13 +17,21 @@ import assert from 'node:assert/strict';
 
 import { startTopology } from './lib/topology.mjs';
 import {
-  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, request, waitFor,
+  DOMAIN_1, DOMAIN_2, Poster, ResumingClient, deliveryCounts, logged, request, sleep, waitFor,
 } from './lib/helpers.mjs';
 
 const CLIENTS = 8;
 // A client away for a few seconds misses this many messages or more.
 const POST_INTERVAL_MS = 10;
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// Posts acknowledged once the stopped frontend is back, before the stream
+// ends: the drill goes on with every instance up.
+const POSTS_AFTER_RESTART = 50;
+// A polling client whose long-poll was pending on a killed instance is
+// answered at once (retry-on in chat-ha.cfg) and resumes within about
+// 1.5 s; without that answer it would wait for HAProxy's 10 s `timeout
+// http-request`. The bound tells the two apart with six times the usual
+// time to spare; how fast, exactly, is the benchmark's to measure.
+const RESUMED_WITHIN_MS = 9000;
 const sum = (list) => list.reduce((a, b) => a + b, 0);
 
 describe('drills under a steady stream of posts', () => {
@@ -76,8 +84,9 @@ describe('drills under a steady stream of posts', () => {
       c.open(`http://${domain}:${topo.haproxyPort}`, { transports: [transport], reconnection: true });
       await c.waitJoined(1);
       const previous = counts;
-      counts = await waitFor(`the frontends to count ${i + 1} sockets`,
-        async () => { const n = await socketCounts(); return sum(n) === i + 1 ? n : null; });
+      let now = counts;
+      counts = await waitFor(() => `the frontends to count ${i + 1} sockets (they count ${now})`,
+        async () => { now = await socketCounts(); return sum(now) === i + 1 ? now : null; });
       c.frontend = counts.findIndex((n, j) => n > previous[j]);
     }
     assert.deepEqual([...new Set(clients.map((c) => c.frontend))].sort(), [0, 1], 'clients on both frontends');
@@ -182,7 +191,7 @@ describe('drills under a steady stream of posts', () => {
 
     await victim.start();
     await everyServerUp();
-    await sleep(500);
+    await poster.acknowledgedMore(POSTS_AFTER_RESTART);
     const report = await finish(t, 'drill: frontend stopped with SIGTERM');
 
     assert.equal(report.failedRequests, 0, `failed requests: ${JSON.stringify(poster.failed.slice(0, 5))}`);
@@ -217,19 +226,18 @@ describe('drills under a steady stream of posts', () => {
     const exit = await victim.stop({ signal: 'SIGKILL' });
     const killedAt = Date.now();
     assert.deepEqual(exit, { code: null, signal: 'SIGKILL' });
-    await waitFor('the killed frontend\'s clients to be connected again and joined',
+    await waitFor(() => `the killed frontend's clients to be connected again and joined (${moved.filter((c) => c.joined >= 2 && c.connected).length} of ${moved.length})`,
       () => moved.every((c) => c.joined >= 2 && c.connected), { timeoutMs: 30_000 });
     // Every transport notices at once: HAProxy answers a long-poll pending
-    // on the dead instance (see retry-on in chat-ha.cfg). At 100 posts/s the
-    // room's 1000-message history covers a client away for about 10 s.
+    // on the dead instance (see RESUMED_WITHIN_MS).
     const resumedAfterMs = Date.now() - killedAt;
     t.diagnostic(`the killed frontend's clients resumed within ${resumedAfterMs} ms`);
-    assert.ok(resumedAfterMs < 8000, `the killed frontend's clients resumed within ${resumedAfterMs} ms, in less than 8 s`);
+    assert.ok(resumedAfterMs < RESUMED_WITHIN_MS, `the killed frontend's clients resumed within ${resumedAfterMs} ms, not in less than ${RESUMED_WITHIN_MS} ms`);
     assert.deepEqual(await socketCounts(), [CLIENTS, 0], 'every client on the other frontend');
 
     await victim.start();
     await everyServerUp();
-    await sleep(500);
+    await poster.acknowledgedMore(POSTS_AFTER_RESTART);
     const report = await finish(t, 'drill: frontend killed with SIGKILL');
 
     assert.equal(report.failedRequests, 0, `failed requests: ${JSON.stringify(poster.failed.slice(0, 5))}`);

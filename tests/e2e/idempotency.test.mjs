@@ -28,7 +28,7 @@ describe('idempotent posts through HAProxy', () => {
   });
 
   /** The idempotency records in Redis, as the administrator sees them. */
-  const records = () => execFileSync('redis-cli', ['-p', String(topo.redis.port), '--user', topo.redis.admin.user, '--scan', '--pattern', 'chat:idem:*'],
+  const records = () => execFileSync('redis-cli', ['-s', topo.redis.socket, '--user', topo.redis.admin.user, '--scan', '--pattern', 'chat:idem:*'],
     { encoding: 'utf8', env: { ...process.env, REDISCLI_AUTH: topo.redis.admin.password } })
     .split('\n').filter((l) => l !== '');
 

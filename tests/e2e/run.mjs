@@ -4,7 +4,6 @@
 //
 //   node tests/e2e/run.mjs [--port 8080] [--frontends 2] [--backends 2] [--log-dir DIR]
 
-import net from 'node:net';
 import { parseArgs } from 'node:util';
 
 import { PACKAGED_LIMITS, startTopology } from './lib/topology.mjs';
@@ -43,19 +42,14 @@ const port = count('port', 1, 65535);
 const frontends = count('frontends', 1, 16);
 const backends = count('backends', 1, 16);
 
-// A clear message rather than HAProxy's own when the port is taken.
-await new Promise((resolve) => {
-  const probe = net.createServer();
-  probe.once('error', (e) => die(`cannot listen on 127.0.0.1:${port}: ${e.code === 'EADDRINUSE' ? 'the port is in use' : e.message}; choose another with --port N`));
-  probe.listen(port, '127.0.0.1', () => probe.close(resolve));
-});
-
 console.log(`starting Redis, ${frontends} frontend(s), ${backends} backend(s) and HAProxy on port ${port}...`);
 let topo;
 try {
   topo = await startTopology({ frontends, backends, haproxyPort: port, logDir: options['log-dir'], ...PACKAGED_LIMITS });
 } catch (e) {
-  console.error(`could not start: ${e.message}`);
+  // The port is bound before anything starts: taken, it is the first error.
+  const taken = /the port is in use/.test(e.message) ? '; choose another with --port N' : '';
+  console.error(`could not start: ${e.message}${taken}`);
   process.exit(1);
 }
 
@@ -82,7 +76,7 @@ chat-ha is running.
   History:     curl -s '${base}/back/messages?room=lobby&limit=10'
   Status:      curl -s ${base}/front/status ; curl -s ${base}/back/status
 
-  Redis on 127.0.0.1:${topo.redis.port}; frontends on ${list(topo.frontends)}; backends on ${list(topo.backends)}
+  Redis on ${topo.redis.socket}; frontends on ports ${list(topo.frontends)}; backends on ports ${list(topo.backends)}
   Logs in ${topo.logDir}
 
 Press Ctrl-C to stop everything.`);

@@ -31,13 +31,9 @@ for arg in "$@"; do
     fi
 done
 
-failures=0
-pass() { echo "ok   - $*"; }
-fail() { echo "FAIL - $*"; failures=$((failures + 1)); }
-check() { # check DESCRIPTION COMMAND...
-    local what=$1; shift
-    if "$@"; then pass "$what"; else fail "$what"; fi
-}
+# pass, fail, check, checks_done
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$here/../lib.sh"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -204,8 +200,4 @@ dups=$(for p in $packages; do (cd "$tmp/$p" && find . -path ./DEBIAN -prune -o !
 [ -z "$dups" ] || printf '%s\n' "$dups" | sed 's/^/     in two packages: /'
 check "no file is in two packages" test -z "$dups"
 
-if [ "$failures" -ne 0 ]; then
-    echo "check-debs: $failures check(s) failed"
-    exit 1
-fi
-echo "check-debs: all checks passed"
+checks_done check-debs

@@ -21,13 +21,9 @@ units=$(cd "$here/../../systemd" && pwd)
 generator=$units/chat-ha-generator
 max_exposure=2.0
 
-failures=0
-pass() { echo "ok   - $*"; }
-fail() { echo "FAIL - $*"; failures=$((failures + 1)); }
-check() { # check DESCRIPTION COMMAND...
-    local what=$1; shift
-    if "$@"; then pass "$what"; else fail "$what"; fi
-}
+# pass, fail, check, checks_done
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$here/../lib.sh"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -190,8 +186,4 @@ check "chat-ha.slice: MemoryHigh=60%, MemoryMax=70%, no swap" \
     eval 'has chat-ha.slice MemoryHigh=60% && has chat-ha.slice MemoryMax=70% && has chat-ha.slice MemorySwapMax=0'
 check "chat-ha.target: WantedBy=multi-user.target" has chat-ha.target WantedBy=multi-user.target
 
-if [ "$failures" -ne 0 ]; then
-    echo "check-units: $failures check(s) failed"
-    exit 1
-fi
-echo "check-units: all checks passed"
+checks_done check-units

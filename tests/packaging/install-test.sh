@@ -33,13 +33,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 debdir=$(cd "$1" && pwd)
 cache=$("$here/prepare-root.sh" ${2:+"$2"})
 
-failures=0
-pass() { echo "ok   - $*"; }
-fail() { echo "FAIL - $*"; failures=$((failures + 1)); }
-check() { # check DESCRIPTION COMMAND...
-    local what=$1; shift
-    if "$@"; then pass "$what"; else fail "$what"; fi
-}
+# pass, fail, check, checks_done
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$here/../lib.sh"
 
 state=$(mktemp -d /tmp/chat-ha-install-test.XXXXXX)
 machine=chat-ha-pkg-$$
@@ -457,8 +453,4 @@ check "haproxy.service still active on its own configuration, port 80 closed" ev
     'all_active haproxy.service && ! ct ss -Hltn | grep -q ":80 "'
 check "chat-ha.target gone" eval '[ "$(ct systemctl show -P LoadState chat-ha.target)" = not-found ]'
 
-if [ "$failures" -ne 0 ]; then
-    echo "install-test: $failures check(s) failed"
-    exit 1
-fi
-echo "install-test: all checks passed"
+checks_done install-test

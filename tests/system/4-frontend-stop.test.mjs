@@ -10,7 +10,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  DOMAIN_1, DOMAIN_2, FRONT_INSTANCES, Poster, Spreader, frontConnections, frontStatus, sleep, ssh,
+  DOMAIN_1, DOMAIN_2, FRONT_INSTANCES, Spreader, frontConnections, frontStatus, postStream, ssh,
   waitFor, waitForServers,
 } from './lib/rig.mjs';
 
@@ -47,8 +47,8 @@ describe(`systemctl stop ${UNIT}.socket ${UNIT}.service on ${INST.host}`, () => 
     console.log(`# ${clients.length} clients: ${spread.landing()}`);
     assert.deepEqual([...new Set(moved.map((c) => c.transports[0]))].sort(), ['polling', 'websocket']);
 
-    poster = new Poster(ROOM, { intervalMs: 50 });
-    await sleep(1000);
+    poster = postStream(ROOM, { intervalMs: 50 });
+    await poster.acknowledgedMore(20);
     await ssh(INST.host, `sudo systemctl stop ${UNIT}.socket ${UNIT}.service`);
     const state = await ssh(INST.host, `systemctl is-active ${UNIT}.socket ${UNIT}.service || true`);
     assert.deepEqual(state.trim().split('\n'), ['inactive', 'inactive'], 'socket and service stay stopped');
@@ -72,9 +72,9 @@ describe(`systemctl stop ${UNIT}.socket ${UNIT}.service on ${INST.host}`, () => 
       assert.equal(c.connectCount, 1, `${c.name} on ${c.server} kept its connection`);
     }
 
-    await sleep(1500); // posting on, to the clients' new instances
+    await poster.acknowledgedMore(30); // posting on, to the clients' new instances
     await poster.stop();
-    assert.deepEqual(poster.failures, [], 'every POST answered 201');
+    assert.deepEqual(poster.failed, [], 'every POST answered 201');
     const ids = poster.acked.map((m) => m.id);
     await Promise.all(clients.map((c) => c.waitForIds(ids, 15_000)));
     for (const c of clients) {

@@ -1,6 +1,7 @@
 // Shared pieces of the browser tests: the topology (Redis, frontends,
-// backends, HAProxy), headless Chromium, and waits that fail with a message
-// saying what was awaited.
+// backends, HAProxy), headless Chromium, waits that fail with a message
+// saying what was awaited, and fences (see fence()). The rest is shared with
+// the other tiers in tests/e2e/lib/helpers.mjs.
 //
 // The pages are opened on the demo domains www.node-services-1.com and
 // www.node-services-2.com, which Chromium resolves to 127.0.0.1, where HAProxy
@@ -171,6 +172,24 @@ export async function waitForMessage(page, text, { timeout = WAIT_MS } = {}) {
   );
 }
 
+/**
+ * Posts a fence to `room` and waits until each of `pages` shows it and has
+ * read the room's history: whatever reached a page before the fence is
+ * shown by then (the socket delivers in order; the history the page reads
+ * on joining is merged as it arrives), so what is not shown was not sent.
+ * Returns the fence's text.
+ */
+export async function fence(env, room, pages) {
+  const text = unique('fence');
+  await postMessage(env, room, text);
+  for (const page of pages) {
+    await waitForMessage(page, text);
+    await waitInPage(page, () => document.getElementById('messages')?.getAttribute('aria-busy') === 'false', null,
+      { message: `${page.chatUrl} to have read the history` });
+  }
+  return text;
+}
+
 export async function countMessage(page, text) {
   return (await shownMessages(page)).filter((m) => m.text === text).length;
 }
@@ -206,7 +225,6 @@ export async function history(env, room) {
   return (await response.json()).messages;
 }
 
-
 /** Fails unless the shown ids are unique and strictly increasing. */
 export function assertOrderedUnique(messages, where) {
   for (let i = 1; i < messages.length; i += 1) {
@@ -230,24 +248,3 @@ export function uniqueRoom(label) {
   return `${label}-${process.pid}-${Date.now().toString(36)}-${counter}`;
 }
 
-export function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-/** Polls `check` (async, returns a value or null) until it gives a value. */
-export async function poll(check, { timeout = WAIT_MS, interval = 100, message }) {
-  const end = Date.now() + timeout;
-  let last;
-  for (;;) {
-    try {
-      const value = await check();
-      if (value !== null && value !== undefined && value !== false) return value;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > end) {
-      throw new Error(`timed out after ${timeout} ms: ${message}${last ? ` (last error: ${last.message})` : ''}`);
-    }
-    await sleep(interval);
-  }
-}

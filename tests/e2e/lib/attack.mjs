@@ -15,17 +15,11 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 
-import { DOMAIN_1, Poster, RawWebSocket, ResumingClient, deliveryCounts, metrics, postMessage } from './helpers.mjs';
+import {
+  DOMAIN_1, Poster, RawWebSocket, ResumingClient, deliveryCounts, memoryOf, metrics, postMessage, sleep,
+} from './helpers.mjs';
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const TICKS_PER_SECOND = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
-
-/** Resident memory of process `pid` now and at its peak, in bytes. */
-export function memoryOf(pid) {
-  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kib = (name) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN) * 1024;
-  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
-}
 
 /** CPU time process `pid` has used, user and system, in seconds. */
 export function cpuSecondsOf(pid) {

@@ -1,7 +1,14 @@
-// What the end-to-end tests share: HTTP requests with a chosen Host, real
-// socket.io-client connections, and waits that fail with a clear message.
+// What the end-to-end, browser and system tests share: HTTP requests with
+// a chosen Host, real socket.io-client connections, a steady stream of
+// posts, and waits that fail with a clear message.
+//
+// A test waits for an event (a message, a status, a log line), never for a
+// while: to show that something did *not* happen, it sends a fence (a
+// message posted after everything else) and, once the fence has arrived,
+// looks at what came before it.
 
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { io } from 'socket.io-client';
@@ -10,13 +17,27 @@ import { io } from 'socket.io-client';
 export const DOMAIN_1 = 'www.node-services-1.com';
 export const DOMAIN_2 = 'www.node-services-2.com';
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+/**
+ * Resolves after `ms`. For pacing what a test does (a poster's rhythm, a
+ * client coming and going), never for giving something time to happen:
+ * wait for the event itself (waitFor), or send a fence.
+ */
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * `what` as text: a function is called, so that a wait's message tells the
+ * state when the wait gave up, not when it began.
+ */
+function describeNow(what) {
+  return typeof what === 'function' ? what() : what;
+}
 
 /**
  * Polls `check` (sync or async) until it returns a truthy value, which is
- * returned; fails after `timeoutMs` with `message` and the last error.
+ * returned; fails after `timeoutMs` with `what` (text, or a function giving
+ * it) and the last error.
  */
-export async function waitFor(message, check, { timeoutMs = 10_000, intervalMs = 50 } = {}) {
+export async function waitFor(what, check, { timeoutMs = 10_000, intervalMs = 50 } = {}) {
   const deadline = Date.now() + timeoutMs;
   let last;
   for (;;) {
@@ -28,19 +49,53 @@ export async function waitFor(message, check, { timeoutMs = 10_000, intervalMs =
       last = e;
     }
     if (Date.now() > deadline) {
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${message}` + (last ? ` (last error: ${last.message})` : ''));
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${describeNow(what)}` + (last ? ` (last error: ${last.message})` : ''));
     }
     await sleep(intervalMs);
   }
 }
 
-/** Rejects with `message` if `promise` has not settled within `timeoutMs`. */
-export function within(timeoutMs, message, promise) {
+/** Rejects with `what` (text, or a function giving it) if `promise` has not settled within `timeoutMs`. */
+export function within(timeoutMs, what, promise) {
   let timer;
   const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${message}`)), timeoutMs);
+    timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for ${describeNow(what)}`)), timeoutMs);
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * The seed of a test's random choices: $CHAT_HA_TEST_SEED when set (to
+ * replay a failed run's choices), else a fresh one. Print it with the
+ * test's output.
+ */
+export function testSeed() {
+  const given = process.env.CHAT_HA_TEST_SEED;
+  if (given === undefined) return crypto.randomBytes(4).readUInt32BE();
+  if (!/^\d+$/.test(given)) throw new Error(`CHAT_HA_TEST_SEED must be a whole number, not ${JSON.stringify(given)}`);
+  return Number(given) % 2 ** 32;
+}
+
+/**
+ * A random number generator seeded with `seed` (mulberry32): each call gives
+ * a float in [0, 1), the same sequence for the same seed.
+ */
+export function randomFrom(seed) {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+/** Resident memory of process `pid` now (rss) and at its peak (peak), in bytes. */
+export function memoryOf(pid) {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (name) => Number(new RegExp(`^${name}:\\s+(\\d+) kB$`, 'm').exec(status)?.[1] ?? NaN) * 1024;
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
 }
 
 /**
@@ -166,7 +221,7 @@ export class Client {
 
   /** Waits until the client has received a message satisfying `match`. */
   waitForMessage(what, match, timeoutMs = 10_000) {
-    return waitFor(`${this.name} to receive ${what} (received so far: ${JSON.stringify(this.messages.map((m) => m.message))})`,
+    return waitFor(() => `${this.name} to receive ${what} (received: ${JSON.stringify(this.messages.map((m) => m.message.slice(0, 80)))})`,
       () => this.messages.find(match), { timeoutMs, intervalMs: 20 });
   }
 
@@ -320,13 +375,13 @@ export class ResumingClient {
 
   /** Waits until the client has joined `count` times in all. */
   waitJoined(count, timeoutMs = 15_000) {
-    return waitFor(`${this.name} to have joined ${count} times (answers: ${JSON.stringify(this.answers.slice(-3))}, connect errors: ${JSON.stringify(this.connectErrors.slice(-3))}, disconnects: ${JSON.stringify(this.disconnects.slice(-3))})`,
+    return waitFor(() => `${this.name} to have joined ${count} times (joined ${this.joined}; last answers: ${JSON.stringify(this.answers.slice(-3))}, connect errors: ${JSON.stringify(this.connectErrors.slice(-3))}, disconnects: ${JSON.stringify(this.disconnects.slice(-3))})`,
       () => this.joined >= count && this.connected, { timeoutMs, intervalMs: 20 });
   }
 
   /** Waits until the client has received the message with `id`. */
   waitForId(id, timeoutMs = 15_000) {
-    return waitFor(`${this.name} to receive message ${id} (last received ${this.lastId})`,
+    return waitFor(() => `${this.name} to receive message ${id} (last received ${this.lastId})`,
       () => this.ids.has(id), { timeoutMs, intervalMs: 20 });
   }
 
@@ -343,14 +398,16 @@ export class ResumingClient {
 }
 
 /**
- * A steady, client-paced stream of posts to one room: each POST waits for
- * its answer, then `intervalMs`. The text carries a sequence number.
- * `acked` holds the stored messages (201), in order; `failed` every other
- * outcome: {seq, status, error, startedAt, endedAt}.
+ * A steady, client-paced stream of posts to one room: each of `concurrency`
+ * loops POSTs, waits for the answer, then `intervalMs`. The text carries a
+ * sequence number; the Host header takes each of `hosts` in turn (`host`:
+ * one). `acked` holds the stored messages (201) in the order acknowledged
+ * (id order with one loop); `failed` every other outcome: {seq, status,
+ * error, startedAt, endedAt}; `log` every post.
  */
 export class Poster {
-  constructor(baseUrl, room, { host, intervalMs = 10, label = 'post' } = {}) {
-    Object.assign(this, { baseUrl, room, host, intervalMs, label });
+  constructor(baseUrl, room, { host, hosts = [host], intervalMs = 10, label = 'post', concurrency = 1 } = {}) {
+    Object.assign(this, { baseUrl, room, hosts, intervalMs, label, concurrency });
     this.sent = 0;
     this.acked = [];
     this.failed = [];
@@ -362,11 +419,12 @@ export class Poster {
   async post(text) {
     this.sent += 1;
     const seq = this.sent;
+    const host = this.hosts[seq % this.hosts.length];
     const startedAt = Date.now();
     let status;
     let error;
     try {
-      const res = await postMessage(this.baseUrl, this.room, `${this.label} ${seq}${text ? ` ${text}` : ''}`, { host: this.host });
+      const res = await postMessage(this.baseUrl, this.room, `${this.label} ${seq}${text ? ` ${text}` : ''}`, { host });
       status = res.status;
       if (status === 201) this.acked.push(res.json);
       else error = res.text;
@@ -381,18 +439,29 @@ export class Poster {
   }
 
   start() {
-    this.running = (async () => {
+    const loop = async () => {
       while (!this.stopping) {
         await this.post();
         await sleep(this.intervalMs);
       }
-    })();
+    };
+    this.running = Promise.all(Array.from({ length: this.concurrency }, loop));
     return this;
   }
 
   async stop() {
     this.stopping = true;
     await this.running;
+  }
+
+  /**
+   * Resolves once `count` more posts than now have been acknowledged: the
+   * stream went on for a while, measured in what it did, not in time.
+   */
+  acknowledgedMore(count, timeoutMs = 30_000) {
+    const target = this.acked.length + count;
+    return waitFor(() => `${count} more posts acknowledged (${this.acked.length - target + count} so far; failed: ${JSON.stringify(this.failedByStatus())})`,
+      () => this.acked.length >= target, { timeoutMs, intervalMs: 20 });
   }
 
   /** Number of failed requests by status, e.g. {503: 12}. */
@@ -407,6 +476,8 @@ export class Poster {
  * What `clients` received of what `poster` had acknowledged: per client the
  * acknowledged messages lost, those received twice, out of order, and those
  * received that were never acknowledged. `line` sums it up for printing.
+ * A client is anything with `name`, `messages` (in arrival order), `ids`
+ * (a Set), `duplicates` and `outOfOrder`.
  */
 export function deliveryCounts(label, poster, clients) {
   const ackedIds = poster.acked.map((m) => m.id);

@@ -2,8 +2,12 @@
 // chat-frontend and M chat-backend processes, and HAProxy in front of them
 // configured from the packaged etc/haproxy/chat-ha.cfg.
 //
-// Every process gets free ports on 127.0.0.1, its own log file, and is
-// stopped by PID by stop(), or on exit, SIGINT or SIGTERM of this process.
+// Nothing picks a port and hopes it is still free when used: the daemons
+// bind port 0 and say in their log where they listen, Redis listens on a
+// unix socket in the topology's temporary directory, and HAProxy gets its
+// listening socket from this process, already bound (`bind fd@3`). Every
+// process has its own log file, and is stopped by PID by stop(), or on
+// exit, SIGINT or SIGTERM of this process.
 //
 // Binaries come from $CHAT_HA_BIN_DIR (default <repo>/target/debug);
 // redis-server and haproxy from $PATH.
@@ -17,6 +21,8 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+
+import { sleep } from './helpers.mjs';
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 export const HAPROXY_CFG = path.join(REPO, 'etc', 'haproxy', 'chat-ha.cfg');
@@ -36,8 +42,6 @@ const SYSTEMD_ENV = [
   'INVOCATION_ID', 'JOURNAL_STREAM', 'LISTEN_FDS', 'LISTEN_PID', 'LISTEN_FDNAMES',
   'NOTIFY_SOCKET', 'WATCHDOG_PID', 'WATCHDOG_USEC',
 ];
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // ---------------------------------------------------------------------------
 // Cleanup of everything started by this Node process.
@@ -70,32 +74,40 @@ function installHandlers() {
 }
 
 // ---------------------------------------------------------------------------
-// Ports.
+// Listening sockets handed to a child.
 
-const handedOut = new Set();
+/**
+ * A TCP socket listening on 127.0.0.1:`port` (0: any free port), for a
+ * child process to inherit (HAProxy's `bind fd@N`): bound here, so the port
+ * cannot be taken between choosing it and using it. `fd` is the descriptor
+ * to pass in the child's `stdio`; close() once the child has started, so
+ * that this process takes none of its connections.
+ */
+export async function listeningSocket(port = 0) {
+  const server = net.createServer();
+  await new Promise((resolve, reject) => {
+    server.once('error', (e) => reject(new Error(`cannot listen on 127.0.0.1:${port}: ` +
+      (e.code === 'EADDRINUSE' ? 'the port is in use' : e.message))));
+    server.listen({ port, host: '127.0.0.1', backlog: 511 }, resolve);
+  });
+  return {
+    port: server.address().port,
+    // Node has no public way to hand a listening socket to a child that is
+    // not Node: the descriptor libuv holds is the one to pass.
+    fd: server._handle.fd,
+    close: () => new Promise((resolve) => server.close(resolve)),
+  };
+}
 
-/** `count` distinct TCP ports free on 127.0.0.1 right now. */
-export async function freePorts(count) {
-  const ports = [];
-  const servers = [];
-  try {
-    while (ports.length < count) {
-      const server = net.createServer();
-      await new Promise((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(0, '127.0.0.1', resolve);
-      });
-      servers.push(server);
-      const { port } = server.address();
-      if (!handedOut.has(port)) {
-        handedOut.add(port);
-        ports.push(port);
-      }
-    }
-  } finally {
-    await Promise.all(servers.map((s) => new Promise((resolve) => s.close(resolve))));
-  }
-  return ports;
+/**
+ * `config` (haproxyConfig's output for `port`) with its `bind
+ * 127.0.0.1:PORT` line replaced by a line for each of `binds`, e.g.
+ * ['fd@3', 'fd@4 ssl crt /path/cert.pem']: the sockets HAProxy inherits.
+ */
+export function bindInherited(config, port, binds) {
+  const line = `    bind 127.0.0.1:${port}\n`;
+  if (!config.includes(line)) throw new Error(`no "${line.trim()}" line in the HAProxy configuration`);
+  return config.replace(line, binds.map((b) => `    bind ${b}\n`).join(''));
 }
 
 // ---------------------------------------------------------------------------
@@ -137,11 +149,13 @@ function talk(connectOptions, line, { timeoutMs = 2000, until } = {}) {
 // One child process.
 
 class ManagedProcess {
-  constructor({ name, command, args, env, logFile, cwd }) {
-    Object.assign(this, { name, command, args, env, logFile, cwd });
+  /** `inheritedFds`: descriptors the child gets as 3, 4, ... (listening sockets). */
+  constructor({ name, command, args, env, logFile, cwd, inheritedFds = [] }) {
+    Object.assign(this, { name, command, args, env, logFile, cwd, inheritedFds });
     this.child = null;
     this.exit = null; // {code, signal} once the current run ended
     this.exited = null; // promise of the current run's end
+    this.runLogOffset = 0; // where the current run's lines start in the log
   }
 
   get pid() {
@@ -156,12 +170,13 @@ class ManagedProcess {
     if (this.running) throw new Error(`${this.name} is already running (pid ${this.child.pid})`);
     const fd = fs.openSync(this.logFile, 'a');
     fs.writeSync(fd, `\n=== ${new Date().toISOString()} starting ${this.name}: ${this.command} ${this.args.join(' ')}\n`);
+    this.runLogOffset = fs.fstatSync(fd).size;
     let child;
     try {
       child = spawn(this.command, this.args, {
         cwd: this.cwd,
         env: this.env,
-        stdio: ['ignore', fd, fd],
+        stdio: ['ignore', fd, fd, ...this.inheritedFds],
         // Own process group: Ctrl-C in a terminal reaches this Node process
         // only, which then stops the children in order.
         detached: true,
@@ -209,6 +224,19 @@ class ManagedProcess {
     }
   }
 
+  /** What the current run has written to the log so far. */
+  runLog() {
+    const fd = fs.openSync(this.logFile, 'r');
+    try {
+      const length = Math.max(0, fs.fstatSync(fd).size - this.runLogOffset);
+      const buffer = Buffer.alloc(length);
+      fs.readSync(fd, buffer, 0, length, this.runLogOffset);
+      return buffer.toString('utf8');
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
   /** The last `bytes` of this process's log. */
   logTail(bytes = 4000) {
     try {
@@ -219,7 +247,7 @@ class ManagedProcess {
     }
   }
 
-  /** Polls `check` until it resolves truthy; fails early if the process exits. */
+  /** Polls `check` until it resolves truthy, and returns that; fails early if the process exits. */
   async waitUntil(what, check, timeoutMs = READY_TIMEOUT_MS) {
     const deadline = Date.now() + timeoutMs;
     let lastError = null;
@@ -229,7 +257,8 @@ class ManagedProcess {
         throw new Error(`${this.name} exited (${how}) before ${what}; its log (${this.logFile}):\n${this.logTail()}`);
       }
       try {
-        if (await check()) return;
+        const value = await check();
+        if (value) return value;
         lastError = null;
       } catch (e) {
         lastError = e;
@@ -426,6 +455,7 @@ export const PACKAGED_LIMITS = Object.freeze({
 export async function startTopology({
   frontends = 2,
   backends = 2,
+  // HAProxy's port on 127.0.0.1 (make run's); 0: any free one.
   haproxyPort = 0,
   frontendThreads = [],
   // Lines added to the [frontend] section of every frontend's configuration,
@@ -459,6 +489,9 @@ export async function startTopology({
     }
   }
 
+  // HAProxy's listening socket first: a port asked for and taken fails
+  // before anything starts.
+  const proxySocket = await listeningSocket(haproxyPort);
   const tmp = await fsp.mkdtemp(path.join(os.tmpdir(), 'chat-ha-topology-'));
   tempDirs.add(tmp);
   const ownLogDir = !logDir;
@@ -475,13 +508,6 @@ export async function startTopology({
     else env[variable] = String(limit);
   }
 
-  const [redisPort, ...ports] = await freePorts(1 + 2 * (frontends + backends) + (haproxyPort ? 0 : 1));
-  const frontendPorts = ports.slice(0, frontends);
-  const backendPorts = ports.slice(frontends, frontends + backends);
-  const metricsPorts = ports.slice(frontends + backends, 2 * (frontends + backends));
-  const proxyPort = haproxyPort || ports[2 * (frontends + backends)];
-  const redisUrl = `redis://127.0.0.1:${redisPort}/0`;
-
   const processes = [];
   const manage = (options) => {
     const p = new ManagedProcess({ env, cwd: tmp, ...options });
@@ -491,7 +517,10 @@ export async function startTopology({
 
   // Redis as packaged (chat-redis): its limits, ACL users and append-only
   // file (in the temp dir, so a restarted Redis has every message it
-  // acknowledged); no RDB snapshots. The daemons log in as chat-ha.
+  // acknowledged); no RDB snapshots. It listens on a unix socket only; the
+  // daemons log in as chat-ha.
+  const redisSocket = path.join(tmp, 'redis.sock');
+  const redisUrl = `unix://${redisSocket}`;
   const redisPassword = crypto.randomBytes(16).toString('hex');
   const redisAdmin = { user: 'admin', password: crypto.randomBytes(16).toString('hex') };
   const redisPasswordFile = path.join(tmp, 'redis-password');
@@ -502,14 +531,14 @@ export async function startTopology({
     name: 'redis-server',
     command: 'redis-server',
     args: [
-      redisConfFile, '--port', String(redisPort), '--bind', '127.0.0.1', '--dir', redisDir,
+      redisConfFile, '--port', '0', '--unixsocket', redisSocket, '--unixsocketperm', '700', '--dir', redisDir,
       '--save', '', '--daemonize', 'no', '--logfile', '',
     ],
     logFile: path.join(logDir, 'redis.log'),
   });
   /** Sends `command` (an inline command line) as the administrator; resolves to the answer's first line. */
   const redisAsAdmin = async (command) => {
-    const answer = await talk({ host: '127.0.0.1', port: redisPort },
+    const answer = await talk({ path: redisSocket },
       `AUTH ${redisAdmin.user} ${redisAdmin.password}\r\n${command}\r\n`,
       { until: (d) => d.split('\r\n').length > 2 });
     return answer.split('\r\n')[1];
@@ -523,7 +552,28 @@ export async function startTopology({
     fs.writeFileSync(publishTokensFile, publishTokens.map((t) => `${t}\n`).join(''), { mode: 0o600 });
   }
 
-  const daemon = (role, index, port, metricsPort, threads) => {
+  // HAProxy: its stats socket (where the tests read its view of the
+  // servers, and where a restarted daemon's new address is given to it)
+  // and its listening socket, bound here and inherited as fd 3.
+  const statsSocket = path.join(tmp, 'haproxy.sock');
+  /** Sends one command to HAProxy's stats socket; resolves to the answer. */
+  const haproxyCommand = (command) => talk({ path: statsSocket }, `${command}\n`);
+  const serverRows = async () => parseStats(await haproxyCommand('show stat'))
+    .filter((row) => (row.pxname === 'chat_front' || row.pxname === 'chat_back') && row.svname !== 'BACKEND');
+
+  /**
+   * Points HAProxy's server of `backend` that was at `from` (host:port) to
+   * `to`: a daemon started again listens on a port of its own choosing.
+   */
+  const moveServer = async (backend, from, to) => {
+    const row = (await serverRows()).find((r) => r.pxname === backend && r.addr === from);
+    if (!row) throw new Error(`HAProxy has no server at ${from} in ${backend}`);
+    const [host, port] = splitAddress(to);
+    const answer = await haproxyCommand(`set server ${backend}/${row.svname} addr ${host} port ${port}`);
+    if (!/changed|no need to change/i.test(answer)) throw new Error(`HAProxy refused to move ${backend}/${row.svname} to ${to}: ${answer.trim()}`);
+  };
+
+  const daemon = (role, index, threads) => {
     const configFile = path.join(tmp, `${role}-${index}.toml`);
     const replayLines = replayPerAddress === null ? ''
       : `replay_per_second = ${replayPerAddress}\nreplay_burst = ${replayPerAddress}\n`;
@@ -532,42 +582,56 @@ export async function startTopology({
     const proc = manage({
       name: `chat-${role} ${index}`,
       command: path.join(binDir, `chat-${role}`),
-      args: ['--config', configFile, '--listen', `127.0.0.1:${port}`,
-        '--metrics-listen', `127.0.0.1:${metricsPort}`, '--instance', String(index)],
+      args: ['--config', configFile, '--listen', '127.0.0.1:0', '--metrics-listen', '127.0.0.1:0', '--instance', String(index)],
       logFile: path.join(logDir, `${role}-${index}.log`),
     });
-    const url = `http://127.0.0.1:${port}`;
-    const statusUrl = `${url}/${role === 'frontend' ? 'front' : 'back'}/status`;
+    const haproxyBackend = role === 'frontend' ? 'chat_front' : 'chat_back';
+    let addresses = null; // {listen, metrics} of the current run, once it said
+    const url = () => `http://${addresses.listen}`;
+    const statusUrl = () => `${url()}/${role === 'frontend' ? 'front' : 'back'}/status`;
+    const bound = async () => {
+      addresses = await proc.waitUntil('saying where it listens', () => boundAddresses(proc.runLog()));
+    };
     // Ready: the status endpoint answers; and, while Redis runs, says so
     // (a frontend delivers only what is appended after it reached Redis).
     const ready = () => proc.waitUntil('ready (status answering, Redis up when running)', async () => {
-      const res = await httpGet(statusUrl);
+      const res = await httpGet(statusUrl());
       if (res.status !== 200) return false;
       const status = JSON.parse(res.body);
       return !redisProcess.running || status.redis === 'up';
     });
     return {
-      port,
       instance: index,
-      url,
+      /** Where the current run listens (a new port after each start). */
+      get port() { return addresses && splitAddress(addresses.listen)[1]; },
+      get url() { return addresses && url(); },
       /** Where its /metrics are served (not on its public port). */
-      metricsUrl: `http://127.0.0.1:${metricsPort}`,
+      get metricsUrl() { return addresses && `http://${addresses.metrics}`; },
       get pid() { return proc.pid; },
       get running() { return proc.running; },
       logFile: proc.logFile,
-      async status() { return JSON.parse((await httpGet(statusUrl)).body); },
+      async status() { return JSON.parse((await httpGet(statusUrl())).body); },
       stop: (options) => proc.stop(options),
-      async start() { proc.start(); await ready(); },
+      /** Starts it again; HAProxy is pointed at its new address. */
+      async start() {
+        const before = addresses;
+        proc.start();
+        await bound();
+        if (before && haproxyProcess.running) await moveServer(haproxyBackend, before.listen, addresses.listen);
+        await ready();
+      },
       proc,
+      bound,
       ready,
     };
   };
 
-  const frontendList = frontendPorts.map((p, i) => daemon('frontend', i, p, metricsPorts[i], frontendThreads[i] ?? 1));
-  const backendList = backendPorts.map((p, i) => daemon('backend', i, p, metricsPorts[frontends + i], 1));
+  const frontendList = Array.from({ length: frontends }, (_, i) => daemon('frontend', i, frontendThreads[i] ?? 1));
+  const backendList = Array.from({ length: backends }, (_, i) => daemon('backend', i, 1));
+  const daemons = [...frontendList, ...backendList];
 
-  // HAProxy with the packaged configuration, pointed at these instances.
-  const statsSocket = path.join(tmp, 'haproxy.sock');
+  // HAProxy with the packaged configuration, pointed at these instances
+  // once they listen.
   const globalFile = path.join(tmp, 'haproxy-global.cfg');
   const haproxyFile = path.join(tmp, 'chat-ha.cfg');
   fs.writeFileSync(globalFile, haproxyGlobal({ statsSocket }));
@@ -576,19 +640,22 @@ export async function startTopology({
     internalPath = path.join(tmp, 'chat-ha-internal.lst');
     fs.writeFileSync(internalPath, internalNetworks.map((n) => `${n}\n`).join(''));
   }
-  fs.writeFileSync(haproxyFile, haproxyConfig({ port: proxyPort, frontendPorts, backendPorts, internalPath }));
+  const writeHaproxyConfig = () => {
+    const ports = (list) => list.map((d) => d.port);
+    const config = haproxyConfig({
+      port: proxySocket.port, frontendPorts: ports(frontendList), backendPorts: ports(backendList), internalPath,
+    });
+    fs.writeFileSync(haproxyFile, bindInherited(config, proxySocket.port, ['fd@3']));
+  };
   const haproxyProcess = manage({
     name: 'haproxy',
     command: 'haproxy',
     args: ['-db', '-f', globalFile, '-f', haproxyFile],
     logFile: path.join(logDir, 'haproxy.log'),
+    inheritedFds: [proxySocket.fd],
   });
-  const serverStates = async () => {
-    const csv = await talk({ path: statsSocket }, 'show stat\n');
-    return parseStats(csv)
-      .filter((row) => (row.pxname === 'chat_front' || row.pxname === 'chat_back') && row.svname !== 'BACKEND')
-      .map((row) => ({ backend: row.pxname, server: row.svname, status: row.status, sessions: Number(row.stot) }));
-  };
+  const serverStates = async () => (await serverRows())
+    .map((row) => ({ backend: row.pxname, server: row.svname, status: row.status, sessions: Number(row.stot) }));
   const haproxyReady = () => haproxyProcess.waitUntil('seeing every server UP', async () => {
     const states = await serverStates();
     return states.length === frontends + backends && states.every((s) => s.status === 'UP');
@@ -596,12 +663,13 @@ export async function startTopology({
 
   let stopping = null;
   const topology = {
-    url: `http://127.0.0.1:${proxyPort}`,
-    haproxyPort: proxyPort,
+    url: `http://127.0.0.1:${proxySocket.port}`,
+    haproxyPort: proxySocket.port,
     logDir,
     tmpDir: tmp,
     redis: {
-      port: redisPort,
+      /** The unix socket Redis listens on (redis-cli -s), and the daemons' URL of it. */
+      socket: redisSocket,
       url: redisUrl,
       get pid() { return redisProcess.pid; },
       get running() { return redisProcess.running; },
@@ -623,7 +691,7 @@ export async function startTopology({
       serverStates,
       /** The entries of stick table `name` (e.g. chat_limit_sockets): [{key, conn_cur, ...}]. */
       async stickTable(name) {
-        return parseStickTable(await talk({ path: statsSocket }, `show table ${name}\n`));
+        return parseStickTable(await haproxyCommand(`show table ${name}`));
       },
     },
     failed: false,
@@ -636,10 +704,11 @@ export async function startTopology({
     /** Stops everything, by PID, and removes the temporary files. Idempotent. */
     stop() {
       stopping ??= (async () => {
+        await proxySocket.close();
         // HAProxy first: clients lose their connections at once instead of
         // waiting for the daemons' graceful stop.
         await haproxyProcess.stop();
-        await Promise.all([...frontendList, ...backendList].map((d) => d.proc.stop()));
+        await Promise.all(daemons.map((d) => d.proc.stop()));
         await redisProcess.stop();
         liveTopologies.delete(topology);
         await fsp.rm(tmp, { recursive: true, force: true });
@@ -654,9 +723,13 @@ export async function startTopology({
   try {
     redisProcess.start();
     await redisReady();
-    for (const d of [...frontendList, ...backendList]) d.proc.start();
-    await Promise.all([...frontendList, ...backendList].map((d) => d.ready()));
+    for (const d of daemons) d.proc.start();
+    await Promise.all(daemons.map((d) => d.bound()));
+    await Promise.all(daemons.map((d) => d.ready()));
+    writeHaproxyConfig();
     haproxyProcess.start();
+    // HAProxy holds the listening socket now; this process lets go of it.
+    await proxySocket.close();
     await haproxyReady();
   } catch (e) {
     topology.keepLogs();
@@ -665,4 +738,20 @@ export async function startTopology({
     throw e;
   }
   return topology;
+}
+
+/** Splits `host:port` (or `[v6]:port`) into [host, port as a number]. */
+function splitAddress(address) {
+  const at = address.lastIndexOf(':');
+  return [address.slice(0, at).replace(/^\[(.*)\]$/, '$1'), Number(address.slice(at + 1))];
+}
+
+/**
+ * Where a daemon listens, from its log: its public and metrics addresses,
+ * {listen, metrics} (host:port), once it has logged both; else null.
+ */
+function boundAddresses(log) {
+  const listen = /listening on (\S+)/.exec(log)?.[1];
+  const metrics = /serving \/metrics on (\S+)/.exec(log)?.[1];
+  return listen && metrics ? { listen, metrics } : null;
 }

@@ -12,10 +12,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import {
-  DOMAIN_1, DOMAIN_2, compareIds, request, resolvingAgent, waitFor, within,
+  DOMAIN_1, DOMAIN_2, Poster, compareIds, deliveryCounts, request, resolvingAgent, sleep, waitFor, within,
 } from '../../e2e/lib/helpers.mjs';
 
-export { DOMAIN_1, DOMAIN_2, compareIds, request, waitFor, within };
+export { DOMAIN_1, DOMAIN_2, compareIds, deliveryCounts, request, sleep, waitFor, within };
 
 // The official client, as locked in tests/e2e (npm ci there).
 const { io } = createRequire(new URL('../../e2e/package.json', import.meta.url))('socket.io-client');
@@ -35,8 +35,6 @@ export const BACK_HOSTS = [{ name: 'back1', ip: `${NET}.21` }, { name: 'back2', 
 export const FRONT_INSTANCES = FRONT_HOSTS.flatMap((h, i) => Array.from({ length: INSTANCES }, (_, n) => ({
   server: `front${i + 1}-${n}`, host: h.name, ip: h.ip, instance: n, port: 9100 + n,
 })));
-
-export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // `vagrant ssh NAME -c CMD` starts Vagrant (about a second) for every
 // command: the tests ask Vagrant once for its ssh settings (vagrant
@@ -136,8 +134,9 @@ export async function lbServers() {
 
 /** Waits until HAProxy reports each server named in `want` ({server: "UP"|"DOWN"}) so. */
 export function waitForServers(want, timeoutMs = 20_000) {
-  return waitFor(`HAProxy to report ${JSON.stringify(want)}`, async () => {
-    const states = Object.fromEntries((await lbServers()).map((s) => [s.server, s.status]));
+  let states = {};
+  return waitFor(() => `HAProxy to report ${JSON.stringify(want)} (it reports ${JSON.stringify(states)})`, async () => {
+    states = Object.fromEntries((await lbServers()).map((s) => [s.server, s.status]));
     return Object.entries(want).every(([server, status]) => states[server]?.startsWith(status)) ? states : null;
   }, { timeoutMs, intervalMs: 500 });
 }
@@ -244,7 +243,7 @@ export class RigClient {
   /** Resolves once connected and joined. */
   async ready(timeoutMs = 10_000) {
     await within(timeoutMs, `${this.name} to connect`, this.connected);
-    await waitFor(`${this.name} to join ${this.room} (answers: ${JSON.stringify(this.joins)})`,
+    await waitFor(() => `${this.name} to join ${this.room} (answers: ${JSON.stringify(this.joins)})`,
       () => this.joins.some((a) => a.ok), { timeoutMs, intervalMs: 20 });
     return this;
   }
@@ -263,7 +262,7 @@ export class RigClient {
 
   /** Waits until every id in `ids` has been received. */
   waitForIds(ids, timeoutMs = 10_000) {
-    return waitFor(`${this.name} to receive ${ids.length} messages (has ${ids.filter((id) => this.ids.has(id)).length})`,
+    return waitFor(() => `${this.name} to receive ${ids.length} messages (has ${ids.filter((id) => this.ids.has(id)).length})`,
       () => ids.every((id) => this.ids.has(id)), { timeoutMs, intervalMs: 20 });
   }
 
@@ -296,8 +295,9 @@ export class Spreader {
     const client = new RigClient(domain, this.room, { transports, reconnect: this.reconnect, name });
     this.clients.push(client);
     await client.ready();
-    const counts = await waitFor(`the frontends to count ${total(previous) + 1} sockets`, async () => {
-      const now = await frontConnections();
+    let now = previous;
+    const counts = await waitFor(() => `the frontends to count ${total(previous) + 1} sockets (they count ${JSON.stringify(now)})`, async () => {
+      now = await frontConnections();
       return total(now) === total(previous) + 1 ? now : null;
     }, { timeoutMs: 10_000, intervalMs: 50 });
     client.server = Object.keys(counts).find((k) => counts[k] > previous[k]);
@@ -325,77 +325,13 @@ export class Spreader {
 }
 
 /**
- * Posts a message to `room` every `intervalMs` through the load balancer,
- * alternating the domains, until stop(); records each answer.
+ * A steady stream of posts to `room` through the load balancer, the two
+ * demo domains in turn, already started: a Poster of the shared helpers
+ * (`acked`, `failed`, acknowledgedMore(), stop()). Its counts against the
+ * clients: deliveryCounts(label, poster, clients).
  */
-export class Poster {
-  constructor(room, { intervalMs = 50, concurrency = 1 } = {}) {
-    this.room = room;
-    this.acked = []; // stored messages, in the order acknowledged
-    this.failures = []; // {status | error, at}
-    this.sent = 0;
-    this.running = true;
-    this.loops = Array.from({ length: concurrency }, (_, i) => this.loop(i, intervalMs));
-  }
-
-  async loop(i, intervalMs) {
-    while (this.running) {
-      const n = this.sent++;
-      const domain = n % 2 ? DOMAIN_2 : DOMAIN_1;
-      try {
-        const res = await post(this.room, `msg ${n} (poster ${i})`, domain);
-        if (res.status === 201) this.acked.push(res.json);
-        else this.failures.push({ n, status: res.status, body: res.text, at: new Date().toISOString() });
-      } catch (e) {
-        this.failures.push({ n, error: e.message, at: new Date().toISOString() });
-      }
-      if (intervalMs) await sleep(intervalMs);
-    }
-  }
-
-  async stop() {
-    this.running = false;
-    await Promise.all(this.loops);
-  }
-}
-
-/**
- * What `clients` (RigClients) received of what `poster` (a Poster) had
- * acknowledged, as the drills print it: sent, acknowledged, failed requests,
- * delivered, lost, duplicated, out of order. `perClient[i].received` holds a
- * client's acknowledged ids as received, for an exact comparison with
- * `ackedIds` (the acknowledgement order: id order with one poster loop).
- */
-export function drillCounts(label, poster, clients) {
-  const ackedIds = poster.acked.map((m) => m.id);
-  const acked = new Set(ackedIds);
-  const perClient = clients.map((c) => {
-    const got = c.messages.map((m) => m.id);
-    return {
-      name: c.name,
-      received: got.filter((id) => acked.has(id)),
-      lost: ackedIds.filter((id) => !c.ids.has(id)),
-      duplicated: c.duplicates.length,
-      outOfOrder: c.outOfOrder.length,
-      unacknowledged: got.filter((id) => !acked.has(id)).length,
-    };
-  });
-  const sum = (f) => perClient.reduce((n, c) => n + f(c), 0);
-  const counts = {
-    sent: poster.sent,
-    acknowledged: ackedIds.length,
-    failedRequests: poster.failures.length,
-    delivered: sum((c) => c.received.length),
-    expected: ackedIds.length * clients.length,
-    lost: sum((c) => c.lost.length),
-    duplicated: sum((c) => c.duplicated),
-    outOfOrder: sum((c) => c.outOfOrder),
-    unacknowledgedDelivered: sum((c) => c.unacknowledged),
-  };
-  const line = `${label}: sent ${counts.sent}, acknowledged ${counts.acknowledged}, failed requests ${counts.failedRequests}; ` +
-    `${clients.length} clients: delivered ${counts.delivered} of ${counts.expected}, lost ${counts.lost}, ` +
-    `duplicated ${counts.duplicated}, out of order ${counts.outOfOrder}, unacknowledged delivered ${counts.unacknowledgedDelivered}`;
-  return { ...counts, perClient, ackedIds, line };
+export function postStream(room, { intervalMs = 50, concurrency = 1 } = {}) {
+  return new Poster(LB_URL, room, { hosts: [DOMAIN_1, DOMAIN_2], intervalMs, concurrency, label: 'msg' }).start();
 }
 
 /**
