@@ -289,6 +289,25 @@ for _ in $(seq 50); do
 done
 check "GET http://localhost/front/lobby through haproxy: $code" test "$code" = 200
 check "the page is the chat page" eval 'curl_in http://localhost/front/lobby | grep -q "<title>"'
+
+# --- HAProxy's servers follow the instances: chat-ha-servers.lst as
+# shipped ("auto") gives HAProxy one server per instance of this container.
+# The instance a request reached, from its status answer.
+instance_of() { curl_in "$@" | sed -n 's/.*"instance":\([0-9]*\).*/\1/p'; }
+written=/run/chat-haproxy/chat-ha.cfg
+check "$written: $((2 * cpus)) server lines for $cpus CPUs" \
+    test "$(ct grep -c '^    server ' "$written")" -eq $((2 * cpus))
+# A cookie naming a server sends the request to that one instance.
+cookies_ok=yes
+for ((n = 0; n < cpus; n++)); do
+    got=$(instance_of -H "Cookie: chat_front=local-$n" http://localhost/front/status)
+    [ "$got" = "$n" ] || { echo "     cookie chat_front=local-$n reached instance '$got'"; cookies_ok=no; }
+done
+check "cookie chat_front=local-N reaches chat-frontend@N, for every N below $cpus" test $cookies_ok = yes
+# The backends are taken in turn: two rounds reach every instance.
+reached=$(for ((i = 0; i < 2 * cpus; i++)); do instance_of http://localhost/back/status; done | sort -nu | tr '\n' ' ')
+check "$((2 * cpus)) requests to /back/status reached chat-backend@0..$((cpus - 1)): $reached" \
+    test "$reached" = "$(seq 0 $((cpus - 1)) | tr '\n' ' ')"
 body='{"room":"lobby","message":"hello from the package test"}'
 code=$(curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -d "$body" http://localhost/back/message || true)
 check "POST http://localhost/back/message through haproxy: $code" test "$code" = 201
