@@ -293,21 +293,31 @@ check "the page is the chat page" eval 'curl_in http://localhost/front/lobby | g
 # --- HAProxy's servers follow the instances: chat-ha-servers.lst as
 # shipped ("auto") gives HAProxy one server per instance of this container.
 # The instance a request reached, from its status answer.
-instance_of() { curl_in "$@" | sed -n 's/.*"instance":\([0-9]*\).*/\1/p'; }
+instance_of() { curl_in "$@" | grep -o '"instance":[0-9]*' | cut -d: -f2; }
 written=/run/chat-haproxy/chat-ha.cfg
 check "$written: $((2 * cpus)) server lines for $cpus CPUs" \
     test "$(ct grep -c '^    server ' "$written")" -eq $((2 * cpus))
-# A cookie naming a server sends the request to that one instance.
+# A cookie naming a server sends the request to that one instance (once its
+# health checks found it UP: HAProxy may have started before the instances).
 cookies_ok=yes
 for ((n = 0; n < cpus; n++)); do
-    got=$(instance_of -H "Cookie: chat_front=local-$n" http://localhost/front/status)
+    for _ in $(seq 50); do
+        got=$(instance_of -H "Cookie: chat_front=local-$n" http://localhost/front/status)
+        [ "$got" = "$n" ] && break
+        sleep 0.2
+    done
     [ "$got" = "$n" ] || { echo "     cookie chat_front=local-$n reached instance '$got'"; cookies_ok=no; }
 done
 check "cookie chat_front=local-N reaches chat-frontend@N, for every N below $cpus" test $cookies_ok = yes
-# The backends are taken in turn: two rounds reach every instance.
-reached=$(for ((i = 0; i < 2 * cpus; i++)); do instance_of http://localhost/back/status; done | sort -nu | tr '\n' ' ')
-check "$((2 * cpus)) requests to /back/status reached chat-backend@0..$((cpus - 1)): $reached" \
-    test "$reached" = "$(seq 0 $((cpus - 1)) | tr '\n' ' ')"
+# The backends are taken in turn: once all are UP, two rounds reach each.
+all_backends=$(seq 0 $((cpus - 1)) | tr '\n' ' ')
+for _ in $(seq 50); do
+    reached=$(for ((i = 0; i < 2 * cpus; i++)); do instance_of http://localhost/back/status; done | sort -nu | tr '\n' ' ')
+    [ "$reached" = "$all_backends" ] && break
+    sleep 0.2
+done
+check "$((2 * cpus)) requests to /back/status reached chat-backend@0..$((cpus - 1)): $reached" test "$reached" = "$all_backends"
+
 body='{"room":"lobby","message":"hello from the package test"}'
 code=$(curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -d "$body" http://localhost/back/message || true)
 check "POST http://localhost/back/message through haproxy: $code" test "$code" = 201
