@@ -317,6 +317,21 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 check "$((2 * cpus)) requests to /back/status reached chat-backend@0..$((cpus - 1)): $reached" test "$reached" = "$all_backends"
+# A reload reads the list again; a list it cannot read fails the reload,
+# says where, and HAProxy goes on with what it had.
+list=/etc/haproxy/chat-ha-servers.lst
+ct sed -i 's/ auto$/ 1/' "$list"
+check "after listing one instance per daemon, systemctl reload haproxy: 2 server lines" eval \
+    'ct systemctl reload haproxy && [ "$(ct grep -c "^    server " "$written")" -eq 2 ]'
+ct sh -c "echo 'chat-frontend broken 127.0.0.1' >>$list"
+check "a broken list: systemctl reload haproxy fails" eval '! ct systemctl reload haproxy 2>/dev/null'
+check "... $written kept, HAProxy still serves, the journal names the line" eval \
+    '[ "$(ct grep -c "^    server " "$written")" -eq 2 ] &&
+     [ "$(curl_in -o /dev/null -w %{http_code} http://localhost/front/lobby)" = 200 ] &&
+     ct journalctl -q --no-pager -u haproxy.service | grep -q "chat-ha-servers.lst:[0-9]*: \"127.0.0.1\" is not ADDRESS:PORT"'
+ct sed -i -e '/^chat-frontend broken /d' -e 's/ 1$/ auto/' "$list"
+check "the list as shipped again, systemctl reload haproxy: $((2 * cpus)) server lines" eval \
+    'ct systemctl reload haproxy && [ "$(ct grep -c "^    server " "$written")" -eq $((2 * cpus)) ]'
 
 body='{"room":"lobby","message":"hello from the package test"}'
 code=$(curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -d "$body" http://localhost/back/message || true)
