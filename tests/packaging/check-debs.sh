@@ -164,11 +164,14 @@ check "$p: postinst creates /etc/chat-ha/redis-password (0600, empty) when missi
 check "$p: postrm purges chat-ha.target's state" eval 'grep -q "deb-systemd-helper purge .chat-ha.target." $tmp/$p/DEBIAN/postrm'
 
 p=chat-haproxy
-check "$p: /etc/haproxy/chat-ha.cfg and its lists of domains, origins and internal networks are conffiles" eval \
+check "$p: /etc/haproxy/chat-ha.cfg and its lists of domains, origins, internal networks and servers are conffiles" eval \
     'conffile $p /etc/haproxy/chat-ha.cfg && conffile $p /etc/haproxy/chat-ha-domains.lst &&
-     conffile $p /etc/haproxy/chat-ha-origins.lst && conffile $p /etc/haproxy/chat-ha-internal.lst'
-check "$p: haproxy.service drop-in loads /etc/haproxy/chat-ha.cfg" eval \
-    'grep -q "^ExecStart=/usr/sbin/haproxy .*-f /etc/haproxy/chat-ha.cfg" $tmp/$p/lib/systemd/system/haproxy.service.d/chat-ha.conf'
+     conffile $p /etc/haproxy/chat-ha-origins.lst && conffile $p /etc/haproxy/chat-ha-internal.lst &&
+     conffile $p /etc/haproxy/chat-ha-servers.lst'
+check "$p: haproxy.service drop-in writes /etc/haproxy/chat-ha.cfg with its servers (chat-ha-servers, 755) and loads that" eval \
+    'has_file $p /usr/lib/chat-haproxy/chat-ha-servers 755 &&
+     grep -q "^ExecStartPre=/usr/lib/chat-haproxy/chat-ha-servers /etc/haproxy/chat-ha-servers.lst /etc/haproxy/chat-ha.cfg /run/chat-haproxy/chat-ha.cfg$" $tmp/$p/lib/systemd/system/haproxy.service.d/chat-ha.conf &&
+     grep -q "^ExecStart=/usr/sbin/haproxy .*-f /run/chat-haproxy/chat-ha.cfg" $tmp/$p/lib/systemd/system/haproxy.service.d/chat-ha.conf'
 check "$p: depends on haproxy" depends $p haproxy
 if command -v haproxy >/dev/null; then
     check "$p: haproxy -c accepts chat-ha.cfg after Debian's haproxy.cfg" eval \

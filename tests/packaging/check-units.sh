@@ -2,20 +2,23 @@
 # Checks the systemd units and the generator in systemd/ without installing
 # anything:
 #   - the generator's output for a given CPU count (addresses, ports, access
-#     lists, drop-ins, links), from what the daemons' --print-network says,
-#     and its fallback to loopback when a daemon rejects its configuration,
+#     lists, CPUs, drop-ins, links), from what the daemons' --print-network
+#     says, and its fallback to loopback when a daemon rejects its
+#     configuration,
+#   - the CPUs it pins instances to when the usable ones skip some (a CPU
+#     list, the generator's real affinity), and its limit of 100 instances,
 #   - `systemd-analyze verify` on every unit, instantiated through the
 #     generator's drop-ins, reports nothing,
 #   - `systemd-analyze security` scores each service 2.0 or lower,
 #   - the settings the packages rely on are there (limits, credentials).
 #
-#   tests/packaging/check-units.sh [CPUS]     (default 4)
+#   tests/packaging/check-units.sh [CPUS]     (default 64)
 # Needs systemd (systemd-analyze) on the machine; no running systemd.
 # The checks are strings that `check ... eval` expands later, on purpose.
 # shellcheck disable=SC2016,SC2012
 set -euo pipefail
 
-cpus=${1:-4}
+cpus=${1:-64}
 here=$(cd "$(dirname "$0")" && pwd)
 units=$(cd "$here/../../systemd" && pwd)
 generator=$units/chat-ha-generator
@@ -60,10 +63,13 @@ CHAT_HA_NPROC=$cpus CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_D
     dash "$generator" "$gen" "$tmp/early" "$tmp/late"
 check "generator wrote $((2 * cpus)) socket drop-ins" \
     test "$(find "$gen" -name '50-chat-ha-listen.conf' | wc -l)" -eq $((2 * cpus))
+check "generator wrote $((2 * cpus)) service drop-ins pinning a CPU" \
+    test "$(find "$gen" -name '50-chat-ha-cpu.conf' | wc -l)" -eq $((2 * cpus))
 check "generator linked $((4 * cpus)) units into chat-ha.target" \
     test "$(find "$gen/chat-ha.target.wants" -type l | wc -l)" -eq $((4 * cpus))
 ports_ok=yes
 links_ok=yes
+cpus_ok=yes
 for ((n = 0; n < cpus; n++)); do
     for pair in frontend:9100 backend:9200; do
         name=chat-${pair%%:*}
@@ -72,6 +78,8 @@ for ((n = 0; n < cpus; n++)); do
         got="$(setting "$dropin" ListenStream) deny $(setting "$dropin" IPAddressDeny) allow $(setting "$dropin" IPAddressAllow)"
         want="127.0.0.1:$port deny any allow 127.0.0.0/8 ::1/128"
         [ "$got" = "$want" ] || { echo "     $name@$n: '$got', expected '$want'"; ports_ok=no; }
+        got=$(setting "$gen/$name@$n.service.d/50-chat-ha-cpu.conf" CPUAffinity)
+        [ "$got" = "$n" ] || { echo "     $name@$n: CPUAffinity '$got', expected $n"; cpus_ok=no; }
         for type in socket service; do
             [ "$(readlink "$gen/chat-ha.target.wants/$name@$n.$type")" = "$root/usr/lib/systemd/system/$name@.$type" ] \
                 || { echo "     chat-ha.target.wants/$name@$n.$type is wrong"; links_ok=no; }
@@ -79,6 +87,7 @@ for ((n = 0; n < cpus; n++)); do
     done
 done
 check "instance N listens on 127.0.0.1:9100+N (frontend) and :9200+N (backend), admits loopback only" test $ports_ok = yes
+check "instance N of each daemon is pinned to CPU N (CPUs 0-$((cpus - 1)))" test $cpus_ok = yes
 check "links point at the templates" test $links_ok = yes
 check "no instance at N=$cpus" test ! -e "$gen/chat-frontend@$cpus.socket.d"
 
@@ -126,10 +135,61 @@ check "links only the daemons whose units are installed" \
 rm "$multi/bin/chat-frontend"
 CHAT_HA_NPROC=2 CHAT_HA_UNIT_DIRS=$root/usr/lib/systemd/system CHAT_HA_BIN_DIR=$multi/bin dash "$generator" "$multi/only-backend"
 check "writes nothing for a daemon whose binary is not installed" \
-    test "$(ls "$multi/only-backend" | tr '\n' ' ')" = "chat-backend@0.socket.d chat-backend@1.socket.d chat-ha.target.wants "
+    test "$(ls "$multi/only-backend" | tr '\n' ' ')" = "chat-backend@0.service.d chat-backend@0.socket.d chat-backend@1.service.d chat-backend@1.socket.d chat-ha.target.wants "
 CHAT_HA_NPROC=bogus CHAT_HA_UNIT_DIRS=$only/units CHAT_HA_BIN_DIR=$root/usr/bin dash "$generator" "$tmp/bogus" 2>/dev/null
-check "a bad CPU count falls back to one instance" \
-    test "$(ls "$tmp/bogus/chat-ha.target.wants" | wc -l)" -eq 2
+check "a bad CPU count falls back to one instance, pinned to no CPU" eval \
+    '[ "$(ls "$tmp/bogus/chat-ha.target.wants" | wc -l)" -eq 2 ] && [ -z "$(find "$tmp/bogus" -name 50-chat-ha-cpu.conf)" ]'
+
+echo "# generator, CPUs that are not 0 to N-1"
+# pinned DIR NAME: "N:CPU:PORT" for each instance of NAME the generator wrote
+# into DIR, in the order of N (CPU empty: not pinned).
+pinned() {
+    local n=0 cpu
+    while [ -e "$1/$2@$n.socket.d" ]; do
+        cpu=
+        [ ! -e "$1/$2@$n.service.d/50-chat-ha-cpu.conf" ] || cpu=$(setting "$1/$2@$n.service.d/50-chat-ha-cpu.conf" CPUAffinity)
+        printf '%s ' "$n:$cpu:$(setting "$1/$2@$n.socket.d/50-chat-ha-listen.conf" ListenStream | sed 's/.*://')"
+        n=$((n + 1))
+    done
+}
+# generate DIR ENV...: runs the generator for the packaged configuration.
+generate() {
+    local dir=$1; shift
+    env "$@" CHAT_HA_UNIT_DIRS="$root/usr/lib/systemd/system" CHAT_HA_BIN_DIR="$root/usr/bin" \
+        dash "$generator" "$dir" 2>"$dir.stderr"
+}
+generate "$tmp/set" CHAT_HA_CPUS=0,2,5-7
+for pair in frontend:9100 backend:9200; do
+    base=${pair#*:}
+    got=$(pinned "$tmp/set" "chat-${pair%%:*}")
+    want="0:0:$base 1:2:$((base + 1)) 2:5:$((base + 2)) 3:6:$((base + 3)) 4:7:$((base + 4)) "
+    check "CPUs 0,2,5-7: chat-${pair%%:*}@0..4 on CPUs 0 2 5 6 7, ports $base..$((base + 4)) (got N:CPU:PORT $got)" test "$got" = "$want"
+done
+check "CPUs 0,2,5-7: 20 units linked into chat-ha.target" test "$(find "$tmp/set/chat-ha.target.wants" -type l | wc -l)" -eq 20
+generate "$tmp/unsorted" CHAT_HA_CPUS=7,3,3
+got=$(pinned "$tmp/unsorted" chat-frontend)
+check "CPUs 7,3,3: two instances, on 3 then 7 (got $got)" test "$got" = "0:3:9100 1:7:9101 "
+# The generator's own affinity, as a container's cpuset or systemd's
+# CPUAffinity= would narrow it: no variable, the CPUs the kernel reports.
+# (On a host of one CPU this is CPU 0 and skips nothing, but still reads it.)
+last=$(taskset -cp $$ | sed 's/.*: *//' | tr ',' '\n' | tail -1 | sed 's/.*-//')
+taskset -c "$last" env -u CHAT_HA_CPUS -u CHAT_HA_NPROC CHAT_HA_UNIT_DIRS="$root/usr/lib/systemd/system" CHAT_HA_BIN_DIR="$root/usr/bin" \
+    dash "$generator" "$tmp/affinity"
+got=$(pinned "$tmp/affinity" chat-backend)
+check "run on CPU $last alone (taskset): one instance per daemon, on CPU $last (got $got)" test "$got" = "0:$last:9200 "
+env -u CHAT_HA_CPUS -u CHAT_HA_NPROC CHAT_HA_UNIT_DIRS="$root/usr/lib/systemd/system" CHAT_HA_BIN_DIR="$root/usr/bin" \
+    dash "$generator" "$tmp/all"
+check "run on every CPU: $(nproc) instances per daemon, as many as nproc counts" \
+    test "$(find "$tmp/all" -name 50-chat-ha-cpu.conf -path '*chat-frontend@*' | wc -l)" -eq "$(nproc)"
+generate "$tmp/many" CHAT_HA_NPROC=128
+check "128 CPUs: instances on the first 100 only (chat-frontend@99 on CPU 99, port 9199; no @100), and it says so" eval \
+    '[ "$(pinned "$tmp/many" chat-frontend | wc -w)" -eq 100 ] && [ "$(setting "$tmp/many/chat-frontend@99.service.d/50-chat-ha-cpu.conf" CPUAffinity)" = 99 ] &&
+     [ "$(setting "$tmp/many/chat-frontend@99.socket.d/50-chat-ha-listen.conf" ListenStream)" = 127.0.0.1:9199 ] &&
+     [ ! -e "$tmp/many/chat-frontend@100.socket.d" ] && grep -q "128 CPUs, running instances on the first 100 only" "$tmp/many.stderr"'
+generate "$tmp/badlist" CHAT_HA_CPUS=3-1
+check "a CPU list it cannot read: one instance, pinned to no CPU, and it says why" eval \
+    '[ "$(pinned "$tmp/badlist" chat-frontend)" = "0::9100 " ] && [ -z "$(find "$tmp/badlist" -name 50-chat-ha-cpu.conf)" ] &&
+     grep -q "CHAT_HA_CPUS is not a CPU list: .3-1." "$tmp/badlist.stderr"'
 
 echo "# systemd-analyze verify"
 instances=()
@@ -167,8 +227,8 @@ for name in chat-frontend chat-backend; do
     s=$name@.service
     check "$s: Type=notify, WatchdogSec=, Restart=on-failure" \
         eval 'has $s Type=notify && has $s WatchdogSec=10s && has $s Restart=on-failure'
-    check "$s: ExecStart=/usr/bin/$name --instance %i, CPUAffinity=%i" \
-        eval 'has $s "ExecStart=/usr/bin/$name --instance %i" && has $s CPUAffinity=%i'
+    check "$s: ExecStart=/usr/bin/$name --instance %i, no CPUAffinity= (the generator's drop-in pins it)" \
+        eval 'has $s "ExecStart=/usr/bin/$name --instance %i" && ! grep -q "^CPUAffinity" "$units/$s"'
     stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s\?$/\1/p' "$units/$s")
     check "$s: TimeoutStopSec=${stop}s above the daemon's 10 s graceful stop" test "${stop:-0}" -gt 10
     check "$s: DynamicUser=yes, LimitNOFILE=65536, needs its socket" \

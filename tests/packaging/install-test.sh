@@ -285,6 +285,50 @@ for _ in $(seq 50); do
 done
 check "GET http://localhost/front/lobby through haproxy: $code" test "$code" = 200
 check "the page is the chat page" eval 'curl_in http://localhost/front/lobby | grep -q "<title>"'
+
+# --- HAProxy's servers follow the instances: chat-ha-servers.lst as
+# shipped ("auto") gives HAProxy one server per instance of this container.
+# The instance a request reached, from its status answer.
+instance_of() { curl_in "$@" | grep -o '"instance":[0-9]*' | cut -d: -f2; }
+written=/run/chat-haproxy/chat-ha.cfg
+check "$written: $((2 * cpus)) server lines for $cpus CPUs" \
+    test "$(ct grep -c '^    server ' "$written")" -eq $((2 * cpus))
+# A cookie naming a server sends the request to that one instance (once its
+# health checks found it UP: HAProxy may have started before the instances).
+cookies_ok=yes
+for ((n = 0; n < cpus; n++)); do
+    for _ in $(seq 50); do
+        got=$(instance_of -H "Cookie: chat_front=local-$n" http://localhost/front/status)
+        [ "$got" = "$n" ] && break
+        sleep 0.2
+    done
+    [ "$got" = "$n" ] || { echo "     cookie chat_front=local-$n reached instance '$got'"; cookies_ok=no; }
+done
+check "cookie chat_front=local-N reaches chat-frontend@N, for every N below $cpus" test $cookies_ok = yes
+# The backends are taken in turn: once all are UP, two rounds reach each.
+all_backends=$(seq 0 $((cpus - 1)) | tr '\n' ' ')
+for _ in $(seq 50); do
+    reached=$(for ((i = 0; i < 2 * cpus; i++)); do instance_of http://localhost/back/status; done | sort -nu | tr '\n' ' ')
+    [ "$reached" = "$all_backends" ] && break
+    sleep 0.2
+done
+check "$((2 * cpus)) requests to /back/status reached chat-backend@0..$((cpus - 1)): $reached" test "$reached" = "$all_backends"
+# A reload reads the list again; a list it cannot read fails the reload,
+# says where, and HAProxy goes on with what it had.
+list=/etc/haproxy/chat-ha-servers.lst
+ct sed -i 's/ auto$/ 1/' "$list"
+check "after listing one instance per daemon, systemctl reload haproxy: 2 server lines" eval \
+    'ct systemctl reload haproxy && [ "$(ct grep -c "^    server " "$written")" -eq 2 ]'
+ct sh -c "echo 'chat-frontend broken 127.0.0.1' >>$list"
+check "a broken list: systemctl reload haproxy fails" eval '! ct systemctl reload haproxy 2>/dev/null'
+check "... $written kept, HAProxy still serves, the journal names the line" eval \
+    '[ "$(ct grep -c "^    server " "$written")" -eq 2 ] &&
+     [ "$(curl_in -o /dev/null -w %{http_code} http://localhost/front/lobby)" = 200 ] &&
+     ct journalctl -q --no-pager -u haproxy.service | grep -q "chat-ha-servers.lst:[0-9]*: \"127.0.0.1\" is not ADDRESS:PORT"'
+ct sed -i -e '/^chat-frontend broken /d' -e 's/ 1$/ auto/' "$list"
+check "the list as shipped again, systemctl reload haproxy: $((2 * cpus)) server lines" eval \
+    'ct systemctl reload haproxy && [ "$(ct grep -c "^    server " "$written")" -eq $((2 * cpus)) ]'
+
 body='{"room":"lobby","message":"hello from the package test"}'
 code=$(curl_in -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' -d "$body" http://localhost/back/message || true)
 check "POST http://localhost/back/message through haproxy: $code" test "$code" = 201

@@ -150,38 +150,31 @@ frontend | backend)
 lb)
     install_debs haproxy haproxy "$(deb_of chat-haproxy)"
     [ -x /usr/sbin/haproxy ] || die "haproxy is not installed"
-    cfg=/etc/haproxy/chat-ha.cfg
-    # One server line per instance per host, in place of the shipped
-    # 127.0.0.1 lines; servers are named HOSTn-N (the cookie too).
-    servers() { # servers front|back BASE_PORT ADDRESSES...
-        local kind=$1 base=$2 host=0 addr n; shift 2
+    # The chat hosts, in place of the shipped list (this host's instances):
+    # INSTANCES frontends from port 9100 on each frontend host, as many
+    # backends from 9200 on each backend host. HAProxy names their servers
+    # HOST-N (front1-0, ..., back2-1), the cookie too.
+    list=/etc/haproxy/chat-ha-servers.lst
+    hosts() { # hosts DAEMON NAME_STEM BASE_PORT ADDRESSES...
+        local daemon=$1 stem=$2 base=$3 host=0 addr; shift 3
         for addr in "$@"; do
             host=$((host + 1))
-            for ((n = 0; n < INSTANCES; n++)); do
-                if [ "$kind" = front ]; then
-                    echo "    server front$host-$n $addr:$((base + n)) check cookie front$host-$n"
-                else
-                    echo "    server back$host-$n $addr:$((base + n)) check"
-                fi
-            done
+            echo "$daemon $stem$host $addr:$base $INSTANCES"
         done
     }
-    # shellcheck disable=SC2086
-    servers front 9100 $FRONTENDS >/tmp/front.servers
-    # shellcheck disable=SC2086
-    servers back 9200 $BACKENDS >/tmp/back.servers
-    awk '
-        /^backend / { section = $2 }
-        /^[[:space:]]+server[[:space:]]/ { next }
-        { print }
-        /^[[:space:]]+default-server[[:space:]]/ {
-            file = (section == "chat_front") ? "/tmp/front.servers" : (section == "chat_back") ? "/tmp/back.servers" : ""
-            if (file != "") while ((getline line < file) > 0) print line
-        }' "$cfg" >"$cfg.new"
-    grep -c '^[[:space:]]*server ' "$cfg.new" | grep -qx "$(($(wc -l </tmp/front.servers) + $(wc -l </tmp/back.servers)))" \
-        || die "could not rewrite the server lines of $cfg"
-    mv "$cfg.new" "$cfg"
-    haproxy -c -q -f /etc/haproxy/haproxy.cfg -f "$cfg" || die "haproxy -c rejects $cfg"
+    {
+        echo "# The rig's chat hosts (tests/rig/provision.sh)."
+        # shellcheck disable=SC2086
+        hosts chat-frontend front 9100 $FRONTENDS
+        # shellcheck disable=SC2086
+        hosts chat-backend back 9200 $BACKENDS
+    } >"$list"
+    # What haproxy.service will load: checked here, to fail with the reason.
+    if ! /usr/lib/chat-haproxy/chat-ha-servers "$list" /etc/haproxy/chat-ha.cfg /tmp/chat-ha.cfg ||
+        ! haproxy -c -q -f /etc/haproxy/haproxy.cfg -f /tmp/chat-ha.cfg; then
+        die "haproxy -c rejects chat-ha.cfg with the servers of $list"
+    fi
+    servers_listed=$(($(echo "$FRONTENDS $BACKENDS" | wc -w) * INSTANCES))
     # The limits per client address: all the rig's test clients share one
     # address (the host's).
     dropin=/etc/systemd/system/haproxy.service.d/chat-ha-rig.conf
@@ -201,14 +194,17 @@ lb)
     systemctl restart haproxy.service
     wait_for 20 curl -sf -o /dev/null -H 'Host: localhost' http://127.0.0.1/front/status \
         || die "HAProxy does not answer on port 80"
-    # Every server UP (the hosts were provisioned before this one).
-    all_up() { ! echo 'show stat' | socat stdio /run/haproxy/admin.sock \
-        | awk -F, '$1 ~ /^chat_(front|back)$/ && $2 !~ /^(FRONTEND|BACKEND)$/ && $18 != "UP"' | grep -q .; }
+    # HAProxy's chat servers: "BACKEND/SERVER STATUS", one a line.
+    chat_servers() { echo 'show stat' | socat stdio /run/haproxy/admin.sock \
+        | awk -F, '$1 ~ /^chat_(front|back)$/ && $2 !~ /^(FRONTEND|BACKEND)$/ { print $1 "/" $2, $18 }'; }
+    # One server per listed instance, every one UP (the hosts were
+    # provisioned before this one).
+    all_up() { [ "$(chat_servers | grep -c ' UP$')" = "$servers_listed" ] && [ "$(chat_servers | wc -l)" = "$servers_listed" ]; }
     wait_for 30 all_up || {
-        echo 'show stat' | socat stdio /run/haproxy/admin.sock | cut -d, -f1,2,18 | grep chat_ >&2
-        die "not every HAProxy server is UP"
+        chat_servers >&2
+        die "HAProxy does not have the $servers_listed servers of $list, all UP"
     }
-    say "HAProxy on $ADDRESS:80, servers UP: $(tr '\n' ' ' </tmp/front.servers | grep -o '[0-9.]*:[0-9]*' | tr '\n' ' ')$(grep -o '[0-9.]*:[0-9]*' /tmp/back.servers | tr '\n' ' ')"
+    say "HAProxy on $ADDRESS:80, servers UP: $(chat_servers | cut -d' ' -f1 | tr '\n' ' ')"
     ;;
 *) die "unknown ROLE $ROLE" ;;
 esac

@@ -277,19 +277,21 @@ class ManagedProcess {
 // HAProxy configuration.
 
 /**
- * The packaged HAProxy configuration with its listening address, its server
- * lines and the paths of its lists (domains, origins, internal networks)
- * replaced for this topology; the lists default to the repository's copies.
+ * The packaged HAProxy configuration for this topology: its listening
+ * address and the paths of its lists (domains, origins, internal networks)
+ * replaced, the lists defaulting to the repository's copies; and a server
+ * per started instance (front0, front1..., back0...), added as on a host:
+ * by chat-ha-servers (debian/haproxy-dropin/), from a chat-ha-servers.lst
+ * that names each instance and its port.
  */
 export function haproxyConfig({
   text = fs.readFileSync(HAPROXY_CFG, 'utf8'), port, frontendPorts, backendPorts,
   domainsPath = DOMAINS_LST, originsPath = ORIGINS_LST, internalPath = INTERNAL_LST,
 }) {
   const lists = { domains: domainsPath, origins: originsPath, internal: internalPath };
-  const servers = { chat_front: frontendPorts, chat_back: backendPorts };
   const out = [];
-  let section = null; // e.g. ['backend', 'chat_front']
-  const replaced = new Set();
+  let section = null; // e.g. ['frontend', 'chat_ha']
+  let bound = false;
   for (const line of text.split('\n')) {
     const words = line.trim().split(/\s+/);
     if (/^[^\s#]/.test(line)) {
@@ -298,32 +300,31 @@ export function haproxyConfig({
       continue;
     }
     if (section && section[0] === 'frontend' && words[0] === 'bind' && port !== undefined) {
-      if (!replaced.has('bind')) out.push(`    bind 127.0.0.1:${port}`);
-      replaced.add('bind');
-      continue;
-    }
-    if (section && section[0] === 'backend' && words[0] === 'server' && servers[section[1]]) {
-      const backend = section[1];
-      if (!replaced.has(backend)) {
-        // The first server line is the template for every started instance.
-        const [, name, , ...options] = words;
-        const stem = name.replace(/\d+$/, '');
-        servers[backend].forEach((p, i) => {
-          const opts = [...options];
-          const cookie = opts.indexOf('cookie');
-          if (cookie >= 0) opts[cookie + 1] = `${stem}${i}`;
-          out.push(`    server ${stem}${i} 127.0.0.1:${p} ${opts.join(' ')}`.trimEnd());
-        });
-        replaced.add(backend);
-      }
+      if (!bound) out.push(`    bind 127.0.0.1:${port}`);
+      bound = true;
       continue;
     }
     out.push(line.replace(/(-f\s+)\S*chat-ha-(domains|origins|internal)\.lst/g, (_, f, list) => `${f}${lists[list]}`));
   }
-  for (const want of [...(port !== undefined ? ['bind'] : []), ...Object.keys(servers)]) {
-    if (!replaced.has(want)) throw new Error(`${HAPROXY_CFG}: no ${want === 'bind' ? 'bind line in the frontend' : `server line in backend ${want}`}`);
+  if (port !== undefined && !bound) throw new Error(`${HAPROXY_CFG}: no bind line in the frontend`);
+  // One line per instance, without a count: a server named as the line.
+  const servers = [
+    ...frontendPorts.map((p, i) => `chat-frontend front${i} 127.0.0.1:${p}\n`),
+    ...backendPorts.map((p, i) => `chat-backend back${i} 127.0.0.1:${p}\n`),
+  ];
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-ha-servers-'));
+  try {
+    const list = path.join(dir, 'chat-ha-servers.lst');
+    fs.writeFileSync(list, servers.join(''));
+    const script = path.join(REPO, 'debian', 'haproxy-dropin', 'chat-ha-servers');
+    try {
+      return execFileSync('sh', [script, list, '-', '-'], { input: out.join('\n'), encoding: 'utf8', stdio: 'pipe' });
+    } catch (e) {
+      throw new Error(`chat-ha-servers failed (${e.status ?? e.message}): ${e.stderr ?? ''}`);
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
   }
-  return out.join('\n');
 }
 
 /** The global section the packaged file leaves to the host's haproxy.cfg. */
