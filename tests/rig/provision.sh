@@ -192,15 +192,15 @@ lb)
     systemctl daemon-reload
     systemctl enable --quiet haproxy.service
     systemctl restart haproxy.service
-    wait_for 20 curl -sf -o /dev/null -H 'Host: localhost' http://127.0.0.1/front/status \
-        || die "HAProxy does not answer on port 80"
+    wait_for 60 curl -sf -o /dev/null -H 'Host: localhost' http://127.0.0.1/front/status \
+        || die "HAProxy does not answer /front/status on port 80 (haproxy.service $(systemctl is-active haproxy.service), HTTP status $(curl -s -o /dev/null -w '%{http_code}' -H 'Host: localhost' http://127.0.0.1/front/status))"
     # HAProxy's chat servers: "BACKEND/SERVER STATUS", one a line.
     chat_servers() { echo 'show stat' | socat stdio /run/haproxy/admin.sock \
         | awk -F, '$1 ~ /^chat_(front|back)$/ && $2 !~ /^(FRONTEND|BACKEND)$/ { print $1 "/" $2, $18 }'; }
     # One server per listed instance, every one UP (the hosts were
     # provisioned before this one).
     all_up() { [ "$(chat_servers | grep -c ' UP$')" = "$servers_listed" ] && [ "$(chat_servers | wc -l)" = "$servers_listed" ]; }
-    wait_for 30 all_up || {
+    wait_for 60 all_up || {
         chat_servers >&2
         die "HAProxy does not have the $servers_listed servers of $list, all UP"
     }

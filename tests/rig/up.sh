@@ -90,11 +90,19 @@ fi
 
 # --- the machines
 log "vagrant up --provider=lxc ($RIG_MACHINES)"
+# What each machine's provisioning said of itself ("provision ROLE: ..."),
+# its errors included.
+provision_lines() {
+    grep -h '^ *[a-z0-9]*: provision [a-z]*:' "$RIG_STATE/vagrant-up.log" | sed 's/^ */rig: /' >&2 || true
+}
 if ! rig_vagrant up --provider=lxc >"$RIG_STATE/vagrant-up.log" 2>&1; then
     tail -40 "$RIG_STATE/vagrant-up.log" >&2
+    # Last, where a short excerpt of the output still shows it: which
+    # machine failed, and why.
+    provision_lines
     die "vagrant up failed (whole log: $RIG_STATE/vagrant-up.log; tests/rig/down.sh removes the rig)"
 fi
-grep -h '^ *[a-z0-9]*: provision [a-z]*:' "$RIG_STATE/vagrant-up.log" | sed 's/^ */rig: /' >&2 || true
+provision_lines
 
 # --- both tiers answer through the load balancer, on both domains (the
 # public paths: the status endpoints answer only internal networks)
