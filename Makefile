@@ -81,6 +81,11 @@ test-rust: deps-apt
 	# A short benchmark run: it fails on any lost, duplicated or refused message.
 	$(CARGO) run -q -p chat-bench -- --smoke
 
+# The patched crates of vendor/ (vendor/README.md): the tree cargo builds
+# must be the published crates with the patch series applied, nothing else.
+test-vendor:
+	vendor/fork.sh check
+
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
 
@@ -187,4 +192,4 @@ rig-down:
 test-system: deps-apt deb deps-node
 	tests/system/run.sh
 
-test: lint test-rust test-fuzz test-e2e test-browser test-packaging test-system
+test: lint test-vendor test-rust test-fuzz test-e2e test-browser test-packaging test-system
