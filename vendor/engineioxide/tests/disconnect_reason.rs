@@ -127,13 +127,19 @@ pub async fn polling_server_closing_pending_poll() {
         .unwrap();
 }
 
+/// How long a client that never answers a ping keeps its session with
+/// `create_server`'s configuration: the first ping goes out one ping interval
+/// (300 ms) after the handshake, and the session closes one ping timeout
+/// (200 ms) later; with a margin for a loaded machine.
+const HEARTBEAT_TIMEOUT_WAIT: Duration = Duration::from_millis(300 + 200 + 500);
+
 #[tokio::test]
 pub async fn polling_heartbeat_timeout() {
     let (disconnect_tx, mut rx) = mpsc::channel(10);
     let mut svc = create_server(MyHandler { disconnect_tx }).await;
     create_polling_connection(&mut svc).await;
 
-    let data = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+    let data = tokio::time::timeout(HEARTBEAT_TIMEOUT_WAIT, rx.recv())
         .await
         .expect("timeout waiting for DisconnectReason::HeartbeatTimeout")
         .unwrap();
@@ -147,7 +153,7 @@ pub async fn ws_heartbeat_timeout() {
     let mut svc = create_server(MyHandler { disconnect_tx }).await;
     let _stream = create_ws_connection(&mut svc).await;
 
-    let data = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+    let data = tokio::time::timeout(HEARTBEAT_TIMEOUT_WAIT, rx.recv())
         .await
         .expect("timeout waiting for DisconnectReason::HeartbeatTimeout")
         .unwrap();
