@@ -84,6 +84,15 @@ test-rust: deps-apt
 	# A short benchmark run: it fails on any lost, duplicated or refused message.
 	$(CARGO) run --locked -q -p chat-bench -- --smoke
 
+# The patched crates of vendor/ (vendor/README.md): the tree cargo builds
+# must be the published crates with the patch series applied, nothing else;
+# then their own test suites (upstream's and the patches'), in the workspace
+# of vendor/Cargo.toml, with upstream's dev-dependencies as locked there.
+test-vendor: deps-apt
+	vendor/fork.sh check
+	cd vendor && CARGO_TARGET_DIR=$(CURDIR)/target/vendor \
+	  $(CARGO) test --locked --workspace --all-features --no-fail-fast
+
 test-e2e: deps build
 	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
 
@@ -194,4 +203,4 @@ rig-down:
 test-system: deps-apt deb deps-node
 	tests/system/run.sh
 
-test: lint test-rust test-fuzz test-e2e test-browser test-packaging test-system
+test: lint test-vendor test-rust test-fuzz test-e2e test-browser test-packaging test-system

@@ -428,6 +428,7 @@ pub async fn run(
         listeners.public,
         app,
         Access::new(&config.access.allow, connections),
+        crate::serve::CountedStream::new,
         shutdown,
         config.backend.shutdown_timeout(),
     )

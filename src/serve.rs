@@ -3,18 +3,20 @@
 //! limit.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 
 use axum::routing::get;
 use axum::{Json, Router};
-use engineioxide::TcpConnection;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{Network, allowed};
 use crate::metrics::Metrics;
@@ -63,12 +65,65 @@ impl ConnectionCount {
     }
 }
 
-/// Held by each connection; counts it closed when dropped.
-struct Counted(ConnectionCount);
+/// Held by each connection, whatever serves it; counts it closed when
+/// dropped.
+pub struct Counted(ConnectionCount);
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An accepted stream as it is, counted open as long as it lives: the
+/// connection of a daemon that serves plain HTTP.
+pub struct CountedStream {
+    stream: TcpStream,
+    _counted: Counted,
+}
+
+impl CountedStream {
+    pub fn new(stream: TcpStream, counted: Counted) -> Self {
+        CountedStream {
+            stream,
+            _counted: counted,
+        }
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -83,13 +138,22 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// This is axum's own serving loop with what it does not offer: HTTP/1 with
 /// a header timeout, connection counting, and connections refused from
 /// addresses not allowed (closed at once, before a byte is read).
-pub async fn serve(
+///
+/// `connection` makes what hyper serves from each accepted stream and its
+/// [`Counted`], which it must keep as long as the connection lives: a
+/// [`CountedStream`] for plain HTTP, or a wrapper of the daemon's own (the
+/// frontend's lets its websockets be written to directly).
+pub async fn serve<C>(
     listener: TcpListener,
     app: Router,
     access: Access,
+    connection: impl Fn(TcpStream, Counted) -> C,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Access { allow, count } = access;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -110,9 +174,7 @@ pub async fn serve(
         }
         // Chat frames are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
-        // A websocket upgraded from it is written to without a task in
-        // between (see vendor/README.md); the count lasts as long as it does.
-        let io = TcpConnection::new(stream, count.open());
+        let io = connection(stream, count.open());
         tokio::spawn(serve_connection(io, peer, app.clone(), stop_rx.clone()));
     }
     // Connections made from now on wait in the socket's backlog (the socket
@@ -136,7 +198,7 @@ pub async fn serve(
 /// Serves one connection until it closes, or ends it gracefully (finishing
 /// the request in progress) once `stop` turns true.
 async fn serve_connection(
-    io: TcpConnection,
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     peer: SocketAddr,
     app: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -210,6 +272,7 @@ pub async fn serve_metrics(
         listener,
         app,
         access,
+        CountedStream::new,
         std::future::pending(),
         Duration::ZERO,
     )

@@ -105,6 +105,9 @@ pub async fn run(
         listeners.public,
         app,
         Access::new(&config.access.allow, ConnectionCount::default()),
+        // A websocket upgraded from it is written to without a task in
+        // between (vendor/README.md); the count lasts as long as it does.
+        engineioxide::TcpConnection::new,
         stop,
         config.frontend.shutdown_timeout(),
     )

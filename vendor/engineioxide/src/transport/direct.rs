@@ -533,3 +533,442 @@ impl AsyncWrite for WsIo {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The outbox against a real loopback TCP connection, read by
+    //! tungstenite as a client reads it. The connection's buffers are made
+    //! small, so that the kernel takes a few KiB of what a client does not
+    //! read and a large write is taken in part.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use http::Request;
+    use tokio::net::{TcpSocket, TcpStream};
+    use tokio::sync::mpsc::error::TrySendError;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+    use crate::config::EngineIoConfig;
+    use crate::socket::{ClosingWith, Socket};
+    use crate::transport::ws::{CLOSE_FLUSH_TIMEOUT, write_direct};
+    use engineioxide_core::TransportType;
+
+    /// What each end of the connection asks the kernel to buffer.
+    const SMALL_BUFFER: u32 = 4096;
+    /// Far more than the kernel buffers for the connection.
+    const LARGE_TEXT: usize = 128 * 1024;
+    /// For a client that is expected to read; never reached when it does.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A loopback connection: the server's end, the client's end.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpSocket::new_v4().unwrap();
+        listener.set_send_buffer_size(SMALL_BUFFER).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let client = TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(SMALL_BUFFER).unwrap();
+        let client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (server, client)
+    }
+
+    /// The client's end, read as a websocket client reads it.
+    async fn ws_client(stream: TcpStream) -> WebSocketStream<TcpStream> {
+        WebSocketStream::from_raw_socket(stream, Role::Client, None).await
+    }
+
+    /// The next message the client reads, within [`TIMEOUT`].
+    async fn next_message(client: &mut WebSocketStream<TcpStream>) -> Message {
+        tokio::time::timeout(TIMEOUT, client.next())
+            .await
+            .expect("the client should receive a message")
+            .expect("the connection should stay open")
+            .expect("the frame should be valid")
+    }
+
+    /// The next `count` messages the client reads, as text.
+    async fn next_texts(client: &mut WebSocketStream<TcpStream>, count: usize) -> Vec<String> {
+        let mut texts = Vec::new();
+        for _ in 0..count {
+            match next_message(client).await {
+                Message::Text(text) => texts.push(text.to_string()),
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+        texts
+    }
+
+    /// The text messages the client reads, as it reads them, in a task of
+    /// their own; the channel ends with the first message of another kind.
+    fn ws_reader(mut client: WebSocketStream<TcpStream>) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(Message::Text(text))) = client.next().await {
+                if tx.send(text.to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// `len` characters that differ with `seed`, so that a message cut,
+    /// doubled or swapped with another shows.
+    fn text(seed: usize, len: usize) -> String {
+        (0..len)
+            .map(|i| char::from(b'a' + ((seed + i) % 26) as u8))
+            .collect()
+    }
+
+    fn shared(text: &str) -> SharedMessage {
+        SharedMessage::new(Str::from(text.to_owned()))
+    }
+
+    /// A websocket session as the engine makes one, on the server's end of
+    /// a connection, with its direct writer running; and the writer task.
+    async fn session(
+        server: TcpStream,
+        guard: impl Any + Send + Sync,
+    ) -> (Arc<Socket<()>>, Arc<TcpStream>, tokio::task::JoinHandle<()>) {
+        let socket = Arc::new(Socket::new(
+            ProtocolVersion::V4,
+            TransportType::Websocket,
+            ClosingWith::sessions(Box::new(|_, _| ()), EngineIoConfig::default()),
+            Request::<()>::default().into_parts().0,
+            false,
+        ));
+        let stream = Arc::new(server);
+        let outbox = Arc::new(Outbox::new(stream.clone()));
+        socket.backlog.drainer_waits();
+        let writer = tokio::spawn(write_direct(socket.clone(), outbox, Box::new(guard)));
+        // Direct writes start once the writer has taken the channel.
+        until("the writer runs", || socket.outbox.get().is_some()).await;
+        (socket, stream, writer)
+    }
+
+    /// Yields until `done` holds, while the other tasks (the writer, a
+    /// reading client) make progress; fails after [`TIMEOUT`].
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let waiting = async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(TIMEOUT, waiting)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+    }
+
+    /// Whether packets wait in the socket's channel (or a place is reserved).
+    fn channel_holds_packets(socket: &Socket<()>) -> bool {
+        socket.internal_tx.capacity() < socket.internal_tx.max_capacity()
+    }
+
+    fn outbox(socket: &Socket<()>) -> &Outbox {
+        socket.outbox.get().expect("the direct writer runs")
+    }
+
+    /// The header of a server's final text frame, by payload length: the
+    /// length in 7 bits up to 125, then in 16 bits after 126, then in 64
+    /// bits after 127 (RFC 6455, 5.2).
+    #[test]
+    fn frame_headers_at_each_length_form() {
+        let cases: [(usize, &[u8]); 5] = [
+            (0, &[0x81, 0]),
+            (125, &[0x81, 125]),
+            (126, &[0x81, 126, 0x00, 0x7E]),
+            (65_535, &[0x81, 126, 0xFF, 0xFF]),
+            (65_536, &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ];
+        for (len, header) in cases {
+            let payload = text(len, len);
+            let mut out = BytesMut::new();
+            put_frame(&mut out, TEXT, &[payload.as_bytes()]);
+            assert_eq!(&out[..header.len()], header, "header at length {len}");
+            assert_eq!(&out[header.len()..], payload.as_bytes(), "payload at {len}");
+        }
+    }
+
+    /// A client reads each length form as the message framed, and a
+    /// message split into parts is framed as one.
+    #[tokio::test]
+    async fn a_client_reads_frames_of_each_length_form() {
+        let (mut writer, reader) = tokio::io::duplex(1024 * 1024);
+        let mut client = WebSocketStream::from_raw_socket(reader, Role::Client, None).await;
+        let mut frames = BytesMut::new();
+        put_frame(&mut frames, TEXT, &[]);
+        let lengths = [125, 126, 65_535, 65_536];
+        // An Engine.IO message: the packet type, then the text.
+        for len in lengths {
+            frames.extend_from_slice(&shared(&text(len, len - 1)).frames);
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut writer, &frames)
+            .await
+            .unwrap();
+        let empty = client.next().await.unwrap().unwrap();
+        assert_eq!(empty, Message::text(""));
+        for len in lengths {
+            let message = client.next().await.unwrap().unwrap();
+            assert_eq!(message, Message::text(format!("4{}", text(len, len - 1))));
+        }
+    }
+
+    /// What [`OutState::advance`] keeps for each way the kernel may cut the
+    /// queue: the bytes not written, the packets of the frames not wholly
+    /// written, where the first one resumes.
+    #[test]
+    fn partial_writes_are_accounted_at_every_cut() {
+        // Three frames: one packet, two joined, one of tungstenite's own.
+        let frames: [(&[u8], usize); 3] = [(b"abc", 1), (b"defgh", 2), (b"ij", 0)];
+        let total: usize = frames.iter().map(|(f, _)| f.len()).sum();
+        for step in 1..=total {
+            let mut state = OutState {
+                stream: None,
+                queue: frames
+                    .iter()
+                    .map(|(f, p)| (Bytes::from_static(f), *p))
+                    .collect(),
+                packets: 3,
+                bytes: total,
+                written: 0,
+                writer: None,
+                closed: false,
+            };
+            let mut done = 0;
+            while done < total {
+                let n = step.min(total - done);
+                state.advance(n);
+                done += n;
+                // The frames not wholly written, and how far into the first.
+                let (mut rest, mut packets_left, mut frames_left) = (done, 0, 0);
+                let mut first_offset = 0;
+                for (frame, packets) in frames {
+                    if rest >= frame.len() {
+                        rest -= frame.len();
+                        continue;
+                    }
+                    if frames_left == 0 {
+                        first_offset = rest;
+                    }
+                    rest = 0;
+                    packets_left += packets;
+                    frames_left += 1;
+                }
+                let at = format!("steps of {step}, {done} written");
+                assert_eq!(state.bytes, total - done, "bytes, {at}");
+                assert_eq!(state.packets, packets_left, "packets, {at}");
+                assert_eq!(state.queue.len(), frames_left, "frames, {at}");
+                assert_eq!(state.written, first_offset, "offset, {at}");
+            }
+        }
+    }
+
+    /// Several messages joined into one write, which the kernel takes in
+    /// part; more written behind them meanwhile. The client gets each whole,
+    /// in order, and the outbox counts what waits until it is written.
+    #[tokio::test]
+    async fn messages_joined_in_one_write_arrive_whole_across_partial_writes() {
+        let (server, client) = tcp_pair().await;
+        let (socket, _stream, _writer) = session(server, ()).await;
+        let texts: Vec<String> = (0..8).map(|i| text(i, LARGE_TEXT)).collect();
+        let joined = SharedMessage::join(&texts.iter().map(|t| shared(t)).collect::<Vec<_>>());
+        assert_eq!(joined.len(), 8);
+
+        socket.emit_shared(&joined, usize::MAX).unwrap();
+        assert!(
+            outbox(&socket).queued_bytes() > 0,
+            "the kernel should take only part of {} bytes",
+            joined.frames.len()
+        );
+        assert_eq!(
+            socket.queued(),
+            8,
+            "the write's packets wait until it is whole"
+        );
+        // Behind a partial write, frames wait in the outbox, in order.
+        let behind: Vec<String> = (8..11).map(|i| text(i, 1000)).collect();
+        for t in &behind {
+            socket.emit_shared(&shared(t), usize::MAX).unwrap();
+        }
+        assert_eq!(socket.queued(), 11);
+
+        let mut client = ws_client(client).await;
+        let received = next_texts(&mut client, 11).await;
+        let expected: Vec<String> = texts
+            .iter()
+            .chain(&behind)
+            .map(|t| format!("4{t}"))
+            .collect();
+        assert!(
+            received == expected,
+            "the messages should arrive whole and in order"
+        );
+        until("the outbox is written out", || socket.queued_bytes() == 0).await;
+        assert_eq!(socket.queued(), 0);
+    }
+
+    /// Packets queued in the socket's channel (`emit`, written by the
+    /// writer task) and messages written directly (`emit_shared`) reach the
+    /// client in the order they were sent, whether the kernel keeps up or
+    /// not. Frames of tungstenite's own (the handshake's, replies to pings
+    /// and closes) join the outbox when they are written, behind what is
+    /// pending there, never inside it; like a reply of tungstenite's
+    /// upstream, they can pass packets still in the channel.
+    #[tokio::test]
+    async fn direct_writes_keep_their_order_with_the_writer_and_tungstenite() {
+        let (server, client) = tcp_pair().await;
+        let (socket, stream, _writer) = session(server, ()).await;
+        let mut tungstenite = WebSocketStream::from_raw_socket(
+            WsIo::new(stream.clone(), socket.outbox.get().unwrap().clone()),
+            Role::Server,
+            None,
+        )
+        .await;
+        const ROUNDS: usize = 40;
+        // The client reads all along, so that the writer can progress.
+        let mut client = ws_reader(ws_client(client).await);
+        let mut expected = Vec::new();
+        let (mut behind_channel, mut direct, mut own_behind_pending) = (0, 0, 0);
+        let mut sent = Vec::new();
+        for round in 0..ROUNDS {
+            // Large messages in some rounds: the kernel takes them in part,
+            // and what follows waits in the outbox or in the channel.
+            let len = if round % 4 == 0 { LARGE_TEXT } else { 100 };
+            let via_channel = text(round * 3, len);
+            socket.emit(Str::from(via_channel.clone())).unwrap();
+            sent.push(format!("4{via_channel}"));
+
+            if round % 2 == 0 {
+                until("the writer takes the channel", || {
+                    !channel_holds_packets(&socket)
+                })
+                .await;
+            }
+            let shared_text = text(round * 3 + 1, len);
+            if channel_holds_packets(&socket) {
+                behind_channel += 1;
+            } else {
+                direct += 1;
+            }
+            socket
+                .emit_shared(&shared(&shared_text), usize::MAX)
+                .unwrap();
+            sent.push(format!("4{shared_text}"));
+
+            if !channel_holds_packets(&socket) {
+                if outbox(&socket).queued_bytes() > 0 {
+                    own_behind_pending += 1;
+                }
+                let own = text(round * 3 + 2, 10);
+                tungstenite.send(Message::text(own.clone())).await.unwrap();
+                sent.push(own);
+            }
+            expected.append(&mut sent);
+        }
+        assert!(
+            behind_channel > 0 && direct > 0 && own_behind_pending > 0,
+            "each case should occur: {behind_channel} messages behind the channel, {direct} \
+             direct, {own_behind_pending} frames of tungstenite's behind a pending write"
+        );
+        for (i, want) in expected.iter().enumerate() {
+            let got = tokio::time::timeout(TIMEOUT, client.recv())
+                .await
+                .unwrap_or_else(|_| panic!("message {i} should arrive"))
+                .expect("the connection should stay open");
+            assert!(&got == want, "message {i} out of order or altered");
+        }
+    }
+
+    /// A session closed while the kernel holds back a write: what was
+    /// accepted before is written whole, then a close frame, and nothing
+    /// after; senders are refused from then on; the connection's guard goes
+    /// with the writer.
+    #[tokio::test]
+    async fn closing_with_a_write_pending_writes_it_then_a_close_frame() {
+        let (server, client) = tcp_pair().await;
+        let guard = Arc::new(());
+        let (socket, stream, writer) = session(server, guard.clone()).await;
+        let texts: Vec<String> = (0..4).map(|i| text(i, LARGE_TEXT)).collect();
+        for t in &texts {
+            socket.emit_shared(&shared(t), usize::MAX).unwrap();
+        }
+        assert!(
+            outbox(&socket).queued_bytes() > 0,
+            "a write should be pending"
+        );
+
+        socket.cancellation_token.cancel();
+        until("the writer closes the outbox", || {
+            outbox(&socket).lock().closed
+        })
+        .await;
+        assert!(matches!(
+            socket.emit_shared(&shared("late"), usize::MAX),
+            Err(TrySendError::Closed(()))
+        ));
+
+        let mut client = ws_client(client).await;
+        let received = next_texts(&mut client, texts.len()).await;
+        let expected: Vec<String> = texts.iter().map(|t| format!("4{t}")).collect();
+        assert!(received == expected, "what was pending should arrive whole");
+        assert_eq!(next_message(&mut client).await, Message::Close(None));
+        tokio::time::timeout(TIMEOUT, writer)
+            .await
+            .expect("the writer should end once everything is written")
+            .unwrap();
+        assert_eq!(
+            Arc::strong_count(&guard),
+            1,
+            "the guard goes with the writer"
+        );
+        // The outbox let go of the connection; the last reference closes it.
+        drop(stream);
+        let after = tokio::time::timeout(TIMEOUT, client.next())
+            .await
+            .expect("the connection should close");
+        assert!(
+            !matches!(after, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+            "nothing after the close frame: {after:?}"
+        );
+    }
+
+    /// A client that does not read while its session closes holds the
+    /// writer [`CLOSE_FLUSH_TIMEOUT`], not for ever.
+    #[tokio::test(start_paused = true)]
+    async fn closing_gives_up_on_a_client_that_does_not_read() {
+        let (server, _client) = tcp_pair().await;
+        let guard = Arc::new(());
+        let (socket, _stream, writer) = session(server, guard.clone()).await;
+        socket
+            .emit_shared(&shared(&text(0, LARGE_TEXT)), usize::MAX)
+            .unwrap();
+        assert!(
+            outbox(&socket).queued_bytes() > 0,
+            "a write should be pending"
+        );
+
+        let start = tokio::time::Instant::now();
+        socket.cancellation_token.cancel();
+        writer.await.unwrap();
+        assert!(
+            start.elapsed() >= CLOSE_FLUSH_TIMEOUT,
+            "the writer should wait for the client first, gave up after {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            Arc::strong_count(&guard),
+            1,
+            "the guard goes with the writer"
+        );
+        assert_eq!(outbox(&socket).queued_bytes(), 0, "what waited is dropped");
+    }
+}

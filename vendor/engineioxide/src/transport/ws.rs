@@ -43,7 +43,7 @@ use crate::{
 };
 
 /// How long a closing websocket's writer may take to write what is queued.
-const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A websocket set up by [`open`], with what it needs to run.
 enum Opened<D: Default + Send + Sync + 'static> {
@@ -448,7 +448,7 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
 /// channel receives into the outbox, and writes what the kernel did not take
 /// at once, until the session closes (chat-ha patch; see vendor/README.md).
 /// Senders write directly to the connection once this runs.
-async fn write_direct<D: Default + Send + Sync + 'static>(
+pub(crate) async fn write_direct<D: Default + Send + Sync + 'static>(
     socket: Arc<Socket<D>>,
     outbox: Arc<Outbox>,
     _guard: Box<dyn Any + Send + Sync>,
