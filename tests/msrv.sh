@@ -29,8 +29,8 @@ locked_rust_versions() {
     jq -r '.packages[] | select(.rust_version != null) | "\(.rust_version) \(.name) \(.version)"' <<<"$metadata" | sort -V
 }
 
-failures=0
-fail() { echo "FAIL - $*"; failures=$((failures + 1)); }
+# shellcheck source=tests/lib.sh
+. tests/lib.sh
 
 # Is version $1 newer than version $2?
 newer() { [ "$1" != "$2" ] && [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | tail -1)" = "$1" ]; }
@@ -55,8 +55,5 @@ if newer "$(full "$declared")" "$(full "$rustc_version")"; then
     fail "rustc here is $rustc_version, older than Cargo.toml's $declared"
 fi
 
-if [ "$failures" -ne 0 ]; then
-    echo "msrv: $failures check(s) failed"
-    exit 1
-fi
+checks_done msrv
 echo "msrv: Rust $declared builds every locked crate; debian/control agrees"
