@@ -143,6 +143,8 @@ struct Shared {
     /// Generations handed out: kept apart from `current`, which is `None`
     /// between two primaries.
     generations: AtomicU64,
+    /// The last primary followed, kept while there is none.
+    last: Mutex<Option<Target>>,
     suspect: Notify,
     stats: PrimaryStats,
 }
@@ -241,6 +243,7 @@ impl Shared {
         Shared {
             generations: AtomicU64::new(u64::from(current.is_some())),
             current: watch::Sender::new(current),
+            last: Mutex::new(None),
             suspect: Notify::new(),
             stats: PrimaryStats::default(),
         }
@@ -265,11 +268,20 @@ impl Shared {
                     unreachable!("built above")
                 };
                 let address = format!("{host}:{port}");
-                tracing::info!("following new Redis primary {address}");
-                let generation = self.next_generation();
-                if generation > 1 {
-                    self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                let previous = lock(&self.last).replace(target.clone());
+                match previous {
+                    Some(previous) if previous == target => {
+                        tracing::info!("Redis primary {address} answers again");
+                    }
+                    Some(_) => {
+                        tracing::info!("following new Redis primary {address}");
+                        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => tracing::info!("following new Redis primary {address}"),
                 }
+                // Connections are remade even to the same server: one that
+                // went away may have restarted without what it had.
+                let generation = self.next_generation();
                 self.stats.found(&address);
                 self.current.send_replace(Some(Arc::new(Resolved {
                     generation,
@@ -306,7 +318,15 @@ impl Sentinels {
     /// Resolves the primary now, on trouble, on `+switch-master` and every
     /// [`CHECK`], for ever.
     async fn follow(self, shared: Arc<Shared>) {
-        let mut connections = Connections::default();
+        let mut connections = Connections {
+            sentinels: self
+                .sentinel
+                .sentinels
+                .iter()
+                .map(|_| Arc::default())
+                .collect(),
+            role: None,
+        };
         loop {
             let found = self.resolve(&mut connections, &shared).await;
             shared.publish(found);
@@ -346,42 +366,54 @@ impl Sentinels {
         }
     }
 
-    /// What the first Sentinel to answer says of the primary.
-    async fn ask_sentinels(&self, connections: &mut Connections) -> Option<(String, u16, bool)> {
-        for (index, url) in self.sentinel.sentinels.iter().enumerate() {
-            let tls = url.as_str().starts_with("rediss:");
-            match self.ask_sentinel(connections, index).await {
-                Ok(Some((host, port))) => return Some((host, port, tls)),
+    /// What the first Sentinel to answer says of the primary. They are all
+    /// asked at once: a Sentinel whose host is gone (its packets dropped)
+    /// costs a connection timeout, which must not delay the answer of the
+    /// others.
+    async fn ask_sentinels(&self, connections: &Connections) -> Option<(String, u16, bool)> {
+        let mut asking = tokio::task::JoinSet::new();
+        for (index, slot) in connections.sentinels.iter().enumerate() {
+            let (asker, slot) = (self.clone(), slot.clone());
+            asking.spawn(async move { (index, asker.ask_sentinel(&slot, index).await) });
+        }
+        // Dropping the set stops the askers that have not answered yet.
+        while let Some(joined) = asking.join_next().await {
+            let Ok((index, answer)) = joined else {
+                continue;
+            };
+            let url = self.sentinel.sentinels[index].as_str();
+            match answer {
+                Ok(Some((host, port))) => return Some((host, port, url.starts_with("rediss:"))),
                 Ok(None) => tracing::warn!(
-                    "Sentinel {index} does not know the primary {:?}",
+                    "Sentinel {url} does not know the primary {:?}",
                     self.sentinel.master
                 ),
-                Err(e) => {
-                    connections.sentinels.remove(&index);
-                    tracing::debug!("Sentinel {index} ({}) does not answer: {e}", url.as_str());
-                }
+                Err(e) => tracing::debug!("Sentinel {url} does not answer: {e}"),
             }
         }
         None
     }
 
+    /// What Sentinel `index` says of the primary, over the connection kept
+    /// in `slot` (made when there is none, forgotten on an error).
     async fn ask_sentinel(
         &self,
-        connections: &mut Connections,
+        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
         index: usize,
     ) -> Result<Option<(String, u16)>, ConnectError> {
-        let conn = match connections.sentinels.get_mut(&index) {
+        let mut slot = slot.lock().await;
+        let conn = match &mut *slot {
             Some(conn) => conn,
-            None => {
-                let conn = self.connect_sentinel(index, None).await?;
-                connections.sentinels.entry(index).or_insert(conn)
-            }
+            None => slot.insert(self.connect_sentinel(index, None).await?),
         };
         let mut cmd = redis::cmd("SENTINEL");
         cmd.arg("GET-MASTER-ADDR-BY-NAME")
             .arg(&self.sentinel.master);
-        let reply: Option<(String, u16)> = cmd.query_async(conn).await?;
-        Ok(reply)
+        let reply = cmd.query_async(conn).await;
+        if reply.is_err() {
+            *slot = None;
+        }
+        Ok(reply?)
     }
 
     /// `ROLE`'s first word (`master`, `slave`...) from `host`:`port`.
@@ -490,9 +522,9 @@ impl Sentinels {
 }
 
 /// Connections kept between two checks.
-#[derive(Default)]
 struct Connections {
-    sentinels: std::collections::HashMap<usize, MultiplexedConnection>,
+    /// To each Sentinel, in the order of `redis.sentinels`.
+    sentinels: Vec<Arc<tokio::sync::Mutex<Option<MultiplexedConnection>>>>,
     /// To the server last asked `ROLE`.
     role: Option<((String, u16), MultiplexedConnection)>,
 }
