@@ -350,6 +350,8 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
     let mut tally = Tally::default();
     let mut seen_degraded = false;
     let mut killed_after = None;
+    let mut killed_at = None;
+    let mut back_after = None;
     let mut resumed_after = None;
     let mut n = 0;
     // Posts one message after another, each retried with its key until
@@ -371,6 +373,9 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
                 tally
                     .acknowledged
                     .push((body["id"].as_str().unwrap().to_owned(), text.clone()));
+                if back_after.is_none() {
+                    back_after = killed_at.map(|at: std::time::Instant| at.elapsed());
+                }
                 break;
             }
             assert!(matches!(status, 0 | 503), "{status} {body}");
@@ -383,6 +388,7 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         n += 1;
         if killed_after.is_none() && tally.acknowledged.len() == 40 {
             service.set.servers[0].process.signal(SIGKILL);
+            killed_at = Some(std::time::Instant::now());
             killed_after = Some(tally.acknowledged.len());
         }
         if killed_after.is_some() && resumed_after.is_none() {
@@ -426,7 +432,8 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         .map(|(id, _)| StreamId::parse(id).unwrap())
         .collect();
     eprintln!(
-        "sent {}, acknowledged {}, failed attempts {}, delivered {}, lost {}, duplicated {duplicated}",
+        "sent {}, acknowledged {}, failed attempts {}, delivered {}, lost {}, duplicated {duplicated}; \
+         posting back {back_after:?} after the SIGKILL",
         tally.sent,
         tally.acknowledged.len(),
         tally.failed_attempts,
@@ -535,4 +542,93 @@ async fn a_primary_cut_off_from_its_replicas_answers_503_and_the_retry_is_stored
         .collect();
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert_eq!(texts[1], (id.as_str(), "while cut off"));
+}
+
+/// Posts arriving together share their `WAIT`s (fewer `WAIT`s than posts,
+/// all acknowledged and stored), and a history read is answered while a
+/// post still waits for replicas that do not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_share_waits_and_reads_never_wait_behind_them() {
+    let service = Arc::new(tokio::task::block_in_place(|| {
+        Service::start("min_replicas_acked = 2\nreplica_ack_timeout_ms = 60000\n")
+    }));
+    const POSTS: usize = 100;
+    let waits_before = wait_calls(&service);
+    let mut posting = tokio::task::JoinSet::new();
+    for i in 0..POSTS {
+        let service = service.clone();
+        posting.spawn(async move {
+            service
+                .post("group", &format!("post {i}"), &format!("g{i}"))
+                .await
+        });
+    }
+    while let Some(answer) = posting.join_next().await {
+        let (status, body) = answer.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    let waits = wait_calls(&service) - waits_before;
+    eprintln!("{POSTS} concurrent posts, {waits} WAIT calls");
+    assert!(waits < POSTS as u64, "one WAIT per post: {waits}");
+    let history: Value = reqwest::get(service.backend_url("/back/messages?room=group&limit=200"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["messages"].as_array().unwrap().len(), POSTS);
+
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGSTOP);
+    }
+    let waiting = tokio::spawn({
+        let service = service.clone();
+        async move { service.post("group", "waits for replicas", "g-wait").await }
+    });
+    // The post has reached the WAIT once the primary holds it.
+    let primary = &service.set.servers[0];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let stored: u64 = tokio::task::block_in_place(|| {
+                primary.query(redis::cmd("XLEN").arg("chat:room:group"))
+            });
+            if stored as usize > POSTS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the post reached the primary");
+    // The post waits up to a minute; the read must not wait behind it (a
+    // third of that is a generous bound).
+    let read = reqwest::Client::new()
+        .get(service.backend_url("/back/messages?room=group&limit=1"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("a history read answered while a post waits for replicas");
+    assert_eq!(read.status(), 200);
+    assert!(
+        !waiting.is_finished(),
+        "the post did not wait for its replicas"
+    );
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGCONT);
+    }
+    // Back, the replicas confirm the post: acknowledged.
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+}
+
+/// `WAIT` commands the primary ran so far.
+fn wait_calls(service: &Service) -> u64 {
+    let stats: String = tokio::task::block_in_place(|| {
+        service.set.servers[0].query(redis::cmd("INFO").arg("commandstats"))
+    });
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_wait:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
