@@ -147,9 +147,10 @@ impl ReplicaAcks {
         let ticket = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rounds = shared.rounds.subscribe();
         shared.wake.notify_one();
-        // The task answers within its WAIT's timeout and a command's; the
-        // bound only guards against a task that is gone.
-        let limit = shared.timeout + shared.config.command_timeout() * 2;
+        // The task answers within two WAITs (the one under way, then the
+        // one for this ticket); the bound only guards against a task that
+        // is gone.
+        let limit = (shared.timeout + shared.config.command_timeout()) * 2;
         let round = tokio::time::timeout(limit, rounds.wait_for(|r| r.covered >= ticket))
             .await
             .map_err(|_| AckError::Lost)?

@@ -49,7 +49,7 @@ mod store;
 pub use acks::AckError;
 pub use connect::{ConnectError, PASSWORD_CREDENTIAL};
 pub use feed::{Feed, FeedError};
-pub use primary::{CHECK as PRIMARY_CHECK, Primary, PrimaryStats, Resolved};
+pub use primary::{Primary, PrimaryStats, Resolved};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 
 use std::sync::Arc;

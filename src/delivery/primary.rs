@@ -11,13 +11,17 @@
 //! fail with `READONLY`), or to nothing. [`Primary`] is the small layer that
 //! follows it instead. A task of its own:
 //!
-//! 1. asks the Sentinels, each in turn until one answers,
-//!    `SENTINEL GET-MASTER-ADDR-BY-NAME <redis.sentinel_master>`;
-//! 2. asks the server they name `ROLE`, and takes it only if it says
-//!    `master`: a Sentinel that has not yet heard of a failover may still
-//!    name the old primary, which by then may be a replica;
+//! 1. asks all the Sentinels at once
+//!    `SENTINEL GET-MASTER-ADDR-BY-NAME <redis.sentinel_master>` (one whose
+//!    host is gone would otherwise hold the others up for a timeout);
+//! 2. asks the server named first `ROLE`, and takes it only if it says
+//!    `master`, else the next one named: a Sentinel that has not yet heard
+//!    of a failover may still name the old primary, which by then may be a
+//!    replica. With no Sentinel answering, the current primary is kept as
+//!    long as it says it is one;
 //! 3. publishes the result as a [`Resolved`] with a new `generation`
-//!    whenever the address changes, or `None` while there is no primary
+//!    whenever the address changes (or the primary answers again after a
+//!    spell without one), or `None` while there is no primary
 //!    (`/front/status` then says `degraded`, the backend answers 503).
 //!
 //! It does so again, at once, when a user of the primary reports trouble
@@ -32,6 +36,16 @@
 //! Users of the primary ([`super::Store`], [`super::Feed`]) hold connections
 //! to one generation, and build new ones when the generation changes: a
 //! connection is never carried over from one primary to another.
+//!
+//! # Other modes
+//!
+//! Users see only [`Primary::current`], [`Primary::changes`],
+//! [`Primary::client`] and [`Primary::suspect`]: where the primary is, when
+//! it changes, a client for it, and "something is wrong with it". A Redis
+//! Cluster mode would keep that interface per shard (a primary per slot
+//! range, resolved from `CLUSTER SHARDS` instead of the Sentinels, and
+//! suspected on `MOVED` as here on `READONLY`), so that the store and the
+//! feed follow a shard's primary as they follow the one primary here.
 //!
 //! # One Redis
 //!
@@ -337,61 +351,82 @@ impl Sentinels {
         }
     }
 
-    /// The primary: the server the first Sentinel to answer names (else the
-    /// current one), if `ROLE` confirms it.
+    /// The primary: the first server a Sentinel names that `ROLE` confirms,
+    /// else the current one if it still says it is the primary (no Sentinel
+    /// answers).
+    ///
+    /// The Sentinels are all asked at once: one whose host is gone (its
+    /// packets dropped) costs a connection timeout, which must not delay the
+    /// answers of the others. A Sentinel that has not yet heard of a
+    /// failover may answer first and name the old primary: `ROLE` shows it,
+    /// and the next answer is tried.
     async fn resolve(
         &self,
         connections: &mut Connections,
         shared: &Shared,
     ) -> Option<(String, u16, bool)> {
-        let named = self.ask_sentinels(connections).await;
-        let candidate = named.or_else(|| match &shared.current.borrow().as_deref() {
-            Some(Resolved {
-                target: Target::Server { host, port, tls },
-                ..
-            }) => Some((host.clone(), *port, *tls)),
-            _ => None,
-        })?;
-        let (host, port, tls) = &candidate;
-        match self.role(connections, host, *port, *tls).await {
-            Ok(role) if role == "master" => Some(candidate),
-            Ok(role) => {
-                tracing::debug!("{host}:{port} is a {role}, not the primary (yet)");
-                None
-            }
-            Err(e) => {
-                tracing::debug!("{host}:{port} does not answer ROLE: {e}");
-                None
-            }
-        }
-    }
-
-    /// What the first Sentinel to answer says of the primary. They are all
-    /// asked at once: a Sentinel whose host is gone (its packets dropped)
-    /// costs a connection timeout, which must not delay the answer of the
-    /// others.
-    async fn ask_sentinels(&self, connections: &Connections) -> Option<(String, u16, bool)> {
         let mut asking = tokio::task::JoinSet::new();
         for (index, slot) in connections.sentinels.iter().enumerate() {
             let (asker, slot) = (self.clone(), slot.clone());
             asking.spawn(async move { (index, asker.ask_sentinel(&slot, index).await) });
         }
+        let mut tried = Vec::new();
         // Dropping the set stops the askers that have not answered yet.
         while let Some(joined) = asking.join_next().await {
             let Ok((index, answer)) = joined else {
                 continue;
             };
             let url = self.sentinel.sentinels[index].as_str();
-            match answer {
-                Ok(Some((host, port))) => return Some((host, port, url.starts_with("rediss:"))),
-                Ok(None) => tracing::warn!(
-                    "Sentinel {url} does not know the primary {:?}",
-                    self.sentinel.master
-                ),
-                Err(e) => tracing::debug!("Sentinel {url} does not answer: {e}"),
+            let named = match answer {
+                Ok(Some((host, port))) => (host, port, url.starts_with("rediss:")),
+                Ok(None) => {
+                    tracing::warn!(
+                        "Sentinel {url} does not know the primary {:?}",
+                        self.sentinel.master
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("Sentinel {url} does not answer: {e}");
+                    continue;
+                }
+            };
+            if !tried.contains(&named) {
+                if self.is_primary(connections, &named).await {
+                    return Some(named);
+                }
+                tried.push(named);
             }
         }
-        None
+        let current = match shared.current.borrow().as_deref() {
+            Some(Resolved {
+                target: Target::Server { host, port, tls },
+                ..
+            }) => (host.clone(), *port, *tls),
+            _ => return None,
+        };
+        let confirmed = !tried.contains(&current) && self.is_primary(connections, &current).await;
+        confirmed.then_some(current)
+    }
+
+    /// Whether the server says `ROLE` `master`.
+    async fn is_primary(
+        &self,
+        connections: &mut Connections,
+        server: &(String, u16, bool),
+    ) -> bool {
+        let (host, port, tls) = server;
+        match self.role(connections, host, *port, *tls).await {
+            Ok(role) if role == "master" => true,
+            Ok(role) => {
+                tracing::debug!("{host}:{port} is a {role}, not the primary (yet)");
+                false
+            }
+            Err(e) => {
+                tracing::debug!("{host}:{port} does not answer ROLE: {e}");
+                false
+            }
+        }
     }
 
     /// What Sentinel `index` says of the primary, over the connection kept
