@@ -186,6 +186,26 @@ impl Service {
         Some(body["status"].as_str()?.to_owned())
     }
 
+    /// Waits, 20 s at most, until both daemons found the primary.
+    async fn wait_ready(&self) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let backend = reqwest::get(self.backend_url("/back/status")).await;
+                let backend: Option<Value> = match backend {
+                    Ok(response) => response.json().await.ok(),
+                    Err(_) => None,
+                };
+                let backend_ok = backend.is_some_and(|b| b["status"] == "ok");
+                if backend_ok && self.frontend_status().await.as_deref() == Some("ok") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("both daemons found the primary within 20 s");
+    }
+
     /// Waits, 20 s at most, for the frontend to say `wanted`.
     async fn wait_for_status(&self, wanted: &str) {
         tokio::time::timeout(Duration::from_secs(20), async {
@@ -238,6 +258,14 @@ impl PollingClient {
         frontend: &Daemon,
         room: &str,
     ) -> (PollingClient, mpsc::UnboundedReceiver<Value>) {
+        Self::join_with(frontend, &serde_json::json!(room)).await
+    }
+
+    /// Joins with `request`: a room's name, or `{"room": name, "since": id}`.
+    async fn join_with(
+        frontend: &Daemon,
+        request: &Value,
+    ) -> (PollingClient, mpsc::UnboundedReceiver<Value>) {
         let http = reqwest::Client::new();
         let base = format!(
             "http://{}/front/socket.io/?EIO=4&transport=polling",
@@ -251,15 +279,19 @@ impl PollingClient {
             http,
         };
         client.send("40").await;
-        client.send(&format!("421[\"room\",\"{room}\"]")).await;
+        client.send(&format!("421[\"room\",{request}]")).await;
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut joined = false;
-        while !joined {
+        let mut answer = None;
+        while answer.is_none() {
             for packet in client.poll().await {
-                joined |= packet.starts_with("431[{\"ok\":true");
+                if let Some(ack) = packet.strip_prefix("431") {
+                    answer = Some(ack.to_owned());
+                }
                 client.take(&packet, &tx).await;
             }
         }
+        let answer: Value = serde_json::from_str(&answer.unwrap()).unwrap();
+        assert_eq!(answer[0]["ok"], true, "join {request}: {answer}");
         let poller = PollingClient {
             base: client.base.clone(),
             sid: client.sid.clone(),
@@ -328,6 +360,27 @@ impl PollingClient {
     }
 }
 
+/// Joins `room` from `since` as a new client, and returns the messages it
+/// gets up to the one with id `until`: `(id, text)` each.
+async fn resume(frontend: &Daemon, room: &str, since: &str, until: &str) -> Vec<(String, String)> {
+    let request = serde_json::json!({"room": room, "since": since});
+    let (_client, mut messages) = PollingClient::join_with(frontend, &request).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = messages.recv().await {
+            let id = message["id"].as_str().unwrap().to_owned();
+            let done = id == until;
+            got.push((id, message["message"].as_str().unwrap().to_owned()));
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a client resuming from {since} never got {until}; got {got:?}"));
+    got
+}
+
 /// What a stream of posts saw across a failover.
 #[derive(Debug, Default)]
 struct Tally {
@@ -343,7 +396,7 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
     let service = tokio::task::block_in_place(|| Service::start(""));
-    service.wait_for_status("ok").await;
+    service.wait_ready().await;
     let (_client, mut messages) = PollingClient::join(&service.frontend, "failover").await;
     let old_primary = service.set.servers[0].port;
 
@@ -386,6 +439,18 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         n += 1;
+        if tally.acknowledged.len() == 20 && killed_after.is_none() {
+            // Resuming works before the failover too (and the frontend
+            // reads history from the first primary).
+            let got = resume(
+                &service.frontend,
+                "failover",
+                &tally.acknowledged[9].0,
+                &tally.acknowledged[19].0,
+            )
+            .await;
+            assert_eq!(got, tally.acknowledged[10..20].to_vec());
+        }
         if killed_after.is_none() && tally.acknowledged.len() == 40 {
             service.set.servers[0].process.signal(SIGKILL);
             killed_at = Some(std::time::Instant::now());
@@ -486,6 +551,17 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         metrics.contains("chat_backend_redis_without_primary_seconds_total"),
         "{metrics}"
     );
+
+    // A client resuming from before the SIGKILL gets every acknowledged
+    // message after its position from the new primary's history, once.
+    let since = &tally.acknowledged[29].0;
+    let got = resume(&service.frontend, "failover", since, &fence_id).await;
+    let mut expected: Vec<(String, String)> = tally.acknowledged[30..].to_vec();
+    expected.push((fence_id.clone(), "fence".into()));
+    assert_eq!(
+        got, expected,
+        "a resumed client's messages across the failover"
+    );
 }
 
 /// A primary that keeps running but whose replicas stopped answering does
@@ -494,6 +570,7 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_its_replicas_answers_503_and_the_retry_is_stored_once() {
     let service = tokio::task::block_in_place(|| Service::start("replica_ack_timeout_ms = 300\n"));
+    service.wait_ready().await;
     let (status, body) = service.post("cut", "before", "key-before").await;
     assert_eq!(status, 201, "{body}");
 
@@ -553,6 +630,7 @@ async fn concurrent_posts_share_waits_and_reads_never_wait_behind_them() {
         Service::start("min_replicas_acked = 2\nreplica_ack_timeout_ms = 60000\n")
     }));
     const POSTS: usize = 100;
+    service.wait_ready().await;
     let waits_before = wait_calls(&service);
     let mut posting = tokio::task::JoinSet::new();
     for i in 0..POSTS {
