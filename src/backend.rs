@@ -72,6 +72,13 @@ pub enum ApiError {
     Unavailable(#[source] StoreError),
     #[error("message store is full, try again later")]
     StoreFull,
+    /// Sentinel mode: the primary has the message, but too few replicas
+    /// confirmed it to survive a failover; the retry is safe.
+    #[error(
+        "the message store could not copy the message to a replica; \
+         retry with the same Idempotency-Key"
+    )]
+    NotReplicated(#[source] StoreError),
     #[error("this Idempotency-Key was already used for another message")]
     KeyConflict,
     #[error("{0}")]
@@ -87,7 +94,9 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) | ApiError::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreFull | ApiError::NotReplicated(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::KeyConflict => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -103,7 +112,9 @@ struct ErrorBody {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            ApiError::Unavailable(cause) => tracing::warn!("answering 503: {cause}"),
+            ApiError::Unavailable(cause) | ApiError::NotReplicated(cause) => {
+                tracing::warn!("answering 503: {cause}")
+            }
             ApiError::StoreFull => tracing::warn!("answering 503: {}", StoreError::Full),
             _ => {}
         }
@@ -126,6 +137,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::KeyConflict => ApiError::KeyConflict,
             StoreError::Full => ApiError::StoreFull,
+            e @ StoreError::NotReplicated(_) => ApiError::NotReplicated(e),
             e => ApiError::Unavailable(e),
         }
     }
@@ -405,7 +417,8 @@ pub async fn run(
     }
     let connections = ConnectionCount::default();
     let metrics = Arc::new(BackendMetrics::default());
-    let exposition = Arc::new(Metrics::backend(&metrics, store.health_handle()));
+    let exposition =
+        Arc::new(Metrics::backend(&metrics, store.health_handle()).following(store.primary()));
     let metrics_server = tokio::spawn({
         let allow = config.access.metrics_allow.clone();
         async move { serve_metrics(listeners.metrics, exposition, &allow).await }

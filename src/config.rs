@@ -118,11 +118,15 @@ impl LogLevel {
 
 /// `[redis]`: where messages are stored, how to log in, and how long to
 /// wait for it.
+///
+/// Read from the keys as written ([`RedisKeys`]) and checked as a whole:
+/// exactly one of `url` and `sentinels` says where Redis is ([`RedisMode`]),
+/// and the keys of Sentinel mode are refused without `sentinels`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "RedisKeys")]
 pub struct RedisConfig {
-    /// A `redis://`, `rediss://` (TLS) or `unix://` URL, without a password.
-    pub url: RedisUrl,
+    /// One Redis, or the Sentinels that know which Redis is the primary.
+    pub mode: RedisMode,
     /// The Redis ACL user the daemons log in as, when they have a password.
     pub username: String,
     /// File holding the password, when systemd passes no `redis-password`
@@ -141,10 +145,188 @@ pub struct RedisConfig {
     pub reconnect_max_ms: NonZeroU32,
 }
 
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One Redis at this URL (`redis.url`): the default.
+    Single(RedisUrl),
+    /// A primary and its replicas, watched by Sentinels (`redis.sentinels`):
+    /// the daemons ask the Sentinels which one is the primary and follow it
+    /// across failovers.
+    Sentinel(SentinelConfig),
+}
+
+/// Sentinel mode: who to ask, about what, and how safe a 201 must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// `redis://HOST:PORT` (or `rediss://`) of each Sentinel, tried in turn.
+    pub sentinels: Vec<RedisUrl>,
+    /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
+    pub master: String,
+    /// File holding the Sentinels' own password (their `requirepass`);
+    /// unset: the Sentinels are asked without logging in.
+    pub password_file: Option<PathBuf>,
+    /// Replicas that must hold a message before the backend answers 201
+    /// (Redis's `WAIT`); 0 acknowledges once the primary has it.
+    pub min_replicas_acked: u32,
+    /// How long the backend waits for those replicas before answering 503.
+    pub replica_ack_timeout_ms: NonZeroU32,
+}
+
+impl SentinelConfig {
+    pub fn replica_ack_timeout(&self) -> Duration {
+        millis(self.replica_ack_timeout_ms)
+    }
+}
+
+/// `[redis]` as written in the file: every key optional, checked into a
+/// [`RedisConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RedisKeys {
+    url: Option<RedisUrl>,
+    sentinels: Option<Vec<RedisUrl>>,
+    sentinel_master: Option<String>,
+    sentinel_password_file: Option<PathBuf>,
+    min_replicas_acked: Option<u32>,
+    replica_ack_timeout_ms: Option<NonZeroU32>,
+    username: String,
+    password_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+    key_prefix: String,
+    command_timeout_ms: NonZeroU32,
+    reconnect_min_ms: NonZeroU32,
+    reconnect_max_ms: NonZeroU32,
+}
+
+impl Default for RedisKeys {
+    fn default() -> Self {
+        let defaults = RedisConfig::default();
+        RedisKeys {
+            url: None,
+            sentinels: None,
+            sentinel_master: None,
+            sentinel_password_file: None,
+            min_replicas_acked: None,
+            replica_ack_timeout_ms: None,
+            username: defaults.username,
+            password_file: defaults.password_file,
+            tls_ca_file: defaults.tls_ca_file,
+            key_prefix: defaults.key_prefix,
+            command_timeout_ms: defaults.command_timeout_ms,
+            reconnect_min_ms: defaults.reconnect_min_ms,
+            reconnect_max_ms: defaults.reconnect_max_ms,
+        }
+    }
+}
+
+/// Replicas a message must reach before 201, unless `redis.min_replicas_acked` says otherwise.
+pub const DEFAULT_MIN_REPLICAS_ACKED: u32 = 1;
+/// How long to wait for them, unless `redis.replica_ack_timeout_ms` says otherwise.
+pub const DEFAULT_REPLICA_ACK_TIMEOUT_MS: u32 = 1000;
+
+impl TryFrom<RedisKeys> for RedisConfig {
+    type Error = String;
+    /// The mode the keys describe; an error names the key at fault.
+    fn try_from(keys: RedisKeys) -> Result<Self, String> {
+        let mode = match (keys.url, keys.sentinels) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "redis.url and redis.sentinels are both set: give exactly one \
+                     (one Redis, or the Sentinels of a replicated one)"
+                        .into(),
+                );
+            }
+            (url, None) => {
+                let sentinel_only = [
+                    ("redis.sentinel_master", keys.sentinel_master.is_some()),
+                    (
+                        "redis.sentinel_password_file",
+                        keys.sentinel_password_file.is_some(),
+                    ),
+                    (
+                        "redis.min_replicas_acked",
+                        keys.min_replicas_acked.is_some(),
+                    ),
+                    (
+                        "redis.replica_ack_timeout_ms",
+                        keys.replica_ack_timeout_ms.is_some(),
+                    ),
+                ];
+                if let Some((key, _)) = sentinel_only.iter().find(|(_, given)| *given) {
+                    return Err(format!(
+                        "{key} is only valid with redis.sentinels (Sentinel mode)"
+                    ));
+                }
+                RedisMode::Single(url.unwrap_or_else(RedisUrl::default_single))
+            }
+            (None, Some(sentinels)) => RedisMode::Sentinel(sentinel_mode(
+                sentinels,
+                keys.sentinel_master,
+                keys.sentinel_password_file,
+                keys.min_replicas_acked,
+                keys.replica_ack_timeout_ms,
+            )?),
+        };
+        Ok(RedisConfig {
+            mode,
+            username: keys.username,
+            password_file: keys.password_file,
+            tls_ca_file: keys.tls_ca_file,
+            key_prefix: keys.key_prefix,
+            command_timeout_ms: keys.command_timeout_ms,
+            reconnect_min_ms: keys.reconnect_min_ms,
+            reconnect_max_ms: keys.reconnect_max_ms,
+        })
+    }
+}
+
+/// Checks the keys of Sentinel mode.
+fn sentinel_mode(
+    sentinels: Vec<RedisUrl>,
+    master: Option<String>,
+    password_file: Option<PathBuf>,
+    min_replicas_acked: Option<u32>,
+    replica_ack_timeout_ms: Option<NonZeroU32>,
+) -> Result<SentinelConfig, String> {
+    if sentinels.is_empty() {
+        return Err("redis.sentinels is empty: list at least one Sentinel, \
+             e.g. [\"redis://10.0.0.7:26379\"]"
+            .into());
+    }
+    if let Some(unix) = sentinels.iter().position(|url| url.is_unix()) {
+        return Err(format!(
+            "redis.sentinels[{unix}] is a unix socket: Sentinels are reached over TCP \
+             (redis:// or rediss://), as they name the primary by host and port"
+        ));
+    }
+    let master = match master {
+        None => {
+            return Err("redis.sentinel_master is missing: with redis.sentinels, \
+             name the primary as the Sentinels monitor it"
+                .into());
+        }
+        Some(name) if name.is_empty() || name.contains(char::is_whitespace) => {
+            return Err(format!(
+                "redis.sentinel_master {name:?} is not a Sentinel master name"
+            ));
+        }
+        Some(name) => name,
+    };
+    Ok(SentinelConfig {
+        sentinels,
+        master,
+        password_file,
+        min_replicas_acked: min_replicas_acked.unwrap_or(DEFAULT_MIN_REPLICAS_ACKED),
+        replica_ack_timeout_ms: replica_ack_timeout_ms
+            .unwrap_or(NonZeroU32::new(DEFAULT_REPLICA_ACK_TIMEOUT_MS).unwrap()),
+    })
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: RedisUrl("redis://127.0.0.1:6379/0".into()),
+            mode: RedisMode::Single(RedisUrl::default_single()),
             username: "chat-ha".into(),
             password_file: None,
             tls_ca_file: None,
@@ -176,6 +358,16 @@ pub struct RedisUrl(String);
 impl RedisUrl {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// `redis.url` when no mode is given: a Redis on this host.
+    fn default_single() -> Self {
+        RedisUrl("redis://127.0.0.1:6379/0".into())
+    }
+
+    /// Whether it names a unix socket rather than a host and port.
+    pub fn is_unix(&self) -> bool {
+        self.0.starts_with("unix:") || self.0.starts_with("redis+unix:")
     }
 }
 
@@ -501,7 +693,10 @@ mod tests {
         assert_eq!(config.history.max_per_room.get(), 1000);
         assert_eq!(config.frontend.max_rooms_per_socket.get(), 16);
         assert_eq!(config.backend.max_body_bytes.get(), 16 * 1024);
-        assert_eq!(config.redis.url.as_str(), "redis://127.0.0.1:6379/0");
+        assert_eq!(
+            config.redis.mode,
+            RedisMode::Single(RedisUrl("redis://127.0.0.1:6379/0".into()))
+        );
     }
 
     #[test]
@@ -552,7 +747,10 @@ mod tests {
         assert!(err.contains("invalid Redis URL"), "{err}");
         assert!(!err.contains("s3cret-pass"), "{err}");
         let tls = parse("[redis]\nurl = \"rediss://redis.example:6380/0\"\n").unwrap();
-        assert_eq!(tls.redis.url.as_str(), "rediss://redis.example:6380/0");
+        assert_eq!(
+            tls.redis.mode,
+            RedisMode::Single(RedisUrl("rediss://redis.example:6380/0".into()))
+        );
     }
 
     #[test]
@@ -605,6 +803,89 @@ mod tests {
             any,
             "port 0 stays: the kernel picks one"
         );
+    }
+
+    const SENTINELS: &str =
+        "[redis]\nsentinels = [\"redis://10.0.0.7:26379\", \"rediss://10.0.0.8:26379\"]\n";
+
+    #[test]
+    fn sentinel_mode_takes_the_sentinels_and_the_master_name() {
+        let config = parse(&format!("{SENTINELS}sentinel_master = \"chat-ha\"\n")).unwrap();
+        let RedisMode::Sentinel(sentinel) = config.redis.mode else {
+            panic!("not Sentinel mode: {:?}", config.redis.mode);
+        };
+        assert_eq!(sentinel.sentinels.len(), 2);
+        assert_eq!(sentinel.sentinels[1].as_str(), "rediss://10.0.0.8:26379");
+        assert_eq!(sentinel.master, "chat-ha");
+        assert_eq!(sentinel.min_replicas_acked, 1);
+        assert_eq!(sentinel.replica_ack_timeout(), Duration::from_millis(1000));
+        assert_eq!(sentinel.password_file, None);
+
+        let tuned = parse(&format!(
+            "{SENTINELS}sentinel_master = \"m\"\nmin_replicas_acked = 0\n\
+             replica_ack_timeout_ms = 250\nsentinel_password_file = \"/etc/s\"\n"
+        ))
+        .unwrap();
+        let RedisMode::Sentinel(tuned) = tuned.redis.mode else {
+            panic!("not Sentinel mode");
+        };
+        assert_eq!(tuned.min_replicas_acked, 0);
+        assert_eq!(tuned.replica_ack_timeout_ms.get(), 250);
+        assert_eq!(tuned.password_file, Some(PathBuf::from("/etc/s")));
+    }
+
+    #[test]
+    fn redis_modes_are_exclusive_and_each_key_is_named_when_misplaced() {
+        let both = parse(&format!(
+            "{SENTINELS}sentinel_master = \"m\"\nurl = \"redis://10.0.0.1/\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            both.contains("redis.url and redis.sentinels are both set"),
+            "{both}"
+        );
+        assert!(both.contains("line 1"), "{both}");
+
+        let no_master = parse(SENTINELS).unwrap_err();
+        assert!(
+            no_master.contains("redis.sentinel_master is missing"),
+            "{no_master}"
+        );
+
+        for key in [
+            "sentinel_master = \"m\"",
+            "sentinel_password_file = \"/etc/s\"",
+            "min_replicas_acked = 2",
+            "replica_ack_timeout_ms = 10",
+        ] {
+            let err = parse(&format!("[redis]\nurl = \"redis://10.0.0.1/\"\n{key}\n")).unwrap_err();
+            let name = key.split(' ').next().unwrap();
+            assert!(
+                err.contains(&format!("redis.{name} is only valid with redis.sentinels")),
+                "{err}"
+            );
+            // Without url too: the default mode is one Redis.
+            let err = parse(&format!("[redis]\n{key}\n")).unwrap_err();
+            assert!(err.contains(&format!("redis.{name}")), "{err}");
+        }
+
+        let empty = parse("[redis]\nsentinels = []\nsentinel_master = \"m\"\n").unwrap_err();
+        assert!(empty.contains("redis.sentinels is empty"), "{empty}");
+        let unix =
+            parse("[redis]\nsentinels = [\"unix:///run/s.sock\"]\nsentinel_master = \"m\"\n")
+                .unwrap_err();
+        assert!(
+            unix.contains("redis.sentinels[0] is a unix socket"),
+            "{unix}"
+        );
+        let bad_name = parse(&format!("{SENTINELS}sentinel_master = \"a b\"\n")).unwrap_err();
+        assert!(bad_name.contains("redis.sentinel_master"), "{bad_name}");
+        let secret = parse(
+            "[redis]\nsentinels = [\"redis://:s3cret@10.0.0.7:26379\"]\nsentinel_master = \"m\"\n",
+        )
+        .unwrap_err();
+        assert!(secret.contains("must not hold a password"), "{secret}");
+        assert!(!secret.contains("s3cret"), "{secret}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::delivery::RedisHealth;
+use crate::delivery::{Primary, RedisHealth};
 
 /// Counters of one frontend instance.
 #[derive(Debug, Default)]
@@ -70,11 +70,28 @@ struct RedisMetrics {
     losses: Counter,
 }
 
+/// The label of the primary's info metric: where it is.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddressLabel {
+    address: String,
+}
+
+/// Sentinel mode: the primary followed, and its changes.
+#[derive(Debug, Default)]
+struct PrimaryMetrics {
+    /// 1 for the primary followed now; no series while there is none.
+    primary: Family<AddressLabel, Gauge>,
+    failovers: Counter,
+    without: Counter<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// Everything one instance exposes, ready to be encoded.
 pub struct Metrics {
     registry: Registry,
     redis: RedisMetrics,
     health: Arc<RedisHealth>,
+    /// Sentinel mode only.
+    primary: Option<(Primary, PrimaryMetrics)>,
 }
 
 impl Metrics {
@@ -150,11 +167,65 @@ impl Metrics {
             registry,
             redis,
             health,
+            primary: None,
+        }
+    }
+
+    /// Adds, in Sentinel mode (`primary` given), the primary followed
+    /// (`redis_primary{address="HOST:PORT"} 1`), the failovers seen and the
+    /// time spent without a primary.
+    pub fn following(mut self, primary: Option<&Primary>) -> Self {
+        let Some(primary) = primary else {
+            return self;
+        };
+        let metrics = PrimaryMetrics::default();
+        self.registry.register(
+            "redis_primary",
+            "The Redis primary followed now (Sentinel mode), by address",
+            metrics.primary.clone(),
+        );
+        self.registry.register(
+            "redis_failovers",
+            "Times the daemon moved to a new Redis primary",
+            metrics.failovers.clone(),
+        );
+        self.registry.register(
+            "redis_without_primary_seconds",
+            "Time spent with no Redis primary to talk to",
+            metrics.without.clone(),
+        );
+        self.primary = Some((primary.clone(), metrics));
+        self
+    }
+
+    /// Brings the primary's metrics up to date.
+    fn render_primary(&self) {
+        let Some((primary, metrics)) = &self.primary else {
+            return;
+        };
+        let stats = primary.stats();
+        metrics.primary.clear();
+        if let Some(address) = stats.address() {
+            metrics
+                .primary
+                .get_or_create(&AddressLabel { address })
+                .set(1);
+        }
+        let failovers = stats.failovers();
+        let counted = metrics.failovers.get();
+        if failovers > counted {
+            metrics.failovers.inc_by(failovers - counted);
+        }
+        let without = stats.time_without().as_secs_f64();
+        let counted = metrics.without.get();
+        if without > counted {
+            metrics.without.inc_by(without - counted);
         }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        self.render_primary();
         self.redis.up.set(i64::from(self.health.is_up()));
         let losses = self.health.losses();
         let counted = self.redis.losses.get();

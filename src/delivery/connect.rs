@@ -11,12 +11,18 @@
 //!
 //! A `rediss://` URL connects over TLS, checking the server's certificate
 //! against the host's trusted CAs, or against `redis.tls_ca_file`.
+//!
+//! In Sentinel mode the same login and TLS settings reach whichever server
+//! the Sentinels name as the primary ([`client_at`]); it is reached over TLS
+//! when the Sentinels are (`rediss://`). The Sentinels themselves take no
+//! user, and their own password (`redis.sentinel_password_file`), if any
+//! ([`sentinel_client`]).
 
 use std::path::{Path, PathBuf};
 
 use redis::{IntoConnectionInfo, ProtocolVersion};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode, RedisUrl};
 
 /// The credential name the systemd units load the password under.
 pub const PASSWORD_CREDENTIAL: &str = "redis-password";
@@ -34,19 +40,84 @@ pub enum ConnectError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("redis.tls_ca_file is set, but redis.url is not a rediss:// (TLS) URL")]
+    #[error("redis.tls_ca_file is set, but Redis is not reached over TLS (rediss://)")]
     CaWithoutTls,
+    #[error("{path}: cannot read the Sentinels' password: {source}")]
+    SentinelPassword {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("redis.url is not set: in Sentinel mode, the primary is found through redis.sentinels")]
+    NotSingle,
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
 
-/// A client for the configured Redis, speaking `protocol`, logged in when a
-/// password is configured. Connects lazily: nothing is sent until it is used.
+/// A client for the configured Redis (`redis.url`), speaking `protocol`,
+/// logged in when a password is configured. Connects lazily: nothing is
+/// sent until it is used.
 pub fn client(
     config: &RedisConfig,
     protocol: ProtocolVersion,
 ) -> Result<redis::Client, ConnectError> {
-    let mut info = config.url.as_str().into_connection_info()?;
+    let RedisMode::Single(url) = &config.mode else {
+        return Err(ConnectError::NotSingle);
+    };
+    let info = url.as_str().into_connection_info()?;
+    logged_in(config, info, protocol)
+}
+
+/// A client for the Redis server at `host`:`port` (a primary the Sentinels
+/// named), over TLS when `tls`, logged in as [`client`]'s are.
+pub fn client_at(
+    config: &RedisConfig,
+    host: &str,
+    port: u16,
+    tls: bool,
+    protocol: ProtocolVersion,
+) -> Result<redis::Client, ConnectError> {
+    let addr = match tls {
+        false => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+        true => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+    };
+    let info = addr.into_connection_info()?;
+    logged_in(config, info, protocol)
+}
+
+/// A client for the Sentinel at `url`, with the Sentinels' password from
+/// `password_file` (no user: Sentinels are set up with `requirepass`).
+pub fn sentinel_client(
+    config: &RedisConfig,
+    url: &RedisUrl,
+    password_file: Option<&Path>,
+    protocol: ProtocolVersion,
+) -> Result<redis::Client, ConnectError> {
+    let mut info = url.as_str().into_connection_info()?;
+    let mut settings = info.redis_settings().clone().set_protocol(protocol);
+    if let Some(path) = password_file {
+        let password = read_password(path).map_err(|source| ConnectError::SentinelPassword {
+            path: path.to_owned(),
+            source,
+        })?;
+        if let Some(password) = password {
+            settings = settings.set_password(password);
+        }
+    }
+    info = info.set_redis_settings(settings);
+    with_tls(config, info)
+}
+
+/// `info` with the configured login and `protocol`.
+fn logged_in(
+    config: &RedisConfig,
+    mut info: redis::ConnectionInfo,
+    protocol: ProtocolVersion,
+) -> Result<redis::Client, ConnectError> {
     let mut settings = info.redis_settings().clone().set_protocol(protocol);
     if let Some(password) = password(config)? {
         if !config.username.is_empty() {
@@ -55,6 +126,15 @@ pub fn client(
         settings = settings.set_password(password);
     }
     info = info.set_redis_settings(settings);
+    with_tls(config, info)
+}
+
+/// A client for `info`, checking a TLS server against `redis.tls_ca_file`
+/// when it is set.
+fn with_tls(
+    config: &RedisConfig,
+    info: redis::ConnectionInfo,
+) -> Result<redis::Client, ConnectError> {
     match &config.tls_ca_file {
         None => Ok(redis::Client::open(info)?),
         Some(_) if !is_tls(info.addr()) => Err(ConnectError::CaWithoutTls),
@@ -85,10 +165,12 @@ fn password(config: &RedisConfig) -> Result<Option<String>, ConnectError> {
     let Some(path) = credential.or_else(|| config.password_file.clone()) else {
         return Ok(None);
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConnectError::Password {
-        path: path.clone(),
-        source,
-    })?;
+    read_password(&path).map_err(|source| ConnectError::Password { path, source })
+}
+
+/// The password in the file at `path`, `None` when it is empty.
+fn read_password(path: &Path) -> std::io::Result<Option<String>> {
+    let text = std::fs::read_to_string(path)?;
     // One line; a trailing newline (as `echo` writes it) is not part of it.
     let password = text.trim_end_matches(['\n', '\r']);
     Ok((!password.is_empty()).then(|| password.to_owned()))

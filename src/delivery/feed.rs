@@ -29,6 +29,19 @@
 //!   and hands out what it has after it, less what was handed out already;
 //! - a push naming an id at or behind the cursor that was never handed out
 //!   means the cursor ran past a real message: the stream is read at once.
+//!
+//! # Across a failover (Sentinel mode)
+//!
+//! The feed follows the primary of [`Primary`]: when it changes, the
+//! connection to the old one is dropped (nothing more is read from a demoted
+//! primary) and the feed reconnects to the new one, where it reads on from
+//! its cursor as after any reconnection. Every acknowledged message is on
+//! the new primary (the backend waited for a replica), so none is skipped.
+//! The new primary may lack the cursor itself: the old primary's last
+//! entries, never acknowledged, were lost with it. The feed then logs a
+//! warning and goes on after the cursor; the backend takes the ids of new
+//! appends above the ids it stored before (see the store's append script),
+//! so they are not hidden behind the cursor by a new primary's slower clock.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -39,6 +52,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
 use tokio::sync::mpsc;
 
+use super::primary::Primary;
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
 use crate::config::Config;
 use crate::message::{ChatMessage, Room, StreamId};
@@ -64,11 +78,15 @@ pub enum FeedError {
     Disconnected,
     #[error("malformed feed entry {0:?}")]
     Malformed(String),
+    #[error("no Redis primary: the Sentinels name none that answers as one")]
+    NoPrimary,
+    #[error("the Redis primary changed")]
+    PrimaryChanged,
 }
 
 /// Follows `{prefix}:feed` from a cursor that survives reconnections.
 pub struct Feed {
-    client: redis::Client,
+    primary: Primary,
     keys: Keys,
     timeout: Duration,
     reconnect_min: Duration,
@@ -124,11 +142,25 @@ impl Position {
 }
 
 impl Feed {
+    /// A feed of the Redis `config` names; in Sentinel mode it follows the
+    /// primary itself (so this needs a Tokio runtime).
     pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, FeedError> {
+        Self::with_primary(config, health, Primary::new(&config.redis))
+    }
+
+    /// A feed of `primary`'s Redis, which may be shared with a [`super::Store`].
+    pub fn with_primary(
+        config: &Config,
+        health: Arc<RedisHealth>,
+        primary: Primary,
+    ) -> Result<Self, FeedError> {
         let redis = &config.redis;
+        if let Some(resolved) = primary.current() {
+            // Checks the settings (password file, TLS) now, at start.
+            primary.client(&resolved, ProtocolVersion::RESP3)?;
+        }
         Ok(Feed {
-            // Pushes share the connection with commands only in RESP3.
-            client: super::connect::client(redis, ProtocolVersion::RESP3)?,
+            primary,
             keys: Keys::new(&redis.key_prefix),
             timeout: redis.command_timeout(),
             reconnect_min: redis.reconnect_min(),
@@ -154,6 +186,11 @@ impl Feed {
         let mut pause = self.reconnect_min;
         loop {
             let Err(error) = self.follow(&*subscriber, &mut pause).await;
+            if let FeedError::PrimaryChanged = error {
+                // Straight on to the new primary.
+                continue;
+            }
+            self.primary.suspect();
             if self.health.set_up(false) {
                 tracing::warn!(
                     "lost Redis, delivery paused at {:?}: {error}",
@@ -173,8 +210,11 @@ impl Feed {
         subscriber: &impl Subscriber,
         pause: &mut Duration,
     ) -> Result<Infallible, FeedError> {
+        let mut changes = self.primary.changes();
+        let resolved = changes.borrow_and_update().clone();
+        let resolved = resolved.ok_or(FeedError::NoPrimary)?;
         let (sender, mut pushes) = mpsc::unbounded_channel();
-        let mut conn = self.connect(sender).await?;
+        let mut conn = self.connect(&resolved, sender).await?;
         // Subscribed before the stream is read: whatever is appended after
         // that read is pushed.
         conn.subscribe(self.keys.feed()).await?;
@@ -215,6 +255,14 @@ impl Feed {
                     }
                 }
                 _ = poll.tick() => reader.catch_up(subscriber).await?,
+                // Never fires with one Redis, whose primary never changes.
+                _ = changes.changed() => {
+                    let now = changes.borrow().as_ref().map(|r| r.generation);
+                    if now != Some(resolved.generation) {
+                        reader.hand_over(subscriber).await;
+                        return Err(FeedError::PrimaryChanged);
+                    }
+                }
             }
             reader.hand_over(subscriber).await;
         }
@@ -222,14 +270,16 @@ impl Feed {
 
     async fn connect(
         &self,
+        resolved: &super::Resolved,
         pushes: mpsc::UnboundedSender<PushInfo>,
     ) -> Result<MultiplexedConnection, FeedError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_push_sender(pushes);
-        Ok(self
-            .client
+        // Pushes share the connection with commands only in RESP3.
+        let client = self.primary.client(resolved, ProtocolVersion::RESP3)?;
+        Ok(client
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }

@@ -31,18 +31,25 @@
 //! whose answer was lost is safe.
 //!
 //! The daemons reach Redis as the module `connect` says: logged in as an ACL user,
-//! over TLS where configured.
+//! over TLS where configured. Which Redis is the module `primary`'s business:
+//! the one of `redis.url`, or, in Sentinel mode, the primary the Sentinels
+//! name, followed across failovers ([`Primary`]). In Sentinel mode an append
+//! is acknowledged once replicas hold it too (the module `acks`).
 //!
 //! The id Redis assigns to the feed entry is reused for the room entry, so ids
 //! increase within a room as they do in the feed, and one id tells a client
 //! where it is in either.
 
+mod acks;
 mod connect;
 mod feed;
+mod primary;
 mod store;
 
+pub use acks::AckError;
 pub use connect::{ConnectError, PASSWORD_CREDENTIAL};
 pub use feed::{Feed, FeedError};
+pub use primary::{Primary, PrimaryStats, Resolved};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 
 use std::sync::Arc;

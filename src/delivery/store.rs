@@ -1,12 +1,20 @@
 //! The backend's side of Redis: append a message, read a room's history.
+//!
+//! With one Redis, every command goes over one connection that redis-rs
+//! remakes when it is lost. In Sentinel mode the connection belongs to one
+//! generation of the primary ([`Primary`]) and is replaced when the primary
+//! changes; appends then take a connection of their own, on which the
+//! replicas' acknowledgement is awaited ([`ReplicaAcks`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::acks::{AckError, ReplicaAcks};
+use super::primary::Primary;
 use super::{Entries, Keys, PostKey, RedisHealth, take_field};
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 
 /// Appends to the feed and the room's stream in one step, under one id, so a
@@ -29,6 +37,15 @@ use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 /// is not stored again: the script answers the first post's id, or
 /// `conflict` when the key came with another room or text. The key records
 /// the id and a digest of room and text, for [`IDEMPOTENCY_WINDOW`].
+///
+/// In Sentinel mode, ARGV[9] is the newest id this backend has stored (its
+/// floor). A primary promoted after a failover may lack the old primary's
+/// last entries, and its clock may be behind: `XADD *` would then give ids
+/// below ones already acknowledged and delivered. With a floor above the
+/// stream's last entry, the id is taken above the floor instead. A repeat
+/// rewrites its record (same value, same expiry): the write is what the
+/// `WAIT` after it counts, so a repeat is acknowledged only once its first
+/// post is on the replicas too.
 const APPEND_SCRIPT: &str = r"
 local digest
 if KEYS[4] then
@@ -36,6 +53,9 @@ if KEYS[4] then
   local seen = redis.call('GET', KEYS[4])
   if seen then
     if string.sub(seen, -40) == digest then
+      if ARGV[9] then
+        redis.call('SET', KEYS[4], seen, 'KEEPTTL')
+      end
       return {string.sub(seen, 1, -42), 'repeat'}
     end
     return {'', 'conflict'}
@@ -43,7 +63,19 @@ if KEYS[4] then
 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local previous = last[1] and last[1][1] or '0-0'
-local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1], 'm', ARGV[2])
+local next_id = '*'
+if ARGV[9] then
+  local fms, fseq = string.match(ARGV[9], '^(%d+)-(%d+)$')
+  local pms, pseq = string.match(previous, '^(%d+)-(%d+)$')
+  fms, fseq, pms, pseq = tonumber(fms), tonumber(fseq), tonumber(pms), tonumber(pseq)
+  if fms > pms or (fms == pms and fseq > pseq) then
+    local now = redis.call('TIME')
+    if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) <= fms then
+      next_id = string.format('%d-%d', fms, fseq + 1)
+    end
+  end
+end
+local id = redis.call('XADD', KEYS[1], next_id, 'r', ARGV[1], 'm', ARGV[2])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 
@@ -126,6 +158,15 @@ pub enum StoreError {
     /// Redis reached its `maxmemory` and, never evicting, refuses writes.
     #[error("Redis is full (maxmemory): nothing was stored")]
     Full,
+    /// Sentinel mode: no server is the primary right now (a failover is
+    /// under way, or no Sentinel answers).
+    #[error("no Redis primary: the Sentinels name none that answers as one")]
+    NoPrimary,
+    /// Sentinel mode: the message is on the primary, but not on as many
+    /// replicas as `redis.min_replicas_acked` asks within the time allowed;
+    /// a failover could lose it, so it is not acknowledged.
+    #[error(transparent)]
+    NotReplicated(#[from] AckError),
 }
 
 impl StoreError {
@@ -155,7 +196,12 @@ pub struct Appended {
 pub struct Store(Arc<Inner>);
 
 struct Inner {
-    conn: ConnectionManager,
+    link: Link,
+    /// Sentinel mode with `redis.min_replicas_acked` > 0.
+    acks: Option<ReplicaAcks>,
+    /// Sentinel mode: the newest id stored through this handle (see
+    /// `APPEND_SCRIPT`).
+    floor: Option<Mutex<StreamId>>,
     keys: Keys,
     script: redis::Script,
     page_script: redis::Script,
@@ -171,18 +217,43 @@ impl Store {
     /// Creates the handle without connecting: the backend starts, and answers
     /// 503, while Redis is down; the connection is made on first use and
     /// remade in the background after it is lost. It records whether Redis
-    /// answers in a health of its own ([`Store::health_handle`]).
+    /// answers in a health of its own ([`Store::health_handle`]). In Sentinel
+    /// mode it follows the primary itself (see [`Store::with_primary`]).
     pub fn new(config: &Config) -> Result<Self, StoreError> {
+        Self::with_primary(config, Primary::new(&config.redis))
+    }
+
+    /// The same, following `primary`, which may be shared with a
+    /// [`super::Feed`]. Needs a Tokio runtime in Sentinel mode.
+    pub fn with_primary(config: &Config, primary: Primary) -> Result<Self, StoreError> {
         let redis = &config.redis;
-        let client = super::connect::client(redis, redis::ProtocolVersion::RESP2)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(redis.command_timeout()))
             .set_response_timeout(Some(redis.command_timeout()))
             .set_min_delay(redis.reconnect_min())
             .set_max_delay(redis.reconnect_max())
             .set_number_of_retries(2);
+        let (link, acks, floor) = match &redis.mode {
+            RedisMode::Single(_) => {
+                let client = super::connect::client(redis, redis::ProtocolVersion::RESP2)?;
+                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+                (Link::Fixed(manager), None, None)
+            }
+            RedisMode::Sentinel(sentinel) => {
+                let acks = (sentinel.min_replicas_acked > 0)
+                    .then(|| ReplicaAcks::start(primary.clone(), redis, sentinel));
+                let link = Link::Following {
+                    primary,
+                    manager_config,
+                    current: Mutex::new(None),
+                };
+                (link, acks, Some(Mutex::new(StreamId::ZERO)))
+            }
+        };
         Ok(Store(Arc::new(Inner {
-            conn: ConnectionManager::new_lazy_with_config(client, manager_config)?,
+            link,
+            acks,
+            floor,
             keys: Keys::new(&redis.key_prefix),
             script: redis::Script::new(APPEND_SCRIPT),
             page_script: redis::Script::new(PAGE_SCRIPT),
@@ -195,6 +266,14 @@ impl Store {
         })))
     }
 
+    /// The primary this store writes to.
+    pub fn primary(&self) -> Option<&Primary> {
+        match &self.0.link {
+            Link::Fixed(_) => None,
+            Link::Following { primary, .. } => Some(primary),
+        }
+    }
+
     /// Stores `message` in its room's history and in the feed every frontend
     /// follows, unless `key` shows it was stored already. When this returns
     /// `Ok`, the message will be delivered (once).
@@ -203,7 +282,6 @@ impl Store {
         message: &PostMessage,
         key: Option<&PostKey>,
     ) -> Result<Appended, StoreError> {
-        let mut conn = self.0.conn.clone();
         let mut invocation = self.0.script.prepare_invoke();
         invocation
             .key(self.0.keys.feed())
@@ -221,12 +299,40 @@ impl Store {
             .arg(self.0.feed_bytes)
             .arg(self.0.room_ttl.as_secs())
             .arg(TRIM_BATCHES);
-        let (id, outcome): (String, String) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if let Some(floor) = &self.0.floor {
+            invocation.arg(lock(floor).to_string());
+        }
+        let (id, outcome): (String, String) = match &self.0.acks {
+            None => {
+                let mut conn = self.connection()?;
+                self.bounded(invocation.invoke_async(&mut conn)).await?
+            }
+            Some(acks) => {
+                let mut writer = acks.writer().await?;
+                // An append may queue behind the writer's WAIT (see
+                // `ReplicaAcks`): it may take that long more.
+                let limit = self.0.timeout + acks.timeout();
+                let reply = self
+                    .bounded_by(limit, invocation.invoke_async(&mut writer.conn))
+                    .await;
+                if reply.is_err() {
+                    acks.drop_writer(writer.id).await;
+                }
+                let reply: (String, String) = reply?;
+                if reply.1 != "conflict" {
+                    acks.confirm(writer.id).await?;
+                }
+                reply
+            }
+        };
         if outcome == "conflict" {
             return Err(StoreError::KeyConflict);
         }
         let id = StreamId::parse(&id).ok_or(StoreError::Malformed(id))?;
+        if let Some(floor) = &self.0.floor {
+            let mut floor = lock(floor);
+            *floor = (*floor).max(id);
+        }
         Ok(Appended {
             message: ChatMessage::new(id, message.room.clone(), message.text.clone()),
             repeated: outcome == "repeat",
@@ -284,7 +390,7 @@ impl Store {
         count: usize,
         max_bytes: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.0.conn.clone();
+        let mut conn = self.connection()?;
         let mut invocation = self.0.page_script.prepare_invoke();
         invocation
             .key(self.0.keys.room(room))
@@ -301,7 +407,7 @@ impl Store {
         room: &Room,
         cmd: redis::Cmd,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.0.conn.clone();
+        let mut conn = self.connection()?;
         let entries: Entries = self.bounded(cmd.query_async(&mut conn)).await?;
         Self::messages(room, entries)
     }
@@ -322,7 +428,9 @@ impl Store {
 
     /// Asks Redis whether it is there; records and returns the answer.
     pub async fn ping(&self) -> bool {
-        let mut conn = self.0.conn.clone();
+        let Ok(mut conn) = self.connection() else {
+            return false;
+        };
         self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .is_ok()
@@ -333,19 +441,71 @@ impl Store {
         self.0.health.clone()
     }
 
+    /// A connection to Redis: the one Redis, or the primary now.
+    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        match &self.0.link {
+            Link::Fixed(manager) => Ok(manager.clone()),
+            Link::Following {
+                primary,
+                manager_config,
+                current,
+            } => {
+                let Some(resolved) = primary.current() else {
+                    self.record_reachable::<()>(&Err(StoreError::NoPrimary));
+                    return Err(StoreError::NoPrimary);
+                };
+                let mut current = lock(current);
+                match &*current {
+                    Some((generation, manager)) if *generation == resolved.generation => {
+                        Ok(manager.clone())
+                    }
+                    _ => {
+                        let client = primary.client(&resolved, redis::ProtocolVersion::RESP2)?;
+                        let manager = ConnectionManager::new_lazy_with_config(
+                            client,
+                            manager_config.clone(),
+                        )?;
+                        *current = Some((resolved.generation, manager.clone()));
+                        Ok(manager)
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs one Redis call with the configured time limit and records
     /// whether Redis answered, so status reflects what requests see.
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.0.timeout, call).await {
+        self.bounded_by(self.0.timeout, call).await
+    }
+
+    /// [`Store::bounded`] with the time limit `limit`.
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(limit, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StoreError::from_redis(e)),
-            Err(_) => Err(StoreError::Timeout(self.0.timeout)),
+            Err(_) => Err(StoreError::Timeout(limit)),
         };
-        let reachable = !matches!(&result, Err(StoreError::Timeout(_)))
-            && !matches!(&result, Err(StoreError::Redis(e)) if is_connection_error(e));
+        if let (Err(e), Some(primary)) = (&result, self.primary())
+            && primary_suspect(e)
+        {
+            primary.suspect();
+        }
+        self.record_reachable(&result);
+        result
+    }
+
+    /// Records whether `result` shows Redis reachable.
+    fn record_reachable<T>(&self, result: &Result<T, StoreError>) {
+        let reachable = !matches!(result, Err(StoreError::Timeout(_) | StoreError::NoPrimary))
+            && !matches!(result, Err(StoreError::Redis(e)) if is_connection_error(e));
         if self.0.health.set_up(reachable) {
             if reachable {
                 tracing::info!("Redis is reachable again");
@@ -360,7 +520,37 @@ impl Store {
                 );
             }
         }
-        result
+    }
+}
+
+/// How the store reaches Redis.
+enum Link {
+    /// One Redis (`redis.url`): one connection, remade by redis-rs.
+    Fixed(ConnectionManager),
+    /// Sentinel mode: a connection to the primary of one generation.
+    Following {
+        primary: Primary,
+        manager_config: ConnectionManagerConfig,
+        current: Mutex<Option<(u64, ConnectionManager)>>,
+    },
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether `e` suggests the server is no longer the primary: it is gone,
+/// or it says it is a replica (`READONLY`) or loading a dataset
+/// (`LOADING`, as a replica does when it resynchronises).
+fn primary_suspect(e: &StoreError) -> bool {
+    match e {
+        StoreError::Timeout(_) => true,
+        StoreError::Redis(e) => {
+            is_connection_error(e) || matches!(e.code(), Some("READONLY" | "LOADING"))
+        }
+        _ => false,
     }
 }
 

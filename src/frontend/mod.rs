@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Config;
-use crate::delivery::{Feed, RedisHealth, Store};
+use crate::delivery::{Feed, Primary, RedisHealth, Store};
 use crate::metrics::{FrontendMetrics, Metrics};
 use crate::serve::{Access, ConnectionCount, Listeners, serve, serve_metrics};
 
@@ -55,7 +55,9 @@ pub async fn run(
     socket2::SockRef::from(&listeners.public).set_send_buffer_size(SEND_BUFFER)?;
     let health = RedisHealth::new();
     let metrics = Arc::new(FrontendMetrics::default());
-    let store = Store::new(&config).map_err(std::io::Error::other)?;
+    // One primary followed for both the feed and the history reads.
+    let primary = Primary::new(&config.redis);
+    let store = Store::with_primary(&config, primary.clone()).map_err(std::io::Error::other)?;
     let rooms = Arc::new(Rooms::new(
         store,
         &config.frontend,
@@ -64,12 +66,13 @@ pub async fn run(
     ));
     let (layer, io) = socket_io(&config, rooms.clone());
 
-    let feed = Feed::new(&config, health.clone())
+    let feed = Feed::with_primary(&config, health.clone(), primary.clone())
         .map_err(std::io::Error::other)?
         .counting_caught_up(metrics.caught_up.clone());
     let delivery = tokio::spawn(feed.run(rooms));
 
-    let exposition = Arc::new(Metrics::frontend(&metrics, health.clone()));
+    let following = primary.follows_sentinels().then_some(&primary);
+    let exposition = Arc::new(Metrics::frontend(&metrics, health.clone()).following(following));
     let metrics_server = tokio::spawn({
         let allow = config.access.metrics_allow.clone();
         async move { serve_metrics(listeners.metrics, exposition, &allow).await }

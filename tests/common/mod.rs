@@ -2,6 +2,8 @@
 //! the daemons as real processes, and waiting with a deadline.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod sentinel;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,712 @@
+//! Redis behind Sentinel: a primary, two replicas and three Sentinels as
+//! real processes (tests/common/sentinel.rs), and the daemons following the
+//! primary across a failover without losing or repeating an acknowledged
+//! message.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_ha::config::Config;
+use chat_ha::delivery::{Feed, RedisHealth, Store};
+use chat_ha::message::StreamId;
+use common::sentinel::SentinelSet;
+use common::{Daemon, Forward, binary, daemon_on_any_port, post, start_daemon};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+const SIGKILL: i32 = 9;
+const SIGSTOP: i32 = 19;
+const SIGCONT: i32 = 18;
+
+#[test]
+fn a_configuration_with_both_modes_or_a_misplaced_key_stops_both_daemons() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[redis]\nurl = \"redis://127.0.0.1:1/0\"\nsentinels = [\"redis://127.0.0.1:2\"]\nsentinel_master = \"m\"\n",
+            "redis.url and redis.sentinels are both set",
+        ),
+        (
+            "[redis]\nsentinels = [\"redis://127.0.0.1:2\"]\n",
+            "redis.sentinel_master is missing",
+        ),
+        (
+            "[redis]\nsentinel_master = \"m\"\n",
+            "redis.sentinel_master is only valid with redis.sentinels",
+        ),
+    ];
+    for (text, problem) in cases {
+        let path = dir.path().join("chat-ha.toml");
+        std::fs::write(&path, text).unwrap();
+        for name in ["chat-frontend", "chat-backend"] {
+            for check in [false, true] {
+                let mut command = Command::new(binary(name));
+                command.arg("--config").arg(&path);
+                if check {
+                    command.arg("--check-config");
+                }
+                let output = command.output().unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert_eq!(output.status.code(), Some(2), "{name} {check}: {stderr}");
+                assert!(stderr.contains(problem), "{name}: {stderr}");
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Config {
+    Config::load(path, true).unwrap()
+}
+
+/// The primary is found through the Sentinels (the first listed is dead),
+/// an acknowledged append is on both replicas, and a new primary that lost
+/// the tail of the feed and whose clock is behind still gives ids above
+/// those delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
+    let set = tokio::task::block_in_place(SentinelSet::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = load(&set.write_config(dir.path(), "min_replicas_acked = 2\n"));
+    let store = Store::new(&config).unwrap();
+    let health = RedisHealth::new();
+    let (tx, mut delivered) = mpsc::unbounded_channel();
+    tokio::spawn(
+        Feed::new(&config, health.clone())
+            .unwrap()
+            .run(Arc::new(Forward(tx))),
+    );
+
+    let first = append_until_stored(&store, "first").await;
+    for replica in &set.servers[1..] {
+        let on_replica: Vec<redis::Value> = tokio::task::block_in_place(|| {
+            replica.query(redis::cmd("XRANGE").arg("chat:room:skew").arg("-").arg("+"))
+        });
+        assert_eq!(
+            on_replica.len(),
+            1,
+            "acknowledged but not on replica {}",
+            replica.port
+        );
+    }
+    assert_eq!(next_delivered(&mut delivered).await.id, first);
+    let primary = store.primary().unwrap().stats().address();
+    assert_eq!(primary, Some(format!("127.0.0.1:{}", set.servers[0].port)));
+
+    // A primary whose clock ran ahead stored the next entry a minute ahead...
+    let ahead = StreamId {
+        ms: first.ms + 60_000,
+        seq: 0,
+    };
+    tokio::task::block_in_place(|| {
+        set.servers[0].query::<()>(redis::cmd("XSETID").arg("chat:feed").arg(ahead.to_string()))
+    });
+    let tail = append_until_stored(&store, "tail").await;
+    assert!(tail > ahead, "{tail} after {ahead}");
+    assert_eq!(next_delivered(&mut delivered).await.id, tail);
+    // ...and was lost with that primary: the server now primary lacks it,
+    // and its clock is a minute behind.
+    tokio::task::block_in_place(|| {
+        for stream in ["chat:feed", "chat:room:skew"] {
+            set.servers[0].query::<()>(redis::cmd("XDEL").arg(stream).arg(tail.to_string()));
+            set.servers[0].query::<()>(redis::cmd("XSETID").arg(stream).arg(first.to_string()));
+        }
+    });
+    let after = append_until_stored(&store, "after the lost tail").await;
+    assert!(after > tail, "new id {after} is below the delivered {tail}");
+    let next = next_delivered(&mut delivered).await;
+    assert_eq!(
+        (next.id, next.message.as_str()),
+        (after, "after the lost tail")
+    );
+}
+
+async fn append_until_stored(store: &Store, text: &str) -> StreamId {
+    let message = post("skew", text);
+    for _ in 0..100 {
+        match store.append(&message, None).await {
+            Ok(appended) => return appended.message.id,
+            Err(e) => {
+                eprintln!("append: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("{text:?} was never stored");
+}
+
+async fn next_delivered(
+    delivered: &mut mpsc::UnboundedReceiver<chat_ha::message::ChatMessage>,
+) -> chat_ha::message::ChatMessage {
+    tokio::time::timeout(Duration::from_secs(20), delivered.recv())
+        .await
+        .expect("a delivery within 20 s")
+        .unwrap()
+}
+
+/// Both daemons on one [`SentinelSet`], and a client of the frontend.
+struct Service {
+    set: SentinelSet,
+    backend: Daemon,
+    frontend: Daemon,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn start(redis_extra: &str) -> Service {
+        let set = SentinelSet::start();
+        let dir = tempfile::tempdir().unwrap();
+        let config = set.write_config(dir.path(), redis_extra);
+        let backend = start_daemon(
+            "chat-backend",
+            &mut daemon_on_any_port("chat-backend", &config, "127.0.0.1"),
+        );
+        let frontend = start_daemon(
+            "chat-frontend",
+            &mut daemon_on_any_port("chat-frontend", &config, "127.0.0.1"),
+        );
+        Service {
+            set,
+            backend,
+            frontend,
+            _dir: dir,
+        }
+    }
+
+    fn backend_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.backend.public)
+    }
+
+    async fn frontend_status(&self) -> Option<String> {
+        let url = format!("http://{}/front/status", self.frontend.public);
+        let body: Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        Some(body["status"].as_str()?.to_owned())
+    }
+
+    /// Waits, 20 s at most, until both daemons found the primary.
+    async fn wait_ready(&self) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let backend = reqwest::get(self.backend_url("/back/status")).await;
+                let backend: Option<Value> = match backend {
+                    Ok(response) => response.json().await.ok(),
+                    Err(_) => None,
+                };
+                let backend_ok = backend.is_some_and(|b| b["status"] == "ok");
+                if backend_ok && self.frontend_status().await.as_deref() == Some("ok") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("both daemons found the primary within 20 s");
+    }
+
+    /// Waits, 20 s at most, for the frontend to say `wanted`.
+    async fn wait_for_status(&self, wanted: &str) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while self.frontend_status().await.as_deref() != Some(wanted) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the frontend never said {wanted}"));
+    }
+
+    async fn post(&self, room: &str, text: &str, key: &str) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(self.backend_url("/back/message"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .timeout(Duration::from_secs(10))
+            .body(serde_json::json!({"room": room, "message": text}).to_string())
+            .send()
+            .await;
+        match response {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    async fn metrics(&self, daemon: &Daemon) -> String {
+        reqwest::get(format!("http://{}/metrics", daemon.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// A Socket.IO client over engine.io long-polling, as the browser's
+/// fallback transport: joins one room and reports every message event.
+struct PollingClient {
+    base: String,
+    sid: String,
+    http: reqwest::Client,
+}
+
+impl PollingClient {
+    async fn join(
+        frontend: &Daemon,
+        room: &str,
+    ) -> (PollingClient, mpsc::UnboundedReceiver<Value>) {
+        Self::join_with(frontend, &serde_json::json!(room)).await
+    }
+
+    /// Joins with `request`: a room's name, or `{"room": name, "since": id}`.
+    async fn join_with(
+        frontend: &Daemon,
+        request: &Value,
+    ) -> (PollingClient, mpsc::UnboundedReceiver<Value>) {
+        let http = reqwest::Client::new();
+        let base = format!(
+            "http://{}/front/socket.io/?EIO=4&transport=polling",
+            frontend.public
+        );
+        let open = http.get(&base).send().await.unwrap().text().await.unwrap();
+        let handshake: Value = serde_json::from_str(open.trim_start_matches('0')).unwrap();
+        let client = PollingClient {
+            base,
+            sid: handshake["sid"].as_str().unwrap().to_owned(),
+            http,
+        };
+        client.send("40").await;
+        client.send(&format!("421[\"room\",{request}]")).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut answer = None;
+        while answer.is_none() {
+            for packet in client.poll().await {
+                if let Some(ack) = packet.strip_prefix("431") {
+                    answer = Some(ack.to_owned());
+                }
+                client.take(&packet, &tx).await;
+            }
+        }
+        let answer: Value = serde_json::from_str(&answer.unwrap()).unwrap();
+        assert_eq!(answer[0]["ok"], true, "join {request}: {answer}");
+        let poller = PollingClient {
+            base: client.base.clone(),
+            sid: client.sid.clone(),
+            http: client.http.clone(),
+        };
+        // Until the frontend is gone, at the end of the test.
+        tokio::spawn(async move {
+            while let Some(packets) = poller.try_poll().await {
+                for packet in packets {
+                    poller.take(&packet, &tx).await;
+                }
+            }
+        });
+        (client, rx)
+    }
+
+    fn url(&self) -> String {
+        format!("{}&sid={}", self.base, self.sid)
+    }
+
+    async fn send(&self, packet: &str) {
+        let response = self
+            .http
+            .post(self.url())
+            .body(packet.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{packet}: {}",
+            response.status()
+        );
+    }
+
+    async fn try_poll(&self) -> Option<Vec<String>> {
+        let response = self.http.get(self.url()).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let text = response.text().await.ok()?;
+        Some(text.split('\u{1e}').map(str::to_owned).collect())
+    }
+
+    async fn poll(&self) -> Vec<String> {
+        let response = self.http.get(self.url()).send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "poll: {}",
+            response.status()
+        );
+        let text = response.text().await.unwrap();
+        text.split('\u{1e}').map(str::to_owned).collect()
+    }
+
+    /// Answers a ping; passes a `message` event on.
+    async fn take(&self, packet: &str, messages: &mpsc::UnboundedSender<Value>) {
+        if packet == "2" {
+            self.send("3").await;
+        } else if let Some(event) = packet.strip_prefix("42") {
+            let event: Value = serde_json::from_str(event).unwrap();
+            if event[0] == "message" {
+                let _ = messages.send(event[1].clone());
+            }
+        }
+    }
+}
+
+/// Joins `room` from `since` as a new client, and returns the messages it
+/// gets up to the one with id `until`: `(id, text)` each.
+async fn resume(frontend: &Daemon, room: &str, since: &str, until: &str) -> Vec<(String, String)> {
+    let request = serde_json::json!({"room": room, "since": since});
+    let (_client, mut messages) = PollingClient::join_with(frontend, &request).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = messages.recv().await {
+            let id = message["id"].as_str().unwrap().to_owned();
+            let done = id == until;
+            got.push((id, message["message"].as_str().unwrap().to_owned()));
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a client resuming from {since} never got {until}; got {got:?}"));
+    got
+}
+
+/// What a stream of posts saw across a failover.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: usize,
+    acknowledged: Vec<(String, String)>,
+    failed_attempts: usize,
+}
+
+/// SIGKILL of the primary while posts stream through a backend daemon and
+/// a frontend daemon delivers them to a client: every acknowledged message
+/// arrives once, in order; the frontend says `degraded` while it has no
+/// primary; posting succeeds again after the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
+    let service = tokio::task::block_in_place(|| Service::start(""));
+    service.wait_ready().await;
+    let (_client, mut messages) = PollingClient::join(&service.frontend, "failover").await;
+    let old_primary = service.set.servers[0].port;
+
+    let mut tally = Tally::default();
+    let mut seen_degraded = false;
+    let mut killed_after = None;
+    let mut killed_at = None;
+    let mut back_after = None;
+    let mut resumed_after = None;
+    let mut n = 0;
+    // Posts one message after another, each retried with its key until
+    // acknowledged; the primary dies after 40, and 40 more are acknowledged
+    // after the first one that succeeds on the new primary.
+    while resumed_after.is_none_or(|resumed| tally.acknowledged.len() < resumed + 40) {
+        let text = format!("message {n}");
+        let key = format!("key-{n}");
+        tally.sent += 1;
+        // A generous bound: the failover takes a few seconds.
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "posting did not resume within 60 s: {tally:?}"
+            );
+            let (status, body) = service.post("failover", &text, &key).await;
+            if status == 201 {
+                tally
+                    .acknowledged
+                    .push((body["id"].as_str().unwrap().to_owned(), text.clone()));
+                if back_after.is_none() {
+                    back_after = killed_at.map(|at: std::time::Instant| at.elapsed());
+                }
+                break;
+            }
+            assert!(matches!(status, 0 | 503), "{status} {body}");
+            tally.failed_attempts += 1;
+            if service.frontend_status().await.as_deref() == Some("degraded") {
+                seen_degraded = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n += 1;
+        if tally.acknowledged.len() == 20 && killed_after.is_none() {
+            // Resuming works before the failover too (and the frontend
+            // reads history from the first primary).
+            let got = resume(
+                &service.frontend,
+                "failover",
+                &tally.acknowledged[9].0,
+                &tally.acknowledged[19].0,
+            )
+            .await;
+            assert_eq!(got, tally.acknowledged[10..20].to_vec());
+        }
+        if killed_after.is_none() && tally.acknowledged.len() == 40 {
+            service.set.servers[0].process.signal(SIGKILL);
+            killed_at = Some(std::time::Instant::now());
+            killed_after = Some(tally.acknowledged.len());
+        }
+        if killed_after.is_some() && resumed_after.is_none() {
+            let new_primary = tokio::task::block_in_place(|| service.set.primary_port());
+            if new_primary.is_some_and(|port| port != old_primary) {
+                resumed_after = Some(tally.acknowledged.len());
+            }
+        }
+    }
+    // Once every acknowledged message went out, a last one: the fence.
+    let (status, fence) = service.post("failover", "fence", "key-fence").await;
+    assert_eq!(status, 201, "{fence}");
+    let fence_id = fence["id"].as_str().unwrap().to_owned();
+
+    let mut delivered: Vec<(String, String)> = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = messages.recv().await {
+            let id = message["id"].as_str().unwrap().to_owned();
+            let done = id == fence_id;
+            delivered.push((id, message["message"].as_str().unwrap().to_owned()));
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the fence never arrived; delivered {delivered:?}"));
+
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for (_, text) in &delivered {
+        *times.entry(text).or_default() += 1;
+    }
+    let lost: Vec<&(String, String)> = tally
+        .acknowledged
+        .iter()
+        .filter(|(_, text)| !times.contains_key(text.as_str()))
+        .collect();
+    let duplicated = times.values().filter(|&&n| n > 1).count();
+    let ids: Vec<StreamId> = delivered
+        .iter()
+        .map(|(id, _)| StreamId::parse(id).unwrap())
+        .collect();
+    eprintln!(
+        "sent {}, acknowledged {}, failed attempts {}, delivered {}, lost {}, duplicated {duplicated}; \
+         posting back {back_after:?} after the SIGKILL",
+        tally.sent,
+        tally.acknowledged.len(),
+        tally.failed_attempts,
+        delivered.len(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+    assert_eq!(duplicated, 0, "delivered twice: {delivered:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {delivered:?}"
+    );
+    assert!(
+        tally.failed_attempts > 0,
+        "the failover did not show at all"
+    );
+    assert!(
+        seen_degraded,
+        "the frontend never said degraded without a primary"
+    );
+    service.wait_for_status("ok").await;
+
+    let new_primary = tokio::task::block_in_place(|| service.set.primary_port()).unwrap();
+    let line = format!("following new Redis primary 127.0.0.1:{new_primary}");
+    assert!(
+        service.backend.log_text().contains(&line),
+        "{}",
+        service.backend.log_text()
+    );
+    assert!(
+        service.frontend.log_text().contains(&line),
+        "{}",
+        service.frontend.log_text()
+    );
+    let metrics = service.metrics(&service.backend).await;
+    assert!(
+        metrics.contains("chat_backend_redis_failovers_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "chat_backend_redis_primary{{address=\"127.0.0.1:{new_primary}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chat_backend_redis_without_primary_seconds_total"),
+        "{metrics}"
+    );
+
+    // A client resuming from before the SIGKILL gets every acknowledged
+    // message after its position from the new primary's history, once.
+    let since = &tally.acknowledged[29].0;
+    let got = resume(&service.frontend, "failover", since, &fence_id).await;
+    let mut expected: Vec<(String, String)> = tally.acknowledged[30..].to_vec();
+    expected.push((fence_id.clone(), "fence".into()));
+    assert_eq!(
+        got, expected,
+        "a resumed client's messages across the failover"
+    );
+}
+
+/// A primary that keeps running but whose replicas stopped answering does
+/// not acknowledge: 503, and the retry with the same key, once a replica
+/// is back, is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_its_replicas_answers_503_and_the_retry_is_stored_once() {
+    let service = tokio::task::block_in_place(|| Service::start("replica_ack_timeout_ms = 300\n"));
+    service.wait_ready().await;
+    let (status, body) = service.post("cut", "before", "key-before").await;
+    assert_eq!(status, 201, "{body}");
+
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGSTOP);
+    }
+    let (status, body) = service.post("cut", "while cut off", "key-cut").await;
+    let error = body["error"].as_str().unwrap_or_default().to_owned();
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGCONT);
+    }
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        error.contains("could not copy the message to a replica"),
+        "{error}"
+    );
+    assert!(
+        error.contains("retry with the same Idempotency-Key"),
+        "{error}"
+    );
+
+    let mut retried = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = service.post("cut", "while cut off", "key-cut").await;
+        if status == 201 {
+            retried = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let id = retried["id"]
+        .as_str()
+        .expect("the retry was acknowledged")
+        .to_owned();
+    let history: Value = reqwest::get(service.backend_url("/back/messages?room=cut"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<(&str, &str)> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts[1], (id.as_str(), "while cut off"));
+}
+
+/// Posts arriving together share their `WAIT`s (fewer `WAIT`s than posts,
+/// all acknowledged and stored), and a history read is answered while a
+/// post still waits for replicas that do not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_share_waits_and_reads_never_wait_behind_them() {
+    let service = Arc::new(tokio::task::block_in_place(|| {
+        Service::start("min_replicas_acked = 2\nreplica_ack_timeout_ms = 60000\n")
+    }));
+    const POSTS: usize = 100;
+    service.wait_ready().await;
+    let waits_before = wait_calls(&service);
+    let mut posting = tokio::task::JoinSet::new();
+    for i in 0..POSTS {
+        let service = service.clone();
+        posting.spawn(async move {
+            service
+                .post("group", &format!("post {i}"), &format!("g{i}"))
+                .await
+        });
+    }
+    while let Some(answer) = posting.join_next().await {
+        let (status, body) = answer.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    let waits = wait_calls(&service) - waits_before;
+    eprintln!("{POSTS} concurrent posts, {waits} WAIT calls");
+    assert!(waits < POSTS as u64, "one WAIT per post: {waits}");
+    let history: Value = reqwest::get(service.backend_url("/back/messages?room=group&limit=200"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["messages"].as_array().unwrap().len(), POSTS);
+
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGSTOP);
+    }
+    let waiting = tokio::spawn({
+        let service = service.clone();
+        async move { service.post("group", "waits for replicas", "g-wait").await }
+    });
+    // The post has reached the WAIT once the primary holds it.
+    let primary = &service.set.servers[0];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let stored: u64 = tokio::task::block_in_place(|| {
+                primary.query(redis::cmd("XLEN").arg("chat:room:group"))
+            });
+            if stored as usize > POSTS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the post reached the primary");
+    // The post waits up to a minute; the read must not wait behind it (a
+    // third of that is a generous bound).
+    let read = reqwest::Client::new()
+        .get(service.backend_url("/back/messages?room=group&limit=1"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("a history read answered while a post waits for replicas");
+    assert_eq!(read.status(), 200);
+    assert!(
+        !waiting.is_finished(),
+        "the post did not wait for its replicas"
+    );
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGCONT);
+    }
+    // Back, the replicas confirm the post: acknowledged.
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+}
+
+/// `WAIT` commands the primary ran so far.
+fn wait_calls(service: &Service) -> u64 {
+    let stats: String = tokio::task::block_in_place(|| {
+        service.set.servers[0].query(redis::cmd("INFO").arg("commandstats"))
+    });
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_wait:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
