@@ -1,0 +1,312 @@
+// Clients of socket.io 2.x: the official socket.io-client 2.5.0 from npm,
+// which speaks Engine.IO protocol 3 and Socket.IO protocol 4, against the
+// same cluster as the current client. It connects over websocket and
+// long-polling, straight to a frontend and through HAProxy on both demo
+// domains; joins with a room name or with {room, since}; receives every
+// message of its rooms in order, once; resumes after its frontend is killed
+// with no gap; gets what a v4 client in the same room gets, in the same
+// order; and meets the same limits. Garbage in Engine.IO 3's framing ends
+// only the session that sent it.
+
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { startTopology } from './lib/topology.mjs';
+import {
+  Client, DOMAIN_1, DOMAIN_2, Poster, RawWebSocket, ResumingClient, deliveryCounts, logged, postMessage, request, waitFor,
+} from './lib/helpers.mjs';
+import { V2Client, V2ResumingClient } from './lib/v2-client.mjs';
+
+const SLOW_DOWN = { ok: false, error: 'too many events; slow down' };
+const SESSION_UNKNOWN = { code: '1', message: 'Session ID unknown' };
+// Text whose UTF-16 length differs from its length in characters and in
+// bytes: Engine.IO 3's long-polling payloads count UTF-16 code units.
+const WIDE_TEXT = 'ünïcødé ✓ 𝕊 😀';
+
+describe('socket.io 2.x clients', () => {
+  let topo;
+  const closeLater = [];
+
+  before(async () => {
+    topo = await startTopology({ frontends: 2, backends: 1 });
+  });
+
+  after(async () => {
+    for (const c of closeLater) c.close();
+    await topo?.stop();
+  });
+
+  /** A v2 client to `url`, connected, closed after the tests. */
+  const v2 = async (url, transport, name) => {
+    const c = new V2Client(url, { transports: [transport], name });
+    closeLater.push(c);
+    return c.connect();
+  };
+
+  /** A v4 client (helpers.mjs' Client) to `url`, connected, closed after the tests. */
+  const v4 = async (url, transport, name) => {
+    const c = new Client(url, { transports: [transport], name: `v4 ${name}` });
+    closeLater.push(c);
+    return c.connect();
+  };
+
+  /** Posts `texts` to `room` through HAProxy, on both domains in turn; returns the stored messages. */
+  const post = async (room, texts) => {
+    const stored = [];
+    for (const [i, text] of texts.entries()) {
+      const res = await postMessage(topo.url, room, text, { host: i % 2 ? DOMAIN_2 : DOMAIN_1 });
+      assert.equal(res.status, 201, `POST ${text}: ${res.status} ${res.text}`);
+      stored.push(res.json);
+    }
+    return stored;
+  };
+
+  // ---- connecting, joining, receiving ------------------------------------
+
+  // Where a client connects: straight to a frontend, or through HAProxy by
+  // domain name. Long-polling through HAProxy needs a client that keeps no
+  // cookie to stay on its instance: see the stickiness tests below.
+  const routes = () => [
+    { where: 'frontend 0', url: topo.frontends[0].url, transports: ['websocket', 'polling'] },
+    { where: 'frontend 1', url: topo.frontends[1].url, transports: ['websocket', 'polling'] },
+    { where: `HAProxy as ${DOMAIN_1}`, url: `http://${DOMAIN_1}:${topo.haproxyPort}`, transports: ['websocket'] },
+    { where: `HAProxy as ${DOMAIN_2}`, url: `http://${DOMAIN_2}:${topo.haproxyPort}`, transports: ['websocket'] },
+  ];
+
+  it('connects over each transport, directly and through HAProxy on both domains; joins by name and with since; receives every message of its rooms in order, once', logged(() => topo, async () => {
+    let n = 0;
+    for (const route of routes()) {
+      for (const transport of route.transports) {
+        n += 1;
+        const what = `${route.where} over ${transport}`;
+        const plainRoom = `v2-plain-${n}`;
+        const resumedRoom = `v2-since-${n}`;
+        const [seen, ...missed] = await post(resumedRoom, ['seen before', `missed 1 ${WIDE_TEXT}`, 'missed 2']);
+
+        const c = await v2(route.url, transport, what);
+        assert.equal(c.transport, transport, `${what}: its only transport`);
+        assert.equal(c.engineProtocol, '3', `${what}: Engine.IO 3`);
+        assert.deepEqual(await c.join({ room: resumedRoom, since: seen.id }), { ok: true, replayed: 2 }, what);
+        // The replay is sent before the acknowledgement.
+        assert.deepEqual(c.messages, missed, `${what}: exactly the missed messages, in order`);
+        assert.deepEqual(await c.join(plainRoom), { ok: true }, what);
+
+        const live = [];
+        for (let i = 0; i < 6; i++) {
+          const room = i % 2 ? plainRoom : resumedRoom;
+          live.push(...await post(room, [`live ${i} in ${room} ${WIDE_TEXT} ${'x'.repeat(i * 700)}`]));
+        }
+        const [fence] = await post(plainRoom, ['fence']);
+        await c.waitForMessage('the fence', (m) => m.id === fence.id);
+        assert.deepEqual(c.messages, [...missed, ...live, fence], `${what}: every message of both rooms, in order, once`);
+        assert.deepEqual(c.disconnects, [], `${what}: never disconnected`);
+        assert.equal(c.transport, transport, `${what}: still on its transport`);
+        c.close();
+      }
+    }
+  }));
+
+  it('upgrades from long-polling to websocket, as socket.io 2 does by default', logged(() => topo, async () => {
+    const c = new V2Client(topo.frontends[0].url, { name: 'upgrading' });
+    closeLater.push(c);
+    await c.connect();
+    assert.deepEqual(await c.join('v2-upgrade'), { ok: true });
+    await waitFor('the upgrade to websocket', () => c.transport === 'websocket');
+    const stored = await post('v2-upgrade', ['after the upgrade', WIDE_TEXT]);
+    await c.waitForMessage('the last message', (m) => m.id === stored.at(-1).id);
+    assert.deepEqual(c.messages, stored);
+    assert.deepEqual(c.disconnects, []);
+  }));
+
+  // ---- v2 and v4 side by side --------------------------------------------
+
+  it('gives v2 and v4 clients in one room on one frontend the same messages in the same order', logged(() => topo, async () => {
+    const room = 'v2-with-v4';
+    const url = topo.frontends[0].url;
+    const clients = [];
+    for (const transport of ['websocket', 'polling']) {
+      clients.push(new V2ResumingClient({ room, name: `v2 ${transport}` }).open(url, { transports: [transport] }));
+      clients.push(new ResumingClient({ room, name: `v4 ${transport}` }).open(url, { transports: [transport] }));
+    }
+    closeLater.push(...clients);
+    await Promise.all(clients.map((c) => c.waitJoined(1)));
+    const poster = new Poster(topo.url, room, { hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 2, label: `v2 and v4 ${WIDE_TEXT}` }).start();
+    await poster.acknowledgedMore(200);
+    await poster.stop();
+    const [fence] = await post(room, ['fence']);
+    poster.acked.push(fence);
+    await Promise.all(clients.map((c) => c.waitForId(fence.id)));
+    const counts = deliveryCounts('v2 and v4 in one room', poster, clients);
+    assert.equal(counts.lost + counts.duplicated + counts.outOfOrder + counts.unacknowledgedDelivered, 0, counts.line);
+    for (const c of counts.perClient) assert.deepEqual(c.received, counts.ackedIds, `${c.name}: every message, in posted order`);
+    for (const c of clients) assert.deepEqual(c.disconnects, [], `${c.name} never disconnected`);
+  }));
+
+  // ---- resuming -----------------------------------------------------------
+
+  it('resumes through HAProxy after its frontend is killed: nothing lost, nothing twice', { timeout: 60_000 }, logged(() => topo, async () => {
+    const room = 'v2-resume';
+    const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
+    const before = await socketCounts();
+    const c = new V2ResumingClient({ room, name: 'v2 resuming' })
+      .open(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: ['websocket'], reconnection: true });
+    closeLater.push(c);
+    await c.waitJoined(1);
+    const now = await waitFor('the client counted by a frontend', async () => {
+      const counts = await socketCounts();
+      return counts.some((k, i) => k > before[i]) ? counts : null;
+    });
+    const victim = topo.frontends[now.findIndex((k, i) => k > before[i])];
+
+    const poster = new Poster(topo.url, room, { host: DOMAIN_2, intervalMs: 10, label: 'resume' }).start();
+    try {
+      await poster.acknowledgedMore(30);
+      await victim.stop({ signal: 'SIGKILL' });
+      await c.waitJoined(2, 30_000);
+      await poster.acknowledgedMore(30);
+      await victim.start();
+    } finally {
+      await poster.stop();
+    }
+    const [fence] = await post(room, ['fence']);
+    poster.acked.push(fence);
+    await c.waitForId(fence.id);
+    const counts = deliveryCounts('v2 resumed after its frontend was killed', poster, [c]);
+    assert.equal(counts.failedRequests, 0, counts.line);
+    assert.equal(counts.lost + counts.duplicated + counts.outOfOrder + counts.unacknowledgedDelivered, 0, counts.line);
+    assert.deepEqual(counts.perClient[0].received, counts.ackedIds, counts.line);
+    assert.ok(c.answers.slice(1).every((a) => a.ok && a.replayed >= 0), `resumed with since: ${JSON.stringify(c.answers)}`);
+  }));
+
+  // ---- garbage in Engine.IO 3's framing ------------------------------------
+
+  describe('garbage in Engine.IO 3 framing', () => {
+    const WATCH_ROOM = 'v2-watch';
+    const watchers = [];
+    let frontend;
+    let posted = 0;
+
+    before(async () => {
+      frontend = topo.frontends[0];
+      watchers.push(await v2(frontend.url, 'websocket', 'watcher'), await v2(frontend.url, 'polling', 'watcher'),
+        await v4(frontend.url, 'websocket', 'watcher'));
+      for (const w of watchers) assert.deepEqual(await w.join(WATCH_ROOM), { ok: true });
+    });
+
+    /** The other clients of the room on the same frontend keep receiving, on their first connection. */
+    const othersKeepReceiving = async (what) => {
+      posted += 1;
+      const [stored] = await post(WATCH_ROOM, [`after ${what} (${posted})`]);
+      for (const w of watchers) {
+        await w.waitForMessage(`the message posted after ${what}`, (m) => m.id === stored.id);
+        assert.equal(w.messages.length, posted, `${w.name}: every message once`);
+        assert.equal(w.connectCount, 1, `${w.name} still on its first connection`);
+        assert.deepEqual(w.disconnects, [], `${w.name} never disconnected`);
+      }
+    };
+
+    const polling = (sid) => `${frontend.url}/front/socket.io/?EIO=3&transport=polling${sid ? `&sid=${sid}` : ''}`;
+
+    /** Opens an Engine.IO 3 long-polling session (connected to the default namespace at once); returns its sid. */
+    const openPollingSession = async () => {
+      const open = await request(polling());
+      assert.equal(open.status, 200, open.text);
+      const framed = /^(\d+):(0\{.*?\})/.exec(open.text);
+      assert.ok(framed, `a length-prefixed open packet: ${open.text}`);
+      assert.equal(Number(framed[1]), framed[2].length, 'the prefix is the packet\'s length');
+      const { sid } = JSON.parse(framed[2].slice(1));
+      const next = open.text.slice(framed[0].length) || (await request(polling(sid))).text;
+      assert.match(next, /^2:40$/, 'the namespace connection, length-prefixed');
+      return sid;
+    };
+
+    const pollingCases = [
+      // [what, body]
+      ['a payload without a length prefix ("42[\\"room\\",\\"a\\"]")', '42["room","a"]'],
+      ['a length that is not a number ("x:40")', 'x:40'],
+      ['a length longer than the payload ("99:42[")', '99:42['],
+      ['a message packet that is not Socket.IO ("5:4{{{{")', '5:4{{{{'],
+      ['an unknown packet type ("1:7")', '1:7'],
+    ];
+    for (const [what, body] of pollingCases) {
+      it(`ends a long-polling session that sends ${what}, and only it`, logged(() => topo, async () => {
+        const sid = await openPollingSession();
+        const res = await request(polling(sid), { method: 'POST', headers: { 'content-type': 'text/plain;charset=UTF-8' }, body });
+        assert.ok([200, 400].includes(res.status), `POST: ${res.status} ${res.text}`);
+        const next = await request(polling(sid), { timeoutMs: 5000 });
+        assert.equal(next.status, 400, `the session is gone: ${next.status} ${next.text}`);
+        assert.deepEqual(next.json, SESSION_UNKNOWN);
+        await othersKeepReceiving(`a v3 polling session sent ${what}`);
+      }));
+    }
+
+    const wsCases = [
+      ['an empty binary frame (no packet type)', (ws) => ws.sendFrame(0x2, Buffer.alloc(0))],
+      ['an unknown packet type ("7")', (ws) => ws.send('7')],
+      ['a truncated event ("42[")', (ws) => ws.send('42[')],
+      ['an empty text frame (no packet type)', (ws) => ws.send('')],
+    ];
+    for (const [what, abuse] of wsCases) {
+      it(`closes a v3 websocket that sends ${what}, and only it`, logged(() => topo, async () => {
+        const ws = await RawWebSocket.open(frontend.port, '/front/socket.io/?EIO=3&transport=websocket');
+        await ws.until('the open and connect packets', () => ws.messages.some((m) => m.startsWith('0{')) && ws.messages.includes('40'));
+        abuse(ws);
+        await ws.until('the server to close the connection', () => ws.ended);
+        await othersKeepReceiving(`a v3 websocket sent ${what}`);
+      }));
+    }
+  });
+
+  // ---- limits -------------------------------------------------------------
+
+  describe('limits, as for v4 clients', () => {
+    const abuser = (transport) => v2(topo.frontends[0].url, transport, `abusive ${transport}`);
+
+    /** Emits `count` room events at once; resolves to their answers, 'no answer' for none within 3 s. */
+    const flood = async (c, count) => {
+      const answers = await Promise.all(Array.from({ length: count }, (_, i) => new Promise((resolve) => {
+        const timer = setTimeout(() => resolve('no answer'), 3000);
+        c.socket.emit('room', `v2-flood-${i % 5}`, (answer) => { clearTimeout(timer); resolve(answer); });
+      })));
+      return answers;
+    };
+
+    for (const transport of ['websocket', 'polling']) {
+      it(`refuses a flood of 500 room events over ${transport}, then disconnects the socket`, logged(() => topo, async () => {
+        const c = await abuser(transport);
+        const answers = await flood(c, 500);
+        assert.deepEqual(answers.slice(0, 20), Array(20).fill({ ok: true }), 'the burst is answered');
+        assert.deepEqual(answers.slice(20, 70), Array(50).fill(SLOW_DOWN), 'then 50 refusals');
+        assert.deepEqual(answers.slice(70), Array(430).fill('no answer'), 'then nothing');
+        await waitFor('the disconnect', () => c.disconnects.length > 0);
+        assert.deepEqual(c.disconnects, ['io server disconnect']);
+      }));
+
+      it(`refuses a 17th room over ${transport} and keeps the socket`, logged(() => topo, async () => {
+        const c = await abuser(transport);
+        for (let i = 0; i < 16; i++) assert.deepEqual(await c.join(`v2-room-${i}`), { ok: true });
+        assert.deepEqual(await c.join('v2-room-16'), { ok: false, error: 'a socket may be in at most 16 rooms' });
+        assert.equal(c.socket.connected, true);
+      }));
+    }
+
+    it('closes a websocket client that sends an event over 4 KiB, unanswered', logged(() => topo, async () => {
+      const c = await abuser('websocket');
+      let answered = false;
+      c.socket.emit('room', 'x'.repeat(5000), () => { answered = true; });
+      await waitFor('the client to be disconnected', () => c.disconnects.length > 0);
+      assert.deepEqual(c.disconnects, ['transport close']);
+      assert.equal(answered, false);
+    }));
+
+    it('answers a 5 KB event over long-polling and ends a client whose payload is over 32 KiB', logged(() => topo, async () => {
+      const c = await abuser('polling');
+      const ack = await c.join('x'.repeat(5000));
+      assert.equal(ack.ok, false);
+      assert.match(ack.error, /^room must be/);
+      c.socket.emit('room', 'x'.repeat(40_000));
+      await waitFor('the client to be disconnected', () => c.disconnects.length > 0);
+      assert.deepEqual(c.disconnects, ['transport error']);
+    }));
+  });
+});
