@@ -64,19 +64,19 @@ describe('socket.io 2.x clients', () => {
   // ---- connecting, joining, receiving ------------------------------------
 
   // Where a client connects: straight to a frontend, or through HAProxy by
-  // domain name. Long-polling through HAProxy needs a client that keeps no
-  // cookie to stay on its instance: see the stickiness tests below.
+  // domain name. The v2 client keeps no cookies: through HAProxy, its polls
+  // find their instance by the session id (see the stickiness tests below).
   const routes = () => [
-    { where: 'frontend 0', url: topo.frontends[0].url, transports: ['websocket', 'polling'] },
-    { where: 'frontend 1', url: topo.frontends[1].url, transports: ['websocket', 'polling'] },
-    { where: `HAProxy as ${DOMAIN_1}`, url: `http://${DOMAIN_1}:${topo.haproxyPort}`, transports: ['websocket'] },
-    { where: `HAProxy as ${DOMAIN_2}`, url: `http://${DOMAIN_2}:${topo.haproxyPort}`, transports: ['websocket'] },
+    { where: 'frontend 0', url: topo.frontends[0].url },
+    { where: 'frontend 1', url: topo.frontends[1].url },
+    { where: `HAProxy as ${DOMAIN_1}`, url: `http://${DOMAIN_1}:${topo.haproxyPort}` },
+    { where: `HAProxy as ${DOMAIN_2}`, url: `http://${DOMAIN_2}:${topo.haproxyPort}` },
   ];
 
   it('connects over each transport, directly and through HAProxy on both domains; joins by name and with since; receives every message of its rooms in order, once', logged(() => topo, async () => {
     let n = 0;
     for (const route of routes()) {
-      for (const transport of route.transports) {
+      for (const transport of ['websocket', 'polling']) {
         n += 1;
         const what = `${route.where} over ${transport}`;
         const plainRoom = `v2-plain-${n}`;
@@ -144,12 +144,13 @@ describe('socket.io 2.x clients', () => {
 
   // ---- resuming -----------------------------------------------------------
 
-  it('resumes through HAProxy after its frontend is killed: nothing lost, nothing twice', { timeout: 60_000 }, logged(() => topo, async () => {
-    const room = 'v2-resume';
+  for (const transport of ['websocket', 'polling']) {
+  it(`resumes through HAProxy after its frontend is killed (${transport}): nothing lost, nothing twice`, { timeout: 60_000 }, logged(() => topo, async () => {
+    const room = `v2-resume-${transport}`;
     const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
     const before = await socketCounts();
     const c = new V2ResumingClient({ room, name: 'v2 resuming' })
-      .open(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: ['websocket'], reconnection: true });
+      .open(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: [transport], reconnection: true });
     closeLater.push(c);
     await c.waitJoined(1);
     const now = await waitFor('the client counted by a frontend', async () => {
@@ -177,6 +178,7 @@ describe('socket.io 2.x clients', () => {
     assert.deepEqual(counts.perClient[0].received, counts.ackedIds, counts.line);
     assert.ok(c.answers.slice(1).every((a) => a.ok && a.replayed >= 0), `resumed with since: ${JSON.stringify(c.answers)}`);
   }));
+  }
 
   // ---- garbage in Engine.IO 3's framing ------------------------------------
 
@@ -309,4 +311,80 @@ describe('socket.io 2.x clients', () => {
       assert.deepEqual(c.disconnects, ['transport error']);
     }));
   });
+});
+
+// Long-polling clients that keep no cookies, through HAProxy with several
+// frontends: HAProxy's cookie never comes back, so their polls must find
+// their instance by the session id they carry (etc/haproxy/chat-ha.cfg).
+describe('clients without cookies through HAProxy', () => {
+  let topo;
+  const closeLater = [];
+
+  before(async () => {
+    topo = await startTopology({ frontends: 2, backends: 1 });
+  });
+
+  after(async () => {
+    for (const c of closeLater) c.close();
+    await topo?.stop();
+  });
+
+  const post = async (room, texts) => {
+    const stored = [];
+    for (const text of texts) {
+      const res = await postMessage(topo.url, room, text, { host: DOMAIN_2 });
+      assert.equal(res.status, 201, `POST ${text}: ${res.status} ${res.text}`);
+      stored.push(res.json);
+    }
+    return stored;
+  };
+
+    it('keeps long-polling clients without cookies (v2, and v4 without withCredentials) on their instance through HAProxy', logged(() => topo, async () => {
+      const room = 'v2-no-cookies';
+      const url = `http://${DOMAIN_1}:${topo.haproxyPort}`;
+      const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
+      const before = await socketCounts();
+      assert.deepEqual(before, [0, 0], 'no client yet');
+      const clients = [];
+      // Four of each, one at a time, in turns (v2 v4 v4 v2 ...): new clients
+      // still go round-robin, so each kind has clients on both instances.
+      for (let i = 0; i < 4; i++) {
+        const kinds = [['v2', () => new V2Client(url, { transports: ['polling'], name: `no cookies ${i}` })],
+          ['v4', () => new Client(url, { transports: ['polling'], name: `v4 no cookies ${i}`, withCredentials: false })]];
+        for (const [kind, make] of i % 2 ? kinds.reverse() : kinds) {
+          const previous = await socketCounts();
+          const c = make();
+          closeLater.push(c);
+          await c.connect();
+          const counts = await waitFor(() => `the frontends to count ${c.name}`, async () => {
+            const now = await socketCounts();
+            return now[0] + now[1] === clients.length + 1 ? now : null;
+          });
+          c.frontend = counts.findIndex((k, j) => k > previous[j]);
+          c.kind = kind;
+          clients.push(c);
+        }
+      }
+      for (const kind of ['v2', 'v4']) {
+        assert.deepEqual([...new Set(clients.filter((c) => c.kind === kind).map((c) => c.frontend))].sort(), [0, 1],
+          `${kind} clients on both instances: ${JSON.stringify(clients.map((c) => [c.name, c.frontend]))}`);
+      }
+      for (const c of clients.filter((x) => x.kind === 'v4')) assert.equal(c.stickyCookie, undefined, `${c.name} keeps no cookie`);
+      for (const c of clients) assert.deepEqual(await c.join(room), { ok: true }, c.name);
+      // Many polls each: every message is one more answered poll and a new one.
+      const stored = [];
+      for (let i = 0; i < 20; i++) {
+        stored.push(...await post(room, [`no cookies ${i}`]));
+        await Promise.all(clients.map((c) => c.waitForMessage(`message ${i}`, (m) => m.id === stored.at(-1).id)));
+      }
+      for (const c of clients) {
+        assert.deepEqual(c.messages, stored, `${c.name}: every message, in order, once`);
+        assert.deepEqual(c.disconnects, [], `${c.name}: the session never failed`);
+        assert.equal(c.connectCount, 1, `${c.name}: on its first connection`);
+        assert.equal(c.transport, 'polling');
+      }
+      const after = await socketCounts();
+      assert.deepEqual(after.map((k, j) => k - before[j]), [0, 1].map((j) => clients.filter((c) => c.frontend === j).length),
+        'each instance still holds the clients it took');
+    }));
 });
