@@ -180,6 +180,39 @@ describe('socket.io 2.x clients', () => {
   }));
   }
 
+  // ---- the heartbeat ----------------------------------------------------------
+
+  // Engine.IO 3 reverses 4's heartbeat: the client pings every interval (25
+  // s), the server answers, and closes a session silent for interval +
+  // timeout (45 s). The bounds below are the protocol's, with a margin for
+  // a loaded machine on the late side only.
+  const PING_INTERVAL_MS = 25_000;
+  const SILENT_SESSION_CLOSED_MS = 45_000;
+  it('keeps idle v2 clients past their pings, and lets go of a silent session within interval + timeout', { timeout: 90_000 }, logged(() => topo, async () => {
+    const room = 'v2-idle';
+    const idle = [await v2(topo.frontends[0].url, 'websocket', 'idle'), await v2(topo.frontends[0].url, 'polling', 'idle')];
+    for (const c of idle) assert.deepEqual(await c.join(room), { ok: true });
+    // A client that vanished: its session stays open, and it never pings.
+    const silent = await RawWebSocket.open(topo.frontends[0].port, '/front/socket.io/?EIO=3&transport=websocket');
+    const openedAt = Date.now();
+    await silent.until('the open and connect packets', () => silent.messages.includes('40'));
+    await silent.until('the server to close the silent session', () => silent.ended, SILENT_SESSION_CLOSED_MS + 15_000);
+    const closedAfterMs = Date.now() - openedAt;
+    assert.ok(closedAfterMs >= SILENT_SESSION_CLOSED_MS - 1000, `closed after ${closedAfterMs} ms, not before interval + timeout`);
+    assert.ok(closedAfterMs <= SILENT_SESSION_CLOSED_MS + 10_000, `closed after ${closedAfterMs} ms, soon after interval + timeout`);
+    assert.deepEqual(silent.messages.filter((m) => m.startsWith('2')), [], 'the server never pinged it');
+    // Idle all that time, the other clients pinged and were answered, and
+    // are still there.
+    assert.ok(closedAfterMs > PING_INTERVAL_MS);
+    const [fence] = await post(room, ['after the idle time']);
+    for (const c of idle) {
+      await c.waitForMessage('the fence', (m) => m.id === fence.id);
+      assert.ok(c.pongs >= 1, `${c.name}: its pings answered (${c.pongs} pongs)`);
+      assert.deepEqual(c.disconnects, [], `${c.name} never disconnected`);
+      assert.equal(c.connectCount, 1, `${c.name} on its first connection`);
+    }
+  }));
+
   // ---- garbage in Engine.IO 3's framing ------------------------------------
 
   describe('garbage in Engine.IO 3 framing', () => {

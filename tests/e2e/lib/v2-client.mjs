@@ -28,7 +28,8 @@ function v2Options({ transports, agent, reconnection = false }) {
 /**
  * A socket.io 2 connection, recording what it receives: the same fields and
  * methods as helpers.mjs' Client (messages, disconnects, connectCount,
- * connect, join, waitForMessage, transport, close).
+ * connect, join, waitForMessage, transport, close), and the pongs that
+ * answered its pings.
  */
 export class V2Client {
   constructor(url, { transports, name = url } = {}) {
@@ -38,7 +39,9 @@ export class V2Client {
     this.disconnects = [];
     this.connectErrors = [];
     this.connectCount = 0;
+    this.pongs = 0; // answers to the client's pings (Engine.IO 3: the client pings)
     this.socket = ioV2(url, v2Options({ transports, agent: this.agent }));
+    this.socket.on('pong', () => { this.pongs += 1; });
     this.socket.on('message', (m) => this.messages.push(m));
     this.socket.on('disconnect', (reason) => this.disconnects.push(reason));
     this.socket.on('connect', () => { this.connectCount += 1; });
