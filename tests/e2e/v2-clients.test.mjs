@@ -5,15 +5,19 @@
 // domains; joins with a room name or with {room, since}; receives every
 // message of its rooms in order, once; resumes after its frontend is killed
 // with no gap; gets what a v4 client in the same room gets, in the same
-// order; and meets the same limits. Garbage in Engine.IO 3's framing ends
-// only the session that sent it.
+// order; and meets the same limits (events, rooms, payloads, a client that
+// stops reading). Garbage in Engine.IO 3's framing ends only the session
+// that sent it. Engine.IO 3's heartbeat is the client's: idle clients that
+// ping stay, a silent session is let go. Long-polling clients without
+// cookies stay on their instance through HAProxy, by session id.
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import { startTopology } from './lib/topology.mjs';
 import {
-  Client, DOMAIN_1, DOMAIN_2, Poster, RawWebSocket, ResumingClient, deliveryCounts, logged, postMessage, request, waitFor,
+  Client, DOMAIN_1, DOMAIN_2, Poster, RawWebSocket, ResumingClient, compareIds, deliveryCounts, logged, metrics, postMessage, request,
+  waitFor,
 } from './lib/helpers.mjs';
 import { V2Client, V2ResumingClient } from './lib/v2-client.mjs';
 
@@ -420,4 +424,84 @@ describe('clients without cookies through HAProxy', () => {
       assert.deepEqual(after.map((k, j) => k - before[j]), [0, 1].map((j) => clients.filter((c) => c.frontend === j).length),
         'each instance still holds the clients it took');
     }));
+});
+
+// A socket.io 2 websocket client that stops reading is let go as a v4 one
+// is (slow-reader.test.mjs): here by the bound in bytes, 64 KiB, with
+// messages of 3.9 KB; the other clients of the room keep receiving, and it
+// resumes with since without a gap.
+describe('a socket.io 2 client that stops reading', () => {
+  let topo;
+  const closeLater = [];
+  const BATCH = 50;
+  const MOST_POSTS = 4000;
+  const TEXT = 'x'.repeat(3900);
+
+  before(async () => {
+    topo = await startTopology({
+      frontends: 1,
+      backends: 1,
+      frontendConfig: 'max_queued_bytes = 65536\nbacklog_timeout_ms = 600000\n',
+    });
+  });
+
+  after(async () => {
+    for (const c of closeLater) c.close();
+    await topo?.stop();
+  });
+
+  const messageIds = (frames) => frames.filter((f) => f.startsWith('42["message"')).map((f) => JSON.parse(f.slice(2))[1].id);
+
+  it('is let go, others keep receiving, and it resumes without a gap', { timeout: 180_000 }, logged(() => topo, async (t) => {
+    const [frontend] = topo.frontends;
+    const [backend] = topo.backends;
+    const room = 'v2-slow-reader';
+    const reader = new V2Client(frontend.url, { transports: ['websocket'], name: 'reader' });
+    closeLater.push(reader);
+    await reader.connect();
+    assert.deepEqual(await reader.join(room), { ok: true });
+
+    const stalled = await RawWebSocket.open(frontend.port, '/front/socket.io/?EIO=3&transport=websocket');
+    closeLater.push(stalled);
+    await stalled.until('the open and connect packets', () => stalled.messages.includes('40'));
+    stalled.send(`420${JSON.stringify(['room', room])}`);
+    await stalled.until('the join ack', () => stalled.messages.includes('430[{"ok":true}]'));
+    const first = await postMessage(backend.url, room, 'before the stall');
+    assert.equal(first.status, 201);
+    await stalled.until('the first message', () => messageIds(stalled.messages).length === 1);
+    stalled.socket.pause();
+
+    const posted = [first.json.id];
+    const droppedBefore = (await metrics(frontend.metricsUrl)).chat_frontend_messages_dropped_total;
+    let dropped = droppedBefore;
+    while (dropped === droppedBefore && posted.length < MOST_POSTS) {
+      const batch = await Promise.all(Array.from({ length: BATCH }, (_, i) => postMessage(backend.url, room, `${posted.length + i} ${TEXT}`)));
+      for (const res of batch) {
+        assert.equal(res.status, 201, res.text);
+        posted.push(res.json.id);
+      }
+      dropped = (await metrics(frontend.metricsUrl)).chat_frontend_messages_dropped_total;
+    }
+    posted.sort(compareIds);
+    t.diagnostic(`let go after ${posted.length} messages`);
+    assert.ok(dropped > droppedBefore, `the stalled socket was let go before ${MOST_POSTS} messages`);
+
+    await reader.waitForMessage('the last message', (m) => m.id === posted.at(-1), 30_000);
+    assert.deepEqual(reader.messages.map((m) => m.id), posted, 'the reader: every message once, in order');
+    assert.deepEqual(reader.disconnects, []);
+
+    stalled.socket.resume();
+    await stalled.until('the connection to close', () => stalled.ended, 30_000);
+    const got = messageIds(stalled.messages);
+    assert.deepEqual(got, posted.slice(0, got.length), 'what it got is the start of the room, in order');
+    const missed = posted.slice(got.length);
+    assert.ok(missed.length > 0 && missed.length <= 1000, `let go with ${missed.length} messages missed, within the history of 1000`);
+
+    const resumed = new V2Client(frontend.url, { transports: ['websocket'], name: 'resumed' });
+    closeLater.push(resumed);
+    await resumed.connect();
+    assert.deepEqual(await resumed.join({ room, since: got.at(-1) }), { ok: true, replayed: missed.length });
+    await waitFor('the resumed client to have the last message', () => resumed.messages.length >= missed.length, { timeoutMs: 30_000 });
+    assert.deepEqual(resumed.messages.map((m) => m.id), missed, 'the resumed client: every missed message once, in order');
+  }));
 });
