@@ -149,39 +149,39 @@ describe('socket.io 2.x clients', () => {
   // ---- resuming -----------------------------------------------------------
 
   for (const transport of ['websocket', 'polling']) {
-  it(`resumes through HAProxy after its frontend is killed (${transport}): nothing lost, nothing twice`, { timeout: 60_000 }, logged(() => topo, async () => {
-    const room = `v2-resume-${transport}`;
-    const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
-    const before = await socketCounts();
-    const c = new V2ResumingClient({ room, name: 'v2 resuming' })
-      .open(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: [transport], reconnection: true });
-    closeLater.push(c);
-    await c.waitJoined(1);
-    const now = await waitFor('the client counted by a frontend', async () => {
-      const counts = await socketCounts();
-      return counts.some((k, i) => k > before[i]) ? counts : null;
-    });
-    const victim = topo.frontends[now.findIndex((k, i) => k > before[i])];
+    it(`resumes through HAProxy after its frontend is killed (${transport}): nothing lost, nothing twice`, { timeout: 60_000 }, logged(() => topo, async () => {
+      const room = `v2-resume-${transport}`;
+      const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
+      const before = await socketCounts();
+      const c = new V2ResumingClient({ room, name: 'v2 resuming' })
+        .open(`http://${DOMAIN_1}:${topo.haproxyPort}`, { transports: [transport], reconnection: true });
+      closeLater.push(c);
+      await c.waitJoined(1);
+      const now = await waitFor('the client counted by a frontend', async () => {
+        const counts = await socketCounts();
+        return counts.some((k, i) => k > before[i]) ? counts : null;
+      });
+      const victim = topo.frontends[now.findIndex((k, i) => k > before[i])];
 
-    const poster = new Poster(topo.url, room, { host: DOMAIN_2, intervalMs: 10, label: 'resume' }).start();
-    try {
-      await poster.acknowledgedMore(30);
-      await victim.stop({ signal: 'SIGKILL' });
-      await c.waitJoined(2, 30_000);
-      await poster.acknowledgedMore(30);
-      await victim.start();
-    } finally {
-      await poster.stop();
-    }
-    const [fence] = await post(room, ['fence']);
-    poster.acked.push(fence);
-    await c.waitForId(fence.id);
-    const counts = deliveryCounts('v2 resumed after its frontend was killed', poster, [c]);
-    assert.equal(counts.failedRequests, 0, counts.line);
-    assert.equal(counts.lost + counts.duplicated + counts.outOfOrder + counts.unacknowledgedDelivered, 0, counts.line);
-    assert.deepEqual(counts.perClient[0].received, counts.ackedIds, counts.line);
-    assert.ok(c.answers.slice(1).every((a) => a.ok && a.replayed >= 0), `resumed with since: ${JSON.stringify(c.answers)}`);
-  }));
+      const poster = new Poster(topo.url, room, { host: DOMAIN_2, intervalMs: 10, label: 'resume' }).start();
+      try {
+        await poster.acknowledgedMore(30);
+        await victim.stop({ signal: 'SIGKILL' });
+        await c.waitJoined(2, 30_000);
+        await poster.acknowledgedMore(30);
+        await victim.start();
+      } finally {
+        await poster.stop();
+      }
+      const [fence] = await post(room, ['fence']);
+      poster.acked.push(fence);
+      await c.waitForId(fence.id);
+      const counts = deliveryCounts('v2 resumed after its frontend was killed', poster, [c]);
+      assert.equal(counts.failedRequests, 0, counts.line);
+      assert.equal(counts.lost + counts.duplicated + counts.outOfOrder + counts.unacknowledgedDelivered, 0, counts.line);
+      assert.deepEqual(counts.perClient[0].received, counts.ackedIds, counts.line);
+      assert.ok(c.answers.slice(1).every((a) => a.ok && a.replayed >= 0), `resumed with since: ${JSON.stringify(c.answers)}`);
+    }));
   }
 
   // ---- the heartbeat ----------------------------------------------------------
@@ -198,6 +198,7 @@ describe('socket.io 2.x clients', () => {
     for (const c of idle) assert.deepEqual(await c.join(room), { ok: true });
     // A client that vanished: its session stays open, and it never pings.
     const silent = await RawWebSocket.open(topo.frontends[0].port, '/front/socket.io/?EIO=3&transport=websocket');
+    closeLater.push(silent);
     const openedAt = Date.now();
     await silent.until('the open and connect packets', () => silent.messages.includes('40'));
     await silent.until('the server to close the silent session', () => silent.ended, SILENT_SESSION_CLOSED_MS + 15_000);
@@ -376,54 +377,54 @@ describe('clients without cookies through HAProxy', () => {
     return stored;
   };
 
-    it('keeps long-polling clients without cookies (v2, and v4 without withCredentials) on their instance through HAProxy', logged(() => topo, async () => {
-      const room = 'v2-no-cookies';
-      const url = `http://${DOMAIN_1}:${topo.haproxyPort}`;
-      const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
-      const before = await socketCounts();
-      assert.deepEqual(before, [0, 0], 'no client yet');
-      const clients = [];
-      // Four of each, one at a time, in turns (v2 v4 v4 v2 ...): new clients
-      // still go round-robin, so each kind has clients on both instances.
-      for (let i = 0; i < 4; i++) {
-        const kinds = [['v2', () => new V2Client(url, { transports: ['polling'], name: `no cookies ${i}` })],
-          ['v4', () => new Client(url, { transports: ['polling'], name: `v4 no cookies ${i}`, withCredentials: false })]];
-        for (const [kind, make] of i % 2 ? kinds.reverse() : kinds) {
-          const previous = await socketCounts();
-          const c = make();
-          closeLater.push(c);
-          await c.connect();
-          const counts = await waitFor(() => `the frontends to count ${c.name}`, async () => {
-            const now = await socketCounts();
-            return now[0] + now[1] === clients.length + 1 ? now : null;
-          });
-          c.frontend = counts.findIndex((k, j) => k > previous[j]);
-          c.kind = kind;
-          clients.push(c);
-        }
+  it('keeps long-polling clients without cookies (v2, and v4 without withCredentials) on their instance through HAProxy', logged(() => topo, async () => {
+    const room = 'v2-no-cookies';
+    const url = `http://${DOMAIN_1}:${topo.haproxyPort}`;
+    const socketCounts = async () => Promise.all(topo.frontends.map(async (f) => (await f.status()).connections));
+    const before = await socketCounts();
+    assert.deepEqual(before, [0, 0], 'no client yet');
+    const clients = [];
+    // Four of each, one at a time, in turns (v2 v4 v4 v2 ...): new clients
+    // still go round-robin, so each kind has clients on both instances.
+    for (let i = 0; i < 4; i++) {
+      const kinds = [['v2', () => new V2Client(url, { transports: ['polling'], name: `no cookies ${i}` })],
+        ['v4', () => new Client(url, { transports: ['polling'], name: `v4 no cookies ${i}`, withCredentials: false })]];
+      for (const [kind, make] of i % 2 ? kinds.reverse() : kinds) {
+        const previous = await socketCounts();
+        const c = make();
+        closeLater.push(c);
+        await c.connect();
+        const counts = await waitFor(() => `the frontends to count ${c.name}`, async () => {
+          const now = await socketCounts();
+          return now[0] + now[1] === clients.length + 1 ? now : null;
+        });
+        c.frontend = counts.findIndex((k, j) => k > previous[j]);
+        c.kind = kind;
+        clients.push(c);
       }
-      for (const kind of ['v2', 'v4']) {
-        assert.deepEqual([...new Set(clients.filter((c) => c.kind === kind).map((c) => c.frontend))].sort(), [0, 1],
-          `${kind} clients on both instances: ${JSON.stringify(clients.map((c) => [c.name, c.frontend]))}`);
-      }
-      for (const c of clients.filter((x) => x.kind === 'v4')) assert.equal(c.stickyCookie, undefined, `${c.name} keeps no cookie`);
-      for (const c of clients) assert.deepEqual(await c.join(room), { ok: true }, c.name);
-      // Many polls each: every message is one more answered poll and a new one.
-      const stored = [];
-      for (let i = 0; i < 20; i++) {
-        stored.push(...await post(room, [`no cookies ${i}`]));
-        await Promise.all(clients.map((c) => c.waitForMessage(`message ${i}`, (m) => m.id === stored.at(-1).id)));
-      }
-      for (const c of clients) {
-        assert.deepEqual(c.messages, stored, `${c.name}: every message, in order, once`);
-        assert.deepEqual(c.disconnects, [], `${c.name}: the session never failed`);
-        assert.equal(c.connectCount, 1, `${c.name}: on its first connection`);
-        assert.equal(c.transport, 'polling');
-      }
-      const after = await socketCounts();
-      assert.deepEqual(after.map((k, j) => k - before[j]), [0, 1].map((j) => clients.filter((c) => c.frontend === j).length),
-        'each instance still holds the clients it took');
-    }));
+    }
+    for (const kind of ['v2', 'v4']) {
+      assert.deepEqual([...new Set(clients.filter((c) => c.kind === kind).map((c) => c.frontend))].sort(), [0, 1],
+        `${kind} clients on both instances: ${JSON.stringify(clients.map((c) => [c.name, c.frontend]))}`);
+    }
+    for (const c of clients.filter((x) => x.kind === 'v4')) assert.equal(c.stickyCookie, undefined, `${c.name} keeps no cookie`);
+    for (const c of clients) assert.deepEqual(await c.join(room), { ok: true }, c.name);
+    // Many polls each: every message is one more answered poll and a new one.
+    const stored = [];
+    for (let i = 0; i < 20; i++) {
+      stored.push(...await post(room, [`no cookies ${i}`]));
+      await Promise.all(clients.map((c) => c.waitForMessage(`message ${i}`, (m) => m.id === stored.at(-1).id)));
+    }
+    for (const c of clients) {
+      assert.deepEqual(c.messages, stored, `${c.name}: every message, in order, once`);
+      assert.deepEqual(c.disconnects, [], `${c.name}: the session never failed`);
+      assert.equal(c.connectCount, 1, `${c.name}: on its first connection`);
+      assert.equal(c.transport, 'polling');
+    }
+    const after = await socketCounts();
+    assert.deepEqual(after.map((k, j) => k - before[j]), [0, 1].map((j) => clients.filter((c) => c.frontend === j).length),
+      'each instance still holds the clients it took');
+  }));
 });
 
 // A socket.io 2 websocket client that stops reading is let go as a v4 one
