@@ -28,6 +28,15 @@ function check(...files) {
   return { status: result.status, output: `${result.stdout}${result.stderr}` };
 }
 
+/** The lines of section `name` (e.g. 'backend chat_front') of `text`, trimmed, without comments and blank lines. */
+function section(text, name) {
+  const lines = text.split('\n');
+  const start = lines.findIndex((l) => l.trim() === name);
+  assert.ok(start >= 0, `${name} in ${HAPROXY_CFG}`);
+  const end = lines.findIndex((l, i) => i > start && /^[^\s#]/.test(l));
+  return lines.slice(start + 1, end < 0 ? undefined : end).map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
+}
+
 /** The entries of a pattern file: its lines without comments and blank lines. */
 function entries(file) {
   return fs.readFileSync(file, 'utf8').split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));
@@ -156,6 +165,22 @@ describe('etc/haproxy/chat-ha.cfg', () => {
     assert.ok(sections.includes('backend chat_back'), `sections: ${sections}`);
     assert.deepEqual(servers(packaged, 'chat_front'), []);
     assert.deepEqual(servers(packaged, 'chat_back'), []);
+  });
+
+  it('keeps a long-polling client on its instance by cookie, or by session id where it keeps no cookie; new clients round-robin', () => {
+    // What v2-clients.test.mjs shows working end to end, kept here as the
+    // lines that do it, so that an edit of the section sees what it must keep.
+    const lines = section(packaged, 'backend chat_front');
+    const has = (re, what) => assert.ok(lines.some((l) => re.test(l)), `backend chat_front: ${what}`);
+    has(/^balance roundrobin$/, 'new clients round-robin (not by source address)');
+    has(/^cookie chat_front insert indirect nocache httponly$/, 'the sticky cookie, inserted');
+    has(/^stick-table type string len \d+ size \S+ expire \S+$/, 'a table of session ids');
+    has(/^stick store-response "res\.body,field\(4,'\\"'\)" if \{ var\(txn\.polling_open\) -m bool \} \{ status 200 \}$/,
+      'the session id of a long-polling handshake\'s answer, stored');
+    has(/^stick match url_param\(sid\) if has_sid !has_cookie$/, 'a request with a sid and no cookie routed by it');
+    has(/^option redispatch$/, 'redispatch');
+    has(/^retry-on conn-failure empty-response$/, 'retry-on');
+    has(/^http-check send meth GET uri \/front\/status /, 'the health check');
   });
 
   it('is valid for haproxy -c, without a warning, with a global section', () => {

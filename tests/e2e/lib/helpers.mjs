@@ -166,10 +166,12 @@ function loopbackAgent() {
  *
  * `url` is http://DOMAIN:PORT (resolved to 127.0.0.1, so the Host header
  * names the domain, for polling and websocket alike) or a plain address.
- * withCredentials keeps HAProxy's sticky cookie across polling requests.
+ * withCredentials keeps HAProxy's sticky cookie across polling requests;
+ * `withCredentials: false` makes a client that keeps no cookies, as many
+ * mobile and server-side clients are.
  */
 export class Client {
-  constructor(url, { transports, name = url } = {}) {
+  constructor(url, { transports, name = url, withCredentials = true } = {}) {
     this.name = `${name}${transports ? ` [${transports.join(',')}]` : ''}`;
     this.agent = loopbackAgent();
     this.messages = [];
@@ -179,7 +181,7 @@ export class Client {
       path: '/front/socket.io',
       transports,
       agent: this.agent,
-      withCredentials: true,
+      withCredentials,
       reconnection: false,
       forceNew: true,
       timeout: 10_000,

@@ -960,3 +960,106 @@ impl Sessions for ClosingWith {
     }
     fn watch_backlog(&self, _sid: Sid) {}
 }
+
+/// The heartbeat of each protocol (chat-ha patch; see vendor/README.md).
+/// Engine.IO 4: the server pings, first one interval after the handshake,
+/// and the client answers. Engine.IO 3, the reverse: the client pings every
+/// interval, the server answers each ping with a pong and pings never.
+/// Either way a client that stops for longer than the protocol allows is
+/// closed, and one that keeps to it is not.
+#[cfg(test)]
+mod heartbeat_tests {
+    use std::sync::Mutex as StdMutex;
+
+    use http::Request;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(10);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    type Closed = Arc<StdMutex<Vec<DisconnectReason>>>;
+
+    /// A socket of `protocol` with its heartbeat running, and the reasons
+    /// it was closed for.
+    fn socket(protocol: ProtocolVersion) -> (Arc<Socket<()>>, Closed) {
+        let closed = Arc::new(StdMutex::new(Vec::new()));
+        let record = closed.clone();
+        let sessions = ClosingWith::sessions(
+            Box::new(move |_, reason| record.lock().unwrap().push(reason)),
+            EngineIoConfig::default(),
+        );
+        let socket = Arc::new(Socket::new(
+            protocol,
+            TransportType::Websocket,
+            sessions,
+            Request::<()>::default().into_parts().0,
+            false,
+        ));
+        socket.clone().spawn_heartbeat(INTERVAL, TIMEOUT);
+        (socket, closed)
+    }
+
+    /// Lets the clock reach `start + secs` (time is paused: it jumps), and
+    /// the heartbeat task run.
+    async fn at(start: Instant, secs: f64) {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(secs)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The packets the server queued for the client since the last look, as text.
+    fn sent(socket: &Socket<()>) -> Vec<String> {
+        let mut rx = socket.internal_rx.try_lock().unwrap();
+        let mut packets = Vec::new();
+        while let Ok(batch) = rx.buffered_rx.try_recv() {
+            packets.extend(batch.into_iter().map(String::from));
+        }
+        packets
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn engine_io_4_the_server_pings_one_interval_after_the_handshake() {
+        let (socket, closed) = socket(ProtocolVersion::V4);
+        let start = Instant::now();
+        at(start, 9.9).await;
+        assert_eq!(sent(&socket), Vec::<String>::new(), "no ping before one interval");
+        at(start, 10.0).await;
+        assert_eq!(sent(&socket), ["2"], "the first ping");
+        socket.heartbeat.notify_one(); // the client's pong
+        at(start, 20.0).await;
+        assert_eq!(sent(&socket), ["2"], "the second ping, one interval later");
+        at(start, 24.9).await;
+        assert!(closed.lock().unwrap().is_empty(), "still within the timeout");
+        at(start, 25.1).await;
+        assert_eq!(*closed.lock().unwrap(), [DisconnectReason::HeartbeatTimeout]);
+    }
+
+    #[cfg(feature = "v3")]
+    #[tokio::test(start_paused = true)]
+    async fn engine_io_3_the_server_answers_pings_and_never_pings() {
+        let (socket, closed) = socket(ProtocolVersion::V3);
+        let start = Instant::now();
+        // A client that pings every interval, for a while: each ping is
+        // answered with a pong, and nothing else is sent.
+        for round in 1..=5 {
+            let ping_at = 10.0 * f64::from(round);
+            at(start, ping_at - 0.1).await;
+            let unasked = sent(&socket);
+            assert!(unasked.is_empty(), "round {round}: sent unasked: {unasked:?}");
+            at(start, ping_at).await;
+            socket.heartbeat.notify_one(); // the client's ping
+            at(start, ping_at + 0.01).await;
+            assert_eq!(sent(&socket), ["3"], "round {round}: the pong");
+        }
+        assert!(closed.lock().unwrap().is_empty(), "a client that pings stays");
+        // Then it stops: closed once interval + timeout pass without a ping.
+        at(start, 50.0 + 14.9).await;
+        let within = closed.lock().unwrap().is_empty();
+        assert!(within, "still within interval + timeout");
+        at(start, 50.0 + 15.1).await;
+        assert_eq!(*closed.lock().unwrap(), [DisconnectReason::HeartbeatTimeout]);
+    }
+}

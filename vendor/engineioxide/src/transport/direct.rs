@@ -639,8 +639,17 @@ mod tests {
         server: TcpStream,
         guard: impl Any + Send + Sync,
     ) -> (Arc<Socket<()>>, Arc<TcpStream>, tokio::task::JoinHandle<()>) {
+        session_speaking(ProtocolVersion::V4, server, guard).await
+    }
+
+    /// [`session`] for a client of Engine.IO protocol `protocol`.
+    async fn session_speaking(
+        protocol: ProtocolVersion,
+        server: TcpStream,
+        guard: impl Any + Send + Sync,
+    ) -> (Arc<Socket<()>>, Arc<TcpStream>, tokio::task::JoinHandle<()>) {
         let socket = Arc::new(Socket::new(
-            ProtocolVersion::V4,
+            protocol,
             TransportType::Websocket,
             ClosingWith::sessions(Box::new(|_, _| ()), EngineIoConfig::default()),
             Request::<()>::default().into_parts().0,
@@ -885,6 +894,46 @@ mod tests {
                 .unwrap_or_else(|_| panic!("message {i} should arrive"))
                 .expect("the connection should stay open");
             assert!(&got == want, "message {i} out of order or altered");
+        }
+    }
+
+    /// What a client of each Engine.IO protocol reads from the direct
+    /// writer. Protocols 3 and 4 frame a message (packet type 4, then the
+    /// text) and control packets (the pong with which a protocol 3 server
+    /// answers its client's ping) alike, so a message framed once
+    /// ([`SharedMessage`]) serves both, written directly or queued behind
+    /// the channel; binary data differs: protocol 3 puts the packet type
+    /// (the byte 4) before the data in a binary frame, 4 sends the data
+    /// alone.
+    #[cfg(feature = "v3")]
+    #[tokio::test]
+    async fn each_protocol_reads_its_own_framing() {
+        for protocol in [ProtocolVersion::V3, ProtocolVersion::V4] {
+            let (server, client) = tcp_pair().await;
+            let (socket, _stream, _writer) = session_speaking(protocol, server, ()).await;
+            let mut client = ws_client(client).await;
+            socket.emit_shared(&shared("direct"), usize::MAX).unwrap();
+            socket.send(Packet::Pong).unwrap();
+            socket.emit_binary(Bytes::from_static(&[1, 2, 3])).unwrap();
+            // Behind the binary packet if the writer has not taken it yet.
+            socket
+                .emit_shared(&shared("after \u{1d54a}"), usize::MAX)
+                .unwrap();
+            let binary = match protocol {
+                ProtocolVersion::V3 => vec![4, 1, 2, 3],
+                ProtocolVersion::V4 => vec![1, 2, 3],
+            };
+            let expected = [
+                Message::text("4direct"),
+                Message::text("3"),
+                Message::binary(binary),
+                Message::text("4after \u{1d54a}"),
+            ];
+            for (i, want) in expected.into_iter().enumerate() {
+                let got = next_message(&mut client).await;
+                assert_eq!(got, want, "protocol {protocol}, message {i}");
+            }
+            until("nothing waits for the client", || socket.queued_bytes() == 0).await;
         }
     }
 
