@@ -4,14 +4,15 @@
 //! library's own validation:
 //!
 //! - `frontend.max_queued_bytes` is at least 64 KiB;
-//! - `redis.url` holds no password, neither as a URL's password
-//!   (`redis://user:password@host`) nor as the `pass` of a socket URL
-//!   (`unix:///path?pass=...`): the file is readable by everyone on the host.
+//! - no Redis URL (`redis.url`, or each of `redis.sentinels`) holds a
+//!   password, neither as a URL's password (`redis://user:password@host`)
+//!   nor as the `pass` of a socket URL (`unix:///path?pass=...`): the file
+//!   is readable by everyone on the host.
 #![no_main]
 
 use std::path::Path;
 
-use chat_ha::config::Config;
+use chat_ha::config::{Config, RedisMode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,11 +24,18 @@ fuzz_target!(|data: &[u8]| {
         Ok(config) => {
             let queued = config.frontend.max_queued_bytes.get();
             assert!(queued >= 64 * 1024, "max_queued_bytes {queued} accepted");
-            let url = config.redis.url.as_str();
-            assert!(
-                !holds_password(url),
-                "a Redis URL with a password accepted: {url}"
-            );
+            let urls: Vec<&str> = match &config.redis.mode {
+                RedisMode::Single(url) => vec![url.as_str()],
+                RedisMode::Sentinel(sentinel) => {
+                    sentinel.sentinels.iter().map(|url| url.as_str()).collect()
+                }
+            };
+            for url in urls {
+                assert!(
+                    !holds_password(url),
+                    "a Redis URL with a password accepted: {url}"
+                );
+            }
         }
     }
 });
