@@ -176,8 +176,9 @@ export class Client {
     this.agent = loopbackAgent();
     this.messages = [];
     this.disconnects = [];
+    this.connectErrors = [];
     this.connectCount = 0;
-    this.socket = io(url, {
+    this.socket = this.openSocket(url, {
       path: '/front/socket.io',
       transports,
       agent: this.agent,
@@ -189,12 +190,18 @@ export class Client {
     this.socket.on('message', (m) => this.messages.push(m));
     this.socket.on('disconnect', (reason) => this.disconnects.push(reason));
     this.socket.on('connect', () => { this.connectCount += 1; });
+    this.socket.on('connect_error', (e) => this.connectErrors.push(connectErrorText(e)));
     this.connected = new Promise((resolve, reject) => {
       this.socket.once('connect', resolve);
-      this.socket.once('connect_error', (e) => reject(new Error(`${this.name}: cannot connect: ${e.message} ${e.description?.message ?? e.description ?? ''}`)));
+      this.socket.once('connect_error', (e) => reject(new Error(`${this.name}: cannot connect: ${connectErrorText(e)}`)));
     });
     // Reported by the promise above; keeps an unawaited one from crashing the run.
     this.connected.catch(() => {});
+  }
+
+  /** The socket.io connection to `url` with `options` (a subclass opens another client's). */
+  openSocket(url, options) {
+    return io(url, options);
   }
 
   /** Resolves once connected (fails after `timeoutMs`). */
@@ -223,7 +230,7 @@ export class Client {
 
   /** Waits until the client has received a message satisfying `match`. */
   waitForMessage(what, match, timeoutMs = 10_000) {
-    return waitFor(() => `${this.name} to receive ${what} (received: ${JSON.stringify(this.messages.map((m) => m.message.slice(0, 80)))})`,
+    return waitFor(() => `${this.name} to receive ${what} (received: ${JSON.stringify(this.messages.map((m) => m.message.slice(0, 80)))}, disconnects: ${JSON.stringify(this.disconnects)})`,
       () => this.messages.find(match), { timeoutMs, intervalMs: 20 });
   }
 
@@ -231,6 +238,11 @@ export class Client {
     this.socket.close();
     this.agent.destroy();
   }
+}
+
+/** What a socket.io client's `connect_error` says, for a test's failure message. */
+function connectErrorText(e) {
+  return `${e?.message ?? e} ${e?.description?.message ?? e?.description ?? ''}`.trim();
 }
 
 /** Connects `clients` all at once; resolves when every one is connected. */
@@ -315,7 +327,7 @@ export class ResumingClient {
     this.socket?.close();
     this.sockets += 1;
     this.url = url;
-    const socket = io(url, {
+    const socket = this.openSocket(url, {
       path: '/front/socket.io',
       transports,
       agent: this.agent,
@@ -331,7 +343,7 @@ export class ResumingClient {
       this.join(socket);
     });
     socket.on('message', (m) => this.receive(m));
-    socket.on('connect_error', (e) => this.connectErrors.push(`${e.message} ${e.description?.message ?? e.description ?? ''}`.trim()));
+    socket.on('connect_error', (e) => this.connectErrors.push(connectErrorText(e)));
     socket.on('disconnect', (reason) => {
       this.disconnects.push(reason);
       if (reconnection && reason === 'io server disconnect') {
@@ -341,9 +353,19 @@ export class ResumingClient {
     return this;
   }
 
+  /** The socket.io connection to `url` with `options` (a subclass opens another client's). */
+  openSocket(url, options) {
+    return io(url, options);
+  }
+
+  /** Emits `room` with `payload`; `answered(err, answer)` once, err when no answer came within joinTimeoutMs. */
+  emitJoin(socket, payload, answered) {
+    socket.timeout(this.joinTimeoutMs).emit('room', payload, answered);
+  }
+
   join(socket) {
     const payload = this.lastId === null ? this.room : { room: this.room, since: this.lastId };
-    socket.timeout(this.joinTimeoutMs).emit('room', payload, (err, answer) => {
+    this.emitJoin(socket, payload, (err, answer) => {
       if (this.socket !== socket || !socket.connected) return;
       if (err) {
         this.join(socket); // no answer in time: ask again on this connection

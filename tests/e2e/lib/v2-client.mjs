@@ -10,11 +10,15 @@
 
 import ioV2 from 'socket.io-client-v2';
 
-import { ResumingClient, resolvingAgent, waitFor, within } from './helpers.mjs';
+import { Client, ResumingClient, within } from './helpers.mjs';
 
-/** Options of a socket.io 2 connection, as the tests open them. */
-function v2Options({ transports, agent, reconnection = false }) {
-  return {
+/**
+ * The socket.io 2 connection for the options a helpers.mjs client opens
+ * with: its transports, agent and reconnection, in engine.io-client 3's
+ * terms (it has no cookie jar, so withCredentials means nothing to it).
+ */
+function openV2(url, { transports, agent, reconnection }) {
+  return ioV2(url, {
     path: '/front/socket.io',
     transports,
     agent,
@@ -22,46 +26,23 @@ function v2Options({ transports, agent, reconnection = false }) {
     reconnection,
     reconnectionDelayMax: 5000,
     timeout: 10_000,
-  };
+  });
 }
 
 /**
- * A socket.io 2 connection, recording what it receives: the same fields and
- * methods as helpers.mjs' Client (messages, disconnects, connectCount,
- * connect, join, waitForMessage, transport, close), and the pongs that
- * answered its pings.
+ * helpers.mjs' Client over a socket.io 2 connection (its name starts with
+ * "v2"), counting the pongs that answered its pings and telling the
+ * Engine.IO protocol of its session.
  */
-export class V2Client {
+export class V2Client extends Client {
   constructor(url, { transports, name = url } = {}) {
-    this.name = `v2 ${name}${transports ? ` [${transports.join(',')}]` : ''}`;
-    this.agent = resolvingAgent('127.0.0.1');
-    this.messages = [];
-    this.disconnects = [];
-    this.connectErrors = [];
-    this.connectCount = 0;
+    super(url, { transports, name: `v2 ${name}` });
     this.pongs = 0; // answers to the client's pings (Engine.IO 3: the client pings)
-    this.socket = ioV2(url, v2Options({ transports, agent: this.agent }));
     this.socket.on('pong', () => { this.pongs += 1; });
-    this.socket.on('message', (m) => this.messages.push(m));
-    this.socket.on('disconnect', (reason) => this.disconnects.push(reason));
-    this.socket.on('connect', () => { this.connectCount += 1; });
-    this.socket.on('connect_error', (e) => this.connectErrors.push(String(e?.message ?? e)));
-    this.connected = new Promise((resolve, reject) => {
-      this.socket.once('connect', resolve);
-      this.socket.once('connect_error', (e) => reject(new Error(`${this.name}: cannot connect: ${e?.message ?? e} ${e?.description ?? ''}`)));
-    });
-    this.connected.catch(() => {});
   }
 
-  /** Resolves once connected (fails after `timeoutMs`). */
-  async connect(timeoutMs = 10_000) {
-    await within(timeoutMs, `${this.name} to connect`, this.connected);
-    return this;
-  }
-
-  /** The transport in use now: 'polling' or 'websocket'. */
-  get transport() {
-    return this.socket.io.engine?.transport?.name;
+  openSocket(url, options) {
+    return openV2(url, options);
   }
 
   /** The Engine.IO protocol the session speaks, from the engine's query ('3'). */
@@ -69,18 +50,13 @@ export class V2Client {
     return String(this.socket.io.engine?.transport?.query?.EIO);
   }
 
-  /** Emits `room` with an ack; resolves to the ack's answer. */
+  /** Emits `room` with an ack; resolves to the ack's answer (socket.io 2 has no emitWithAck). */
   join(room, timeoutMs = 10_000) {
     return within(timeoutMs, `${this.name}: ack of room ${JSON.stringify(room)}`,
       new Promise((resolve) => this.socket.emit('room', room, resolve)));
   }
 
-  /** Waits until the client has received a message satisfying `match`. */
-  waitForMessage(what, match, timeoutMs = 10_000) {
-    return waitFor(() => `${this.name} to receive ${what} (received: ${JSON.stringify(this.messages.map((m) => m.message.slice(0, 80)))}, disconnects: ${JSON.stringify(this.disconnects)})`,
-      () => this.messages.find(match), { timeoutMs, intervalMs: 20 });
-  }
-
+  /** Closes the connection; the agent goes a moment later, so that a polling client's goodbye reaches the server. */
   close() {
     this.socket.close();
     setTimeout(() => this.agent.destroy(), 1000).unref();
@@ -93,47 +69,22 @@ export class V2Client {
  * when asked to; what it receives is recorded the same way.
  */
 export class V2ResumingClient extends ResumingClient {
-  open(url, { transports, reconnection = false } = {}) {
-    this.socket?.close();
-    this.sockets += 1;
-    this.url = url;
-    const socket = ioV2(url, v2Options({ transports, agent: this.agent, reconnection }));
-    this.socket = socket;
-    socket.on('connect', () => {
-      this.connectCount += 1;
-      this.join(socket);
-    });
-    socket.on('message', (m) => this.receive(m));
-    socket.on('connect_error', (e) => this.connectErrors.push(String(e?.message ?? e)));
-    socket.on('disconnect', (reason) => {
-      this.disconnects.push(reason);
-      if (reconnection && reason === 'io server disconnect') {
-        setTimeout(() => { if (this.socket === socket && !socket.connected) socket.connect(); }, 500);
-      }
-    });
-    return this;
+  openSocket(url, options) {
+    return openV2(url, options);
   }
 
-  join(socket) {
-    const payload = this.lastId === null ? this.room : { room: this.room, since: this.lastId };
-    // socket.io 2 has no timeout on an emit: a timer stands in for it.
-    let answered = false;
-    const timer = setTimeout(() => {
-      if (answered || this.socket !== socket || !socket.connected) return;
-      answered = true;
-      this.join(socket); // no answer in time: ask again on this connection
-    }, this.joinTimeoutMs);
+  /** socket.io 2 has no timeout on an emit: a timer stands in for it. */
+  emitJoin(socket, payload, answered) {
+    let done = false;
+    const once = (err, answer) => {
+      if (done) return;
+      done = true;
+      answered(err, answer);
+    };
+    const timer = setTimeout(() => once(new Error('no answer in time')), this.joinTimeoutMs);
     socket.emit('room', payload, (answer) => {
       clearTimeout(timer);
-      if (answered || this.socket !== socket || !socket.connected) return;
-      answered = true;
-      this.answers.push(answer);
-      if (answer?.ok) {
-        this.joined += 1;
-      } else if (/join again shortly/.test(answer?.error ?? '')) {
-        this.unavailable += 1;
-        setTimeout(() => { if (this.socket === socket && socket.connected) this.join(socket); }, this.retryMs);
-      }
+      once(null, answer);
     });
   }
 }
