@@ -365,20 +365,35 @@ impl PollingClient {
 async fn resume(frontend: &Daemon, room: &str, since: &str, until: &str) -> Vec<(String, String)> {
     let request = serde_json::json!({"room": room, "since": since});
     let (_client, mut messages) = PollingClient::join_with(frontend, &request).await;
+    receive_until(&mut messages, until)
+        .await
+        .unwrap_or_else(|got| {
+            panic!("a client resuming from {since} never got {until}; got {got:?}")
+        })
+}
+
+/// The messages a client receives up to the one with id `until`, `(id,
+/// text)` each; `Err` with those it got when `until` has not come within
+/// 30 s.
+async fn receive_until(
+    messages: &mut mpsc::UnboundedReceiver<Value>,
+    until: &str,
+) -> Result<Vec<(String, String)>, Vec<(String, String)>> {
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(message) = messages.recv().await {
             let id = message["id"].as_str().unwrap().to_owned();
             let done = id == until;
             got.push((id, message["message"].as_str().unwrap().to_owned()));
             if done {
-                break;
+                return true;
             }
         }
+        false
     })
     .await
-    .unwrap_or_else(|_| panic!("a client resuming from {since} never got {until}; got {got:?}"));
-    got
+    .unwrap_or(false);
+    if reached { Ok(got) } else { Err(got) }
 }
 
 /// What a stream of posts saw across a failover.
@@ -468,19 +483,9 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
     assert_eq!(status, 201, "{fence}");
     let fence_id = fence["id"].as_str().unwrap().to_owned();
 
-    let mut delivered: Vec<(String, String)> = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = messages.recv().await {
-            let id = message["id"].as_str().unwrap().to_owned();
-            let done = id == fence_id;
-            delivered.push((id, message["message"].as_str().unwrap().to_owned()));
-            if done {
-                break;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the fence never arrived; delivered {delivered:?}"));
+    let delivered = receive_until(&mut messages, &fence_id)
+        .await
+        .unwrap_or_else(|got| panic!("the fence never arrived; delivered {got:?}"));
 
     let mut times: HashMap<&str, usize> = HashMap::new();
     for (_, text) in &delivered {
