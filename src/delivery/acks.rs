@@ -29,8 +29,8 @@
 //! connection (remade after an error, or to a new primary) says nothing of
 //! it, so such a post gets 503.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -81,7 +81,9 @@ struct Round {
 /// Waits for replicas on behalf of the appends of one [`super::Store`].
 pub struct ReplicaAcks {
     shared: Arc<Shared>,
-    task: AbortHandle,
+    /// The task that sends `WAIT`, started by the first append: a store
+    /// that only reads (the frontend's) never runs it.
+    task: OnceLock<AbortHandle>,
 }
 
 struct Shared {
@@ -99,13 +101,16 @@ struct Shared {
 
 impl Drop for ReplicaAcks {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 }
 
 impl ReplicaAcks {
-    /// Starts the task that sends `WAIT` (needs a Tokio runtime).
-    pub fn start(primary: Primary, config: &RedisConfig, sentinel: &SentinelConfig) -> Self {
+    /// Ready to wait for replicas; the task that sends `WAIT` starts with
+    /// the first [`ReplicaAcks::confirm`].
+    pub fn new(primary: Primary, config: &RedisConfig, sentinel: &SentinelConfig) -> Self {
         let shared = Arc::new(Shared {
             primary,
             config: config.clone(),
@@ -117,8 +122,10 @@ impl ReplicaAcks {
             wake: Notify::new(),
             rounds: watch::Sender::new(Round::default()),
         });
-        let task = tokio::spawn(shared.clone().send_waits()).abort_handle();
-        ReplicaAcks { shared, task }
+        ReplicaAcks {
+            shared,
+            task: OnceLock::new(),
+        }
     }
 
     /// How long a `WAIT` may take.
@@ -144,6 +151,8 @@ impl ReplicaAcks {
     /// before this call, or why they do not.
     pub async fn confirm(&self, id: u64) -> Result<(), AckError> {
         let shared = &self.shared;
+        self.task
+            .get_or_init(|| tokio::spawn(shared.clone().send_waits()).abort_handle());
         let ticket = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rounds = shared.rounds.subscribe();
         shared.wake.notify_one();

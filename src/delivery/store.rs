@@ -218,13 +218,14 @@ impl Store {
     /// 503, while Redis is down; the connection is made on first use and
     /// remade in the background after it is lost. It records whether Redis
     /// answers in a health of its own ([`Store::health_handle`]). In Sentinel
-    /// mode it follows the primary itself (see [`Store::with_primary`]).
+    /// mode it follows the primary itself (see [`Store::with_primary`]), with
+    /// tasks of its own, so it then needs a Tokio runtime.
     pub fn new(config: &Config) -> Result<Self, StoreError> {
         Self::with_primary(config, Primary::new(&config.redis))
     }
 
     /// The same, following `primary`, which may be shared with a
-    /// [`super::Feed`]. Needs a Tokio runtime in Sentinel mode.
+    /// [`super::Feed`].
     pub fn with_primary(config: &Config, primary: Primary) -> Result<Self, StoreError> {
         let redis = &config.redis;
         let manager_config = ConnectionManagerConfig::new()
@@ -241,7 +242,7 @@ impl Store {
             }
             RedisMode::Sentinel(sentinel) => {
                 let acks = (sentinel.min_replicas_acked > 0)
-                    .then(|| ReplicaAcks::start(primary.clone(), redis, sentinel));
+                    .then(|| ReplicaAcks::new(primary.clone(), redis, sentinel));
                 let link = Link::Following {
                     primary,
                     manager_config,
