@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Builds (once) the vagrant-lxc box the rig's machines boot, a Debian 12 root
 # with systemd, sshd and sudo, and the .debs of the Debian packages the
-# chat-ha packages depend on (haproxy, redis-server and their libraries),
-# which the machines, having no route to a mirror, install from files.
+# rig's machines install besides the chat-ha packages (haproxy, keepalived,
+# redis-server, redis-sentinel and their libraries), which the machines,
+# having no route to a mirror, install from files.
 # Registers the box with Vagrant when it is not.
 #
 #   tests/rig/box.sh
 #
 # Cache (kept between runs): $CHAT_HA_RIG_CACHE, default /var/cache/chat-ha-rig
-#   bookworm-lxc-rN.box   the box file        deps-rN/{haproxy,redis}/*.deb
+#   bookworm-lxc-rN.box   the box file
+#   deps-rN/{haproxy,keepalived,redis,redis-sentinel}/*.deb
 # Rebuilt only when missing or when the recipe below changes. Needs root,
 # debootstrap and the Debian mirror for a build; nothing for a cached box.
 set -euo pipefail
@@ -17,10 +19,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
 
 # Bump to rebuild the cache when the recipe below changes.
-recipe=1
+recipe=2
 box_file=$RIG_CACHE/bookworm-lxc-r$recipe.box
 deps=$RIG_CACHE/deps-r$recipe
 include=systemd,systemd-sysv,dbus,iproute2,procps,openssh-server,sudo,curl,socat,less
+# Each into deps-rN/NAME (redis-server into redis), with its dependencies.
+dep_packages=(haproxy keepalived redis-server redis-sentinel)
 vagrant_key=/usr/share/rubygems-integration/all/gems/vagrant-2.3.4/keys/vagrant.pub
 
 host_mirror() {
@@ -49,13 +53,13 @@ build() {
     debootstrap --variant=minbase --include="$include" bookworm "$root" "$mirror" \
         >"$RIG_CACHE/debootstrap.log" 2>&1 || { tail -20 "$RIG_CACHE/debootstrap.log" >&2; die "debootstrap failed"; }
 
-    log "downloading haproxy, redis-server and their dependencies"
+    log "downloading ${dep_packages[*]} and their dependencies"
     printf 'deb %s bookworm main\n' "$mirror" >"$root/etc/apt/sources.list"
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     chroot "$root" apt-get clean
     chroot "$root" apt-get update -qq
     mkdir -p "$work/deps"
-    for p in haproxy redis-server; do
+    for p in "${dep_packages[@]}"; do
         chroot "$root" env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -qq --download-only --no-install-recommends "$p" >/dev/null
         mkdir -p "$work/deps/${p%-server}"
@@ -115,7 +119,11 @@ EOF
 }
 
 rebuilt=no
-if [ ! -s "$box_file" ] || [ ! -d "$deps/haproxy" ] || [ ! -d "$deps/redis" ]; then
+deps_complete() {
+    local p
+    for p in "${dep_packages[@]}"; do [ -d "$deps/${p%-server}" ] || return 1; done
+}
+if [ ! -s "$box_file" ] || ! deps_complete; then
     build
     rebuilt=yes
 fi

@@ -16,7 +16,7 @@ RIG_MGMT_BRIDGE=chatha0
 RIG_MGMT_NET=${CHAT_HA_RIG_MGMT_NET:-10.78.0}
 RIG_BRIDGE=chatha1
 RIG_NET=${CHAT_HA_RIG_NET:-10.78.1}
-RIG_MACHINES="redis back1 back2 front1 front2 lb"
+RIG_MACHINES="redis1 redis2 redis3 back1 back2 front1 front2 lb1 lb2"
 
 # Vagrant keeps its machine state under target/rig, not in the tree.
 export VAGRANT_DOTFILE_PATH=$RIG_STATE/vagrant

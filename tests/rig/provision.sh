@@ -8,19 +8,28 @@
 #   DEPS       folder of pre-downloaded dependency .debs, DEPS/haproxy and
 #              DEPS/redis; when missing, apt fetches them from the mirror
 #   ADDRESS    this machine's address on the rig network
-#   REDIS      the Redis host's address
-#   LB         the load balancer's address: the one address (with loopback)
+#   REDIS_HOSTS  the redis machines' addresses: each runs Redis and Sentinel
+#   REDIS_PRIMARY  the one whose Redis is the primary at the start
+#   LBS        the load balancers' addresses: the addresses (with loopback)
 #              the instances admit
+#   FLOATING_ADDRESS  the address keepalived gives one load balancer
+#   PRIORITY   on lb: its VRRP priority (the higher one takes the floating
+#              address first)
 #   REDIS_PASSWORD_FILE  the rig's Redis password (made once per rig on the
 #              host, see the Vagrantfile): installed as
-#              /etc/chat-ha/redis-password on the redis machine and every
+#              /etc/chat-ha/redis-password on the redis machines and every
 #              frontend and backend host, before the packages
+#   REDIS_ADMIN_PASSWORD_FILE  the rig's Redis admin password: installed as
+#              /etc/redis/admin-password on the redis machines, before the
+#              packages; replicas and Sentinels log in with it
 #   FRONTENDS, BACKENDS   the frontend and backend hosts' addresses
 #   INSTANCES  instances per frontend or backend host
 #   ADDRESS_LIMIT  on lb: every limit per client address of HAProxy
-#              (CHAT_HA_POSTS_PER_10S and the others; empty: as packaged)
+#              (CHAT_HA_POSTS_PER_10S and the others), on frontend hosts:
+#              the history replayed per client address
+#              (frontend.replay_per_second, replay_burst); empty: as packaged
 set -euo pipefail
-: "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS:?}" "${LB:?}" "${INSTANCES:=2}"
+: "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS_HOSTS:?}" "${REDIS_PRIMARY:?}" "${LBS:?}" "${INSTANCES:=2}"
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 say() { echo "provision $ROLE: $*"; }
@@ -85,17 +94,30 @@ install_password() {
     install -m 600 "$REDIS_PASSWORD_FILE" /etc/chat-ha/redis-password
 }
 
-# Points the daemons at Redis, has them listen on this machine's rig address
-# and admit only the load balancer (and loopback); keeps only INSTANCES
-# instances per host.
+# Points the daemons at the Sentinels of the redis machines, has them
+# listen on this machine's rig address and admit only the load balancers
+# (and loopback); keeps only INSTANCES instances per host.
 configure_daemons() {
-    local daemon=$1 n base=9100 toml=/etc/chat-ha/chat-ha.toml
+    local daemon=$1 n base=9100 toml=/etc/chat-ha/chat-ha.toml sentinels allow host
     [ "$daemon" = frontend ] || base=9200
-    sed -i -e "s|^url = \".*\"|url = \"redis://$REDIS:6379/0\"|" \
+    sentinels=$(for host in $REDIS_HOSTS; do printf '"redis://%s:26379", ' "$host"; done)
+    allow=$(for host in $LBS; do printf '"%s/32", ' "$host"; done)
+    sed -i -e "s|^url = \".*\"|# url: the Sentinels below|" \
+        -e "s|^# sentinels = .*|sentinels = [${sentinels%, }]|" \
+        -e 's|^# sentinel_master = .*|sentinel_master = "chat-ha"|' \
         -e "s|^listen = \"127.0.0.1:$base\"|listen = \"$ADDRESS:$base\"|" \
-        -e "s|^allow = .*|allow = [\"$LB/32\", \"127.0.0.0/8\", \"::1/128\"]|" "$toml"
-    grep -q "^url = \"redis://$REDIS:6379/0\"" "$toml" || die "redis.url not set in $toml"
-    [ "$("/usr/bin/chat-$daemon" --print-network | tr '\n' ' ')" = "address $ADDRESS port $base allow $LB/32 127.0.0.0/8 ::1/128 " ] \
+        -e "s|^allow = .*|allow = [$allow\"127.0.0.0/8\", \"::1/128\"]|" "$toml"
+    grep -q '^sentinel_master = "chat-ha"' "$toml" || die "redis.sentinels not set in $toml"
+    # The history replayed per client address, like HAProxy's limits on lb:
+    # every test client of the rig comes from one address, the host's.
+    if [ "$daemon" = frontend ] && [ -n "${ADDRESS_LIMIT:-}" ]; then
+        sed -i -e "s|^replay_per_second = .*|replay_per_second = $ADDRESS_LIMIT|" \
+            -e "s|^replay_burst = .*|replay_burst = $ADDRESS_LIMIT|" "$toml"
+    fi
+    "/usr/bin/chat-$daemon" --check-config >/dev/null || die "chat-$daemon --check-config rejects $toml"
+    local want
+    want="address $ADDRESS port $base allow $(for host in $LBS; do printf '%s/32 ' "$host"; done)127.0.0.0/8 ::1/128 "
+    [ "$("/usr/bin/chat-$daemon" --print-network | tr '\n' ' ')" = "$want" ] \
         || die "chat-$daemon --print-network: $("/usr/bin/chat-$daemon" --print-network | tr '\n' ' ')"
     for ((n = INSTANCES; n < $(nproc); n++)); do
         systemctl mask --now "chat-$daemon@$n.socket" "chat-$daemon@$n.service" >/dev/null 2>&1
@@ -107,11 +129,38 @@ configure_daemons() {
         wait_for 20 systemctl is-active --quiet "chat-$daemon@$n.socket" "chat-$daemon@$n.service" \
             || die "chat-$daemon@$n is not active: $(systemctl is-active "chat-$daemon@$n.service")"
         # From loopback, which the instances admit (this machine's own rig
-        # address is not the load balancer's).
+        # address is not a load balancer's).
         wait_for 20 curl -sf -o /dev/null --interface 127.0.0.1 "http://$ADDRESS:$((base + n))/${daemon%end}/status" \
             || die "http://$ADDRESS:$((base + n))/${daemon%end}/status does not answer"
     done
-    say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LB, Redis at $REDIS"
+    say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LBS, Sentinels on $REDIS_HOSTS"
+}
+
+# keepalived from the example chat-haproxy ships: this machine's priority
+# and address, the other load balancers as peers, the floating address.
+configure_keepalived() {
+    local example=/usr/share/doc/chat-haproxy/examples/keepalived.conf.example conf=/etc/keepalived/keepalived.conf peers host
+    [ -f "$example" ] || die "$example is missing"
+    : "${FLOATING_ADDRESS:?}" "${PRIORITY:?}"
+    # One line per peer, joined by sed's \n.
+    peers=$(for host in $LBS; do [ "$host" = "$ADDRESS" ] || printf '        %s\\n' "$host"; done)
+    mkdir -p /etc/keepalived
+    sed -e "s|^    priority .*|    priority $PRIORITY|" \
+        -e "s|^    unicast_src_ip .*|    unicast_src_ip $ADDRESS|" \
+        -e "s|^        10.0.0.6\$|${peers%\\n}|" \
+        -e "s|^        10.0.0.10/24 dev eth1|        $FLOATING_ADDRESS/24 dev eth1|" \
+        "$example" >"$conf"
+    grep -q "^    unicast_src_ip $ADDRESS\$" "$conf" && grep -q "^        $FLOATING_ADDRESS/24 dev eth1\$" "$conf" \
+        || die "could not write $conf"
+    local started
+    started=$(date +%s)
+    systemctl enable --quiet keepalived.service
+    systemctl restart keepalived.service
+    # Running, with its health check passing: a backup, or the master.
+    vrrp_state() { journalctl -q --no-pager -u keepalived.service -o cat --since=@"$started" | grep -o 'Entering [A-Z]* STATE' | tail -1; }
+    wait_for 15 sh -c 'systemctl is-active --quiet keepalived.service && journalctl -q --no-pager -u keepalived.service -o cat --since=@'"$started"' | grep -Eq "Entering (BACKUP|MASTER) STATE"' \
+        || die "keepalived did not start: $(systemctl is-active keepalived.service); $(journalctl -q --no-pager -u keepalived.service -o cat -n 10 | tr '\n' ' ')"
+    say "keepalived: priority $PRIORITY, peers $(echo "$peers" | tr -d ' ' | sed 's/\\n/ /g'), $(vrrp_state | tr 'A-Z' 'a-z')"
 }
 
 # curl (checks below) and socat (HAProxy's stats socket): in the lxc box;
@@ -128,19 +177,72 @@ fi
 case $ROLE in
 redis)
     install_password
+    # One admin password on every redis machine: replicas log in to the
+    # primary with it, and Sentinels to each server.
+    [ -s "${REDIS_ADMIN_PASSWORD_FILE:?}" ] || die "no Redis admin password in $REDIS_ADMIN_PASSWORD_FILE"
+    install -d -m 755 /etc/redis
+    install -m 600 "$REDIS_ADMIN_PASSWORD_FILE" /etc/redis/admin-password
     install_debs redis redis-server "$(deb_of chat-redis)"
+    install_debs redis-sentinel redis-sentinel
+    admin_password=$(cat /etc/redis/admin-password)
     # Debian's redis.conf, which chat-redis's /etc/redis/chat-ha.conf
-    # includes: listen on the rig address too, protected mode stays on.
+    # includes: listen on the rig address too, protected mode stays on; the
+    # replication settings chat-redis ships, and (on a replica) the primary
+    # at the start.
     conf=/etc/redis/redis.conf
-    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' "$conf"
+    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' \
+        -e '/^# chat-ha rig: begin/,/^# chat-ha rig: end/d' "$conf"
     grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
+    {
+        echo '# chat-ha rig: begin'
+        echo 'include /etc/redis/chat-ha-sentinel-replica.conf'
+        echo 'masteruser admin'
+        echo "masterauth $admin_password"
+        echo "replica-announce-ip $ADDRESS"
+        [ "$ADDRESS" = "$REDIS_PRIMARY" ] || echo "replicaof $REDIS_PRIMARY 6379"
+        echo '# chat-ha rig: end'
+    } >>"$conf"
+    # Sentinel: the example chat-redis ships, with this rig's addresses. A
+    # primary that does not answer for 1 s is down (the example's 5 s would
+    # not fit the drills' target of posting again within 5 s).
+    example=/usr/share/doc/chat-redis/examples/sentinel-chat-ha.conf.example
+    [ -f "$example" ] || die "$example is missing"
+    sentinel=/etc/redis/sentinel.conf
+    sed -e "s|^sentinel monitor chat-ha .*|sentinel monitor chat-ha $REDIS_PRIMARY 6379 2|" \
+        -e "s|^# bind .*|bind 127.0.0.1 $ADDRESS|" \
+        -e "s|^# sentinel announce-ip .*|sentinel announce-ip $ADDRESS|" \
+        -e 's|^# sentinel auth-user .*|sentinel auth-user chat-ha admin|' \
+        -e "s|^# sentinel auth-pass .*|sentinel auth-pass chat-ha $admin_password|" \
+        -e 's|^sentinel down-after-milliseconds chat-ha .*|sentinel down-after-milliseconds chat-ha 1000|' \
+        -e 's|^sentinel failover-timeout chat-ha .*|sentinel failover-timeout chat-ha 10000|' \
+        "$example" >"$sentinel.new"
+    grep -q "^sentinel monitor chat-ha $REDIS_PRIMARY 6379 2\$" "$sentinel.new" || die "could not write $sentinel"
+    # Sentinel rewrites its file as it learns the others.
+    chown redis:redis "$sentinel.new" && chmod 640 "$sentinel.new" && mv "$sentinel.new" "$sentinel"
     systemctl daemon-reload
-    systemctl enable --quiet redis-server.service
-    systemctl restart redis-server.service
-    admin() { redis-cli --no-auth-warning --user admin --pass "$(cat /etc/redis/admin-password)" -h "$ADDRESS" "$@"; }
+    systemctl enable --quiet redis-server.service redis-sentinel.service
+    systemctl restart redis-server.service redis-sentinel.service
+    admin() { redis-cli --no-auth-warning --user admin --pass "$admin_password" -h "$ADDRESS" "$@"; }
     wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q NOAUTH" || die "Redis on $ADDRESS:6379 does not refuse anonymous commands"
     [ "$(admin ping)" = PONG ] || die "Redis does not let admin in"
-    say "redis-server (chat-redis) on $ADDRESS:6379, AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1)"
+    if [ "$ADDRESS" != "$REDIS_PRIMARY" ]; then
+        wait_for 30 sh -c "redis-cli --no-auth-warning --user admin --pass '$admin_password' -h $ADDRESS info replication | grep -q '^master_link_status:up'" \
+            || die "this replica does not replicate $REDIS_PRIMARY: $(admin info replication | tr '\r\n' '  ')"
+    fi
+    sentinel_says() { redis-cli -h "$ADDRESS" -p 26379 "$@"; }
+    wait_for 20 sh -c "redis-cli -h $ADDRESS -p 26379 sentinel get-master-addr-by-name chat-ha | grep -q '^$REDIS_PRIMARY\$'" \
+        || die "Sentinel on $ADDRESS:26379 does not name $REDIS_PRIMARY the primary: $(sentinel_says sentinel get-master-addr-by-name chat-ha | tr '\n' ' ')"
+    # The last redis machine: every Sentinel knows every other, and the
+    # replicas (a failover needs them).
+    others=$(($(echo "$REDIS_HOSTS" | wc -w) - 1))
+    if [ "$ADDRESS" = "$(echo "$REDIS_HOSTS" | awk '{print $NF}')" ]; then
+        sentinels_seen() { [ "$(sentinel_says sentinel sentinels chat-ha | grep -cx ip)" = "$others" ]; }
+        replicas_seen() { [ "$(sentinel_says sentinel replicas chat-ha | grep -cx ip)" = "$others" ]; }
+        wait_for 30 sentinels_seen || die "Sentinel on $ADDRESS knows $(sentinel_says sentinel sentinels chat-ha | grep -cx ip) other Sentinels, not $others"
+        wait_for 30 replicas_seen || die "Sentinel on $ADDRESS knows $(sentinel_says sentinel replicas chat-ha | grep -cx ip) replicas, not $others"
+        [ "$(sentinel_says sentinel ckquorum chat-ha | cut -d' ' -f1)" = OK ] || die "Sentinel quorum: $(sentinel_says sentinel ckquorum chat-ha)"
+    fi
+    say "redis-server (chat-redis) on $ADDRESS:6379 ($(admin role | head -1)), AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1); Sentinel on $ADDRESS:26379: primary $(sentinel_says sentinel get-master-addr-by-name chat-ha | head -1)"
     ;;
 frontend | backend)
     install_password
@@ -149,6 +251,7 @@ frontend | backend)
     ;;
 lb)
     install_debs haproxy haproxy "$(deb_of chat-haproxy)"
+    install_debs keepalived keepalived
     [ -x /usr/sbin/haproxy ] || die "haproxy is not installed"
     # The chat hosts, in place of the shipped list (this host's instances):
     # INSTANCES frontends from port 9100 on each frontend host, as many
@@ -205,6 +308,7 @@ lb)
         die "HAProxy does not have the $servers_listed servers of $list, all UP"
     }
     say "HAProxy on $ADDRESS:80, servers UP: $(chat_servers | cut -d' ' -f1 | tr '\n' ' ')"
+    configure_keepalived
     ;;
 *) die "unknown ROLE $ROLE" ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Boots the Vagrantfile's six machines (lb, front1, front2, back1, back2,
-# redis) as LXC containers, installs the chat-ha packages of target/debian
-# in them, and waits until every service answers through the load balancer.
+# Boots the Vagrantfile's nine machines (lb1, lb2, front1, front2, back1,
+# back2, redis1, redis2, redis3) as LXC containers, installs the chat-ha
+# packages of target/debian in them, and waits until every service answers
+# through the load balancers' floating address.
 # Idempotent: machines already up are left as they are.
 #
 #   tests/rig/up.sh            (make rig)
@@ -54,8 +55,10 @@ export CHAT_HA_RIG_DEBS=target/rig/pkgs
 box=$("$here/box.sh")
 recipe=${box##*-}
 deps=${box%/*}/deps-${recipe%.box}
-if [ ! -d "$deps/haproxy" ] || [ ! -d "$deps/redis" ]; then die "no dependency .debs in $deps"; fi
-for d in haproxy redis; do
+for d in haproxy keepalived redis redis-sentinel; do
+    [ -d "$deps/$d" ] || die "no dependency .debs in $deps/$d"
+done
+for d in haproxy keepalived redis redis-sentinel; do
     if ! diff -q <(cd "$deps/$d" && ls) <(cd "$RIG_STATE/debs/$d" 2>/dev/null && ls) >/dev/null; then
         rm -rf "$RIG_STATE/debs/$d" && mkdir -p "$RIG_STATE/debs" && cp -r "$deps/$d" "$RIG_STATE/debs/$d"
     fi
@@ -117,26 +120,29 @@ for host in www.node-services-1.com www.node-services-2.com; do
         [ $ok = yes ] || die "http://$lb$path (Host: $host) does not answer"
     done
 done
-# --- every instance reached Redis and logged in (the machines came up in
-# parallel: an instance that started before Redis reconnects with backoff).
-# Asked from lb: the instances admit no one else.
+# --- every instance reached the Redis primary and logged in (the machines
+# came up in parallel: an instance that started before Redis reconnects
+# with backoff). Asked from each load balancer: the instances admit no one
+# else.
 urls=
 for addr in $RIG_NET.11 $RIG_NET.12 $RIG_NET.21 $RIG_NET.22; do
     for n in 0 1; do
         case $addr in *.1[0-9]) urls="$urls http://$addr:$((9100 + n))/front/status" ;; *) urls="$urls http://$addr:$((9200 + n))/back/status" ;; esac
     done
 done
-# shellcheck disable=SC2016  # expanded on lb
-if ! rig_vagrant ssh lb -c 'for url in '"$urls"'; do
-        ok=no
-        for _ in $(seq 100); do
-            if curl -sf --max-time 2 "$url" | grep -q "\"redis\":\"up\""; then ok=yes; break; fi
-            sleep 0.2
-        done
-        [ $ok = yes ] || { echo "$url does not report Redis up: $(curl -s --max-time 2 "$url")"; exit 1; }
-    done' >"$RIG_STATE/redis-up.log" 2>&1; then
-    cat "$RIG_STATE/redis-up.log" >&2
-    die "not every instance reached Redis"
-fi
-log "up: load balancer http://$lb/ (Host: www.node-services-1.com or www.node-services-2.com)"
+for machine in lb1 lb2; do
+    # shellcheck disable=SC2016  # expanded on the machine
+    if ! rig_vagrant ssh "$machine" -c 'for url in '"$urls"'; do
+            ok=no
+            for _ in $(seq 100); do
+                if curl -sf --max-time 2 "$url" | grep -q "\"redis\":\"up\""; then ok=yes; break; fi
+                sleep 0.2
+            done
+            [ $ok = yes ] || { echo "$url does not report Redis up: $(curl -s --max-time 2 "$url")"; exit 1; }
+        done' >"$RIG_STATE/redis-up.log" 2>&1; then
+        cat "$RIG_STATE/redis-up.log" >&2
+        die "not every instance reached Redis (asked from $machine)"
+    fi
+done
+log "up: load balancers lb1, lb2 on the floating address http://$lb/ (Host: www.node-services-1.com or www.node-services-2.com)"
 log "machines: tests/rig/vagrant.sh ssh NAME   ($RIG_MACHINES)"

@@ -1,5 +1,6 @@
-// The network between front1 and Redis cut for 10 s (a blackhole route to
-// the Redis host inside front1; the box has iproute2, no iptables or nft)
+// The network between front1 and Redis cut for 10 s (blackhole routes to
+// the Redis hosts, Sentinels included, inside front1; the box has iproute2,
+// no iptables or nft)
 // while messages are posted all the time and clients of both transports are
 // connected to every frontend instance. During the cut front1's instances
 // report `degraded` (their feed notices within a few seconds) and keep their
@@ -11,13 +12,16 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  FRONT_INSTANCES, REDIS, Spreader, deliveryCounts, frontStatus, postStream, sleep, spreadOverAll, ssh,
+  FRONT_INSTANCES, REDIS_HOSTS, Spreader, deliveryCounts, frontStatus, postStream, sleep, spreadOverAll, ssh,
   waitFor, waitForServers,
 } from './lib/rig.mjs';
 
 const HOST = 'front1';
 const CUT_MS = 10_000;
-const ROUTE = `blackhole ${REDIS}/32`;
+const ROUTES = REDIS_HOSTS.map((r) => `blackhole ${r.ip}/32`);
+const addRoutes = () => ROUTES.map((r) => `sudo ip route add ${r}`).join(' && ');
+const deleteRoutes = () => ROUTES.map((r) => `sudo ip route del ${r} 2>/dev/null`).join('; ');
+const REDIS = REDIS_HOSTS.map((r) => r.name).join(', ');
 const ROOM = `system-netcut-${Date.now()}`;
 const CUT = FRONT_INSTANCES.filter((f) => f.host === HOST);
 const OTHERS = FRONT_INSTANCES.filter((f) => f.host !== HOST);
@@ -34,14 +38,14 @@ describe(`the network between ${HOST} and Redis (${REDIS}) cut for ${CUT_MS / 10
   let cut = false;
 
   after(async () => {
-    if (cut) await ssh(HOST, `sudo ip route del ${ROUTE}`).catch(() => {});
+    if (cut) await ssh(HOST, `${deleteRoutes()}; true`).catch(() => {});
     await poster?.stop();
     spread.close();
   });
 
   it(`${HOST} degraded meanwhile, no failed post; after healing nothing lost or repeated`, { timeout: 180_000 }, async (t) => {
     await waitForServers(Object.fromEntries(FRONT_INSTANCES.map((f) => [f.server, 'UP'])));
-    await ssh(HOST, `sudo ip route del ${ROUTE} 2>/dev/null || true`); // a previous run's, if it failed
+    await ssh(HOST, `${deleteRoutes()}; true`); // a previous run's, if it failed
     assert.deepEqual(Object.values(await statuses(FRONT_INSTANCES)), FRONT_INSTANCES.map(() => 'ok'), 'every frontend ok first');
 
     // Clients of both transports and domains on every instance.
@@ -54,11 +58,11 @@ describe(`the network between ${HOST} and Redis (${REDIS}) cut for ${CUT_MS / 10
     poster = postStream(ROOM, { intervalMs: 20 });
     await poster.acknowledgedMore(50);
     const since = (await ssh(HOST, 'date +%s.%N')).trim();
-    await ssh(HOST, `sudo ip route add ${ROUTE}`);
+    await ssh(HOST, addRoutes());
     cut = true;
     const cutAt = Date.now();
     const ackedAtCut = poster.acked.length;
-    t.diagnostic(`cut at ${new Date(cutAt).toISOString()}: ${(await ssh(HOST, `ip route show ${REDIS}/32`)).trim()}`);
+    t.diagnostic(`cut at ${new Date(cutAt).toISOString()}: ${(await ssh(HOST, 'ip route show type blackhole')).trim().replace(/\n/g, '; ')}`);
 
     // front1's instances notice; front2's do not.
     const degraded = await waitFor(`${HOST}'s instances to report degraded`, async () => {
@@ -78,7 +82,7 @@ describe(`the network between ${HOST} and Redis (${REDIS}) cut for ${CUT_MS / 10
     const ackedInCut = poster.acked.length - ackedAtCut;
     const failedInCut = poster.failed.length;
     const heldOn1 = Math.max(...cutOff.map((c) => c.messages.length));
-    await ssh(HOST, `sudo ip route del ${ROUTE}`);
+    await ssh(HOST, `${deleteRoutes()}; ip route show type blackhole`);
     cut = false;
     const healAt = Date.now();
     t.diagnostic(`healed after ${healAt - cutAt} ms: ${ackedInCut} posts acknowledged during the cut (${failedInCut} failed); `

@@ -1,7 +1,8 @@
 // Who may reach what. The instances listen on their host's rig address and
-// admit only lb (and loopback): from this host or another rig machine an
-// instance port gives no answer, from lb it does. /metrics is served on a
-// loopback port of its own, never through lb's public side. Redis answers
+// admit only the load balancers (and loopback): from this host or another
+// rig machine an instance port gives no answer, from lb1 and lb2 it does.
+// /metrics is served on a loopback port of its own, never through the load
+// balancers' public side. Redis answers
 // nobody anonymous; the daemons' user may not flush or reconfigure it.
 
 import { describe, it } from 'node:test';
@@ -9,7 +10,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 
 import {
-  BACK_HOSTS, DOMAIN_1, FRONT_HOSTS, INSTANCES, LB_URL, REDIS, getFromLb, request, ssh,
+  BACK_HOSTS, DOMAIN_1, FRONT_HOSTS, INSTANCES, LB_MACHINES, LB_URL, REDIS, getFromLb, request, ssh,
 } from './lib/rig.mjs';
 
 const FRONT1 = FRONT_HOSTS[0];
@@ -77,10 +78,13 @@ describe('access to the instances', () => {
     }
   });
 
-  it('answers lb', async () => {
-    const answers = await getFromLb([`http://${FRONT1.ip}:9100/front/status`, `http://${BACK1.ip}:9200/back/status`]);
-    assert.deepEqual(answers.map((a) => a.code), [200, 200]);
-  });
+  for (const m of LB_MACHINES) {
+    it(`answers ${m.name}`, async () => {
+      for (const url of [`http://${FRONT1.ip}:9100/front/status`, `http://${BACK1.ip}:9200/back/status`]) {
+        assert.equal(await curlFrom(m.name, url), '0 200', `${m.name} -> ${url}`);
+      }
+    });
+  }
 
   it('gives this host no answer', async (t) => {
     for (const [h, port, path] of [[FRONT1, 9100, '/front/status'], [BACK1, 9201, '/back/status']]) {
@@ -93,7 +97,7 @@ describe('access to the instances', () => {
 
   it('gives another rig machine no answer', async (t) => {
     for (const [from, to] of [[BACK1.name, `http://${FRONT1.ip}:9100/front/status`],
-      [FRONT1.name, `http://${BACK1.ip}:9200/back/status`], ['redis', `http://${FRONT_HOSTS[1].ip}:9101/front/status`]]) {
+      [FRONT1.name, `http://${BACK1.ip}:9200/back/status`], ['redis1', `http://${FRONT_HOSTS[1].ip}:9101/front/status`]]) {
       const got = await curlFrom(from, to);
       t.diagnostic(`${from} -> ${to}: curl exit and status ${got}`);
       assert.match(got, /^(28|52|56) 000$/, `${from} -> ${to}: ${got}`);
@@ -102,7 +106,7 @@ describe('access to the instances', () => {
 });
 
 describe('metrics', () => {
-  it('are not routed by lb', async () => {
+  it('are not routed by the load balancers', async () => {
     const res = await request(`${LB_URL}/metrics`, { host: DOMAIN_1 });
     assert.equal(res.status, 404);
   });
@@ -112,9 +116,9 @@ describe('metrics', () => {
     assert.deepEqual(answers.map((a) => a.code), [404, 404]);
   });
 
-  it('cannot be reached from lb on their own ports', async () => {
-    assert.equal(await curlFrom('lb', `http://${FRONT1.ip}:9300/metrics`), '7 000');
-    assert.equal(await curlFrom('lb', `http://${BACK1.ip}:9400/metrics`), '7 000');
+  it('cannot be reached from a load balancer on their own ports', async () => {
+    assert.equal(await curlFrom('lb1', `http://${FRONT1.ip}:9300/metrics`), '7 000');
+    assert.equal(await curlFrom('lb1', `http://${BACK1.ip}:9400/metrics`), '7 000');
   });
 
   it('are served on loopback, inside the host', async () => {
@@ -145,12 +149,12 @@ describe('Redis', () => {
   });
 
   it('the password is the same on every machine and in no journal', async () => {
-    const sums = await Promise.all(['redis', FRONT1.name, BACK1.name, 'lb'].map(async (m) => (
+    const sums = await Promise.all(['redis1', FRONT1.name, BACK1.name, 'lb1'].map(async (m) => (
       await ssh(m, 'sudo sh -c \'if [ -e /etc/chat-ha/redis-password ]; then sha256sum </etc/chat-ha/redis-password; '
         + 'journalctl -q --no-pager -o cat | grep -c -F -f /etc/chat-ha/redis-password || true; else echo none; fi\'')
     ).trim().split('\n')));
     const [redis, front, back, lb] = sums;
-    assert.deepEqual(lb, ['none'], 'lb has no Redis password');
+    assert.deepEqual(lb, ['none'], 'lb1 has no Redis password');
     assert.equal(front[0], redis[0]);
     assert.equal(back[0], redis[0]);
     for (const s of [redis, front, back]) assert.equal(s[1], '0', 'journal lines with the password');

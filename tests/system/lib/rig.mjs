@@ -1,15 +1,18 @@
 // What the system tests share: the rig's addresses (as in the Vagrantfile),
 // commands inside the machines (vagrant ssh), the frontends' status (asked
-// from lb: the instances admit no one else) and HAProxy's server states,
-// and socket.io-client connections made through the load balancer with a
-// demo domain as Host.
+// from a load balancer: the instances admit no one else) and HAProxy's
+// server states, and socket.io-client connections made through the
+// floating address with a demo domain as Host.
 
+import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+
+import { randomUUID } from 'node:crypto';
 
 import {
   DOMAIN_1, DOMAIN_2, Poster, compareIds, deliveryCounts, request, resolvingAgent, sleep, waitFor, within,
@@ -23,13 +26,20 @@ const { io } = createRequire(new URL('../../e2e/package.json', import.meta.url))
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 const NET = process.env.CHAT_HA_RIG_NET ?? '10.78.1';
 
-/** The load balancer (HAProxy on port 80). */
+/** The floating address keepalived gives one of the load balancers (HAProxy on port 80). */
 export const LB = `${NET}.10`;
 export const LB_URL = `http://${LB}`;
+/** The load balancers: lb1 holds the floating address at the start. */
+export const LB_MACHINES = [{ name: 'lb1', ip: `${NET}.8` }, { name: 'lb2', ip: `${NET}.9` }];
+/** The Redis hosts, each with Redis and a Sentinel; redis1 is the primary at the start. */
+export const REDIS_HOSTS = [{ name: 'redis1', ip: `${NET}.31` }, { name: 'redis2', ip: `${NET}.32` }, { name: 'redis3', ip: `${NET}.33` }];
+/** The Redis primary at the start. */
+export const REDIS = REDIS_HOSTS[0].ip;
+export const SENTINEL_PORT = 26379;
+export const SENTINEL_MASTER = 'chat-ha';
 /** Instances per frontend or backend host, on ports 9100+N and 9200+N. */
 export const INSTANCES = 2;
 export const FRONT_HOSTS = [{ name: 'front1', ip: `${NET}.11` }, { name: 'front2', ip: `${NET}.12` }];
-export const REDIS = `${NET}.30`;
 export const BACK_HOSTS = [{ name: 'back1', ip: `${NET}.21` }, { name: 'back2', ip: `${NET}.22` }];
 /** Every frontend instance, named as HAProxy's servers are: front1-0 ... */
 export const FRONT_INSTANCES = FRONT_HOSTS.flatMap((h, i) => Array.from({ length: INSTANCES }, (_, n) => ({
@@ -86,15 +96,28 @@ export async function ssh(name, command, { timeoutMs = 60_000 } = {}) {
   });
 }
 
+// The load balancer status is asked through and whose HAProxy is looked at:
+// lb1, until a test powers it off and names the other (useLb).
+let lbMachine = LB_MACHINES[0].name;
+/** Asks status and HAProxy's states through machine `name` from now on. */
+export function useLb(name) {
+  lbMachine = name;
+}
+/** The load balancer machine status is asked through. */
+export function currentLb() {
+  return lbMachine;
+}
+
 /**
- * GET each of `urls` (an instance's port) from lb, the one machine the
- * instances admit, in one ssh command: [{code, body}], code 0 for no answer.
+ * GET each of `urls` (an instance's port) from a load balancer, the only
+ * machines the instances admit, in one ssh command: [{code, body}], code 0
+ * for no answer.
  */
 export async function getFromLb(urls) {
   // Each answer on one line: "CODE BODY" (the status endpoints answer one line).
   const script = urls.map((u) => `printf '%s ' "$(curl -s -o /tmp/chat-ha-get.$$ -w '%{http_code}' --max-time 2 '${u}' || true)"; `
     + 'tr -d "\\n" </tmp/chat-ha-get.$$ 2>/dev/null; echo').join('\n');
-  const out = await ssh('lb', `${script}\nrm -f /tmp/chat-ha-get.$$`);
+  const out = await ssh(lbMachine, `${script}\nrm -f /tmp/chat-ha-get.$$`);
   return out.split('\n').slice(0, urls.length).map((line) => {
     const space = line.indexOf(' ');
     return { code: Number(line.slice(0, space)) || 0, body: line.slice(space + 1) };
@@ -122,9 +145,9 @@ export async function frontConnections() {
   return Object.fromEntries(FRONT_INSTANCES.map((f, i) => [f.server, all[i]?.connections ?? null]));
 }
 
-/** HAProxy's servers: [{backend, server, status, stot, ...}] from `show stat` on lb. */
-export async function lbServers() {
-  const csv = await ssh('lb', 'echo "show stat" | sudo socat stdio /run/haproxy/admin.sock');
+/** HAProxy's servers: [{backend, server, status, stot, ...}] from `show stat` on a load balancer (default: the current one). */
+export async function lbServers(machine = lbMachine) {
+  const csv = await ssh(machine, 'echo "show stat" | sudo socat stdio /run/haproxy/admin.sock');
   const lines = csv.trim().split('\n');
   const head = lines[0].replace(/^# /, '').split(',');
   return lines.slice(1).map((l) => Object.fromEntries(l.split(',').map((v, i) => [head[i], v])))
@@ -181,6 +204,9 @@ export class RigClient {
     this.ids = new Set();
     this.duplicates = [];
     this.outOfOrder = [];
+    // Texts received under more than one id: a message a user sees twice.
+    this.texts = new Set();
+    this.textDuplicates = [];
     this.lastId = null;
     this.connectCount = 0;
     this.joins = [];
@@ -234,6 +260,8 @@ export class RigClient {
       this.duplicates.push(m.id);
       return;
     }
+    if (this.texts.has(m.message)) this.textDuplicates.push(m.message);
+    this.texts.add(m.message);
     if (this.lastId !== null && compareIds(m.id, this.lastId) < 0) this.outOfOrder.push(m.id);
     else this.lastId = m.id;
     this.ids.add(m.id);
@@ -356,4 +384,258 @@ export async function spreadOverAll(spread, rounds = 4) {
     }
   }
   return spread.clients;
+}
+
+/** Runs a command on this host (the rig's host: root, where LXC runs); resolves to its stdout. */
+function onHost(cmd, args, timeoutMs = 60_000) {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { timeout: timeoutMs }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** Powers machine `name` off at once, as a power cut would (lxc-stop -k: no shutdown). */
+export async function powerOff(name) {
+  await onHost('lxc-stop', ['-k', '-n', `chat-ha-rig-${name}`]);
+}
+
+/** Powers machine `name` on again and waits until it answers ssh and systemd finished booting. */
+export async function powerOn(name) {
+  await onHost('lxc-start', ['-n', `chat-ha-rig-${name}`]);
+  await waitFor(`${name} to boot`, async () => {
+    const state = (await ssh(name, 'systemctl is-system-running || true', { timeoutMs: 10_000 })).trim();
+    return ['running', 'degraded'].includes(state) ? state : null;
+  }, { timeoutMs: 120_000, intervalMs: 1000 });
+}
+
+/** The primary a Sentinel on redis machine `via` names: {name, ip}. */
+export async function sentinelPrimary(via) {
+  const [ip] = (await ssh(via.name, `redis-cli -h ${via.ip} -p ${SENTINEL_PORT} sentinel get-master-addr-by-name ${SENTINEL_MASTER}`)).trim().split('\n');
+  return REDIS_HOSTS.find((r) => r.ip === ip) ?? { name: null, ip };
+}
+
+/** `ROLE` of the Redis on redis machine `host`, as lines. */
+export async function redisRole(host) {
+  return (await ssh(host.name, `sudo sh -c 'redis-cli --no-auth-warning --user admin --pass "$(cat /etc/redis/admin-password)" -h ${host.ip} role'`)).trim().split('\n');
+}
+
+/** The load balancer machine that holds the floating address now, or null. */
+export async function floatingAddressHolder() {
+  for (const m of LB_MACHINES) {
+    const held = await ssh(m.name, `ip -o -4 addr show dev eth1 | grep -c ' ${LB}/' || true`, { timeoutMs: 5000 }).catch(() => '0');
+    if (held.trim() === '1') return m.name;
+  }
+  return null;
+}
+
+/**
+ * Posts as a careful client does: a 503 or a failed connection is retried
+ * with the same Idempotency-Key until it is acknowledged (at most
+ * `attempts` tries, `retryMs` apart), so a message is stored once however
+ * often it is sent. `failed` counts the posts given up on; `attempts`
+ * every try, with its outcome.
+ */
+class RetryingPoster extends Poster {
+  constructor(baseUrl, room, options) {
+    super(baseUrl, room, options);
+    this.tries = [];
+    this.maxAttempts = options.attempts ?? 60;
+    this.retryMs = options.retryMs ?? 200;
+  }
+
+  async post() {
+    this.sent += 1;
+    const seq = this.sent;
+    const host = this.hosts[seq % this.hosts.length];
+    const key = randomUUID();
+    const startedAt = Date.now();
+    let status;
+    let error;
+    for (let attempt = 1; attempt <= this.maxAttempts; attempt++) {
+      const at = Date.now();
+      try {
+        const res = await request(`${this.baseUrl}/back/message`, {
+          method: 'POST',
+          host,
+          headers: { 'content-type': 'application/json', 'idempotency-key': key },
+          body: JSON.stringify({ room: this.room, message: `${this.label} ${seq}` }),
+        });
+        status = res.status;
+        error = status === 201 ? undefined : res.text;
+        if (status === 201) this.acked.push(res.json);
+      } catch (e) {
+        status = 'error';
+        error = e.message;
+      }
+      this.tries.push({ seq, attempt, status, startedAt: at, endedAt: Date.now() });
+      if (status === 201 || (typeof status === 'number' && status < 500 && status !== 429)) break;
+      await sleep(this.retryMs);
+    }
+    const entry = { seq, status, startedAt, endedAt: Date.now() };
+    this.log.push(entry);
+    if (status !== 201) this.failed.push({ ...entry, error });
+    return entry;
+  }
+}
+
+/** Per transport: clients, reconnected, lost, why they disconnected, failed joins (for a drill's output). */
+function byTransport(clients, report) {
+  const out = {};
+  for (const [i, c] of clients.entries()) {
+    const t = (out[c.transports[0]] ??= { clients: 0, reconnected: 0, lost: 0, disconnects: {}, failedJoins: {} });
+    t.clients += 1;
+    if (c.connectCount > 1) t.reconnected += 1;
+    t.lost += report.perClient[i].lost.length;
+    for (const d of c.disconnects) t.disconnects[d] = (t.disconnects[d] ?? 0) + 1;
+    for (const j of c.joins.filter((a) => !a.ok)) {
+      const why = j.error ?? j.error_message ?? JSON.stringify(j);
+      t.failedJoins[why] = (t.failedJoins[why] ?? 0) + 1;
+    }
+  }
+  return out;
+}
+
+/**
+ * The load every drill runs under: `clients` clients through the floating
+ * address, spread over `rooms` rooms (half of each room's clients over
+ * websocket, half over long-polling, the two demo domains in turn), each
+ * rejoining with `since` after any reconnection; and in each room a stream
+ * of posts, two at a time, each retried with its Idempotency-Key until
+ * acknowledged. Several rooms, as a real cluster has: every client gets
+ * its room's messages, not all of them.
+ */
+export class Load {
+  constructor(label, { clients = 200, rooms = 10 } = {}) {
+    this.rooms = Array.from({ length: rooms }, (_, i) => ({ name: `${label}-${Date.now()}-${i}`, clients: [] }));
+    this.clientCount = clients;
+  }
+
+  get clients() {
+    return this.rooms.flatMap((r) => r.clients);
+  }
+
+  /** Every room's poster. */
+  get posters() {
+    return this.rooms.map((r) => r.poster);
+  }
+
+  async start() {
+    for (let n = 0; n < this.clientCount; n += 20) {
+      const batch = Array.from({ length: Math.min(20, this.clientCount - n) }, (_, j) => {
+        const i = n + j;
+        const room = this.rooms[i % this.rooms.length];
+        const client = new RigClient(i % 2 ? DOMAIN_2 : DOMAIN_1, room.name, {
+          transports: [i % 4 < 2 ? 'websocket' : 'polling'], reconnect: true, name: `client ${i}`,
+        });
+        room.clients.push(client);
+        return client;
+      });
+      await Promise.all(batch.map((c) => c.ready(30_000)));
+    }
+    for (const room of this.rooms) {
+      room.poster = new RetryingPoster(LB_URL, room.name, {
+        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 2, label: 'drill',
+      }).start();
+    }
+    this.startedAt = Date.now();
+    return this;
+  }
+
+  /** Posts acknowledged so far, in all rooms. */
+  get acknowledged() {
+    return this.posters.reduce((n, p) => n + p.acked.length, 0);
+  }
+
+  /** Resolves once `count` more posts than now are acknowledged, in all rooms. */
+  acknowledgedMore(count, timeoutMs = 30_000) {
+    const target = this.acknowledged + count;
+    return waitFor(() => `${count} more posts acknowledged (${this.acknowledged - target + count} so far)`,
+      () => this.acknowledged >= target, { timeoutMs, intervalMs: 20 });
+  }
+
+  /** Posts per second since the start. */
+  rate() {
+    return this.posters.reduce((n, p) => n + p.sent, 0) / ((Date.now() - this.startedAt) / 1000);
+  }
+
+  /**
+   * How long after `faultAt` posting failed: the failed tries, and the time
+   * from the fault to the first acknowledgement after the last failed try
+   * (ms; 0 when nothing failed).
+   */
+  outage(faultAt) {
+    const tries = this.posters.flatMap((p) => p.tries);
+    const failures = tries.filter((t) => t.status !== 201 && t.endedAt >= faultAt);
+    if (!failures.length) return { failedTries: 0, backAfterMs: 0 };
+    const lastFailure = Math.max(...failures.map((t) => t.endedAt));
+    const firstOk = tries.filter((t) => t.status === 201 && t.endedAt >= lastFailure)
+      .reduce((min, t) => Math.min(min, t.endedAt), Infinity);
+    return { failedTries: failures.length, backAfterMs: firstOk - faultAt };
+  }
+
+  /**
+   * Stops posting, waits until every client has its room's acknowledged
+   * messages (or 30 s), closes the clients, and counts over all rooms:
+   * sent, acknowledged, delivered, lost, duplicated (by id and by text),
+   * failed. `perClient[i].received` against `inOrder[i]`: each client's
+   * acknowledged messages as received, and as they should be (in id order).
+   */
+  async finish(label) {
+    const rate = this.rate();
+    await Promise.all(this.posters.map((p) => p.stop()));
+    await Promise.all(this.rooms.map(({ poster, clients }) => {
+      const ids = poster.acked.map((m) => m.id);
+      return Promise.all(clients.map((c) => c.waitForIds(ids, 30_000).catch(() => {})));
+    }));
+    const rooms = this.rooms.map(({ poster, clients }) => deliveryCounts(label, poster, clients));
+    const sum = (f) => rooms.reduce((n, r) => n + f(r), 0);
+    const clients = this.clients;
+    const report = {
+      sent: sum((r) => r.sent),
+      acknowledged: sum((r) => r.acknowledged),
+      failed: this.posters.flatMap((p) => p.failed),
+      delivered: sum((r) => r.delivered),
+      expected: sum((r) => r.expected),
+      lost: sum((r) => r.lost),
+      duplicated: sum((r) => r.duplicated),
+      outOfOrder: sum((r) => r.outOfOrder),
+      textDuplicated: clients.reduce((n, c) => n + c.textDuplicates.length, 0),
+      reconnected: clients.filter((c) => c.connectCount > 1).length,
+      perClient: rooms.flatMap((r) => r.perClient),
+      inOrder: rooms.flatMap((r) => r.perClient.map(() => [...r.ackedIds].sort(compareIds))),
+      rate,
+    };
+    const tries = this.posters.reduce((n, p) => n + p.tries.length, 0);
+    report.line = `${label}: sent ${report.sent}, acknowledged ${report.acknowledged}, failed ${report.failed.length}; `
+      + `${clients.length} clients in ${this.rooms.length} rooms: delivered ${report.delivered} of ${report.expected}, `
+      + `lost ${report.lost}, duplicated ${report.duplicated} (by text ${report.textDuplicated}), out of order ${report.outOfOrder}; `
+      + `${report.reconnected} clients reconnected; ${tries} tries for ${report.sent} posts, ${rate.toFixed(0)} posts/s`;
+    report.byTransport = byTransport(clients, report);
+    this.close();
+    return report;
+  }
+
+  close() {
+    for (const c of this.clients) c.close();
+  }
+}
+
+/**
+ * What every drill must show: at least 200 clients and 100 posts/s, every
+ * post acknowledged in the end, and every client with every acknowledged
+ * message of its room once, in order, none seen twice under two ids.
+ */
+export function assertNothingLost(report) {
+  assert.ok(report.rate >= 100, `at least 100 posts/s (${report.rate.toFixed(0)})`);
+  assert.ok(report.perClient.length >= 200, `at least 200 clients (${report.perClient.length})`);
+  assert.deepEqual(report.failed, [], 'every post acknowledged in the end');
+  assert.equal(report.lost, 0, 'acknowledged messages lost');
+  assert.equal(report.duplicated, 0, 'messages delivered twice');
+  assert.equal(report.textDuplicated, 0, 'messages seen twice under two ids');
+  assert.equal(report.outOfOrder, 0, 'messages out of order');
+  for (const [i, c] of report.perClient.entries()) {
+    assert.deepEqual(c.received, report.inOrder[i], `${c.name}: every acknowledged message once, in order`);
+  }
 }
