@@ -90,6 +90,7 @@ pub trait Subscriber: Send + Sync + 'static {
 pub struct Keys {
     feed: String,
     feed_bytes: String,
+    replicated: String,
     room_prefix: String,
     post_prefix: String,
 }
@@ -99,6 +100,7 @@ impl Keys {
         Keys {
             feed: format!("{prefix}:feed"),
             feed_bytes: format!("{prefix}:feed:bytes"),
+            replicated: format!("{prefix}:feed:replicated"),
             room_prefix: format!("{prefix}:room:"),
             post_prefix: format!("{prefix}:idem:"),
         }
@@ -112,6 +114,12 @@ impl Keys {
     /// The count of the bytes of text in the feed.
     pub fn feed_bytes(&self) -> &str {
         &self.feed_bytes
+    }
+
+    /// Sentinel mode: the newest feed id replicas are known to hold, as a
+    /// key and as the channel it is published on (see the module `acks`).
+    pub fn replicated(&self) -> &str {
+        &self.replicated
     }
 
     /// The stream holding one room's history.

@@ -321,7 +321,9 @@ impl Store {
                 }
                 let reply: (String, String) = reply?;
                 if reply.1 != "conflict" {
-                    acks.confirm(writer.id).await?;
+                    let id = StreamId::parse(&reply.0)
+                        .ok_or_else(|| StoreError::Malformed(reply.0.clone()))?;
+                    acks.confirm(writer.id, id).await?;
                 }
                 reply
             }
