@@ -157,7 +157,11 @@ struct Service {
 
 impl Service {
     fn start(redis_extra: &str) -> Service {
-        let set = SentinelSet::start();
+        Service::on(SentinelSet::start(), redis_extra)
+    }
+
+    /// Both daemons on `set`, with `redis_extra` in `[redis]`.
+    fn on(set: SentinelSet, redis_extra: &str) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let config = set.write_config(dir.path(), redis_extra);
         let backend = start_daemon(
@@ -736,6 +740,35 @@ async fn a_message_waits_for_its_replicas_before_reaching_clients() {
         (201, &Value::from(held.as_str())),
         "{body}"
     );
+}
+
+/// In Sentinel mode the daemons do all their work (`ROLE`, `WAIT`, the
+/// replicated position) logged in as the ACL user of the package
+/// chat-redis, with its rules from `etc/redis/chat-ha-user.acl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_work_in_sentinel_mode_as_the_shipped_acl_user() {
+    const PASSWORD: &str = "password-of-the-acl-user";
+    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
+    let user = format!("user {}\n", rules.join(" "));
+    let set = tokio::task::block_in_place(|| SentinelSet::start_with(&user));
+    let password_file = set.dir().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let redis_extra = format!(
+        "min_replicas_acked = 2\npassword_file = \"{}\"\n",
+        password_file.display()
+    );
+    let service = tokio::task::block_in_place(|| Service::on(set, &redis_extra));
+    service.wait_ready().await;
+    let (_client, mut messages) = PollingClient::join(&service.frontend, "acl").await;
+    let id = post_until_acknowledged(&service, "acl", "as chat-ha", "key-acl").await;
+    assert_eq!(
+        receive_until(&mut messages, &id).await,
+        Ok(vec![(id.clone(), "as chat-ha".to_owned())])
+    );
+    let recorded: String = tokio::task::block_in_place(|| {
+        service.set.servers[0].query(redis::cmd("GET").arg("chat:feed:replicated"))
+    });
+    assert_eq!(recorded, id, "the replicated position, set as chat-ha");
 }
 
 /// A primary that keeps running but whose replicas stopped answering does
