@@ -34,7 +34,11 @@
 //! over TLS where configured. Which Redis is the module `primary`'s business:
 //! the one of `redis.url`, or, in Sentinel mode, the primary the Sentinels
 //! name, followed across failovers ([`Primary`]). In Sentinel mode an append
-//! is acknowledged once replicas hold it too (the module `acks`).
+//! is acknowledged once replicas hold it too (the module `acks`), and
+//! frontends hand it to sockets only then: the backends publish how far
+//! replicas hold the feed (`{prefix}:feed:replicated`), and a frontend holds
+//! what it reads or is pushed until that covers it (see [`Feed`]), so a
+//! message a failover takes back is never shown.
 //!
 //! The id Redis assigns to the feed entry is reused for the room entry, so ids
 //! increase within a room as they do in the feed, and one id tells a client
