@@ -159,6 +159,8 @@ struct Held {
     bytes: usize,
     /// The address of the primary they were taken from.
     primary: Option<String>,
+    /// Whether the hold was found full since it last released something.
+    full: bool,
 }
 
 impl Held {
@@ -169,6 +171,7 @@ impl Held {
             entries: VecDeque::new(),
             bytes: 0,
             primary: None,
+            full: false,
         }
     }
 
@@ -627,9 +630,22 @@ impl Reader<'_> {
         loop {
             let released = held.release();
             if released.is_empty() {
-                return;
+                break;
             }
+            held.full = false;
             subscriber.deliver(released).await;
+        }
+        if !held.has_room(&[]) && !held.full {
+            held.full = true;
+            tracing::warn!(
+                "{} messages wait for replicas to hold them, past {}: delivery waits for a \
+                 backend to publish that they do (every backend needs \
+                 redis.min_replicas_acked > 0, as this frontend has, and a version that \
+                 publishes {})",
+                held.entries.len(),
+                held.released,
+                self.keys.replicated()
+            );
         }
     }
 
