@@ -157,7 +157,11 @@ struct Service {
 
 impl Service {
     fn start(redis_extra: &str) -> Service {
-        let set = SentinelSet::start();
+        Service::on(SentinelSet::start(), redis_extra)
+    }
+
+    /// Both daemons on `set`, with `redis_extra` in `[redis]`.
+    fn on(set: SentinelSet, redis_extra: &str) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let config = set.write_config(dir.path(), redis_extra);
         let backend = start_daemon(
@@ -266,6 +270,16 @@ impl PollingClient {
         frontend: &Daemon,
         request: &Value,
     ) -> (PollingClient, mpsc::UnboundedReceiver<Value>) {
+        let (client, messages, _) = Self::join_answered(frontend, request).await;
+        (client, messages)
+    }
+
+    /// As [`PollingClient::join_with`], with the frontend's answer to the
+    /// join (`{"ok": true, "replayed": n}` for a resume).
+    async fn join_answered(
+        frontend: &Daemon,
+        request: &Value,
+    ) -> (PollingClient, mpsc::UnboundedReceiver<Value>, Value) {
         let http = reqwest::Client::new();
         let base = format!(
             "http://{}/front/socket.io/?EIO=4&transport=polling",
@@ -292,6 +306,7 @@ impl PollingClient {
         }
         let answer: Value = serde_json::from_str(&answer.unwrap()).unwrap();
         assert_eq!(answer[0]["ok"], true, "join {request}: {answer}");
+        let answer = answer[0].clone();
         let poller = PollingClient {
             base: client.base.clone(),
             sid: client.sid.clone(),
@@ -305,7 +320,7 @@ impl PollingClient {
                 }
             }
         });
-        (client, rx)
+        (client, rx, answer)
     }
 
     fn url(&self) -> String {
@@ -487,23 +502,20 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         .await
         .unwrap_or_else(|got| panic!("the fence never arrived; delivered {got:?}"));
 
-    let mut times: HashMap<&str, usize> = HashMap::new();
-    for (_, text) in &delivered {
-        *times.entry(text).or_default() += 1;
-    }
     let lost: Vec<&(String, String)> = tally
         .acknowledged
         .iter()
-        .filter(|(_, text)| !times.contains_key(text.as_str()))
+        .filter(|(id, text)| !delivered.iter().any(|(i, t)| i == id && t == text))
         .collect();
-    let duplicated = times.values().filter(|&&n| n > 1).count();
+    let (duplicated_ids, duplicated_texts) = duplicates(&delivered);
     let ids: Vec<StreamId> = delivered
         .iter()
         .map(|(id, _)| StreamId::parse(id).unwrap())
         .collect();
     eprintln!(
-        "sent {}, acknowledged {}, failed attempts {}, delivered {}, lost {}, duplicated {duplicated}; \
-         posting back {back_after:?} after the SIGKILL",
+        "sent {}, acknowledged {}, failed attempts {}, delivered {}, lost {}, duplicated \
+         {duplicated_ids} by id and {duplicated_texts} by text; posting back {back_after:?} after \
+         the SIGKILL",
         tally.sent,
         tally.acknowledged.len(),
         tally.failed_attempts,
@@ -514,7 +526,11 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         lost.is_empty(),
         "acknowledged but never delivered: {lost:?}"
     );
-    assert_eq!(duplicated, 0, "delivered twice: {delivered:?}");
+    assert_eq!(
+        (duplicated_ids, duplicated_texts),
+        (0, 0),
+        "delivered twice (by id, by text, as a user sees it): {delivered:?}"
+    );
     assert!(
         ids.windows(2).all(|w| w[0] < w[1]),
         "out of order: {delivered:?}"
@@ -567,6 +583,192 @@ async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
         got, expected,
         "a resumed client's messages across the failover"
     );
+}
+
+/// How many ids, and how many texts, `delivered` holds more than once: a
+/// message stored again under a new id after a failover shows as the same
+/// text twice to a user.
+fn duplicates(delivered: &[(String, String)]) -> (usize, usize) {
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut texts: HashMap<&str, usize> = HashMap::new();
+    for (id, text) in delivered {
+        *ids.entry(id).or_default() += 1;
+        *texts.entry(text).or_default() += 1;
+    }
+    let more_than_once = |counts: HashMap<&str, usize>| counts.values().filter(|&&n| n > 1).count();
+    (more_than_once(ids), more_than_once(texts))
+}
+
+/// Posts `text` with `key` until it is acknowledged, for 60 s at most
+/// (a failover takes a few seconds); returns its id.
+async fn post_until_acknowledged(service: &Service, room: &str, text: &str, key: &str) -> String {
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = service.post(room, text, key).await;
+        if status == 201 {
+            return body["id"].as_str().unwrap().to_owned();
+        }
+        assert!(matches!(status, 0 | 503), "{status} {body}");
+        assert!(
+            std::time::Instant::now() < give_up,
+            "{text:?} not acknowledged within 60 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A message the primary stored but no replica applied: the backend
+/// answers 503, the primary dies, the promoted replica lacks the message
+/// and the record of its key, so the retry with the same key stores it
+/// again under a new id. A client in the room sees it once: the first copy
+/// never reached sockets, as replicas never held it.
+///
+/// `CLIENT PAUSE ... ALL` on the replicas makes them read what the primary
+/// sends without applying it (not `SIGSTOP`: the kernel would keep the
+/// bytes for a stopped replica, which would apply them once continued);
+/// when the primary dies, a replica drops what it had not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_lost_with_its_primary_reaches_clients_once_after_the_retry() {
+    let service = tokio::task::block_in_place(|| Service::start("replica_ack_timeout_ms = 300\n"));
+    service.wait_ready().await;
+    let (_client, mut messages) = PollingClient::join(&service.frontend, "lost").await;
+    let before = post_until_acknowledged(&service, "lost", "before", "key-before").await;
+
+    const PAUSE: Duration = Duration::from_secs(3);
+    let paused_at = std::time::Instant::now();
+    tokio::task::block_in_place(|| {
+        for replica in &service.set.servers[1..] {
+            replica.query::<()>(
+                redis::cmd("CLIENT")
+                    .arg("PAUSE")
+                    .arg(PAUSE.as_millis() as u64)
+                    .arg("ALL"),
+            );
+        }
+    });
+    let (status, body) = service
+        .post("lost", "lost with its primary", "key-lost")
+        .await;
+    assert_eq!(status, 503, "{body}");
+    service.set.servers[0].process.signal(SIGKILL);
+    assert!(
+        paused_at.elapsed() < PAUSE,
+        "the primary died after the replicas went on: the test proves nothing"
+    );
+
+    let retried =
+        post_until_acknowledged(&service, "lost", "lost with its primary", "key-lost").await;
+    let new_primary = tokio::task::block_in_place(|| service.set.primary_port()).unwrap();
+    let on_new_primary: Vec<redis::Value> = tokio::task::block_in_place(|| {
+        service
+            .set
+            .server(new_primary)
+            .query(redis::cmd("XRANGE").arg("chat:room:lost").arg("-").arg("+"))
+    });
+    assert_eq!(
+        on_new_primary.len(),
+        2,
+        "the new primary holds the first copy: nothing was lost, the test proves nothing"
+    );
+    let fence = post_until_acknowledged(&service, "lost", "fence", "key-fence").await;
+
+    let delivered = receive_until(&mut messages, &fence)
+        .await
+        .unwrap_or_else(|got| panic!("the fence never arrived; delivered {got:?}"));
+    eprintln!("delivered across the loss: {delivered:?}");
+    assert_eq!(
+        delivered,
+        vec![
+            (before, "before".to_owned()),
+            (retried, "lost with its primary".to_owned()),
+            (fence, "fence".to_owned()),
+        ]
+    );
+}
+
+/// A message whose replicas did not confirm it (503) is not handed to
+/// sockets, nor replayed to a resuming client, until a later post's `WAIT`
+/// shows replicas hold it; then both clients get it once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_waits_for_its_replicas_before_reaching_clients() {
+    let service = tokio::task::block_in_place(|| Service::start("replica_ack_timeout_ms = 300\n"));
+    service.wait_ready().await;
+    let (_live, mut live) = PollingClient::join(&service.frontend, "held").await;
+    let before = post_until_acknowledged(&service, "held", "before", "key-before").await;
+    assert_eq!(
+        receive_until(&mut live, &before).await,
+        Ok(vec![(before.clone(), "before".to_owned())])
+    );
+
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGSTOP);
+    }
+    let (status, body) = service.post("held", "not yet replicated", "key-held").await;
+    for replica in &service.set.servers[1..] {
+        replica.process.signal(SIGCONT);
+    }
+    assert_eq!(status, 503, "{body}");
+
+    // The frontend has not handed the message out: a client resuming from
+    // the message before it is replayed nothing.
+    let request = serde_json::json!({"room": "held", "since": before});
+    let (_resumed, mut resumed, answer) =
+        PollingClient::join_answered(&service.frontend, &request).await;
+    assert_eq!(answer["replayed"], 0, "{answer}");
+
+    // A post whose WAIT succeeds shows that replicas hold both.
+    let after = post_until_acknowledged(&service, "held", "after", "key-after").await;
+    let got = receive_until(&mut live, &after)
+        .await
+        .unwrap_or_else(|got| panic!("{after} never came live; got {got:?}"));
+    let texts: Vec<&str> = got.iter().map(|(_, text)| text.as_str()).collect();
+    assert_eq!(texts, ["not yet replicated", "after"], "{got:?}");
+    let held = &got[0].0;
+    assert!(
+        StreamId::parse(held).unwrap() < StreamId::parse(&after).unwrap(),
+        "{got:?}"
+    );
+    let resumed = receive_until(&mut resumed, &after)
+        .await
+        .unwrap_or_else(|got| panic!("{after} never came to the resumed client; got {got:?}"));
+    assert_eq!(resumed, got);
+    // The retry with the key is acknowledged with the id the message was
+    // stored under.
+    let (status, body) = service.post("held", "not yet replicated", "key-held").await;
+    assert_eq!(
+        (status, &body["id"]),
+        (201, &Value::from(held.as_str())),
+        "{body}"
+    );
+}
+
+/// In Sentinel mode the daemons do all their work (`ROLE`, `WAIT`, the
+/// replicated position) logged in as the ACL user of the package
+/// chat-redis, with its rules from `etc/redis/chat-ha-user.acl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_work_in_sentinel_mode_as_the_shipped_acl_user() {
+    const PASSWORD: &str = "password-of-the-acl-user";
+    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
+    let user = format!("user {}\n", rules.join(" "));
+    let set = tokio::task::block_in_place(|| SentinelSet::start_with(&user));
+    let password_file = set.dir().join("redis-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let redis_extra = format!(
+        "min_replicas_acked = 2\npassword_file = \"{}\"\n",
+        password_file.display()
+    );
+    let service = tokio::task::block_in_place(|| Service::on(set, &redis_extra));
+    service.wait_ready().await;
+    let (_client, mut messages) = PollingClient::join(&service.frontend, "acl").await;
+    let id = post_until_acknowledged(&service, "acl", "as chat-ha", "key-acl").await;
+    assert_eq!(
+        receive_until(&mut messages, &id).await,
+        Ok(vec![(id.clone(), "as chat-ha".to_owned())])
+    );
+    let recorded: String = tokio::task::block_in_place(|| {
+        service.set.servers[0].query(redis::cmd("GET").arg("chat:feed:replicated"))
+    });
+    assert_eq!(recorded, id, "the replicated position, set as chat-ha");
 }
 
 /// A primary that keeps running but whose replicas stopped answering does

@@ -28,6 +28,17 @@
 //! A ticket counts only for the writer it was appended on: `WAIT` on another
 //! connection (remade after an error, or to a new primary) says nothing of
 //! it, so such a post gets 503.
+//!
+//! # Telling the frontends
+//!
+//! Frontends hand a message to sockets only once replicas hold it (see
+//! [`super::Feed`]). After a `WAIT` that reached `redis.min_replicas_acked`,
+//! the task records the newest feed id appended on that writer before the
+//! `WAIT` in `{prefix}:feed:replicated` and publishes it on the channel of
+//! that name (`REPLICATED_SCRIPT`): one write and one push per `WAIT`, not
+//! per post. Replication is one ordered stream per primary, so that `WAIT`
+//! covers every write the primary made before it, other backends' too: the
+//! id says "replicas hold every entry up to here".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -38,9 +49,32 @@ use redis::{AsyncConnectionConfig, ProtocolVersion};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
 
-use super::StoreError;
 use super::primary::Primary;
+use super::{Keys, StoreError};
 use crate::config::{RedisConfig, SentinelConfig};
+use crate::message::StreamId;
+
+/// Records and publishes that replicas hold the feed up to ARGV[1]: in the
+/// key KEYS[1] and on the channel of the same name, unless the key is at or
+/// past it already (another backend's `WAIT` came first), so that the key
+/// only moves forward and frontends get no push that tells them nothing.
+const REPLICATED_SCRIPT: &str = r"
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local cms, cseq = parse(current)
+  local ms, seq = parse(ARGV[1])
+  if cms and (ms < cms or (ms == cms and seq <= cseq)) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+";
 
 /// Why a message was not acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -89,6 +123,12 @@ pub struct ReplicaAcks {
 struct Shared {
     primary: Primary,
     config: RedisConfig,
+    /// Where replicated positions are recorded and published.
+    replicated_key: String,
+    replicated_script: redis::Script,
+    /// The newest id appended on a writer that took a ticket, and that
+    /// writer's id: what the next `WAIT` on it confirms.
+    newest: std::sync::Mutex<Option<(u64, StreamId)>>,
     needed: u32,
     timeout: Duration,
     writer: tokio::sync::Mutex<Option<Writer>>,
@@ -114,6 +154,9 @@ impl ReplicaAcks {
         let shared = Arc::new(Shared {
             primary,
             config: config.clone(),
+            replicated_key: Keys::new(&config.key_prefix).replicated().to_owned(),
+            replicated_script: redis::Script::new(REPLICATED_SCRIPT),
+            newest: std::sync::Mutex::new(None),
             needed: sentinel.min_replicas_acked,
             timeout: sentinel.replica_ack_timeout(),
             writer: tokio::sync::Mutex::new(None),
@@ -148,11 +191,13 @@ impl ReplicaAcks {
     }
 
     /// Returns once enough replicas hold what was appended on writer `id`
-    /// before this call, or why they do not.
-    pub async fn confirm(&self, id: u64) -> Result<(), AckError> {
+    /// before this call, the feed entry `appended` among it, or why they do
+    /// not.
+    pub async fn confirm(&self, id: u64, appended: StreamId) -> Result<(), AckError> {
         let shared = &self.shared;
         self.task
             .get_or_init(|| tokio::spawn(shared.clone().send_waits()).abort_handle());
+        shared.note_appended(id, appended);
         let ticket = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rounds = shared.rounds.subscribe();
         shared.wake.notify_one();
@@ -216,6 +261,9 @@ impl Shared {
                 if covered <= answered {
                     break;
                 }
+                // Read before WAIT is sent: every id noted by then was
+                // appended before it.
+                let newest = *lock(&self.newest);
                 let (writer, acked) = self.wait().await;
                 self.rounds.send_replace(Round {
                     covered,
@@ -223,7 +271,50 @@ impl Shared {
                     acked,
                 });
                 answered = covered;
+                match newest {
+                    Some((on, id)) if on == writer && acked >= Some(u64::from(self.needed)) => {
+                        // Sent on the writer ahead of the next WAIT, which
+                        // need not wait for its answer.
+                        tokio::spawn(self.clone().publish_replicated(writer, id));
+                    }
+                    _ => {}
+                }
             }
+        }
+    }
+
+    /// Notes that `id` was appended on writer `writer`.
+    fn note_appended(&self, writer: u64, id: StreamId) {
+        let mut newest = lock(&self.newest);
+        match &mut *newest {
+            Some((on, newest)) if *on == writer => *newest = (*newest).max(id),
+            other => *other = Some((writer, id)),
+        }
+    }
+
+    /// Tells the frontends that replicas hold the feed up to `id`, on
+    /// writer `writer` if it is still the current one. A failure costs
+    /// only delay: the next `WAIT` publishes a newer id, and frontends read
+    /// the key as they poll.
+    async fn publish_replicated(self: Arc<Self>, writer: u64, id: StreamId) {
+        let Some(mut conn) = self
+            .writer
+            .lock()
+            .await
+            .as_ref()
+            .filter(|w| w.id == writer)
+            .map(|w| w.conn.clone())
+        else {
+            return;
+        };
+        let published = self
+            .replicated_script
+            .key(&self.replicated_key)
+            .arg(id.to_string())
+            .invoke_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = published {
+            tracing::debug!("could not publish that replicas hold the feed up to {id}: {e}");
         }
     }
 
@@ -249,4 +340,10 @@ impl Shared {
             }
         }
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

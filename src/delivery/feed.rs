@@ -42,7 +42,49 @@
 //! warning and goes on after the cursor; the backend takes the ids of new
 //! appends above the ids it stored before (see the store's append script),
 //! so they are not hidden behind the cursor by a new primary's slower clock.
+//!
+//! # Only what replicas hold reaches sockets (Sentinel mode)
+//!
+//! With `redis.min_replicas_acked` > 0, the append script publishes a
+//! message before the backend's `WAIT` has seen replicas take it. Handed to
+//! sockets at once, a message whose primary then died unreplicated would be
+//! shown, answered 503, retried with the same `Idempotency-Key` on the new
+//! primary (which has neither the message nor the record of its key), and
+//! stored and shown again under a new id: the same text twice. So the feed
+//! *holds* what it takes from Redis (pushes and reads alike, in feed order,
+//! [`Held`]) and *releases* it to the subscriber only once it is replicated:
+//! at or below the newest id the backends found on enough replicas, which
+//! they record in `{prefix}:feed:replicated` and publish on the channel of
+//! that name after each `WAIT` (see the module `acks`). The feed reads that
+//! key too at each (re)connection and every [`POLL`], so a lost push only
+//! delays a release. Messages reach sockets after the replicas'
+//! acknowledgement, not after the primary's.
+//!
+//! - The subscriber's cursor, which resuming clients are replayed up to,
+//!   only ever moves over released entries: a resume never hands out an
+//!   entry a failover could still take back.
+//! - A message whose `WAIT` failed (503) stays held until a later `WAIT`
+//!   covers it: replicated after all, it is real, released once, and a
+//!   retry with the same key gets its id. Or until a failover drops it.
+//! - After a failover, what the new primary holds when the feed connects to
+//!   it survived the failover: it is taken as replicated. What was held
+//!   from the old primary is dropped, and read again from the new one from
+//!   the last released entry: the new primary's stream decides.
+//! - The hold is bounded ([`MAX_HELD`] entries, [`MAX_HELD_BYTES`] of
+//!   text). When it is full the feed stops taking entries; once releases
+//!   make room it reads on from the stream, where the rest is.
+//! - A replicated id is a hint like a pushed message: one further ahead of
+//!   this host's clock than [`MAX_AHEAD`] is ignored, and it can only
+//!   release entries the feed took from Redis (read, or pushed and trusted
+//!   as they are without a hold), never move the cursor. Whoever may
+//!   publish on the channel (or set the key) can at worst release entries
+//!   early, before replicas hold them, for as long as the forged id is
+//!   ahead of the real ones: a failover in that time may show a message
+//!   twice, as it did before entries were held.
+//!
+//! One Redis, or `redis.min_replicas_acked` = 0: nothing is held.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +96,7 @@ use tokio::sync::mpsc;
 
 use super::primary::Primary;
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, Room, StreamId};
 
 /// How often the feed stream is read even when pushes arrive as they should.
@@ -67,6 +109,11 @@ const BATCH: usize = 512;
 /// How far ahead of this host's clock a pushed id may be and still be taken
 /// (Redis's clock makes the ids; hosts' clocks agree far better than this).
 const MAX_AHEAD: Duration = Duration::from_secs(60);
+
+/// Most entries held until replicated, and most bytes of their text: past
+/// either, the feed stops taking entries until releases make room.
+const MAX_HELD: usize = 20_000;
+const MAX_HELD_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -96,6 +143,102 @@ pub struct Feed {
     position: Option<Position>,
     /// Messages read from the stream rather than pushed.
     caught_up: Counter,
+    /// Sentinel mode with replica acknowledgements: what waits for them.
+    held: Option<Held>,
+}
+
+/// Entries taken from the feed that replicas are not known to hold yet.
+#[derive(Debug)]
+struct Held {
+    /// The last entry released to the subscriber.
+    released: StreamId,
+    /// The newest id replicas are known to hold.
+    replicated: StreamId,
+    /// Taken after `released`, in feed order, up to the feed's cursor.
+    entries: VecDeque<ChatMessage>,
+    bytes: usize,
+    /// The address of the primary they were taken from.
+    primary: Option<String>,
+    /// Whether the hold was found full since it last released something.
+    full: bool,
+}
+
+impl Held {
+    fn new() -> Self {
+        Held {
+            released: StreamId::ZERO,
+            replicated: StreamId::ZERO,
+            entries: VecDeque::new(),
+            bytes: 0,
+            primary: None,
+            full: false,
+        }
+    }
+
+    /// Whether one more entry may be taken.
+    fn has_room(&self, taking: &[ChatMessage]) -> bool {
+        let bytes: usize = taking.iter().map(|m| m.message.len()).sum();
+        self.entries.len() + taking.len() < MAX_HELD && self.bytes + bytes < MAX_HELD_BYTES
+    }
+
+    /// Learns that replicas hold every entry up to `id`; ignored when `id`
+    /// is implausibly far ahead (a forged push).
+    fn replicated_up_to(&mut self, id: StreamId) {
+        if plausible(id) {
+            self.replicated = self.replicated.max(id);
+        }
+    }
+
+    fn hold(&mut self, messages: Vec<ChatMessage>) {
+        self.bytes += messages.iter().map(|m| m.message.len()).sum::<usize>();
+        self.entries.extend(messages);
+    }
+
+    /// The held entries that are replicated, at most [`BATCH`], oldest first.
+    fn release(&mut self) -> Vec<ChatMessage> {
+        let count = self
+            .entries
+            .iter()
+            .take(BATCH)
+            .take_while(|m| m.id <= self.replicated)
+            .count();
+        let released: Vec<ChatMessage> = self.entries.drain(..count).collect();
+        if let Some(last) = released.last() {
+            self.released = last.id;
+        }
+        self.bytes -= released.iter().map(|m| m.message.len()).sum::<usize>();
+        released
+    }
+
+    /// Drops the held entries after `id` (the stream does not confirm them).
+    fn drop_after(&mut self, id: StreamId) -> Vec<StreamId> {
+        let keep = self.entries.partition_point(|m| m.id <= id);
+        let dropped: Vec<ChatMessage> = self.entries.drain(keep..).collect();
+        self.bytes -= dropped.iter().map(|m| m.message.len()).sum::<usize>();
+        dropped.iter().map(|m| m.id).collect()
+    }
+
+    /// Moves on to the primary at `address`, whose stream ends at `last`.
+    /// On another primary than before, the entries held are dropped: they
+    /// are read again from this one, after the last released entry, and
+    /// what it holds now survived the failover, so it counts as
+    /// replicated. Returns whether the primary changed. (The same primary
+    /// answering again keeps what is held: the stream there still decides,
+    /// as after any reconnection.)
+    fn follow(&mut self, address: &str, last: StreamId) -> bool {
+        if self.primary.as_deref() == Some(address) {
+            return false;
+        }
+        let first = self.primary.is_none();
+        self.primary = Some(address.to_owned());
+        self.entries.clear();
+        self.bytes = 0;
+        if first {
+            self.released = last;
+        }
+        self.replicated = last.max(self.released);
+        !first
+    }
 }
 
 /// Where a feed is, and how much of that the stream has confirmed.
@@ -168,6 +311,8 @@ impl Feed {
             health,
             position: None,
             caught_up: Counter::default(),
+            held: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0)
+                .then(Held::new),
         })
     }
 
@@ -218,11 +363,23 @@ impl Feed {
         // Subscribed before the stream is read: whatever is appended after
         // that read is pushed.
         conn.subscribe(self.keys.feed()).await?;
-        let position = match self.position.take() {
+        let mut position = self.position.take();
+        if let Some(held) = &mut self.held {
+            conn.subscribe(self.keys.replicated()).await?;
+            let last = Self::last_id(&self.keys, &mut conn).await?;
+            if held.follow(&resolved.address, last) || position.is_none() {
+                // Read again from the new primary after what was released.
+                position = Some(Position::at(held.released));
+            }
+            if let Some(replicated) = Self::replicated(&self.keys, &mut conn).await? {
+                held.replicated_up_to(replicated);
+            }
+        }
+        let position = match position {
             Some(position) => position,
-            None => Position::at(self.last_id(&mut conn).await?),
+            None => Position::at(Self::last_id(&self.keys, &mut conn).await?),
         };
-        let start = position.cursor;
+        let start = self.held.as_ref().map_or(position.cursor, |h| h.released);
         subscriber.following(start).await;
         if self.health.set_up(true) {
             tracing::info!("following the Redis feed from {start}");
@@ -233,6 +390,7 @@ impl Feed {
             keys: &self.keys,
             caught_up: &self.caught_up,
             position: self.position.insert(position),
+            held: self.held.as_mut(),
             batch: Vec::new(),
         };
         // The first tick is immediate: it reads what was appended while away.
@@ -254,7 +412,10 @@ impl Feed {
                         }
                     }
                 }
-                _ = poll.tick() => reader.catch_up(subscriber).await?,
+                _ = poll.tick() => {
+                    reader.read_replicated().await?;
+                    reader.catch_up(subscriber).await?;
+                }
                 // Never fires with one Redis, whose primary never changes.
                 _ = changes.changed() => {
                     let now = changes.borrow().as_ref().map(|r| r.generation);
@@ -285,18 +446,28 @@ impl Feed {
     }
 
     /// The id of the newest entry in the feed, so delivery starts after it.
-    async fn last_id(&self, conn: &mut MultiplexedConnection) -> Result<StreamId, FeedError> {
+    async fn last_id(keys: &Keys, conn: &mut MultiplexedConnection) -> Result<StreamId, FeedError> {
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.keys.feed())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1);
+        cmd.arg(keys.feed()).arg("+").arg("-").arg("COUNT").arg(1);
         let newest: Entries = cmd.query_async(conn).await?;
         match newest.first() {
             Some((id, _)) => StreamId::parse(id).ok_or_else(|| FeedError::Malformed(id.clone())),
             None => Ok(StreamId::ZERO),
         }
+    }
+}
+
+impl Feed {
+    /// The newest id the backends found on enough replicas, if recorded.
+    async fn replicated(
+        keys: &Keys,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Option<StreamId>, FeedError> {
+        let recorded: Option<String> = redis::cmd("GET")
+            .arg(keys.replicated())
+            .query_async(conn)
+            .await?;
+        Ok(recorded.as_deref().and_then(StreamId::parse))
     }
 }
 
@@ -308,7 +479,9 @@ struct Reader<'a> {
     /// Where the feed is, counting the messages taken into `batch`; it
     /// outlives the connection.
     position: &'a mut Position,
-    /// Messages taken but not yet handed to the subscriber.
+    /// Sentinel mode with replica acknowledgements: what waits for them.
+    held: Option<&'a mut Held>,
+    /// Messages taken but not yet handed to the subscriber (or held).
     batch: Vec<ChatMessage>,
 }
 
@@ -330,6 +503,18 @@ impl Reader<'_> {
             PushKind::Disconnection => return Err(FeedError::Disconnected),
             // Confirmations of the subscription.
             _ => return Ok(()),
+        }
+        if let Some(held) = self.held.as_deref_mut()
+            && channel_of(&push) == Some(self.keys.replicated().as_bytes())
+        {
+            if let Some(id) = replicated_id(push) {
+                held.replicated_up_to(id);
+            }
+            return Ok(());
+        }
+        if !self.has_room() {
+            // Read from the stream once releases make room.
+            return Ok(());
         }
         let position = &mut *self.position;
         match Pushed::parse(push) {
@@ -361,6 +546,9 @@ impl Reader<'_> {
     /// feed goes back to the last confirmed position and reads from there.
     async fn catch_up(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
         loop {
+            if !self.has_room() {
+                return Ok(());
+            }
             let cursor = self.position.cursor;
             let entries = self.read_from(cursor).await?;
             let holds_cursor = entries.first().is_some_and(|(id, _)| *id == cursor);
@@ -380,8 +568,13 @@ impl Reader<'_> {
                     );
                 }
             }
-            let complete = entries.len() <= BATCH;
+            let mut complete = entries.len() <= BATCH;
             for (id, message) in entries.into_iter().filter(|(id, _)| *id > cursor) {
+                if !self.has_room() {
+                    // The rest is read once releases make room.
+                    complete = true;
+                    break;
+                }
                 let again = self.position.handed_out(id);
                 self.position.read(id);
                 match message {
@@ -415,15 +608,64 @@ impl Reader<'_> {
             .into_iter()
             .partition(|m| m.id <= confirmed);
         self.batch = kept;
-        let dropped: Vec<StreamId> = dropped.iter().map(|m| m.id).collect();
+        let mut dropped: Vec<StreamId> = dropped.iter().map(|m| m.id).collect();
+        if let Some(held) = self.held.as_deref_mut() {
+            dropped.extend(held.drop_after(confirmed));
+        }
         position.unconfirmed.retain(|id| !dropped.contains(id));
         position.cursor = confirmed;
     }
 
+    /// Hands the messages taken to the subscriber; while replica
+    /// acknowledgements are awaited, holds them and hands over those
+    /// replicated, in feed order.
     async fn hand_over(&mut self, subscriber: &impl Subscriber) {
-        if !self.batch.is_empty() {
-            subscriber.deliver(std::mem::take(&mut self.batch)).await;
+        let Some(held) = self.held.as_deref_mut() else {
+            if !self.batch.is_empty() {
+                subscriber.deliver(std::mem::take(&mut self.batch)).await;
+            }
+            return;
+        };
+        held.hold(std::mem::take(&mut self.batch));
+        loop {
+            let released = held.release();
+            if released.is_empty() {
+                break;
+            }
+            held.full = false;
+            subscriber.deliver(released).await;
         }
+        if !held.has_room(&[]) && !held.full {
+            held.full = true;
+            tracing::warn!(
+                "{} messages wait for replicas to hold them, past {}: delivery waits for a \
+                 backend to publish that they do (every backend needs \
+                 redis.min_replicas_acked > 0, as this frontend has, and a version that \
+                 publishes {})",
+                held.entries.len(),
+                held.released,
+                self.keys.replicated()
+            );
+        }
+    }
+
+    /// Whether one more entry may be taken from the feed (always, unless
+    /// entries are held until replicated).
+    fn has_room(&self) -> bool {
+        self.held
+            .as_deref()
+            .is_none_or(|held| held.has_room(&self.batch))
+    }
+
+    /// Learns from its key how far replicas hold the feed, in case a push
+    /// of it was lost.
+    async fn read_replicated(&mut self) -> Result<(), FeedError> {
+        if let Some(held) = self.held.as_deref_mut()
+            && let Some(id) = Feed::replicated(self.keys, &mut self.conn).await?
+        {
+            held.replicated_up_to(id);
+        }
+        Ok(())
     }
 
     /// The entry `from` (if the stream holds it) and up to [`BATCH`] after
@@ -478,6 +720,22 @@ fn plausible(id: StreamId) -> bool {
     u128::from(id.ms) <= (now + MAX_AHEAD).as_millis()
 }
 
+/// The channel a message push came on.
+fn channel_of(push: &PushInfo) -> Option<&[u8]> {
+    match push.data.first()? {
+        redis::Value::BulkString(channel) => Some(channel),
+        _ => None,
+    }
+}
+
+/// The id a push on the replicated channel names.
+fn replicated_id(push: PushInfo) -> Option<StreamId> {
+    let redis::Value::BulkString(payload) = push.data.into_iter().nth(1)? else {
+        return None;
+    };
+    StreamId::parse(std::str::from_utf8(&payload).ok()?)
+}
+
 /// A message as the append script publishes it:
 /// `<previous entry's id> <id> <room> <text>`.
 struct Pushed {
@@ -514,4 +772,106 @@ fn jitter(pause: Duration) -> Duration {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     pause.mul_f64(0.75 + f64::from(nanos % 1000) / 4000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_ms() -> u64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        u64::try_from(now.unwrap().as_millis()).unwrap()
+    }
+
+    fn message(ms: u64, text: &str) -> ChatMessage {
+        let room = Room::parse("r").unwrap();
+        ChatMessage::new(StreamId { ms, seq: 0 }, room, text.to_owned())
+    }
+
+    fn ids(messages: &[ChatMessage]) -> Vec<u64> {
+        messages.iter().map(|m| m.id.ms).collect()
+    }
+
+    #[test]
+    fn entries_are_released_in_order_up_to_the_replicated_id() {
+        let base = now_ms();
+        let mut held = Held::new();
+        held.follow("primary:1", StreamId { ms: base, seq: 0 });
+        held.hold(vec![message(base + 1, "a"), message(base + 2, "b")]);
+        held.hold(vec![message(base + 3, "c")]);
+        assert!(held.release().is_empty(), "nothing is replicated yet");
+        held.replicated_up_to(StreamId {
+            ms: base + 2,
+            seq: 0,
+        });
+        assert_eq!(ids(&held.release()), [base + 1, base + 2]);
+        assert_eq!(held.released.ms, base + 2);
+        assert_eq!(held.bytes, 1);
+        // A replicated id far ahead of this host's clock is not taken.
+        held.replicated_up_to(StreamId {
+            ms: base + 3_600_000,
+            seq: 0,
+        });
+        assert!(held.release().is_empty());
+        held.replicated_up_to(StreamId {
+            ms: base + 9,
+            seq: 0,
+        });
+        assert_eq!(ids(&held.release()), [base + 3]);
+        assert!(held.release().is_empty(), "released once");
+    }
+
+    #[test]
+    fn a_new_primary_drops_what_is_held_and_counts_what_it_has_as_replicated() {
+        let base = now_ms();
+        let mut held = Held::new();
+        assert!(!held.follow("old:1", StreamId { ms: base, seq: 0 }));
+        held.hold(vec![message(base + 1, "lost?")]);
+        assert!(
+            !held.follow(
+                "old:1",
+                StreamId {
+                    ms: base + 1,
+                    seq: 0
+                }
+            ),
+            "the same primary answering again keeps what is held"
+        );
+        assert_eq!(held.entries.len(), 1);
+        assert!(held.follow(
+            "new:1",
+            StreamId {
+                ms: base + 1,
+                seq: 0
+            }
+        ));
+        assert!(held.entries.is_empty() && held.bytes == 0);
+        assert_eq!(held.released.ms, base, "read again after the last released");
+        assert_eq!(held.replicated.ms, base + 1);
+    }
+
+    #[test]
+    fn the_hold_is_bounded_in_entries_and_bytes() {
+        let base = now_ms();
+        let mut held = Held::new();
+        held.follow("primary:1", StreamId { ms: base, seq: 0 });
+        held.hold(
+            (1..MAX_HELD as u64)
+                .map(|i| message(base + i, ""))
+                .collect(),
+        );
+        assert!(!held.has_room(&[message(base + MAX_HELD as u64, "")]));
+        held.replicated_up_to(StreamId {
+            ms: base + 1,
+            seq: 0,
+        });
+        assert_eq!(held.release().len(), 1);
+        assert!(held.has_room(&[]));
+
+        let mut held = Held::new();
+        let text = "x".repeat(MAX_HELD_BYTES / 2);
+        held.hold(vec![message(base + 1, &text)]);
+        assert!(held.has_room(&[]));
+        assert!(!held.has_room(&[message(base + 2, &text)]));
+    }
 }

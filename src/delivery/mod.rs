@@ -34,7 +34,11 @@
 //! over TLS where configured. Which Redis is the module `primary`'s business:
 //! the one of `redis.url`, or, in Sentinel mode, the primary the Sentinels
 //! name, followed across failovers ([`Primary`]). In Sentinel mode an append
-//! is acknowledged once replicas hold it too (the module `acks`).
+//! is acknowledged once replicas hold it too (the module `acks`), and
+//! frontends hand it to sockets only then: the backends publish how far
+//! replicas hold the feed (`{prefix}:feed:replicated`), and a frontend holds
+//! what it reads or is pushed until that covers it (see [`Feed`]), so a
+//! message a failover takes back is never shown.
 //!
 //! The id Redis assigns to the feed entry is reused for the room entry, so ids
 //! increase within a room as they do in the feed, and one id tells a client
@@ -90,6 +94,7 @@ pub trait Subscriber: Send + Sync + 'static {
 pub struct Keys {
     feed: String,
     feed_bytes: String,
+    replicated: String,
     room_prefix: String,
     post_prefix: String,
 }
@@ -99,6 +104,7 @@ impl Keys {
         Keys {
             feed: format!("{prefix}:feed"),
             feed_bytes: format!("{prefix}:feed:bytes"),
+            replicated: format!("{prefix}:feed:replicated"),
             room_prefix: format!("{prefix}:room:"),
             post_prefix: format!("{prefix}:idem:"),
         }
@@ -112,6 +118,12 @@ impl Keys {
     /// The count of the bytes of text in the feed.
     pub fn feed_bytes(&self) -> &str {
         &self.feed_bytes
+    }
+
+    /// Sentinel mode: the newest feed id replicas are known to hold, as a
+    /// key and as the channel it is published on (see the module `acks`).
+    pub fn replicated(&self) -> &str {
+        &self.replicated
     }
 
     /// The stream holding one room's history.

@@ -32,6 +32,9 @@ use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 /// Then it publishes the message on the channel named as the feed, for the
 /// frontends (see [`super::Feed`]): `<previous feed id> <id> <room> <text>`.
 /// The previous id lets a frontend tell that it missed nothing in between.
+/// In Sentinel mode with replica acknowledgements this push comes before
+/// the `WAIT`: frontends hold the message until the backend publishes that
+/// replicas hold it (see [`ReplicaAcks`]).
 ///
 /// With an idempotency key (KEYS[4]), a post already stored under that key
 /// is not stored again: the script answers the first post's id, or
@@ -321,7 +324,9 @@ impl Store {
                 }
                 let reply: (String, String) = reply?;
                 if reply.1 != "conflict" {
-                    acks.confirm(writer.id).await?;
+                    let id = StreamId::parse(&reply.0)
+                        .ok_or_else(|| StoreError::Malformed(reply.0.clone()))?;
+                    acks.confirm(writer.id, id).await?;
                 }
                 reply
             }

@@ -64,10 +64,19 @@ pub struct SentinelSet {
 
 impl SentinelSet {
     pub fn start() -> SentinelSet {
+        SentinelSet::start_with("")
+    }
+
+    /// Starts the set with `server_lines` more in each server's
+    /// configuration (ACL users, say).
+    pub fn start_with(server_lines: &str) -> SentinelSet {
         let dir = tempfile::tempdir().unwrap();
-        let primary = start_server(dir.path(), "server0", None);
+        let primary = start_server(dir.path(), "server0", None, server_lines);
         let replicas: Vec<Node> = (1..3)
-            .map(|i| start_server(dir.path(), &format!("server{i}"), Some(primary.port)))
+            .map(|i| {
+                let name = format!("server{i}");
+                start_server(dir.path(), &name, Some(primary.port), server_lines)
+            })
             .collect();
         let mut servers = vec![primary];
         servers.extend(replicas);
@@ -158,8 +167,9 @@ impl SentinelSet {
 }
 
 /// Starts `redis-server` with the shipped replication settings, as a
-/// replica of `primary` when given, on a free port.
-fn start_server(dir: &Path, name: &str, primary: Option<u16>) -> Node {
+/// replica of `primary` when given, and `extra` configuration lines, on a
+/// free port.
+fn start_server(dir: &Path, name: &str, primary: Option<u16>, extra: &str) -> Node {
     start_on_free_port(name, |port| {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).unwrap();
@@ -173,6 +183,7 @@ fn start_server(dir: &Path, name: &str, primary: Option<u16>) -> Node {
         if let Some(primary) = primary {
             text.push_str(&format!("replicaof 127.0.0.1 {primary}\n"));
         }
+        text.push_str(extra);
         std::fs::write(&conf, text).unwrap();
         let mut command = Command::new("redis-server");
         command.arg(conf);
