@@ -423,6 +423,49 @@ struct Tally {
 /// a frontend daemon delivers them to a client: every acknowledged message
 /// arrives once, in order; the frontend says `degraded` while it has no
 /// primary; posting succeeds again after the failover.
+/// A primary cut off from the other Redis hosts, with the Sentinel beside
+/// it, is still named by that Sentinel and still says `master`, while the
+/// majority of the Sentinels name the replica they promoted: the daemons
+/// follow the majority. Asked at once, the cut-off Sentinel answers first
+/// about as often as any other; ten daemons starting show that none takes
+/// its word over the majority's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_follow_the_primary_a_majority_of_sentinels_name() {
+    let set = tokio::task::block_in_place(SentinelSet::start);
+    let (cut_off, its_sentinel) = tokio::task::block_in_place(|| set.start_cut_off_pair());
+    let dir = tempfile::tempdir().unwrap();
+    let path = set.write_config(dir.path(), "");
+    // The cut-off Sentinel first in the list.
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "sentinels = [",
+        &format!("sentinels = [\"{}\", ", its_sentinel.url()),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = load(&path);
+    let majority = format!("127.0.0.1:{}", set.servers[0].port);
+    for attempt in 0..10 {
+        let store = Store::new(&config).unwrap();
+        let stats = store.primary().unwrap().stats();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let address = loop {
+            if let Some(address) = stats.address() {
+                break address;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon {attempt} found no primary"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            address, majority,
+            "daemon {attempt} followed the cut-off primary 127.0.0.1:{}",
+            cut_off.port
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_primary_loses_no_acknowledged_message() {
     let service = tokio::task::block_in_place(|| Service::start(""));

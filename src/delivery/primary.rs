@@ -14,11 +14,15 @@
 //! 1. asks all the Sentinels at once
 //!    `SENTINEL GET-MASTER-ADDR-BY-NAME <redis.sentinel_master>` (one whose
 //!    host is gone would otherwise hold the others up for a timeout);
-//! 2. asks the server named first `ROLE`, and takes it only if it says
-//!    `master`, else the next one named: a Sentinel that has not yet heard
-//!    of a failover may still name the old primary, which by then may be a
-//!    replica. With no Sentinel answering, the current primary is kept as
-//!    long as it says it is one;
+//! 2. counts the answers until a majority of the Sentinels name the same
+//!    server (or all have answered), then asks the server named most `ROLE`,
+//!    and takes it only if it says `master`, else the next one: a Sentinel
+//!    that has not yet heard of a failover may still name the old primary,
+//!    which by then may be a replica; and a Sentinel cut off with an old
+//!    primary names it while it still says `master` (it has not heard that
+//!    it was replaced), but only a minority of the Sentinels does. With no
+//!    Sentinel answering, the current primary is kept as long as it says it
+//!    is one;
 //! 3. publishes the result as a [`Resolved`] with a new `generation`
 //!    whenever the address changes (or the primary answers again after a
 //!    spell without one), or `None` while there is no primary
@@ -351,26 +355,49 @@ impl Sentinels {
         }
     }
 
-    /// The primary: the first server a Sentinel names that `ROLE` confirms,
-    /// else the current one if it still says it is the primary (no Sentinel
-    /// answers).
+    /// The primary: of the servers the Sentinels name, the one named most
+    /// that `ROLE` confirms, else the current one if it still says it is the
+    /// primary (no Sentinel answers).
     ///
     /// The Sentinels are all asked at once: one whose host is gone (its
     /// packets dropped) costs a connection timeout, which must not delay the
-    /// answers of the others. A Sentinel that has not yet heard of a
-    /// failover may answer first and name the old primary: `ROLE` shows it,
-    /// and the next answer is tried.
+    /// answers of the others, so the count stops as soon as a majority
+    /// agree. Counting, rather than taking the first answer, matters when
+    /// the primary was cut off from the other Redis hosts but not from this
+    /// daemon: the Sentinel beside it still names it, and it still says it
+    /// is the primary, while the majority have promoted a replica.
     async fn resolve(
         &self,
         connections: &mut Connections,
         shared: &Shared,
     ) -> Option<(String, u16, bool)> {
+        let named = self.named_by_sentinels(connections).await;
+        for server in &named {
+            if self.is_primary(connections, server).await {
+                return Some(server.clone());
+            }
+        }
+        let current = match shared.current.borrow().as_deref() {
+            Some(Resolved {
+                target: Target::Server { host, port, tls },
+                ..
+            }) => (host.clone(), *port, *tls),
+            _ => return None,
+        };
+        let confirmed = !named.contains(&current) && self.is_primary(connections, &current).await;
+        confirmed.then_some(current)
+    }
+
+    /// The servers the Sentinels name as the primary, the one named most
+    /// first; asked until a majority agree or every Sentinel answered.
+    async fn named_by_sentinels(&self, connections: &Connections) -> Vec<(String, u16, bool)> {
         let mut asking = tokio::task::JoinSet::new();
         for (index, slot) in connections.sentinels.iter().enumerate() {
             let (asker, slot) = (self.clone(), slot.clone());
             asking.spawn(async move { (index, asker.ask_sentinel(&slot, index).await) });
         }
-        let mut tried = Vec::new();
+        let majority = connections.sentinels.len() / 2 + 1;
+        let mut votes: Vec<((String, u16, bool), usize)> = Vec::new();
         // Dropping the set stops the askers that have not answered yet.
         while let Some(joined) = asking.join_next().await {
             let Ok((index, answer)) = joined else {
@@ -391,22 +418,23 @@ impl Sentinels {
                     continue;
                 }
             };
-            if !tried.contains(&named) {
-                if self.is_primary(connections, &named).await {
-                    return Some(named);
+            let count = match votes.iter_mut().find(|(server, _)| *server == named) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count
                 }
-                tried.push(named);
+                None => {
+                    votes.push((named, 1));
+                    1
+                }
+            };
+            if count >= majority {
+                break;
             }
         }
-        let current = match shared.current.borrow().as_deref() {
-            Some(Resolved {
-                target: Target::Server { host, port, tls },
-                ..
-            }) => (host.clone(), *port, *tls),
-            _ => return None,
-        };
-        let confirmed = !tried.contains(&current) && self.is_primary(connections, &current).await;
-        confirmed.then_some(current)
+        // Stable: among equal counts, the first named stays first.
+        votes.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+        votes.into_iter().map(|(server, _)| server).collect()
     }
 
     /// Whether the server says `ROLE` `master`.
@@ -420,6 +448,12 @@ impl Sentinels {
             Ok(role) if role == "master" => true,
             Ok(role) => {
                 tracing::debug!("{host}:{port} is a {role}, not the primary (yet)");
+                false
+            }
+            // Refused rather than unreachable: the login or the ACL is
+            // wrong, which no failover mends; the operator must see it.
+            Err(ConnectError::Redis(e)) if e.code().is_some() => {
+                tracing::warn!("{host}:{port} refuses ROLE: {e}");
                 false
             }
             Err(e) => {

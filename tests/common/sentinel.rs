@@ -142,6 +142,16 @@ impl SentinelSet {
         path
     }
 
+    /// A Redis of its own and a Sentinel that names it the primary under
+    /// the same master name: what a daemon sees of a primary cut off with
+    /// the Sentinel on its host, after the others promoted a replica (that
+    /// primary still says `master` to `ROLE`). Stopped when dropped.
+    pub fn start_cut_off_pair(&self) -> (Node, Node) {
+        let server = start_server(self.dir.path(), "cut-off", None, "");
+        let sentinel = start_sentinel(self.dir.path(), 9, server.port);
+        (server, sentinel)
+    }
+
     /// The port of the server the Sentinels name as the primary now.
     pub fn primary_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|sentinel| {
