@@ -187,10 +187,11 @@ test-packaging: deps-apt deb
 	tests/packaging/install-test.sh $(DEB_OUT)
 
 # The multi-host rig (vagrant-lxc): its box and dependency .debs are cached
-# in /var/cache/chat-ha-rig; lb, front1, front2, back1, back2 and redis boot
-# with the packages of target/debian installed for their role (chat-haproxy;
-# chat-frontend or chat-backend with chat-ha-common; chat-redis), sharing a
-# Redis password made once per rig.
+# in /var/cache/chat-ha-rig; lb1, lb2, front1, front2, back1, back2 and
+# redis1-3 boot with the packages of target/debian installed for their role
+# (chat-haproxy and keepalived; chat-frontend or chat-backend with
+# chat-ha-common; chat-redis and redis-sentinel), sharing the Redis
+# passwords made once per rig.
 box:
 	tests/rig/box.sh
 rig: box

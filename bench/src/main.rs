@@ -95,6 +95,14 @@ struct Args {
     bin_dir: Option<PathBuf>,
     #[arg(long, value_name = "PATH", default_value = "redis-server")]
     redis_server: PathBuf,
+    /// Start this many Redis replicas and a Sentinel: the daemons run in
+    /// Sentinel mode, and a post is answered once --replicas-acked replicas
+    /// hold it (chat-ha only).
+    #[arg(long, default_value_t = 0)]
+    redis_replicas: usize,
+    /// With --redis-replicas: redis.min_replicas_acked (0: no WAIT).
+    #[arg(long, default_value_t = 1)]
+    replicas_acked: usize,
     #[arg(long, value_name = "PATH", default_value = "haproxy")]
     haproxy_bin: PathBuf,
     /// Keep the started processes' logs and configuration (path printed).
@@ -362,6 +370,8 @@ async fn run(
                 pin: !args.no_pin,
                 lb_processes,
                 lb_maxconn,
+                redis_replicas: args.redis_replicas,
+                replicas_acked: args.replicas_acked,
                 keep_dir: args.keep_logs,
             };
             let topo = Topology::start(&plan)?;
@@ -502,6 +512,8 @@ async fn measure(
         "frontends": fronts.len(),
         "backends": backs.len(),
         "haproxy": args.haproxy,
+        "redis_replicas": args.redis_replicas,
+        "replicas_acked": if args.redis_replicas > 0 { json!(args.replicas_acked) } else { Value::Null },
         "client_threads": threads,
         "connect_concurrency": args.connect_concurrency,
         "joined": joined,
@@ -967,7 +979,7 @@ fn print_report(r: &Value) {
     };
     let mut s = String::new();
     s += &format!(
-        "chat-bench [{}] {}: {} clients, {} rooms, {} frontend target(s), {} backend target(s){}\n",
+        "chat-bench [{}] {}: {} clients, {} rooms, {} frontend target(s), {} backend target(s){}{}\n",
         r["mode"].as_str().unwrap_or(""),
         r["stack"].as_str().unwrap_or(""),
         r["clients"],
@@ -978,6 +990,13 @@ fn print_report(r: &Value) {
             ", through the load balancer"
         } else {
             ""
+        },
+        match r["redis_replicas"].as_u64() {
+            Some(n) if n > 0 => format!(
+                ", Redis with {n} replicas behind a Sentinel, {} acknowledging each post",
+                r["replicas_acked"]
+            ),
+            _ => String::new(),
         }
     );
     s += &format!(

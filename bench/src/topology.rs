@@ -124,6 +124,12 @@ pub struct Plan {
     pub lb_processes: usize,
     /// Connections each load-balancer process must accept.
     pub lb_maxconn: usize,
+    /// Redis replicas to start beside the primary (0: one Redis, found by
+    /// URL). With replicas, a Sentinel watches them and the daemons find the
+    /// primary through it (Sentinel mode), waiting for `replicas_acked` of
+    /// them to hold each message before answering 201.
+    pub redis_replicas: usize,
+    pub replicas_acked: usize,
     pub keep_dir: bool,
 }
 
@@ -230,33 +236,94 @@ impl Topology {
         Ok(())
     }
 
+    /// Starts a redis-server without persistence on a free port, with
+    /// `extra` arguments, and waits until it answers; its port.
+    fn start_redis(&mut self, plan: &Plan, name: &str, extra: &[&str]) -> Result<u16, String> {
+        let port = free_port().map_err(|e| e.to_string())?;
+        let mut redis = Command::new(&plan.redis_server);
+        redis.args(["--port", &port.to_string()]);
+        redis.args(["--bind", "127.0.0.1", "--protected-mode", "no"]);
+        redis.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        redis.args(["--loglevel", "warning", "--maxclients", "1000"]);
+        redis.args(extra);
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        redis.arg("--dir").arg(&dir);
+        self.spawn(Role::Redis, name, redis, None)?;
+        self.wait_for(name, || redis_ping(port))?;
+        Ok(port)
+    }
+
+    /// Starts `plan.redis_replicas` replicas of the Redis on `primary` and
+    /// one Sentinel watching it; the Sentinel's port once every replica is
+    /// in sync and the Sentinel names the primary.
+    fn start_replicas_and_sentinel(&mut self, plan: &Plan, primary: u16) -> Result<u16, String> {
+        let primary_arg = primary.to_string();
+        for i in 0..plan.redis_replicas {
+            self.start_redis(
+                plan,
+                &format!("redis-replica{i}"),
+                &["--replicaof", "127.0.0.1", &primary_arg],
+            )?;
+        }
+        let online = format!("connected_slaves:{}", plan.redis_replicas);
+        self.wait_for("the replicas", || {
+            redis_query(primary, "INFO replication").is_some_and(|info| {
+                info.contains(&online)
+                    && info.matches("state=online").count() == plan.redis_replicas
+            })
+        })?;
+        let port = free_port().map_err(|e| e.to_string())?;
+        let conf = self.dir.join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {SENTINEL_MASTER} 127.0.0.1 {primary} 1\n",
+            self.dir.display()
+        );
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let mut sentinel = Command::new(&plan.redis_server);
+        sentinel.arg(&conf).arg("--sentinel");
+        self.spawn(Role::Redis, "sentinel", sentinel, None)?;
+        let query = format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}");
+        self.wait_for("the Sentinel", || {
+            redis_query(port, &query).is_some_and(|reply| reply.contains(&primary_arg))
+        })?;
+        Ok(port)
+    }
+
+    /// Waits up to 20 s for `ready`, failing early if a process exited.
+    fn wait_for(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            self.check_alive(what)?;
+            if Instant::now() > deadline {
+                return Err(format!("{what}: not ready within 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     fn start_all(&mut self, plan: &Plan) -> Result<(), String> {
         let ncpu = crate::procfs::cpu_count();
         if plan.stack == Stack::Node {
             check_node_dir(&plan.node_dir)?;
         }
 
-        let redis_port = free_port().map_err(|e| e.to_string())?;
-        let mut redis = Command::new(&plan.redis_server);
-        redis.args(["--port", &redis_port.to_string()]);
-        redis.args(["--bind", "127.0.0.1", "--protected-mode", "no"]);
-        redis.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
-        redis.args(["--loglevel", "warning", "--maxclients", "1000"]);
-        redis.arg("--dir").arg(&self.dir);
-        self.spawn(Role::Redis, "redis", redis, None)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis_ping(redis_port) {
-            self.check_alive("redis")?;
-            if Instant::now() > deadline {
-                return Err("redis-server did not answer PING within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-
+        let redis_port = self.start_redis(plan, "redis", &[])?;
         let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
+        let redis_keys = if plan.redis_replicas == 0 {
+            format!("url = \"{redis_url}\"\n")
+        } else {
+            let sentinel_port = self.start_replicas_and_sentinel(plan, redis_port)?;
+            format!(
+                "sentinels = [\"redis://127.0.0.1:{sentinel_port}\"]\nsentinel_master = \"{SENTINEL_MASTER}\"\n\
+                 min_replicas_acked = {}\n",
+                plan.replicas_acked
+            )
+        };
         let config = self.dir.join("chat-ha.toml");
         let text = format!(
-            "[log]\nlevel = \"warn\"\n\n[redis]\nurl = \"redis://127.0.0.1:{redis_port}/0\"\n\n\
+            "[log]\nlevel = \"warn\"\n\n[redis]\n{redis_keys}\n\
              [frontend]\nwww_dir = {www:?}\nthreads = {ft}\ndrain_delay_ms = 0\n\n\
              [backend]\nthreads = {bt}\n",
             www = plan.www_dir.display().to_string(),
@@ -478,6 +545,24 @@ fn lb_config(
     c
 }
 
+/// The Sentinel master name of `--redis-replicas`.
+const SENTINEL_MASTER: &str = "chat-ha";
+
+/// The raw answer of Redis on `port` to the inline command `command`
+/// (whatever arrives within 500 ms of the first bytes).
+fn redis_query(port: u16, command: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 fn redis_ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
@@ -534,6 +619,8 @@ mod tests {
             pin: true,
             lb_processes: 0,
             lb_maxconn: 0,
+            redis_replicas: 0,
+            replicas_acked: 1,
             keep_dir: false,
         }
     }

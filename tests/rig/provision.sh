@@ -150,8 +150,8 @@ configure_keepalived() {
         -e "s|^        10.0.0.6\$|${peers%\\n}|" \
         -e "s|^        10.0.0.10/24 dev eth1|        $FLOATING_ADDRESS/24 dev eth1|" \
         "$example" >"$conf"
-    grep -q "^    unicast_src_ip $ADDRESS\$" "$conf" && grep -q "^        $FLOATING_ADDRESS/24 dev eth1\$" "$conf" \
-        || die "could not write $conf"
+    grep -q "^    unicast_src_ip $ADDRESS\$" "$conf" || die "could not set unicast_src_ip in $conf"
+    grep -q "^        $FLOATING_ADDRESS/24 dev eth1\$" "$conf" || die "could not set the floating address in $conf"
     local started
     started=$(date +%s)
     systemctl enable --quiet keepalived.service
@@ -160,7 +160,7 @@ configure_keepalived() {
     vrrp_state() { journalctl -q --no-pager -u keepalived.service -o cat --since=@"$started" | grep -o 'Entering [A-Z]* STATE' | tail -1; }
     wait_for 15 sh -c 'systemctl is-active --quiet keepalived.service && journalctl -q --no-pager -u keepalived.service -o cat --since=@'"$started"' | grep -Eq "Entering (BACKUP|MASTER) STATE"' \
         || die "keepalived did not start: $(systemctl is-active keepalived.service); $(journalctl -q --no-pager -u keepalived.service -o cat -n 10 | tr '\n' ' ')"
-    say "keepalived: priority $PRIORITY, peers $(echo "$peers" | tr -d ' ' | sed 's/\\n/ /g'), $(vrrp_state | tr 'A-Z' 'a-z')"
+    say "keepalived: priority $PRIORITY, peers $(printf '%b' "$peers" | tr -s ' \n' ' '), $(vrrp_state | tr '[:upper:]' '[:lower:]')"
 }
 
 # curl (checks below) and socat (HAProxy's stats socket): in the lxc box;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Vagrant on the rig's machines, with the rig's state directory:
-#   tests/rig/vagrant.sh status | ssh lb | ssh front1 -c 'systemctl status chat-ha.target' ...
+#   tests/rig/vagrant.sh status | ssh lb1 | ssh front1 -c 'systemctl status chat-ha.target' ...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=tests/rig/common.sh

@@ -65,7 +65,7 @@ describe('drills: machines powered off under load', () => {
     await load.acknowledgedMore(500, 60_000);
     const outage = load.outage(faultAt);
     t.diagnostic(`posting back ${outage.backAfterMs} ms after the power-off (${outage.failedTries} failed tries, retried)`);
-    const report = await load.finish('load balancer powered off');
+    const report = await load.finish('load balancer powered off', faultAt);
     t.diagnostic(report.line);
     t.diagnostic(`by transport: ${JSON.stringify(report.byTransport)}`);
     assertNothingLost(report);
@@ -98,7 +98,7 @@ describe('drills: machines powered off under load', () => {
       await load.acknowledgedMore(500, 60_000);
       const outage = load.outage(faultAt);
       t.diagnostic(`posting: ${outage.failedTries} failed tries, retried; back ${outage.backAfterMs} ms after the power-off`);
-      const report = await load.finish(`${kind} host powered off`);
+      const report = await load.finish(`${kind} host powered off`, faultAt);
       t.diagnostic(report.line);
     t.diagnostic(`by transport: ${JSON.stringify(report.byTransport)}`);
       assertNothingLost(report);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The system tests: the packages of target/debian installed on six machines
+# The system tests: the packages of target/debian installed on nine machines
 # (tests/rig, the Vagrantfile), driven from this host through the load
 # balancer with the official socket.io-client.
 #
