@@ -423,6 +423,24 @@ struct Tally {
 /// a frontend daemon delivers them to a client: every acknowledged message
 /// arrives once, in order; the frontend says `degraded` while it has no
 /// primary; posting succeeds again after the failover.
+/// A daemon that has just started (a restarted backend, its socket full of
+/// waiting requests) has not asked the Sentinels yet: its first requests
+/// wait for the primary instead of being refused, and so does a read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_made_before_the_primary_is_found_wait_for_it() {
+    let set = tokio::task::block_in_place(SentinelSet::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = load(&set.write_config(dir.path(), ""));
+    let store = Store::new(&config).unwrap();
+    let first = store.append(&post("early", "first"), None).await.unwrap();
+    let again = Store::new(&config).unwrap();
+    let read = again
+        .history(&first.message.room, 10, None, 64 * 1024)
+        .await
+        .unwrap();
+    assert_eq!(read, vec![first.message]);
+}
+
 /// A primary cut off from the other Redis hosts, with the Sentinel beside
 /// it, is still named by that Sentinel and still says `master`, while the
 /// majority of the Sentinels name the replica they promoted: the daemons

@@ -223,7 +223,11 @@ impl ReplicaAcks {
 
 impl Shared {
     async fn writer(&self) -> Result<Writer, StoreError> {
-        let resolved = self.primary.current().ok_or(StoreError::NoPrimary)?;
+        let resolved = self
+            .primary
+            .current_within(self.config.command_timeout())
+            .await
+            .ok_or(StoreError::NoPrimary)?;
         let mut writer = self.writer.lock().await;
         if let Some(current) = &*writer
             && current.generation == resolved.generation

@@ -339,7 +339,7 @@ impl Feed {
             if self.health.set_up(false) {
                 tracing::warn!(
                     "lost Redis, delivery paused at {:?}: {error}",
-                    self.position.as_ref().map(|p| p.cursor.to_string())
+                    self.delivered_up_to().map(|id| id.to_string())
                 );
             } else {
                 tracing::debug!("Redis still unreachable: {error}");
@@ -347,6 +347,13 @@ impl Feed {
             tokio::time::sleep(jitter(pause)).await;
             pause = (pause * 2).min(self.reconnect_max);
         }
+    }
+
+    /// The last entry handed to the subscriber, where delivery goes on from:
+    /// the last released one when entries are held for the replicas.
+    fn delivered_up_to(&self) -> Option<StreamId> {
+        let cursor = self.position.as_ref().map(|p| p.cursor)?;
+        Some(self.held.as_ref().map_or(cursor, |h| h.released))
     }
 
     /// Connects, subscribes and delivers until the connection fails.

@@ -221,6 +221,19 @@ impl Primary {
         self.0.shared.current.borrow().clone()
     }
 
+    /// The primary now or, while there is none (the Sentinels are being
+    /// asked, at start or during a failover), the one found within `limit`;
+    /// `None` if none is. A request that arrives as the daemon starts, or
+    /// as a failover ends, is served rather than refused.
+    pub async fn current_within(&self, limit: Duration) -> Option<Arc<Resolved>> {
+        let mut changes = self.changes();
+        let found = changes.wait_for(Option::is_some);
+        match tokio::time::timeout(limit, found).await {
+            Ok(Ok(resolved)) => resolved.clone(),
+            _ => None,
+        }
+    }
+
     /// A receiver that sees each change of [`Primary::current`]; with one
     /// Redis, it never does.
     pub fn changes(&self) -> watch::Receiver<Option<Arc<Resolved>>> {

@@ -308,7 +308,7 @@ impl Store {
         }
         let (id, outcome): (String, String) = match &self.0.acks {
             None => {
-                let mut conn = self.connection()?;
+                let mut conn = self.connection().await?;
                 self.bounded(invocation.invoke_async(&mut conn)).await?
             }
             Some(acks) => {
@@ -396,7 +396,7 @@ impl Store {
         count: usize,
         max_bytes: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection().await?;
         let mut invocation = self.0.page_script.prepare_invoke();
         invocation
             .key(self.0.keys.room(room))
@@ -413,7 +413,7 @@ impl Store {
         room: &Room,
         cmd: redis::Cmd,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection().await?;
         let entries: Entries = self.bounded(cmd.query_async(&mut conn)).await?;
         Self::messages(room, entries)
     }
@@ -433,8 +433,10 @@ impl Store {
     }
 
     /// Asks Redis whether it is there; records and returns the answer.
+    /// Without a primary now, the answer is no at once: status reports the
+    /// moment, it does not wait for the next primary.
     pub async fn ping(&self) -> bool {
-        let Ok(mut conn) = self.connection() else {
+        let Ok(mut conn) = self.connection_within(Duration::ZERO).await else {
             return false;
         };
         self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
@@ -447,8 +449,14 @@ impl Store {
         self.0.health.clone()
     }
 
-    /// A connection to Redis: the one Redis, or the primary now.
-    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    /// A connection to Redis: the one Redis, or the primary (waiting up to
+    /// the command timeout for one while there is none).
+    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+        self.connection_within(self.0.timeout).await
+    }
+
+    /// [`Store::connection`], waiting at most `limit` for a primary.
+    async fn connection_within(&self, limit: Duration) -> Result<ConnectionManager, StoreError> {
         match &self.0.link {
             Link::Fixed(manager) => Ok(manager.clone()),
             Link::Following {
@@ -456,7 +464,7 @@ impl Store {
                 manager_config,
                 current,
             } => {
-                let Some(resolved) = primary.current() else {
+                let Some(resolved) = primary.current_within(limit).await else {
                     self.record_reachable::<()>(&Err(StoreError::NoPrimary));
                     return Err(StoreError::NoPrimary);
                 };
