@@ -502,7 +502,7 @@ function byTransport(clients, report) {
  * address, spread over `rooms` rooms (half of each room's clients over
  * websocket, half over long-polling, the two demo domains in turn), each
  * rejoining with `since` after any reconnection; and in each room a stream
- * of posts, two at a time, each retried with its Idempotency-Key until
+ * of posts, three at a time, each retried with its Idempotency-Key until
  * acknowledged. Several rooms, as a real cluster has: every client gets
  * its room's messages, not all of them.
  */
@@ -536,7 +536,7 @@ export class Load {
     }
     for (const room of this.rooms) {
       room.poster = new RetryingPoster(LB_URL, room.name, {
-        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 2, label: 'drill',
+        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 3, label: 'drill',
       }).start();
     }
     this.startedAt = Date.now();
