@@ -25,7 +25,7 @@ describe(`systemctl restart ${UNIT} on ${HOST} under a stream of POSTs`, () => {
   it('loses no request and no message', async () => {
     await waitForServers({ 'back1-0': 'UP', 'back1-1': 'UP', 'back2-0': 'UP', 'back2-1': 'UP' });
     client = await new RigClient(DOMAIN_1, ROOM, { transports: ['websocket'] }).ready();
-    const since = (await ssh(currentLb(), 'date +%s.%N')).trim();
+    const since = (await ssh(await currentLb(), 'date +%s.%N')).trim();
     const before = (await ssh(HOST, `systemctl show -P MainPID ${UNIT}`)).trim();
 
     // 4 posters, each with one request in flight at a time, 20 ms apart:
@@ -47,7 +47,7 @@ describe(`systemctl restart ${UNIT} on ${HOST} under a stream of POSTs`, () => {
     const total = poster.acked.length + poster.failed.length;
     console.log(`# ${total} POSTs (${poster.sent - sentBefore} from the restart on; the restart command took ${restartMs} ms), ${poster.failed.length} failed`);
     if (poster.failed.length) {
-      const log = await ssh(currentLb(), `sudo journalctl -q --no-pager -u haproxy --since=@${since} -o cat | grep -v ' 201 ' | tail -20`);
+      const log = await ssh(await currentLb(), `sudo journalctl -q --no-pager -u haproxy --since=@${since} -o cat | grep -v ' 201 ' | tail -20`);
       console.log(`# failures: ${JSON.stringify(poster.failed.slice(0, 10))}\n# HAProxy log (not 201):\n${log.replace(/^/gm, '#   ')}`);
     }
     assert.deepEqual(poster.failed, [], 'every POST answered 201');

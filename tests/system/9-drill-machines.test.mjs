@@ -93,7 +93,7 @@ describe('drills: machines powered off under load', () => {
       off.add(host);
       const down = Object.fromEntries(Object.keys(ALL_UP()).filter((s) => s.startsWith(`${host}-`)).map((s) => [s, 'DOWN']));
       await waitForServers(down, 30_000);
-      t.diagnostic(`${host} powered off; HAProxy on ${currentLb()} took its instances out ${Date.now() - faultAt} ms later`);
+      t.diagnostic(`${host} powered off; HAProxy on ${await currentLb()} took its instances out ${Date.now() - faultAt} ms later`);
 
       await load.acknowledgedMore(500, 60_000);
       const outage = load.outage(faultAt);

@@ -96,15 +96,17 @@ export async function ssh(name, command, { timeoutMs = 60_000 } = {}) {
   });
 }
 
-// The load balancer status is asked through and whose HAProxy is looked at:
-// lb1, until a test powers it off and names the other (useLb).
-let lbMachine = LB_MACHINES[0].name;
+// The load balancer status is asked through and whose HAProxy is looked
+// at: the one holding the floating address (the one clients reach), found
+// at first use, until a test powers it off and names the other (useLb).
+let lbMachine = null;
 /** Asks status and HAProxy's states through machine `name` from now on. */
 export function useLb(name) {
   lbMachine = name;
 }
 /** The load balancer machine status is asked through. */
-export function currentLb() {
+export async function currentLb() {
+  lbMachine ??= (await floatingAddressHolder()) ?? LB_MACHINES[0].name;
   return lbMachine;
 }
 
@@ -117,7 +119,7 @@ export async function getFromLb(urls) {
   // Each answer on one line: "CODE BODY" (the status endpoints answer one line).
   const script = urls.map((u) => `printf '%s ' "$(curl -s -o /tmp/chat-ha-get.$$ -w '%{http_code}' --max-time 2 '${u}' || true)"; `
     + 'tr -d "\\n" </tmp/chat-ha-get.$$ 2>/dev/null; echo').join('\n');
-  const out = await ssh(lbMachine, `${script}\nrm -f /tmp/chat-ha-get.$$`);
+  const out = await ssh(await currentLb(), `${script}\nrm -f /tmp/chat-ha-get.$$`);
   return out.split('\n').slice(0, urls.length).map((line) => {
     const space = line.indexOf(' ');
     return { code: Number(line.slice(0, space)) || 0, body: line.slice(space + 1) };
@@ -146,8 +148,8 @@ export async function frontConnections() {
 }
 
 /** HAProxy's servers: [{backend, server, status, stot, ...}] from `show stat` on a load balancer (default: the current one). */
-export async function lbServers(machine = lbMachine) {
-  const csv = await ssh(machine, 'echo "show stat" | sudo socat stdio /run/haproxy/admin.sock');
+export async function lbServers(machine) {
+  const csv = await ssh(machine ?? await currentLb(), 'echo "show stat" | sudo socat stdio /run/haproxy/admin.sock');
   const lines = csv.trim().split('\n');
   const head = lines[0].replace(/^# /, '').split(',');
   return lines.slice(1).map((l) => Object.fromEntries(l.split(',').map((v, i) => [head[i], v])))
