@@ -43,6 +43,8 @@ pub fn socket_io(config: &Config, rooms: Arc<Rooms>) -> (SocketIoLayer, SocketIo
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)
         .ws_read_buffer_size(WS_READ_BUFFER)
+        .ping_interval(config.frontend.ping_interval())
+        .ping_timeout(config.frontend.ping_timeout())
         .build_layer();
     let limits = EventLimits {
         rate: config.frontend.events_per_second.get(),
