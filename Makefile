@@ -93,8 +93,23 @@ test-vendor: deps-apt
 	cd vendor && CARGO_TARGET_DIR=$(CURDIR)/target/vendor \
 	  $(CARGO) test --locked --workspace --all-features --no-fail-fast
 
+# The test files run one at a time. The idle drill (tests/e2e/idle-drill.mjs:
+# socket.io 2 clients idle for 10 minutes through HAProxy) runs beside
+# them, in a process and a cluster of its own, started first and awaited
+# last: its minutes pass while the files run. Its report is printed at the
+# end; the tier fails if either failed.
+IDLE_DRILL_LOG := $(CURDIR)/target/idle-drill.log
 test-e2e: deps build
-	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
+	cd tests/e2e && { \
+	  node idle-drill.mjs >'$(IDLE_DRILL_LOG)' 2>&1 & drill=$$!; \
+	  trap 'kill "$$drill" 2>/dev/null' INT TERM; \
+	  node --test --test-concurrency=1 --test-reporter=spec; tests=$$?; \
+	  echo "waiting for the idle drill (pid $$drill, log $(IDLE_DRILL_LOG))"; \
+	  wait $$drill; drilled=$$?; \
+	  cat '$(IDLE_DRILL_LOG)'; \
+	  echo "e2e tests: exit $$tests; idle drill: exit $$drilled"; \
+	  [ $$tests -eq 0 ] && [ $$drilled -eq 0 ]; \
+	}
 
 # The project's own parsers under libFuzzer, briefly: request bodies, the
 # configuration, the join payload, each against what the documentation says
