@@ -21,7 +21,7 @@ use crate::message::JoinRequest;
 /// Largest Engine.IO payload (a long-polling request or response). It must
 /// hold the largest message the server sends: 4000 characters, each escaped
 /// in JSON as up to 6 bytes, plus the envelope.
-const MAX_PAYLOAD: u64 = 32 * 1024;
+pub(super) const MAX_PAYLOAD: u64 = 32 * 1024;
 /// Largest websocket message a client may send: clients send only small
 /// events (`room`), so anything larger is an error, not a message.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
