@@ -113,13 +113,15 @@ test-e2e: deps build
 
 # The project's own parsers under libFuzzer, briefly: request bodies, the
 # configuration, the join payload, each against what the documentation says
-# it accepts. cargo fuzz passes flags of the nightly compiler; this
-# machine's toolchain is stable, hence RUSTC_BOOTSTRAP for this build only.
+# it accepts; and Engine.IO 3's framing (socket.io 2.x clients) through the
+# parsers the frontend runs. cargo fuzz passes flags of the nightly
+# compiler; this machine's toolchain is stable, hence RUSTC_BOOTSTRAP for
+# this build only.
 # cargo fuzz has no --locked: fetching with it first fails on a stale
 # fuzz/Cargo.lock, which the build then has no reason to rewrite. Seeds
 # are read from fuzz/corpus/ and never written there.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := post_body config join_payload
+FUZZ_TARGETS := post_body config join_payload eio3_frames
 test-fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	$(CARGO) fetch --locked --manifest-path fuzz/Cargo.toml
