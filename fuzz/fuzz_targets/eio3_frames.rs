@@ -122,7 +122,10 @@ fn encode(packets: Vec<Packet>, supports_binary: bool) -> Payload {
 /// waits: a future that would is a failure of its own.
 fn ready<T>(future: impl Future<Output = T>) -> T {
     let mut future = pin!(future);
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
         Poll::Ready(value) => value,
         Poll::Pending => panic!("decoding or encoding bytes in memory waited"),
     }
