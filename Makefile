@@ -93,18 +93,35 @@ test-vendor: deps-apt
 	cd vendor && CARGO_TARGET_DIR=$(CURDIR)/target/vendor \
 	  $(CARGO) test --locked --workspace --all-features --no-fail-fast
 
+# The test files run one at a time. The idle drill (tests/e2e/idle-drill.mjs:
+# socket.io 2 clients idle for 10 minutes through HAProxy) runs beside
+# them, in a process and a cluster of its own, started first and awaited
+# last: its minutes pass while the files run. Its report is printed at the
+# end; the tier fails if either failed.
+IDLE_DRILL_LOG := $(CURDIR)/target/idle-drill.log
 test-e2e: deps build
-	cd tests/e2e && node --test --test-concurrency=1 --test-reporter=spec
+	cd tests/e2e && { \
+	  node idle-drill.mjs >'$(IDLE_DRILL_LOG)' 2>&1 & drill=$$!; \
+	  trap 'kill "$$drill" 2>/dev/null' INT TERM; \
+	  node --test --test-concurrency=1 --test-reporter=spec; tests=$$?; \
+	  echo "waiting for the idle drill (pid $$drill, log $(IDLE_DRILL_LOG))"; \
+	  wait $$drill; drilled=$$?; \
+	  cat '$(IDLE_DRILL_LOG)'; \
+	  echo "e2e tests: exit $$tests; idle drill: exit $$drilled"; \
+	  [ $$tests -eq 0 ] && [ $$drilled -eq 0 ]; \
+	}
 
 # The project's own parsers under libFuzzer, briefly: request bodies, the
 # configuration, the join payload, each against what the documentation says
-# it accepts. cargo fuzz passes flags of the nightly compiler; this
-# machine's toolchain is stable, hence RUSTC_BOOTSTRAP for this build only.
+# it accepts; and Engine.IO 3's framing (socket.io 2.x clients) through the
+# parsers the frontend runs. cargo fuzz passes flags of the nightly
+# compiler; this machine's toolchain is stable, hence RUSTC_BOOTSTRAP for
+# this build only.
 # cargo fuzz has no --locked: fetching with it first fails on a stale
 # fuzz/Cargo.lock, which the build then has no reason to rewrite. Seeds
 # are read from fuzz/corpus/ and never written there.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := post_body config join_payload
+FUZZ_TARGETS := post_body config join_payload eio3_frames
 test-fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	$(CARGO) fetch --locked --manifest-path fuzz/Cargo.toml

@@ -20,6 +20,22 @@ pub const DEFAULT_PATH: &str = "/etc/chat-ha/chat-ha.toml";
 /// around them), so that a queue half full still takes any message.
 pub const MIN_QUEUED_BYTES: usize = 64 * 1024;
 
+/// `frontend.ping_interval_ms` and `frontend.ping_timeout_ms` by default:
+/// the Engine.IO defaults (socketioxide's, and Node's socket.io 2.x's
+/// interval), which every client's own timers are made for.
+pub const DEFAULT_PING_INTERVAL_MS: u32 = 25_000;
+pub const DEFAULT_PING_TIMEOUT_MS: u32 = 20_000;
+/// The bounds of `frontend.ping_interval_ms`. Below a second, every idle
+/// client would cost the servers a packet and a wake-up several times a
+/// second. A long-polling request is held open until the next heartbeat, and
+/// the packaged HAProxy gives a request 60 s (`timeout server`, `timeout
+/// client`): above 50 s, idle long-polling clients would be cut off by it.
+pub const PING_INTERVAL_MS_BOUNDS: std::ops::RangeInclusive<u32> = 1_000..=50_000;
+/// The bounds of `frontend.ping_timeout_ms`: a client gets at least a second
+/// to answer, and one that vanished is let go within a minute past its
+/// heartbeat (its socket, queue and rooms are held until then).
+pub const PING_TIMEOUT_MS_BOUNDS: std::ops::RangeInclusive<u32> = 1_000..=60_000;
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -465,6 +481,16 @@ pub struct FrontendConfig {
     /// joins): per second on average, and at once.
     pub replay_per_second: NonZeroU32,
     pub replay_burst: NonZeroU32,
+    /// The Engine.IO heartbeat's period. Engine.IO 4: the server pings each
+    /// client this often. Engine.IO 3 (socket.io 2.x): the handshake tells
+    /// the client to ping this often, and the server answers.
+    pub ping_interval_ms: u32,
+    /// How long past the period a client may stay silent: an Engine.IO 4
+    /// client that has not answered a ping within this long, or an
+    /// Engine.IO 3 client that has not pinged within interval + timeout, is
+    /// disconnected (a client that vanished without closing its connection
+    /// is noticed by then).
+    pub ping_timeout_ms: u32,
 }
 
 impl Default for FrontendConfig {
@@ -483,6 +509,8 @@ impl Default for FrontendConfig {
             backlog_timeout_ms: NonZeroU32::new(5_000).unwrap(),
             replay_per_second: NonZeroU32::new(200).unwrap(),
             replay_burst: NonZeroU32::new(2_000).unwrap(),
+            ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
+            ping_timeout_ms: DEFAULT_PING_TIMEOUT_MS,
         }
     }
 }
@@ -619,6 +647,12 @@ impl FrontendConfig {
     pub fn drain_delay(&self) -> Duration {
         Duration::from_millis(u64::from(self.drain_delay_ms))
     }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.ping_interval_ms))
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.ping_timeout_ms))
+    }
 }
 
 impl BackendConfig {
@@ -629,6 +663,25 @@ impl BackendConfig {
 
 fn millis(ms: NonZeroU32) -> Duration {
     Duration::from_millis(u64::from(ms.get()))
+}
+
+/// `ms` when within `bounds`, else the key and why.
+fn check_millis(
+    key: &'static str,
+    ms: u32,
+    bounds: std::ops::RangeInclusive<u32>,
+) -> Result<(), (&'static str, String)> {
+    if bounds.contains(&ms) {
+        return Ok(());
+    }
+    Err((
+        key,
+        format!(
+            "is {ms}; it must be from {} to {} (milliseconds)",
+            bounds.start(),
+            bounds.end()
+        ),
+    ))
 }
 
 impl Config {
@@ -660,6 +713,17 @@ impl Config {
                 ),
             ));
         }
+        let frontend = &self.frontend;
+        check_millis(
+            "frontend.ping_interval_ms",
+            frontend.ping_interval_ms,
+            PING_INTERVAL_MS_BOUNDS,
+        )?;
+        check_millis(
+            "frontend.ping_timeout_ms",
+            frontend.ping_timeout_ms,
+            PING_TIMEOUT_MS_BOUNDS,
+        )?;
         Ok(())
     }
 
@@ -758,6 +822,49 @@ mod tests {
         let err = parse("[frontend]\nmax_queued_bytes = 1000\n").unwrap_err();
         assert!(err.contains("frontend.max_queued_bytes is 1000"), "{err}");
         assert!(parse("[frontend]\nmax_queued_bytes = 65536\n").is_ok());
+    }
+
+    #[test]
+    fn the_heartbeat_defaults_to_engine_io_s_and_takes_values_within_bounds() {
+        let config = parse("").unwrap();
+        assert_eq!(config.frontend.ping_interval(), Duration::from_secs(25));
+        assert_eq!(config.frontend.ping_timeout(), Duration::from_secs(20));
+
+        let tuned =
+            parse("[frontend]\nping_interval_ms = 1000\nping_timeout_ms = 60000\n").unwrap();
+        assert_eq!(tuned.frontend.ping_interval(), Duration::from_secs(1));
+        assert_eq!(tuned.frontend.ping_timeout(), Duration::from_secs(60));
+        let tuned =
+            parse("[frontend]\nping_interval_ms = 50000\nping_timeout_ms = 1000\n").unwrap();
+        assert_eq!(tuned.frontend.ping_interval(), Duration::from_secs(50));
+        assert_eq!(tuned.frontend.ping_timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_heartbeat_out_of_bounds_is_refused_naming_its_key() {
+        for (key, value, bounds) in [
+            ("ping_interval_ms", "999", "1000 to 50000"),
+            ("ping_interval_ms", "50001", "1000 to 50000"),
+            ("ping_interval_ms", "0", "1000 to 50000"),
+            ("ping_timeout_ms", "999", "1000 to 60000"),
+            ("ping_timeout_ms", "60001", "1000 to 60000"),
+        ] {
+            let err = parse(&format!("[frontend]\n{key} = {value}\n")).unwrap_err();
+            let expected = format!("frontend.{key} is {value}; it must be from {bounds}");
+            assert!(err.contains(&expected), "{err}");
+        }
+        let err = parse("[frontend]\nping_interval_ms = -1\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("ping_interval_ms"),
+            "{err}"
+        );
+        let err = parse("[frontend]\nping_interval_ms = \"25s\"\n").unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("ping_interval_ms"),
+            "{err}"
+        );
+        let err = parse("[frontend]\nping_intervall_ms = 1000\n").unwrap_err();
+        assert!(err.contains("unknown field `ping_intervall_ms`"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! library's own validation:
 //!
 //! - `frontend.max_queued_bytes` is at least 64 KiB;
+//! - `frontend.ping_interval_ms` is from 1000 to 50000, and
+//!   `frontend.ping_timeout_ms` from 1000 to 60000;
 //! - no Redis URL (`redis.url`, or each of `redis.sentinels`) holds a
 //!   password, neither as a URL's password (`redis://user:password@host`)
 //!   nor as the `pass` of a socket URL (`unix:///path?pass=...`): the file
@@ -24,6 +26,16 @@ fuzz_target!(|data: &[u8]| {
         Ok(config) => {
             let queued = config.frontend.max_queued_bytes.get();
             assert!(queued >= 64 * 1024, "max_queued_bytes {queued} accepted");
+            let interval = config.frontend.ping_interval_ms;
+            assert!(
+                (1000..=50_000).contains(&interval),
+                "ping_interval_ms {interval} accepted"
+            );
+            let timeout = config.frontend.ping_timeout_ms;
+            assert!(
+                (1000..=60_000).contains(&timeout),
+                "ping_timeout_ms {timeout} accepted"
+            );
             let urls: Vec<&str> = match &config.redis.mode {
                 RedisMode::Single(url) => vec![url.as_str()],
                 RedisMode::Sentinel(sentinel) => {

@@ -26,12 +26,14 @@ use crate::serve::{Access, ConnectionCount, Listeners, serve, serve_metrics};
 pub const SOCKET_IO_PATH: &str = "/front/socket.io";
 
 mod budget;
+mod eio3_payload;
 mod http;
 mod replay;
 mod request;
 mod rooms;
 mod sockets;
 
+pub use eio3_payload::splits_a_character;
 pub use rooms::{JoinError, Joined, Rooms};
 pub use sockets::socket_io;
 
@@ -87,6 +89,9 @@ pub async fn run(
     };
     let app = http::router(pages)
         .layer(layer)
+        // Engine.IO 3 text payloads that engineioxide's decoder would never
+        // finish are refused before it reads them.
+        .layer(axum::middleware::from_fn(eio3_payload::check_posts))
         .layer(http::no_sniffing())
         // Outside socketioxide's layer, so it sees the request first.
         .layer(tower::util::MapRequestLayer::new(request::trim_socket_io));

@@ -21,7 +21,7 @@ use crate::message::JoinRequest;
 /// Largest Engine.IO payload (a long-polling request or response). It must
 /// hold the largest message the server sends: 4000 characters, each escaped
 /// in JSON as up to 6 bytes, plus the envelope.
-const MAX_PAYLOAD: u64 = 32 * 1024;
+pub(super) const MAX_PAYLOAD: u64 = 32 * 1024;
 /// Largest websocket message a client may send: clients send only small
 /// events (`room`), so anything larger is an error, not a message.
 const MAX_CLIENT_FRAME: usize = 4 * 1024;
@@ -43,6 +43,8 @@ pub fn socket_io(config: &Config, rooms: Arc<Rooms>) -> (SocketIoLayer, SocketIo
         .ws_max_message_size(MAX_CLIENT_FRAME)
         .ws_max_frame_size(MAX_CLIENT_FRAME)
         .ws_read_buffer_size(WS_READ_BUFFER)
+        .ping_interval(config.frontend.ping_interval())
+        .ping_timeout(config.frontend.ping_timeout())
         .build_layer();
     let limits = EventLimits {
         rate: config.frontend.events_per_second.get(),

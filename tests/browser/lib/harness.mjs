@@ -30,7 +30,7 @@ export const WAIT_MS = 15000;
  * Playwright with Chromium.) The daemons' logs are kept, until the next run,
  * in target/browser-logs/<name>/.
  */
-export async function startChat({ name, frontends = 2, backends = 2 }) {
+export async function startChat({ name, frontends = 2, backends = 2, browserArgs = [] }) {
   const logDir = path.join(LOG_DIR, name);
   fs.rmSync(logDir, { recursive: true, force: true });
   const env = { topo: null, browser: null };
@@ -46,7 +46,7 @@ export async function startChat({ name, frontends = 2, backends = 2 }) {
   };
   try {
     env.topo = await startTopology({ frontends, backends, haproxyPort: 0, logDir });
-    env.browser = await launchBrowser();
+    env.browser = await launchBrowser(browserArgs);
   } catch (e) {
     await env.stop().catch(() => {});
     throw e;
@@ -58,7 +58,8 @@ export async function startChat({ name, frontends = 2, backends = 2 }) {
   return env;
 }
 
-export function launchBrowser() {
+/** Headless Chromium; `extraArgs`: more command-line switches. */
+export function launchBrowser(extraArgs = []) {
   return chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -72,6 +73,7 @@ export function launchBrowser() {
       '--disable-sync',
       '--no-first-run',
       `--host-resolver-rules=${DOMAINS.map((d) => `MAP ${d} 127.0.0.1`).join(',')}`,
+      ...extraArgs,
     ],
   });
 }
