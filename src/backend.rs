@@ -346,11 +346,8 @@ async fn get_messages(
 
 async fn status(State(state): State<AppState>) -> Json<Status> {
     let redis_up = state.store.ping().await;
-    Json(Status::new(
-        redis_up,
-        state.instance,
-        state.connections.get(),
-    ))
+    let following = state.store.primary().filter(|p| p.follows_sentinels());
+    Json(Status::new(redis_up, state.instance, state.connections.get()).following(following))
 }
 
 async fn not_found() -> ApiError {

@@ -6,6 +6,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::Primary;
+
 /// What an instance says of itself: 200 while it takes new clients (even
 /// with Redis down: a frontend keeps its sockets, a backend answers 503
 /// itself), 503 once it is draining before a stop.
@@ -16,6 +18,10 @@ pub struct Status {
     pub instance: u32,
     /// Sockets (frontend) or open HTTP connections (backend).
     pub connections: usize,
+    /// In Sentinel mode, the primary followed now (`HOST:PORT`), absent
+    /// while there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_primary: Option<String>,
 }
 
 /// Whether the instance serves as it should.
@@ -48,7 +54,14 @@ impl Status {
             redis,
             instance,
             connections,
+            redis_primary: None,
         }
+    }
+
+    /// The same, naming the Redis primary followed now (Sentinel mode).
+    pub fn following(mut self, primary: Option<&Primary>) -> Self {
+        self.redis_primary = primary.and_then(|p| p.stats().address());
+        self
     }
 
     /// The same, marked as draining.

@@ -830,6 +830,16 @@ async fn the_daemons_work_in_sentinel_mode_as_the_shipped_acl_user() {
         service.set.servers[0].query(redis::cmd("GET").arg("chat:feed:replicated"))
     });
     assert_eq!(recorded, id, "the replicated position, set as chat-ha");
+
+    // Both status answers name the primary they follow.
+    let primary = format!("127.0.0.1:{}", service.set.servers[0].port);
+    for url in [
+        service.backend_url("/back/status"),
+        format!("http://{}/front/status", service.frontend.public),
+    ] {
+        let status: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        assert_eq!(status["redis_primary"], primary.as_str(), "{url}: {status}");
+    }
 }
 
 /// A primary that keeps running but whose replicas stopped answering does

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::delivery::RedisHealth;
+use crate::delivery::{Primary, RedisHealth};
 use crate::message::{InvalidInput, Room};
 use crate::metrics::FrontendMetrics;
 use crate::status::Status;
@@ -32,6 +32,8 @@ pub struct Pages {
     pub instance: u32,
     /// Set once the instance stops: its status then answers 503.
     pub draining: Arc<AtomicBool>,
+    /// The primary followed, in Sentinel mode: status names it.
+    pub primary: Option<Primary>,
 }
 
 /// An error answer: a status and `{"error": "..."}`.
@@ -105,7 +107,8 @@ async fn page(State(pages): State<Pages>, Path(room): Path<String>) -> Result<Re
 
 async fn status(State(pages): State<Pages>) -> Status {
     let sockets = usize::try_from(pages.metrics.sockets.get()).unwrap_or(0);
-    let status = Status::new(pages.health.is_up(), pages.instance, sockets);
+    let status = Status::new(pages.health.is_up(), pages.instance, sockets)
+        .following(pages.primary.as_ref());
     match pages.draining.load(Ordering::Relaxed) {
         true => status.draining(),
         false => status,

@@ -86,6 +86,7 @@ pub async fn run(
         metrics,
         instance,
         draining: draining.clone(),
+        primary: following.cloned(),
     };
     let app = http::router(pages)
         .layer(layer)
