@@ -79,6 +79,15 @@ async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
             .unwrap()
             .run(Arc::new(Forward(tx))),
     );
+    // A feed hands on what is appended once it follows the stream: it
+    // starts at the stream's end.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !health.is_up() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the feed follows the primary within 20 s");
 
     let first = append_until_stored(&store, "first").await;
     for replica in &set.servers[1..] {
