@@ -81,8 +81,12 @@ lint: deps-lint
 
 test-rust: deps-apt
 	$(CARGO) test --locked --workspace --all-targets
-	# A short benchmark run: it fails on any lost, duplicated or refused message.
+	# Short benchmark runs: each fails on any lost, duplicated or refused
+	# message. socket.io 4 clients and one Redis; socket.io 2.x clients;
+	# Sentinel mode, each post acknowledged by a replica.
 	$(CARGO) run --locked -q -p chat-bench -- --smoke
+	$(CARGO) run --locked -q -p chat-bench -- --smoke --eio 3
+	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-replicas 2
 
 # The patched crates of vendor/ (vendor/README.md): the tree cargo builds
 # must be the published crates with the patch series applied, nothing else;

@@ -113,6 +113,8 @@ pub struct Spec {
     pub target: SocketAddr,
     pub room_index: usize,
     pub room: String,
+    /// Speak Engine.IO 3, as socket.io 2.x clients do, instead of 4.
+    pub eio3: bool,
 }
 
 impl Spec {
@@ -136,7 +138,14 @@ impl Spec {
             target: targets[id % targets.len()],
             room_index: id % rooms.len(),
             room: rooms[id % rooms.len()].clone(),
+            eio3: false,
         })
+    }
+
+    /// The same client, speaking Engine.IO 3 (socket.io 2.x) when `eio3`.
+    pub fn speaking_eio3(mut self, eio3: bool) -> Spec {
+        self.eio3 = eio3;
+        self
     }
 }
 
@@ -291,8 +300,9 @@ async fn connect_and_join(spec: &Spec) -> Result<Ws, String> {
         .map_err(|e| format!("connect {}: {e}", spec.target))?;
     let _ = stream.set_nodelay(true);
     let url = format!(
-        "ws://{}/front/socket.io/?EIO=4&transport=websocket",
-        spec.target
+        "ws://{}/front/socket.io/?EIO={}&transport=websocket",
+        spec.target,
+        if spec.eio3 { 3 } else { 4 }
     );
     // Each read zeroes the unused part of the read buffer first: 2 KiB holds
     // a dozen messages of the default size, more than arrive between two
@@ -309,7 +319,11 @@ async fn connect_and_join(spec: &Spec) -> Result<Ws, String> {
     if !open.starts_with('0') {
         return Err(format!("expected the open packet, got {open:?}"));
     }
-    send(&mut ws, "40").await?;
+    // A socket.io 2.x client is connected to the default namespace without
+    // asking; a 3/4 client asks.
+    if !spec.eio3 {
+        send(&mut ws, "40").await?;
+    }
     loop {
         let text = next_text(&mut ws).await?;
         if text.starts_with("40") {

@@ -137,6 +137,12 @@ struct Args {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// The Engine.IO protocol the clients speak: 4 (socket.io 3/4) or 3
+    /// (socket.io 2.x). Engine.IO 3 clients ping the server themselves;
+    /// the bench's do not, so a run must end within the server's interval +
+    /// timeout (45 s by default) of the connections.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
+    eio: u8,
     /// Clients per source address: 127.0.0.1, 127.0.0.2, ... in turn.
     #[arg(long, default_value_t = 5000)]
     clients_per_source: usize,
@@ -288,6 +294,7 @@ async fn worker(args: &Args, shape: &Shape) -> Result<(), String> {
         &fronts,
         shared,
         args.clients_per_source,
+        args.eio == 3,
     )
     .await
 }
@@ -460,7 +467,7 @@ async fn measure(
         fronts.len()
     );
     for id in 0..shape.clients {
-        let spec = client::Spec::new(id, per_source, fronts, &rooms)?;
+        let spec = client::Spec::new(id, per_source, fronts, &rooms)?.speaking_eio3(args.eio == 3);
         handles.push(pool.spawn(id, client::run(spec, shared.clone(), stop_rx.clone())));
     }
     let mut last_report = mono_ns();
@@ -513,6 +520,7 @@ async fn measure(
         "backends": backs.len(),
         "haproxy": args.haproxy,
         "redis_replicas": args.redis_replicas,
+        "eio": args.eio,
         "replicas_acked": if args.redis_replicas > 0 { json!(args.replicas_acked) } else { Value::Null },
         "client_threads": threads,
         "connect_concurrency": args.connect_concurrency,
@@ -772,6 +780,7 @@ async fn measure_spread(
         format!("--clients-per-source={}", args.clients_per_source),
         format!("--connect-timeout={}", args.connect_timeout),
         format!("--threads={}", args.threads.unwrap_or(1)),
+        format!("--eio={}", args.eio),
     ];
     eprintln!(
         "chat-bench: connecting {} clients to {} room(s) via {} address(es), from {procs} processes",
@@ -979,10 +988,15 @@ fn print_report(r: &Value) {
     };
     let mut s = String::new();
     s += &format!(
-        "chat-bench [{}] {}: {} clients, {} rooms, {} frontend target(s), {} backend target(s){}{}\n",
+        "chat-bench [{}] {}: {} clients{}, {} rooms, {} frontend target(s), {} backend target(s){}{}\n",
         r["mode"].as_str().unwrap_or(""),
         r["stack"].as_str().unwrap_or(""),
         r["clients"],
+        if r["eio"] == 3 {
+            " (socket.io 2.x: Engine.IO 3)"
+        } else {
+            ""
+        },
         r["rooms"],
         r["frontends"],
         r["backends"],

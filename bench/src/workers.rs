@@ -146,13 +146,14 @@ pub async fn work(
     fronts: &[SocketAddr],
     shared: Arc<client::Shared>,
     per_source: usize,
+    eio3: bool,
 ) -> Result<(), String> {
     let names: Vec<String> = (0..rooms).map(|r| format!("bench-r{r}")).collect();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::with_capacity(count);
     for id in offset..offset + count {
         handles.push(tokio::spawn(client::run(
-            client::Spec::new(id, per_source, fronts, &names)?,
+            client::Spec::new(id, per_source, fronts, &names)?.speaking_eio3(eio3),
             shared.clone(),
             stop_rx.clone(),
         )));
