@@ -250,7 +250,7 @@ impl Topology {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         redis.arg("--dir").arg(&dir);
         self.spawn(Role::Redis, name, redis, None)?;
-        self.wait_for(name, || redis_ping(port))?;
+        self.wait_for(name, name, || redis_ping(port))?;
         Ok(port)
     }
 
@@ -267,7 +267,8 @@ impl Topology {
             )?;
         }
         let online = format!("connected_slaves:{}", plan.redis_replicas);
-        self.wait_for("the replicas", || {
+        // The primary's answer counts them; each replica answered PING.
+        self.wait_for("redis", "the replicas", || {
             redis_query(primary, "INFO replication").is_some_and(|info| {
                 info.contains(&online)
                     && info.matches("state=online").count() == plan.redis_replicas
@@ -284,17 +285,23 @@ impl Topology {
         sentinel.arg(&conf).arg("--sentinel");
         self.spawn(Role::Redis, "sentinel", sentinel, None)?;
         let query = format!("SENTINEL GET-MASTER-ADDR-BY-NAME {SENTINEL_MASTER}");
-        self.wait_for("the Sentinel", || {
+        self.wait_for("sentinel", "the Sentinel", || {
             redis_query(port, &query).is_some_and(|reply| reply.contains(&primary_arg))
         })?;
         Ok(port)
     }
 
-    /// Waits up to 20 s for `ready`, failing early if a process exited.
-    fn wait_for(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
+    /// Waits up to 20 s for `what` to be `ready`, failing early if the
+    /// started process named `process` exited.
+    fn wait_for(
+        &mut self,
+        process: &str,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ready() {
-            self.check_alive(what)?;
+            self.check_alive(process)?;
             if Instant::now() > deadline {
                 return Err(format!("{what}: not ready within 20 s"));
             }
@@ -362,20 +369,12 @@ impl Topology {
             } else {
                 "/back/status"
             };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Some(body) = http_get(*addr, path, Duration::from_secs(2))
-                    && body.starts_with("HTTP/1.1 200")
-                    && (body.contains("\"redis\":\"up\"") || plan.stack == Stack::Floor)
-                {
-                    break;
-                }
-                self.check_alive(name)?;
-                if Instant::now() > deadline {
-                    return Err(format!("{name} at {addr} not ready within 20 s"));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let floor = plan.stack == Stack::Floor;
+            self.wait_for(name, &format!("{name} at {addr}"), || {
+                http_get(*addr, path, Duration::from_secs(2)).is_some_and(|body| {
+                    body.starts_with("HTTP/1.1 200") && (body.contains("\"redis\":\"up\"") || floor)
+                })
+            })?;
         }
 
         if plan.lb_processes > 0 {
