@@ -171,16 +171,20 @@ impl Service {
 
     /// Both daemons on `set`, with `redis_extra` in `[redis]`.
     fn on(set: SentinelSet, redis_extra: &str) -> Service {
+        Service::on_with(set, redis_extra, |_| {})
+    }
+
+    /// As [`Service::on`], each daemon's command changed by `adjust` first.
+    fn on_with(set: SentinelSet, redis_extra: &str, adjust: impl Fn(&mut Command)) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let config = set.write_config(dir.path(), redis_extra);
-        let backend = start_daemon(
-            "chat-backend",
-            &mut daemon_on_any_port("chat-backend", &config, "127.0.0.1"),
-        );
-        let frontend = start_daemon(
-            "chat-frontend",
-            &mut daemon_on_any_port("chat-frontend", &config, "127.0.0.1"),
-        );
+        let daemon = |name| {
+            let mut command = daemon_on_any_port(name, &config, "127.0.0.1");
+            adjust(&mut command);
+            start_daemon(name, &mut command)
+        };
+        let backend = daemon("chat-backend");
+        let frontend = daemon("chat-frontend");
         Service {
             set,
             backend,
@@ -812,22 +816,37 @@ async fn a_message_waits_for_its_replicas_before_reaching_clients() {
     );
 }
 
-/// In Sentinel mode the daemons do all their work (`ROLE`, `WAIT`, the
-/// replicated position) logged in as the ACL user of the package
-/// chat-redis, with its rules from `etc/redis/chat-ha-user.acl`.
+/// A set locked as chat-redis and the Sentinel example lock it: no
+/// anonymous login anywhere, replicas and Sentinels logging in as their own
+/// users with the shipped rules, the Sentinels with a password of their own.
+/// The daemons read both their passwords from systemd credentials, do all
+/// their work (`ROLE`, `WAIT`, the replicated position) as the shipped
+/// chat-ha user, and follow a failover the Sentinels carry out as theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemons_work_in_sentinel_mode_as_the_shipped_acl_user() {
-    const PASSWORD: &str = "password-of-the-acl-user";
-    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
-    let user = format!("user {}\n", rules.join(" "));
-    let set = tokio::task::block_in_place(|| SentinelSet::start_with(&user));
-    let password_file = set.dir().join("redis-password");
-    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let redis_extra = format!(
-        "min_replicas_acked = 2\npassword_file = \"{}\"\n",
-        password_file.display()
+async fn the_daemons_and_a_failover_work_with_every_server_and_sentinel_locked() {
+    let set = tokio::task::block_in_place(SentinelSet::start_locked);
+    let anonymous: redis::RedisResult<String> = redis::Client::open(set.sentinels[0].url())
+        .unwrap()
+        .get_connection()
+        .and_then(|mut c| redis::cmd("PING").query(&mut c));
+    assert!(
+        anonymous
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("NOAUTH")),
+        "an anonymous client of a Sentinel: {anonymous:?}"
     );
-    let service = tokio::task::block_in_place(|| Service::on(set, &redis_extra));
+    // What systemd gives the units: the two credentials, nothing in the
+    // configuration.
+    let credentials = set.dir().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let passwords = &common::sentinel::PASSWORDS;
+    std::fs::write(credentials.join("redis-password"), passwords.chat_ha).unwrap();
+    std::fs::write(credentials.join("sentinel-password"), passwords.sentinels).unwrap();
+    let service = tokio::task::block_in_place(|| {
+        Service::on_with(set, "", |command| {
+            command.env("CREDENTIALS_DIRECTORY", &credentials);
+        })
+    });
     service.wait_ready().await;
     let (_client, mut messages) = PollingClient::join(&service.frontend, "acl").await;
     let id = post_until_acknowledged(&service, "acl", "as chat-ha", "key-acl").await;
@@ -849,6 +868,38 @@ async fn the_daemons_work_in_sentinel_mode_as_the_shipped_acl_user() {
         let status: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
         assert_eq!(status["redis_primary"], primary.as_str(), "{url}: {status}");
     }
+
+    // The Sentinels promote a replica as the user sentinel; the remaining
+    // replica follows it as the user replica (so WAIT succeeds again), and
+    // the daemons follow it.
+    service.set.servers[0].process.signal(SIGKILL);
+    let after = post_until_acknowledged(&service, "acl", "after", "key-after").await;
+    assert_eq!(
+        receive_until(&mut messages, &after).await,
+        Ok(vec![(after.clone(), "after".to_owned())])
+    );
+    let promoted = tokio::task::block_in_place(|| service.set.primary_port());
+    assert_ne!(promoted, Some(service.set.servers[0].port));
+
+    // A frontend given the Redis password but not the Sentinels' finds no
+    // primary, and says why.
+    let without = service.set.dir().join("without-sentinel-password");
+    std::fs::create_dir(&without).unwrap();
+    std::fs::write(without.join("redis-password"), passwords.chat_ha).unwrap();
+    let config = service.set.write_config(&without, "");
+    let mut command = daemon_on_any_port("chat-frontend", &config, "127.0.0.1");
+    command.env("CREDENTIALS_DIRECTORY", &without);
+    let frontend = tokio::task::block_in_place(|| start_daemon("chat-frontend", &mut command));
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        while !frontend.log_text().contains("refuses the login") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "{}", frontend.log_text());
+    let url = format!("http://{}/front/status", frontend.public);
+    let status: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(status["status"], "degraded", "{status}");
 }
 
 /// A primary that keeps running but whose replicas stopped answering does

@@ -15,8 +15,10 @@
 //! In Sentinel mode the same login and TLS settings reach whichever server
 //! the Sentinels name as the primary ([`client_at`]); it is reached over TLS
 //! when the Sentinels are (`rediss://`). The Sentinels themselves take no
-//! user, and their own password (`redis.sentinel_password_file`), if any
-//! ([`sentinel_client`]).
+//! user, and their own password (their `requirepass`), if any
+//! ([`sentinel_client`]): from the `sentinel-password` credential
+//! (`/etc/chat-ha/sentinel-password`) under systemd, else from
+//! `redis.sentinel_password_file`.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +28,9 @@ use crate::config::{RedisConfig, RedisMode, RedisUrl};
 
 /// The credential name the systemd units load the password under.
 pub const PASSWORD_CREDENTIAL: &str = "redis-password";
+
+/// The credential name the systemd units load the Sentinels' password under.
+pub const SENTINEL_PASSWORD_CREDENTIAL: &str = "sentinel-password";
 
 /// Why a Redis client could not be set up; nothing here names the password.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +95,8 @@ pub fn client_at(
 }
 
 /// A client for the Sentinel at `url`, with the Sentinels' password from
-/// `password_file` (no user: Sentinels are set up with `requirepass`).
+/// the `sentinel-password` credential, else from `password_file` (no user:
+/// Sentinels are set up with `requirepass`).
 pub fn sentinel_client(
     config: &RedisConfig,
     url: &RedisUrl,
@@ -99,11 +105,9 @@ pub fn sentinel_client(
 ) -> Result<redis::Client, ConnectError> {
     let mut info = url.as_str().into_connection_info()?;
     let mut settings = info.redis_settings().clone().set_protocol(protocol);
-    if let Some(path) = password_file {
-        let password = read_password(path).map_err(|source| ConnectError::SentinelPassword {
-            path: path.to_owned(),
-            source,
-        })?;
+    if let Some(path) = credential_or(SENTINEL_PASSWORD_CREDENTIAL, password_file) {
+        let password = read_password(&path)
+            .map_err(|source| ConnectError::SentinelPassword { path, source })?;
         if let Some(password) = password {
             settings = settings.set_password(password);
         }
@@ -159,13 +163,19 @@ fn is_tls(addr: &redis::ConnectionAddr) -> bool {
 /// The password: from the systemd credential when there is one, else from
 /// `redis.password_file` when set; `None` when neither gives a non-empty one.
 fn password(config: &RedisConfig) -> Result<Option<String>, ConnectError> {
-    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .map(|dir| Path::new(&dir).join(PASSWORD_CREDENTIAL))
-        .filter(|path| path.exists());
-    let Some(path) = credential.or_else(|| config.password_file.clone()) else {
+    let Some(path) = credential_or(PASSWORD_CREDENTIAL, config.password_file.as_deref()) else {
         return Ok(None);
     };
     read_password(&path).map_err(|source| ConnectError::Password { path, source })
+}
+
+/// The file of the systemd credential `name` when systemd passed one, else
+/// `file`.
+fn credential_or(name: &str, file: Option<&Path>) -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(&dir).join(name))
+        .filter(|path| path.exists())
+        .or_else(|| file.map(Path::to_owned))
 }
 
 /// The password in the file at `path`, `None` when it is empty.

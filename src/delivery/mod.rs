@@ -51,7 +51,7 @@ mod primary;
 mod store;
 
 pub use acks::AckError;
-pub use connect::{ConnectError, PASSWORD_CREDENTIAL};
+pub use connect::{ConnectError, PASSWORD_CREDENTIAL, SENTINEL_PASSWORD_CREDENTIAL};
 pub use feed::{Feed, FeedError};
 pub use primary::{Primary, PrimaryStats, Resolved};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};

@@ -145,6 +145,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether `error` is a server refusing the login: no password given where
+/// one is wanted, or a wrong one. A setup mistake, not an outage.
+fn refuses_login(error: &ConnectError) -> bool {
+    matches!(error, ConnectError::Redis(e)
+        if e.kind() == redis::ErrorKind::AuthenticationFailed || e.code() == Some("NOAUTH"))
+}
+
 /// The primary to talk to, as it changes. Cheap to clone.
 #[derive(Clone)]
 pub struct Primary(Arc<Handle>);
@@ -423,6 +430,14 @@ impl Sentinels {
                     tracing::warn!(
                         "Sentinel {url} does not know the primary {:?}",
                         self.sentinel.master
+                    );
+                    continue;
+                }
+                Err(e) if refuses_login(&e) => {
+                    tracing::warn!(
+                        "Sentinel {url} refuses the login ({e}): the Sentinels' password is the \
+                         sentinel-password credential (/etc/chat-ha/sentinel-password), or \
+                         redis.sentinel_password_file"
                     );
                     continue;
                 }

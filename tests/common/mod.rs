@@ -200,30 +200,45 @@ pub fn accepts(addr: SocketAddr) -> bool {
 /// rule the Redis on this machine does not know (CLIENT SETINFO came with
 /// Redis 7.2).
 pub fn chat_ha_acl_rules(password_rule: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/redis/chat-ha-user.acl");
+    let knows_setinfo = redis_version() >= (7, 2);
+    acl_rules("chat-ha-user.acl", "chat-ha", password_rule)
+        .into_iter()
+        .filter(|word| knows_setinfo || *word != "+client|setinfo")
+        .collect()
+}
+
+/// The `user NAME` line of the shipped ACL file `etc/redis/FILE`, split
+/// into words after `user`, with `password_rule` for its password.
+pub fn acl_rules(file: &str, name: &str, password_rule: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("etc/redis")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     let line = text
         .lines()
-        .find(|l| l.starts_with("user chat-ha "))
-        .unwrap_or_else(|| panic!("{}: no user chat-ha line", path.display()));
+        .find(|l| l.starts_with(&format!("user {name} ")))
+        .unwrap_or_else(|| panic!("{}: no user {name} line", path.display()));
+    line.split_whitespace()
+        .skip(1)
+        .map(|word| word.replace("@PASSWORD@", password_rule))
+        .collect()
+}
+
+/// The version of `redis-server` on this machine, major and minor.
+fn redis_version() -> (u32, u32) {
     let version = Command::new("redis-server")
         .arg("--version")
         .output()
         .unwrap();
     let version = String::from_utf8_lossy(&version.stdout).into_owned();
-    let knows_setinfo = version
+    version
         .split("v=")
         .nth(1)
         .and_then(|v| {
             let mut parts = v.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
             Some((parts.next()?, parts.next()?))
         })
-        .is_some_and(|version| version >= (7, 2));
-    line.split_whitespace()
-        .skip(1)
-        .filter(|word| knows_setinfo || *word != "+client|setinfo")
-        .map(|word| word.replace("@PASSWORD@", password_rule))
-        .collect()
+        .unwrap_or_else(|| panic!("no version in {version:?}"))
 }
 
 /// A message for `room` that passed every check.

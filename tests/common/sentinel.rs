@@ -25,16 +25,20 @@ fn repository(path: &str) -> PathBuf {
 /// One `redis-server`, primary or replica, or a Sentinel.
 pub struct Node {
     pub port: u16,
+    /// The default user's password, when it has one (a locked set).
+    pub password: Option<String>,
     pub process: Process,
 }
 
 impl Node {
+    /// The node's address, without a login.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A client logged in as the default user (an administrator).
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).unwrap()
+        redis::Client::open(login_url(self.port, self.password.as_deref())).unwrap()
     }
 
     /// Runs `cmd` on this node, failing the test on error.
@@ -62,20 +66,61 @@ pub struct SentinelSet {
     pub sentinels: Vec<Node>,
 }
 
+/// The passwords of a locked set ([`SentinelSet::start_locked`]), as an
+/// operator sets them up with chat-redis: one per user, the same on every
+/// server.
+pub struct Passwords {
+    /// The servers' default user: the tests' own administrator.
+    pub admin: &'static str,
+    /// The daemons' user, chat-ha.
+    pub chat_ha: &'static str,
+    /// The user replicas log in to their primary as, replica.
+    pub replica: &'static str,
+    /// The user Sentinels log in to the servers as, sentinel.
+    pub sentinel_user: &'static str,
+    /// The Sentinels' own (`requirepass`).
+    pub sentinels: &'static str,
+}
+
+/// The passwords of every locked set.
+pub const PASSWORDS: Passwords = Passwords {
+    admin: "password-of-the-admin",
+    chat_ha: "password-of-chat-ha",
+    replica: "password-of-the-replica-user",
+    sentinel_user: "password-of-the-sentinel-user",
+    sentinels: "password-of-the-sentinels",
+};
+
+/// How the nodes of a set let clients in.
+#[derive(Clone, Copy)]
+enum Locks {
+    /// Anyone, as anything.
+    Open,
+    /// Each user as the shipped ACL files allow, with [`PASSWORDS`].
+    Shipped,
+}
+
 impl SentinelSet {
     pub fn start() -> SentinelSet {
-        SentinelSet::start_with("")
+        SentinelSet::start_as(Locks::Open)
     }
 
-    /// Starts the set with `server_lines` more in each server's
-    /// configuration (ACL users, say).
-    pub fn start_with(server_lines: &str) -> SentinelSet {
+    /// Starts a set locked as chat-redis and the Sentinel example lock it:
+    /// no anonymous login anywhere; the daemons' user (chat-ha), the
+    /// replicas' (replica) and the Sentinels' (sentinel) with the rules of
+    /// the shipped ACL files; the Sentinels with a password of their own.
+    /// The passwords are [`PASSWORDS`].
+    pub fn start_locked() -> SentinelSet {
+        SentinelSet::start_as(Locks::Shipped)
+    }
+
+    fn start_as(locks: Locks) -> SentinelSet {
         let dir = tempfile::tempdir().unwrap();
-        let primary = start_server(dir.path(), "server0", None, server_lines);
+        let primary = start_server(dir.path(), "server0", None, locks);
         let replicas: Vec<Node> = (1..3)
             .map(|i| {
                 let name = format!("server{i}");
-                start_server(dir.path(), &name, Some(primary.port), server_lines)
+                start_server(dir.path(), &name, Some(primary.port), locks)
             })
             .collect();
         let mut servers = vec![primary];
@@ -85,7 +130,7 @@ impl SentinelSet {
             (info.matches("state=online").count() == 2).then_some(())
         });
         let sentinels: Vec<Node> = (0..3)
-            .map(|i| start_sentinel(dir.path(), i, servers[0].port))
+            .map(|i| start_sentinel(dir.path(), i, servers[0].port, locks))
             .collect();
         let set = SentinelSet {
             dir,
@@ -147,8 +192,8 @@ impl SentinelSet {
     /// the Sentinel on its host, after the others promoted a replica (that
     /// primary still says `master` to `ROLE`). Stopped when dropped.
     pub fn start_cut_off_pair(&self) -> (Node, Node) {
-        let server = start_server(self.dir.path(), "cut-off", None, "");
-        let sentinel = start_sentinel(self.dir.path(), 9, server.port);
+        let server = start_server(self.dir.path(), "cut-off", None, Locks::Open);
+        let sentinel = start_sentinel(self.dir.path(), 9, server.port, Locks::Open);
         (server, sentinel)
     }
 
@@ -177,10 +222,13 @@ impl SentinelSet {
 }
 
 /// Starts `redis-server` with the shipped replication settings, as a
-/// replica of `primary` when given, and `extra` configuration lines, on a
-/// free port.
-fn start_server(dir: &Path, name: &str, primary: Option<u16>, extra: &str) -> Node {
-    start_on_free_port(name, |port| {
+/// replica of `primary` when given, locked with `locks`, on a free port.
+fn start_server(dir: &Path, name: &str, primary: Option<u16>, locks: Locks) -> Node {
+    let password = match locks {
+        Locks::Open => None,
+        Locks::Shipped => Some(PASSWORDS.admin),
+    };
+    start_on_free_port(name, password, |port| {
         let data = dir.join(name);
         std::fs::create_dir_all(&data).unwrap();
         let conf = data.join("redis.conf");
@@ -193,7 +241,11 @@ fn start_server(dir: &Path, name: &str, primary: Option<u16>, extra: &str) -> No
         if let Some(primary) = primary {
             text.push_str(&format!("replicaof 127.0.0.1 {primary}\n"));
         }
-        text.push_str(extra);
+        if let Locks::Shipped = locks {
+            text.push_str(&shipped_users());
+            let replica = PASSWORDS.replica;
+            text.push_str(&format!("masteruser replica\nmasterauth {replica}\n"));
+        }
         std::fs::write(&conf, text).unwrap();
         let mut command = Command::new("redis-server");
         command.arg(conf);
@@ -201,12 +253,40 @@ fn start_server(dir: &Path, name: &str, primary: Option<u16>, extra: &str) -> No
     })
 }
 
+/// The users of a locked server: the administrator (the default user, as
+/// chat-redis's postinst keeps it), and the shipped ones.
+fn shipped_users() -> String {
+    let users = [
+        vec![format!("default on >{} ~* &* +@all", PASSWORDS.admin)],
+        super::chat_ha_acl_rules(&format!(">{}", PASSWORDS.chat_ha)),
+        super::acl_rules(
+            "chat-ha-sentinel-users.acl",
+            "replica",
+            &format!(">{}", PASSWORDS.replica),
+        ),
+        super::acl_rules(
+            "chat-ha-sentinel-users.acl",
+            "sentinel",
+            &format!(">{}", PASSWORDS.sentinel_user),
+        ),
+    ];
+    users
+        .iter()
+        .map(|words| format!("user {}\n", words.join(" ")))
+        .collect()
+}
+
 /// Starts a Sentinel with the example configuration, watching the primary
-/// on `primary`, made fast for tests.
-fn start_sentinel(dir: &Path, index: usize, primary: u16) -> Node {
+/// on `primary`, locked with `locks` (the example's commented-out login
+/// lines, filled in), made fast for tests.
+fn start_sentinel(dir: &Path, index: usize, primary: u16, locks: Locks) -> Node {
     let example =
         std::fs::read_to_string(repository("etc/redis/sentinel-chat-ha.conf.example")).unwrap();
-    start_on_free_port(&format!("sentinel{index}"), |port| {
+    let password = match locks {
+        Locks::Open => None,
+        Locks::Shipped => Some(PASSWORDS.sentinels),
+    };
+    start_on_free_port(&format!("sentinel{index}"), password, |port| {
         let text: String = example
             .lines()
             .map(|line| match line {
@@ -220,11 +300,17 @@ fn start_sentinel(dir: &Path, index: usize, primary: u16) -> Node {
                 l if l.starts_with("sentinel failover-timeout ") => {
                     "sentinel failover-timeout chat-ha 4000".into()
                 }
-                l => l.to_owned(),
+                l => match (locks, login_line(l)) {
+                    (Locks::Shipped, Some(line)) => line,
+                    _ => l.to_owned(),
+                },
             })
             .map(|line| line + "\n")
             .collect();
         assert!(text.contains(&format!("127.0.0.1 {primary} 2")), "{text}");
+        if let Locks::Shipped = locks {
+            assert!(text.contains("\nrequirepass "), "{text}");
+        }
         let conf = dir.join(format!("sentinel{index}.conf"));
         std::fs::write(&conf, text).unwrap();
         let mut command = Command::new("redis-server");
@@ -233,9 +319,35 @@ fn start_sentinel(dir: &Path, index: usize, primary: u16) -> Node {
     })
 }
 
+/// The example's commented-out login line `line` of a Sentinel, filled in
+/// with [`PASSWORDS`]; `None` for any other line.
+fn login_line(line: &str) -> Option<String> {
+    Some(match line.strip_prefix("# ")? {
+        "sentinel auth-user chat-ha sentinel" => "sentinel auth-user chat-ha sentinel".into(),
+        l if l.starts_with("sentinel auth-pass chat-ha ") => {
+            format!("sentinel auth-pass chat-ha {}", PASSWORDS.sentinel_user)
+        }
+        l if l.starts_with("requirepass ") => format!("requirepass {}", PASSWORDS.sentinels),
+        _ => return None,
+    })
+}
+
+/// `redis://` to loopback port `port`, as the default user with `password`.
+fn login_url(port: u16, password: Option<&str>) -> String {
+    match password {
+        None => format!("redis://127.0.0.1:{port}"),
+        Some(password) => format!("redis://:{password}@127.0.0.1:{port}"),
+    }
+}
+
 /// Starts the command `make(port)` builds on a port that was free, again
-/// on another if the process exits before it answers PING there.
-fn start_on_free_port(name: &str, make: impl Fn(u16) -> Command) -> Node {
+/// on another if the process exits before it answers PING there (as the
+/// default user with `password`).
+fn start_on_free_port(
+    name: &str,
+    password: Option<&'static str>,
+    make: impl Fn(u16) -> Command,
+) -> Node {
     for _ in 0..5 {
         let port = free_port();
         let child = make(port)
@@ -247,7 +359,7 @@ fn start_on_free_port(name: &str, make: impl Fn(u16) -> Command) -> Node {
             child,
             name: name.to_owned(),
         };
-        let node_url = format!("redis://127.0.0.1:{port}");
+        let node_url = login_url(port, password);
         let started = wait_for(
             &format!("{name} to answer on port {port}"),
             Duration::from_secs(10),
@@ -266,7 +378,11 @@ fn start_on_free_port(name: &str, make: impl Fn(u16) -> Command) -> Node {
             },
         );
         if started {
-            return Node { port, process };
+            return Node {
+                port,
+                password: password.map(str::to_owned),
+                process,
+            };
         }
         let _ = process.child.wait();
     }
