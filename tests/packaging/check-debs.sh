@@ -38,7 +38,7 @@ done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-packages="chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis"
+packages="chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-keepalived chat-redis"
 declare -A deb
 for p in $packages; do
     found=()
@@ -159,8 +159,9 @@ check "$p: postinst enables and starts chat-ha.target" eval \
      grep -q "deb-systemd-invoke start .chat-ha.target." $tmp/$p/DEBIAN/postinst'
 check "$p: prerm stops chat-ha.target on remove only" eval \
     'grep -q "\"\$1\" = remove" $tmp/$p/DEBIAN/prerm && grep -q "deb-systemd-invoke stop .chat-ha.target." $tmp/$p/DEBIAN/prerm'
-check "$p: postinst creates /etc/chat-ha/redis-password (0600, empty) when missing" eval \
-    'grep -q "install -m 600 /dev/null /etc/chat-ha/redis-password" $tmp/$p/DEBIAN/postinst'
+check "$p: postinst creates /etc/chat-ha/redis-password and sentinel-password (0600, empty) when missing" eval \
+    'grep -q "install -m 600 /dev/null /etc/chat-ha/redis-password" $tmp/$p/DEBIAN/postinst &&
+     grep -q "install -m 600 /dev/null /etc/chat-ha/sentinel-password" $tmp/$p/DEBIAN/postinst'
 check "$p: postrm purges chat-ha.target's state" eval 'grep -q "deb-systemd-helper purge .chat-ha.target." $tmp/$p/DEBIAN/postrm'
 
 p=chat-haproxy
@@ -183,8 +184,9 @@ p=chat-redis
 check "$p: /etc/redis/chat-ha.conf is a conffile, equal to etc/redis/chat-ha.conf, including Debian's first" eval \
     'conffile $p /etc/redis/chat-ha.conf && same $tmp/$p/etc/redis/chat-ha.conf $repo/etc/redis/chat-ha.conf &&
      [ "$(grep -v "^#" $tmp/$p/etc/redis/chat-ha.conf | grep -m1 .)" = "include /etc/redis/redis.conf" ]'
-check "$p: the chat-ha user's rules, equal to etc/redis/chat-ha-user.acl" eval \
-    'same $tmp/$p/usr/share/chat-redis/chat-ha-user.acl $repo/etc/redis/chat-ha-user.acl'
+check "$p: the rules of the users chat-ha, replica and sentinel, equal to etc/redis/" eval \
+    'same $tmp/$p/usr/share/chat-redis/chat-ha-user.acl $repo/etc/redis/chat-ha-user.acl &&
+     same $tmp/$p/usr/share/chat-redis/chat-ha-sentinel-users.acl $repo/etc/redis/chat-ha-sentinel-users.acl'
 check "$p: redis-server.service drop-in runs redis-server /etc/redis/chat-ha.conf, equal to systemd/" eval \
     'same $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf $repo/systemd/redis-server.service.d/chat-ha.conf &&
      grep -qx "ExecStart=" $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf &&
@@ -192,6 +194,18 @@ check "$p: redis-server.service drop-in runs redis-server /etc/redis/chat-ha.con
          $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf'
 check "$p: depends on redis-server (>= 5:6.2)" depends $p "redis-server (>= 5:6.2)"
 check "$p: the ACL file is not shipped (postinst writes it)" test ! -e "$tmp/$p/etc/redis/chat-ha-users.acl"
+
+p=chat-keepalived
+check "$p: drop-ins for keepalived.service and haproxy.service, equal to debian/keepalived-dropin/" eval \
+    'same $tmp/$p/lib/systemd/system/keepalived.service.d/chat-ha.conf $repo/debian/keepalived-dropin/keepalived.service.d/chat-ha.conf &&
+     same $tmp/$p/lib/systemd/system/haproxy.service.d/chat-keepalived.conf $repo/debian/keepalived-dropin/haproxy.service.d/chat-keepalived.conf'
+check "$p: /run/chat-keepalived/haproxy-down made at boot, saying down (1)" eval \
+    'grep -q "^f /run/chat-keepalived/haproxy-down 0644 root root - 1\$" $tmp/$p/usr/lib/tmpfiles.d/chat-keepalived.conf'
+check "$p: the example keepalived.conf, equal to etc/keepalived/" eval \
+    'same $tmp/$p/usr/share/doc/$p/examples/keepalived.conf.example $repo/etc/keepalived/keepalived.conf.example'
+for dep in "chat-haproxy (= $version)" keepalived; do
+    check "$p: depends on $dep" depends $p "$dep"
+done
 
 p=chat-ha
 for dep in "chat-frontend (= $version)" "chat-backend (= $version)" "chat-haproxy (= $version)" "chat-redis (= $version)"; do

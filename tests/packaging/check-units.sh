@@ -238,6 +238,7 @@ for name in chat-frontend chat-backend; do
     check "$s: in chat-ha.slice, OOMScoreAdjust=500, TasksMax=576" \
         eval 'has $s Slice=chat-ha.slice && has $s OOMScoreAdjust=500 && has $s TasksMax=576'
     check "$s: the Redis password as a credential" has "$s" LoadCredential=redis-password:/etc/chat-ha/redis-password
+    check "$s: the Sentinels' password as a credential" has "$s" LoadCredential=sentinel-password:/etc/chat-ha/sentinel-password
     check "$name@.socket: in chat-ha.slice" has "$name@.socket" Slice=chat-ha.slice
 done
 check "chat-backend@.service: the publish tokens as a credential" \

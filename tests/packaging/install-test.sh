@@ -13,6 +13,9 @@
 #     /metrics answers 404 on the public port, 200 on 127.0.0.1:9300+N only;
 #   - the stock haproxy.service serves /etc/haproxy/chat-ha.cfg on port 80:
 #     GET /front/lobby gives the page, POST /back/message gives 201;
+#   - keepalived.service, confined by chat-keepalived as the chat-ha units
+#     are, runs the example configuration: it holds the floating address
+#     while HAProxy answers, and gives it up when HAProxy stops;
 #   - journalctl -u chat-frontend@0 shows the daemon's lines;
 #   - systemctl restart chat-backend@0 works and refuses no connection;
 #   - an upgrade (reinstall) restarts the instances one at a time;
@@ -74,7 +77,7 @@ trap 'exit 130' INT TERM
 
 # The six packages, newest of each if the directory holds several versions.
 mkdir -p "$state/debs"
-for p in chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis; do
+for p in chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-keepalived chat-redis; do
     f=$(ls -v "$debdir/${p}_"*.deb 2>/dev/null | tail -1)
     [ -n "$f" ] || { echo "no ${p}_*.deb in $debdir" >&2; exit 1; }
     cp "$f" "$state/debs/"
@@ -124,7 +127,7 @@ files=()
 for f in "$cache"/debs/*.deb; do files+=("/mnt/deps/${f##*/}"); done
 for f in "$state"/debs/*.deb; do files+=("/mnt/debs/${f##*/}"); done
 if apt_in install "${files[@]}" >"$state/install.log" 2>&1; then
-    pass "apt-get install chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis"
+    pass "apt-get install chat-ha chat-ha-common chat-frontend chat-backend chat-haproxy chat-keepalived chat-redis"
 else
     tail -30 "$state/install.log"; fail "apt-get install"; exit 1
 fi
@@ -226,6 +229,8 @@ check "chat-frontend@0.socket: IPAddressDeny=any, IPAddressAllow=loopback: $got"
 # --- Redis: nobody anonymous, the daemons' user limited
 check "/etc/chat-ha/redis-password: 64 hex characters, root-only" eval \
     '[ "$(ct stat -c %a:%U /etc/chat-ha/redis-password)" = 600:root ] && ct grep -qx "[0-9a-f]\{64\}" /etc/chat-ha/redis-password'
+check "/etc/chat-ha/sentinel-password: empty (no Sentinels here), root-only" eval \
+    '[ "$(ct stat -c %a:%U:%s /etc/chat-ha/sentinel-password)" = 600:root:0 ]'
 check "/etc/redis/admin-password root-only, /etc/redis/chat-ha-users.acl root:redis 0640" eval \
     '[ "$(ct stat -c %a:%U /etc/redis/admin-password)" = 600:root ] &&
      [ "$(ct stat -c %a:%U:%G /etc/redis/chat-ha-users.acl)" = 640:root:redis ]'
@@ -252,6 +257,23 @@ got=$(rcli --user chat-ha --pass wrong-password ping | tr '\n' ' ')
 check "chat-ha with a wrong password: $got" eval '[[ "$got" == *WRONGPASS* ]]'
 got=$(as_admin config get maxmemory-policy | tr '\n' ' ')
 check "admin CONFIG GET: $got" test "$got" = "maxmemory-policy noeviction "
+# The users of a replicated set: each may do its job only.
+check "/etc/redis/replica-password and sentinel-user-password: 64 hex characters, root-only, not in the ACL file" eval \
+    'for f in /etc/redis/replica-password /etc/redis/sentinel-user-password; do
+         [ "$(ct stat -c %a:%U $f)" = 600:root ] && ct grep -qx "[0-9a-f]\{64\}" $f &&
+         ! ct grep -qF "$(ct cat $f)" /etc/redis/chat-ha-users.acl || exit 1; done'
+as_replica() { rcli --user replica --pass "$(ct cat /etc/redis/replica-password)" "$@"; }
+as_sentinel() { rcli --user sentinel --pass "$(ct cat /etc/redis/sentinel-user-password)" "$@"; }
+got=$(as_replica ping)
+check "replica PING: $got" test "$got" = PONG
+got=$(as_replica get chat:install-test)
+check "replica GET chat:install-test: $got" eval '[[ "$got" == NOPERM* ]]'
+got=$(as_sentinel role | head -1)
+check "sentinel ROLE: $got" test "$got" = master
+got=$(as_sentinel get chat:install-test)
+check "sentinel GET chat:install-test: $got" eval '[[ "$got" == NOPERM* ]]'
+got=$(as_sentinel config set maxmemory 1)
+check "sentinel CONFIG SET: $got" eval '[[ "$got" == NOPERM* ]]'
 redis_conf=$(for k in maxmemory maxmemory-policy client-output-buffer-limit appendonly appendfsync protected-mode bind; do
     as_admin config get "$k" | tr '\n' ' '; done)
 echo "# Redis: $redis_conf"
@@ -476,6 +498,34 @@ check "instances restarted one at a time: $seq_seen" test "$seq_seen" = "$expect
 check "all instances active after the upgrade" wait_active "${units[@]}"
 
 # --- secrets stay out of the journal
+# --- keepalived (chat-keepalived)
+max_exposure=2.0
+exposure=$(ct systemd-analyze security --no-pager keepalived.service | sed -n 's/.*exposure level for keepalived\.service: \([0-9.]*\).*/\1/p')
+check "keepalived.service confined: exposure ${exposure:-?} <= $max_exposure" \
+    awk -v e="${exposure:-99}" -v max=$max_exposure 'BEGIN { exit !(e <= max) }'
+# The example, filled in as an operator would: this container's address,
+# a peer that never answers (this host), a floating address of the bridge.
+vip=$net.10
+ct sed -e "s|^    interface eth1|    interface host0|" -e "s|^    unicast_src_ip .*|    unicast_src_ip $ct_addr|" \
+    -e "s|^        10.0.0.6\$|        $other_addr|" -e "s|^        10.0.0.10/24 dev eth1|        $vip/24 dev host0|" \
+    /usr/share/doc/chat-keepalived/examples/keepalived.conf.example | ct tee /etc/keepalived/keepalived.conf >/dev/null
+check "keepalived.conf from the example names $vip on host0" ct grep -q "^        $vip/24 dev host0\$" /etc/keepalived/keepalived.conf
+holds_vip() { ct ip -o -4 addr show dev host0 | grep -q " $vip/24 "; }
+# wait_until SECONDS COMMAND...: true once COMMAND succeeds, within SECONDS.
+wait_until() { local n=$(($1 * 10)); shift; for _ in $(seq "$n"); do "$@" && return 0; sleep 0.1; done; "$@"; }
+ct systemctl start keepalived.service
+check "keepalived.service active, holding $vip while HAProxy answers" eval \
+    'wait_active keepalived.service && wait_until 10 holds_vip'
+got=$(from_host "$host_addr" "http://$vip/haproxy-health")
+check "GET http://$vip/haproxy-health from this host (HAProxy's own answer): $got" test "$got" = "0 200"
+ct systemctl stop haproxy.service
+check "HAProxy stopped: keepalived gives $vip up (FAULT)" eval \
+    'wait_until 10 eval "! holds_vip" && ct journalctl -q --no-pager -u keepalived.service | grep -q "Entering FAULT STATE"'
+ct journalctl -q --no-pager -o cat -u keepalived.service | sed 's/^/     keepalived: /'
+ct systemctl start haproxy.service
+check "HAProxy back: keepalived takes $vip again" eval 'wait_active haproxy.service && wait_until 10 holds_vip'
+ct systemctl stop keepalived.service
+
 secrets_seen=$(ct journalctl -q --no-pager -o cat | grep -c -F -e "$(ct cat /etc/chat-ha/redis-password)" -e "$(ct cat /etc/redis/admin-password)" || true)
 check "no Redis password in the journal ($secrets_seen lines)" test "$secrets_seen" -eq 0
 
@@ -485,13 +535,15 @@ left=$(ct systemctl list-units --plain --no-legend --state=active 'chat-frontend
 check "no instance left active after remove (${left:-none})" test -z "$left"
 check "ports 9100 and 9200 closed" eval '! ct ss -Hltn | grep -q ":9[12]00 "'
 # (chat-ha went with chat-frontend: it has nothing left to purge)
-check "apt-get purge chat-ha-common chat-haproxy chat-frontend chat-backend chat-redis" eval 'apt_in purge chat-ha-common chat-haproxy chat-frontend chat-backend chat-redis >"$state/purge.log" 2>&1'
+check "apt-get purge chat-ha-common chat-haproxy chat-keepalived chat-frontend chat-backend chat-redis" eval 'apt_in purge chat-ha-common chat-haproxy chat-keepalived chat-frontend chat-backend chat-redis >"$state/purge.log" 2>&1'
 check "/etc/chat-ha is gone" eval '! ct test -e /etc/chat-ha'
-check "/etc/redis/chat-ha-users.acl, admin-password and chat-ha.conf are gone" eval \
-    '! ct test -e /etc/redis/chat-ha-users.acl && ! ct test -e /etc/redis/admin-password && ! ct test -e /etc/redis/chat-ha.conf'
+check "/etc/redis/chat-ha-users.acl, the passwords and chat-ha.conf are gone" eval \
+    '! ct test -e /etc/redis/chat-ha-users.acl && ! ct test -e /etc/redis/admin-password && ! ct test -e /etc/redis/chat-ha.conf &&
+     ! ct test -e /etc/redis/replica-password && ! ct test -e /etc/redis/sentinel-user-password'
 check "redis-server.service active again on Debian's configuration (anonymous PING: PONG)" eval \
     'wait_active redis-server.service && [ "$(rcli ping)" = PONG ]'
 check "/etc/haproxy/chat-ha.cfg is gone" eval '! ct test -e /etc/haproxy/chat-ha.cfg'
+check "keepalived.service is Debian's alone again" eval '[ -z "$(ct systemctl show -P DropInPaths keepalived.service)" ]'
 check "no package left in dpkg (ii/rc)" eval '! ct dpkg -l "chat-*" 2>/dev/null | grep -q "^[ir][ic]"'
 check "haproxy.service still active on its own configuration, port 80 closed" eval \
     'all_active haproxy.service && ! ct ss -Hltn | grep -q ":80 "'

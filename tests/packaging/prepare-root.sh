@@ -22,11 +22,11 @@ mirror=${CHAT_HA_MIRROR:-$(host_mirror)}
 root=$cache/root
 debs=$cache/debs
 # Bump to rebuild the cache when the recipe below changes.
-recipe=4
+recipe=5
 # Packages in the root: systemd to boot, curl to test, procps for haproxy's reload.
 include=systemd,systemd-sysv,dbus,iproute2,procps,curl,ca-certificates
 # Dependencies the chat-ha packages pull from Debian.
-deps="haproxy redis-server"
+deps="haproxy keepalived redis-server"
 
 if [ -f "$cache/ready" ] && [ "$(cat "$cache/ready")" = "$recipe" ]; then
     echo "$cache"
