@@ -19,9 +19,16 @@
 #              host, see the Vagrantfile): installed as
 #              /etc/chat-ha/redis-password on the redis machines and every
 #              frontend and backend host, before the packages
-#   REDIS_ADMIN_PASSWORD_FILE  the rig's Redis admin password: installed as
-#              /etc/redis/admin-password on the redis machines, before the
-#              packages; replicas and Sentinels log in with it
+#   REDIS_ADMIN_PASSWORD_FILE, REPLICA_PASSWORD_FILE,
+#   SENTINEL_USER_PASSWORD_FILE  the rig's passwords of the Redis users
+#              admin, replica and sentinel: installed as
+#              /etc/redis/admin-password, replica-password and
+#              sentinel-user-password on the redis machines, before the
+#              packages; replicas log in to the primary as replica,
+#              Sentinels to each server as sentinel
+#   SENTINEL_PASSWORD_FILE  the Sentinels' own password (requirepass):
+#              installed as /etc/chat-ha/sentinel-password on the redis
+#              machines and every frontend and backend host
 #   FRONTENDS, BACKENDS   the frontend and backend hosts' addresses
 #   INSTANCES  instances per frontend or backend host
 #   ADDRESS_LIMIT  on lb: every limit per client address of HAProxy
@@ -87,11 +94,18 @@ wait_for() {
     "$@"
 }
 
-# The rig's Redis password, root-only, where the units and chat-redis read it.
+# install_secret FILE DEST: the rig's password in FILE, root-only, at DEST.
+install_secret() {
+    [ -s "$1" ] || die "no password in $1"
+    install -d -m 755 "$(dirname "$2")"
+    install -m 600 "$1" "$2"
+}
+
+# The rig's Redis and Sentinel passwords, where the units and chat-redis
+# read them.
 install_password() {
-    [ -s "${REDIS_PASSWORD_FILE:?}" ] || die "no Redis password in $REDIS_PASSWORD_FILE"
-    install -d -m 755 /etc/chat-ha
-    install -m 600 "$REDIS_PASSWORD_FILE" /etc/chat-ha/redis-password
+    install_secret "${REDIS_PASSWORD_FILE:?}" /etc/chat-ha/redis-password
+    install_secret "${SENTINEL_PASSWORD_FILE:?}" /etc/chat-ha/sentinel-password
 }
 
 # Points the daemons at the Sentinels of the redis machines, has them
@@ -136,10 +150,10 @@ configure_daemons() {
     say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LBS, Sentinels on $REDIS_HOSTS"
 }
 
-# keepalived from the example chat-haproxy ships: this machine's priority
+# keepalived from the example chat-keepalived ships: this machine's priority
 # and address, the other load balancers as peers, the floating address.
 configure_keepalived() {
-    local example=/usr/share/doc/chat-haproxy/examples/keepalived.conf.example conf=/etc/keepalived/keepalived.conf peers host
+    local example=/usr/share/doc/chat-keepalived/examples/keepalived.conf.example conf=/etc/keepalived/keepalived.conf peers host
     [ -f "$example" ] || die "$example is missing"
     : "${FLOATING_ADDRESS:?}" "${PRIORITY:?}"
     # One line per peer, joined by sed's \n.
@@ -177,11 +191,11 @@ fi
 case $ROLE in
 redis)
     install_password
-    # One admin password on every redis machine: replicas log in to the
-    # primary with it, and Sentinels to each server.
-    [ -s "${REDIS_ADMIN_PASSWORD_FILE:?}" ] || die "no Redis admin password in $REDIS_ADMIN_PASSWORD_FILE"
-    install -d -m 755 /etc/redis
-    install -m 600 "$REDIS_ADMIN_PASSWORD_FILE" /etc/redis/admin-password
+    # The same passwords on every redis machine, as an operator copies them:
+    # any server may become the primary.
+    install_secret "${REDIS_ADMIN_PASSWORD_FILE:?}" /etc/redis/admin-password
+    install_secret "${REPLICA_PASSWORD_FILE:?}" /etc/redis/replica-password
+    install_secret "${SENTINEL_USER_PASSWORD_FILE:?}" /etc/redis/sentinel-user-password
     install_debs redis redis-server "$(deb_of chat-redis)"
     install_debs redis-sentinel redis-sentinel
     admin_password=$(cat /etc/redis/admin-password)
@@ -196,8 +210,8 @@ redis)
     {
         echo '# chat-ha rig: begin'
         echo 'include /etc/redis/chat-ha-sentinel-replica.conf'
-        echo 'masteruser admin'
-        echo "masterauth $admin_password"
+        echo 'masteruser replica'
+        echo "masterauth $(cat /etc/redis/replica-password)"
         echo "replica-announce-ip $ADDRESS"
         [ "$ADDRESS" = "$REDIS_PRIMARY" ] || echo "replicaof $REDIS_PRIMARY 6379"
         echo '# chat-ha rig: end'
@@ -211,8 +225,9 @@ redis)
     sed -e "s|^sentinel monitor chat-ha .*|sentinel monitor chat-ha $REDIS_PRIMARY 6379 2|" \
         -e "s|^# bind .*|bind 127.0.0.1 $ADDRESS|" \
         -e "s|^# sentinel announce-ip .*|sentinel announce-ip $ADDRESS|" \
-        -e 's|^# sentinel auth-user .*|sentinel auth-user chat-ha admin|' \
-        -e "s|^# sentinel auth-pass .*|sentinel auth-pass chat-ha $admin_password|" \
+        -e 's|^# sentinel auth-user .*|sentinel auth-user chat-ha sentinel|' \
+        -e "s|^# sentinel auth-pass .*|sentinel auth-pass chat-ha $(cat /etc/redis/sentinel-user-password)|" \
+        -e "s|^# requirepass .*|requirepass $(cat /etc/chat-ha/sentinel-password)|" \
         -e 's|^sentinel down-after-milliseconds chat-ha .*|sentinel down-after-milliseconds chat-ha 1000|' \
         -e 's|^sentinel failover-timeout chat-ha .*|sentinel failover-timeout chat-ha 10000|' \
         "$example" >"$sentinel.new"
@@ -226,11 +241,13 @@ redis)
     wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q NOAUTH" || die "Redis on $ADDRESS:6379 does not refuse anonymous commands"
     [ "$(admin ping)" = PONG ] || die "Redis does not let admin in"
     if [ "$ADDRESS" != "$REDIS_PRIMARY" ]; then
-        wait_for 30 sh -c "redis-cli --no-auth-warning --user admin --pass '$admin_password' -h $ADDRESS info replication | grep -q '^master_link_status:up'" \
-            || die "this replica does not replicate $REDIS_PRIMARY: $(admin info replication | tr '\r\n' '  ')"
+        replicating() { admin info replication | grep -q '^master_link_status:up'; }
+        wait_for 30 replicating || die "this replica does not replicate $REDIS_PRIMARY: $(admin info replication | tr '\r\n' '  ')"
     fi
-    sentinel_says() { redis-cli -h "$ADDRESS" -p 26379 "$@"; }
-    wait_for 20 sh -c "redis-cli -h $ADDRESS -p 26379 sentinel get-master-addr-by-name chat-ha | grep -q '^$REDIS_PRIMARY\$'" \
+    sentinel_says() { redis-cli --no-auth-warning -a "$(cat /etc/chat-ha/sentinel-password)" -h "$ADDRESS" -p 26379 "$@"; }
+    wait_for 20 sh -c "redis-cli -h $ADDRESS -p 26379 ping | grep -q NOAUTH" || die "Sentinel on $ADDRESS:26379 does not refuse anonymous commands"
+    names_primary() { sentinel_says sentinel get-master-addr-by-name chat-ha | grep -q "^$REDIS_PRIMARY\$"; }
+    wait_for 20 names_primary \
         || die "Sentinel on $ADDRESS:26379 does not name $REDIS_PRIMARY the primary: $(sentinel_says sentinel get-master-addr-by-name chat-ha | tr '\n' ' ')"
     # The last redis machine: every Sentinel knows every other, and the
     # replicas (a failover needs them).
@@ -251,7 +268,7 @@ frontend | backend)
     ;;
 lb)
     install_debs haproxy haproxy "$(deb_of chat-haproxy)"
-    install_debs keepalived keepalived
+    install_debs keepalived keepalived "$(deb_of chat-keepalived)"
     [ -x /usr/sbin/haproxy ] || die "haproxy is not installed"
     # The chat hosts, in place of the shipped list (this host's instances):
     # INSTANCES frontends from port 9100 on each frontend host, as many

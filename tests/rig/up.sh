@@ -35,7 +35,7 @@ fi
 # --- the packages to install: a snapshot of target/debian, so that a
 # `make deb` running meanwhile does not pull them from under the machines.
 mkdir -p "$RIG_STATE/pkgs"
-for p in chat-ha-common chat-frontend chat-backend chat-haproxy chat-redis; do
+for p in chat-ha-common chat-frontend chat-backend chat-haproxy chat-keepalived chat-redis; do
     # shellcheck disable=SC2012
     f=$(ls -v "$RIG_REPO/target/debian/${p}_"*.deb 2>/dev/null | tail -1)
     if [ -z "$f" ]; then

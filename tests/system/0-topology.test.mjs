@@ -12,17 +12,16 @@ import assert from 'node:assert/strict';
 
 import {
   BACK_HOSTS, DOMAIN_1, FRONT_HOSTS, FRONT_INSTANCES, INSTANCES, LB, LB_MACHINES, LB_URL, REDIS, REDIS_HOSTS,
-  SENTINEL_MASTER, SENTINEL_PORT, getFromLb, lbServers, request, ssh,
+  SENTINEL_MASTER, SENTINEL_PORT, getFromLb, lbServers, redisCli, redisRole, request, ssh,
 } from './lib/rig.mjs';
 
 const installed = (name) => ssh(name, "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' 'chat-*' haproxy keepalived 'redis-*' 2>/dev/null | awk '$2 == \"ii\" {print $1}' | sort");
-const redisAdmin = (name, ip, command) => ssh(name, `sudo sh -c 'redis-cli --no-auth-warning --user admin --pass "$(cat /etc/redis/admin-password)" -h ${ip} ${command}'`);
 
 describe('the rig', () => {
   it('installs the packages of each role, and only those', async () => {
     const expect = {
-      lb1: ['chat-haproxy', 'haproxy', 'keepalived'],
-      lb2: ['chat-haproxy', 'haproxy', 'keepalived'],
+      lb1: ['chat-haproxy', 'chat-keepalived', 'haproxy', 'keepalived'],
+      lb2: ['chat-haproxy', 'chat-keepalived', 'haproxy', 'keepalived'],
       front1: ['chat-frontend', 'chat-ha-common'],
       front2: ['chat-frontend', 'chat-ha-common'],
       back1: ['chat-backend', 'chat-ha-common'],
@@ -62,7 +61,7 @@ describe('the rig', () => {
 
   for (const r of REDIS_HOSTS) {
     it(`runs Redis on ${r.name} bound to its rig address, AOF on, protected mode on, no eviction, writes only with a replica`, async () => {
-      const out = await redisAdmin(r.name, r.ip, 'config get bind appendonly protected-mode maxmemory-policy min-replicas-to-write');
+      const out = (await redisCli(r, 'config get bind appendonly protected-mode maxmemory-policy min-replicas-to-write')).join('\n');
       const v = Object.fromEntries(out.trim().split('\n').reduce((pairs, line, i, all) => (i % 2 ? pairs : [...pairs, [line, all[i + 1]]]), []));
       assert.ok(v.bind.split(' ').includes(r.ip), `bind: ${v.bind}`);
       assert.equal(v.appendonly, 'yes', 'appendonly');
@@ -73,15 +72,28 @@ describe('the rig', () => {
   }
 
   it('runs redis1 as the primary with redis2 and redis3 replicating it, and every Sentinel names it', async () => {
-    const role = (await redisAdmin('redis1', REDIS, 'role')).trim().split('\n');
+    const role = await redisRole(REDIS_HOSTS[0]);
     assert.equal(role[0], 'master', role.join(' '));
     const replicas = role.filter((l) => REDIS_HOSTS.some((r) => r.ip === l)).sort();
     assert.deepEqual(replicas, REDIS_HOSTS.slice(1).map((r) => r.ip), `replicas: ${role.join(' ')}`);
     for (const r of REDIS_HOSTS) {
-      const named = (await ssh(r.name, `redis-cli -h ${r.ip} -p ${SENTINEL_PORT} sentinel get-master-addr-by-name ${SENTINEL_MASTER}`)).trim().split('\n');
+      const named = await redisCli(r, `sentinel get-master-addr-by-name ${SENTINEL_MASTER}`, { sentinel: true });
       assert.deepEqual(named, [REDIS, '6379'], `Sentinel on ${r.name}`);
-      const quorum = (await ssh(r.name, `redis-cli -h ${r.ip} -p ${SENTINEL_PORT} sentinel ckquorum ${SENTINEL_MASTER}`)).trim();
+      const quorum = (await redisCli(r, `sentinel ckquorum ${SENTINEL_MASTER}`, { sentinel: true })).join(' ');
       assert.match(quorum, /^OK 3 usable Sentinels/, `Sentinel on ${r.name}`);
+    }
+  });
+
+  it('lets nobody in anonymously: replicas log in as replica, Sentinels as sentinel, the Sentinels want a password', async () => {
+    // CLIENT LIST on the primary: who is connected, as which user.
+    const clients = await redisCli(REDIS_HOSTS[0], 'client list');
+    const as = (user) => clients.filter((c) => c.includes(` user=${user} `));
+    assert.equal(as('replica').filter((c) => / flags=S /.test(c)).length, 2, clients.join('\n'));
+    assert.ok(as('sentinel').length >= 3, clients.join('\n'));
+    assert.equal(as('admin').filter((c) => / flags=S /.test(c)).length, 0, 'no replica logs in as admin');
+    for (const r of REDIS_HOSTS) {
+      const anonymous = await ssh(r.name, `redis-cli -h ${r.ip} -p ${SENTINEL_PORT} ping`);
+      assert.match(anonymous, /NOAUTH/, `Sentinel on ${r.name}, anonymous PING`);
     }
   });
 
@@ -92,6 +104,10 @@ describe('the rig', () => {
       const lines = out.trim().split('\n');
       assert.deepEqual(lines.slice(0, 2), ['active', 'active'], `${m.name}: ${out}`);
       if (lines.includes(`${LB}/24`)) holders.push(m.name);
+      // Confined by chat-keepalived's drop-in as the chat-ha units are.
+      const security = await ssh(m.name, 'sudo systemd-analyze security --no-pager keepalived.service | tail -1');
+      const exposure = Number(/exposure level for keepalived\.service: ([0-9.]+)/.exec(security)?.[1]);
+      assert.ok(exposure <= 2.0, `${m.name}: ${security}`);
     }
     assert.equal(holders.length, 1, `one load balancer holds ${LB}: ${holders}`);
   });
@@ -108,7 +124,7 @@ describe('the rig', () => {
     assert.match(page.text, /<title>/);
     const unknown = await request(`${LB_URL}/front/lobby`, { host: 'www.example.invalid' });
     assert.equal(unknown.status, 421);
-    // The health keepalived asks each HAProxy for, on its own address.
+    // HAProxy's own health, for monitoring, on its own address.
     assert.equal((await ssh(m.name, `curl -s -o /dev/null -w '%{http_code}' http://${m.ip}/haproxy-health`)).trim(), '200');
   });
 });

@@ -148,15 +148,18 @@ describe('Redis', () => {
     assert.match(replies[4], /^-NOPERM/);
   });
 
-  it('the password is the same on every machine and in no journal', async () => {
-    const sums = await Promise.all(['redis1', FRONT1.name, BACK1.name, 'lb1'].map(async (m) => (
-      await ssh(m, 'sudo sh -c \'if [ -e /etc/chat-ha/redis-password ]; then sha256sum </etc/chat-ha/redis-password; '
-        + 'journalctl -q --no-pager -o cat | grep -c -F -f /etc/chat-ha/redis-password || true; else echo none; fi\'')
-    ).trim().split('\n')));
-    const [redis, front, back, lb] = sums;
-    assert.deepEqual(lb, ['none'], 'lb1 has no Redis password');
-    assert.equal(front[0], redis[0]);
-    assert.equal(back[0], redis[0]);
-    for (const s of [redis, front, back]) assert.equal(s[1], '0', 'journal lines with the password');
-  });
+  for (const secret of ['redis-password', 'sentinel-password']) {
+    it(`/etc/chat-ha/${secret} is the same on every machine but the load balancers, and in no journal`, async () => {
+      const file = `/etc/chat-ha/${secret}`;
+      const sums = await Promise.all(['redis1', FRONT1.name, BACK1.name, 'lb1'].map(async (m) => (
+        await ssh(m, `sudo sh -c 'if [ -e ${file} ]; then sha256sum <${file}; `
+          + `journalctl -q --no-pager -o cat | grep -c -F -f ${file} || true; else echo none; fi'`)
+      ).trim().split('\n')));
+      const [redis, front, back, lb] = sums;
+      assert.deepEqual(lb, ['none'], `lb1 has no ${file}`);
+      assert.equal(front[0], redis[0]);
+      assert.equal(back[0], redis[0]);
+      for (const s of [redis, front, back]) assert.equal(s[1], '0', `journal lines with ${file}`);
+    });
+  }
 });

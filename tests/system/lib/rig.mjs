@@ -414,13 +414,25 @@ export async function powerOn(name) {
 
 /** The primary a Sentinel on redis machine `via` names: {name, ip}. */
 export async function sentinelPrimary(via) {
-  const [ip] = (await ssh(via.name, `redis-cli -h ${via.ip} -p ${SENTINEL_PORT} sentinel get-master-addr-by-name ${SENTINEL_MASTER}`)).trim().split('\n');
+  const [ip] = await redisCli(via, `sentinel get-master-addr-by-name ${SENTINEL_MASTER}`, { sentinel: true });
   return REDIS_HOSTS.find((r) => r.ip === ip) ?? { name: null, ip };
 }
 
 /** `ROLE` of the Redis on redis machine `host`, as lines. */
 export async function redisRole(host) {
-  return (await ssh(host.name, `sudo sh -c 'redis-cli --no-auth-warning --user admin --pass "$(cat /etc/redis/admin-password)" -h ${host.ip} role'`)).trim().split('\n');
+  return redisCli(host, 'role');
+}
+
+/**
+ * The answer to `command` (redis-cli words), as lines, from redis machine
+ * `host`'s Redis as the user admin, or its Sentinel (`sentinel: true`) with
+ * the Sentinels' password: nobody gets in anonymously.
+ */
+export async function redisCli(host, command, { sentinel = false } = {}) {
+  const login = sentinel
+    ? `-p ${SENTINEL_PORT} -a "$(cat /etc/chat-ha/sentinel-password)"`
+    : '--user admin --pass "$(cat /etc/redis/admin-password)"';
+  return (await ssh(host.name, `sudo sh -c 'redis-cli --no-auth-warning ${login} -h ${host.ip} ${command}'`)).trim().split('\n');
 }
 
 /** The load balancer machine that holds the floating address now, or null. */
