@@ -83,10 +83,12 @@ test-rust: deps-apt
 	$(CARGO) test --locked --workspace --all-targets
 	# Short benchmark runs: each fails on any lost, duplicated or refused
 	# message. socket.io 4 clients and one Redis; socket.io 2.x clients;
-	# Sentinel mode, each post acknowledged by a replica.
+	# Sentinel mode, each post acknowledged by a replica; the plain
+	# socketioxide stack the figures compare against.
 	$(CARGO) run --locked -q -p chat-bench -- --smoke
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --eio 3
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-replicas 2
+	$(CARGO) run --locked -q -p chat-bench -- --smoke --stack socketioxide
 
 # The patched crates of vendor/ (vendor/README.md): the tree cargo builds
 # must be the published crates with the patch series applied, nothing else;
@@ -155,13 +157,15 @@ bench-attack: deps-apt deps-npm
 	$(CARGO) build --locked --release --bins -p chat-ha
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release node bench/attack.mjs $(ATTACK_ARGS)
 
-# chat-ha against the Node.js Socket.IO reference stack of bench/node
-# (socket.io + Redis adapter, express + Redis emitter), back to back: the
-# connection setup, then the default load, each on both stacks. Summaries on
-# stderr; the JSON lines are collected in target/bench-compare.jsonl.
+# chat-ha against its peers, back to back: the Node.js Socket.IO reference
+# stack of bench/node (socket.io + Redis adapter, express + Redis emitter),
+# plain socketioxide (chat-sio: socketioxide-redis, axum) and the floor
+# (chat-floor); the connection setup, then the default load, each on every
+# stack. Summaries on stderr; the JSON lines are collected in
+# target/bench-compare.jsonl.
 COMPARE_CONNECT_ARGS ?= --clients 10000 --rooms 100 --idle --idle-wait 0
 COMPARE_LOAD_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
-COMPARE_STACKS ?= chat-ha node
+COMPARE_STACKS ?= chat-ha socketioxide node floor
 bench-compare: deps-apt deps-node
 	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
 	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench

@@ -59,7 +59,8 @@ struct Args {
     idle_wait: f64,
 
     /// The servers to start: chat-ha's; the Node.js Socket.IO reference
-    /// stack of bench/node (run `npm ci` there first); or the floor,
+    /// stack of bench/node (run `npm ci` there first); plain socketioxide
+    /// with socketioxide-redis and axum (chat-sio); or the floor,
     /// chat-floor, one process without Socket.IO library or Redis. With
     /// --frontend, it only labels the run.
     #[arg(long, value_enum, default_value_t = Stack::ChatHa)]
@@ -251,12 +252,13 @@ fn main() -> ExitCode {
 
 /// Combinations of options that cannot work.
 fn check_args(args: &Args) -> Result<(), String> {
-    if args.stack == Stack::Node && (args.frontend_threads > 1 || args.backend_threads > 1) {
-        return Err(
-            "--stack node runs one event loop per process: use --frontends and \
-                    --backends instead of --frontend-threads and --backend-threads"
-                .into(),
-        );
+    let one_loop = matches!(args.stack, Stack::Node | Stack::Socketioxide);
+    if one_loop && (args.frontend_threads > 1 || args.backend_threads > 1) {
+        return Err(format!(
+            "--stack {} runs one event loop per process: use --frontends and \
+             --backends instead of --frontend-threads and --backend-threads",
+            args.stack.name()
+        ));
     }
     if args.stack == Stack::Floor
         && (args.frontends != 1
@@ -1157,13 +1159,20 @@ mod tests {
     }
 
     #[test]
-    fn node_has_no_runtime_threads_to_set() {
-        let args = parse(&["--stack", "node", "--frontend-threads", "2"]).unwrap();
-        assert!(check_args(&args).unwrap_err().contains("--frontends"));
-        let args = parse(&["--stack", "node", "--backend-threads", "2"]).unwrap();
-        assert!(check_args(&args).is_err());
-        let args = parse(&["--stack", "node", "--frontends", "2", "--backends", "2"]).unwrap();
-        assert!(check_args(&args).is_ok());
+    fn node_and_plain_socketioxide_have_no_runtime_threads_to_set() {
+        for stack in ["node", "socketioxide"] {
+            let args = parse(&["--stack", stack, "--frontend-threads", "2"]).unwrap();
+            assert_eq!(args.stack.name(), stack);
+            let error = check_args(&args).unwrap_err();
+            assert!(
+                error.contains("--frontends") && error.contains(stack),
+                "{error}"
+            );
+            let args = parse(&["--stack", stack, "--backend-threads", "2"]).unwrap();
+            assert!(check_args(&args).is_err());
+            let args = parse(&["--stack", stack, "--frontends", "2", "--backends", "2"]).unwrap();
+            assert!(check_args(&args).is_ok());
+        }
         let args = parse(&["--frontend-threads", "2"]).unwrap();
         assert!(check_args(&args).is_ok());
     }

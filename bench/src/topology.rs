@@ -73,6 +73,9 @@ pub enum Stack {
     #[value(name = "chat-ha")]
     ChatHa,
     Node,
+    /// Plain socketioxide with socketioxide-redis, and an axum backend
+    /// (`chat-sio`): what a Rust user would build instead.
+    Socketioxide,
     Floor,
 }
 
@@ -81,6 +84,7 @@ impl Stack {
         match self {
             Stack::ChatHa => "chat-ha",
             Stack::Node => "node",
+            Stack::Socketioxide => "socketioxide",
             Stack::Floor => "floor",
         }
     }
@@ -491,6 +495,13 @@ fn server_command(
             cmd.arg("--listen").arg(addr.to_string());
             cmd.arg("--redis").arg(redis_url);
             cmd.env("NODE_ENV", "production");
+            cmd
+        }
+        Stack::Socketioxide => {
+            let mut cmd = Command::new(plan.bin_dir.join("chat-sio"));
+            cmd.arg(if frontend { "frontend" } else { "backend" });
+            cmd.arg("--listen").arg(addr.to_string());
+            cmd.arg("--redis").arg(redis_url);
             cmd
         }
         Stack::Floor => {
