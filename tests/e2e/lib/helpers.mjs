@@ -133,11 +133,13 @@ export function request(url, { method = 'GET', host, headers = {}, body, localAd
 }
 
 /** POST /back/message as JSON. */
-export function postMessage(baseUrl, room, message, { host } = {}) {
+export function postMessage(baseUrl, room, message, { host, idempotencyKey } = {}) {
+  const headers = { 'content-type': 'application/json' };
+  if (idempotencyKey) headers['idempotency-key'] = idempotencyKey;
   return request(`${baseUrl}/back/message`, {
     method: 'POST',
     host,
-    headers: { 'content-type': 'application/json' },
+    headers,
     body: JSON.stringify({ room, message }),
   });
 }
@@ -428,14 +430,22 @@ export class ResumingClient {
  * one). `acked` holds the stored messages (201) in the order acknowledged
  * (id order with one loop); `failed` every other outcome: {seq, status,
  * error, startedAt, endedAt}; `log` every post.
+ *
+ * With `attempts` above 1, each post carries an Idempotency-Key and is
+ * tried again, `retryMs` later, after a 5xx, a 429 or a network error, as a
+ * careful client does; `tries` records every attempt: {seq, attempt,
+ * status, startedAt, endedAt}.
  */
 export class Poster {
-  constructor(baseUrl, room, { host, hosts = [host], intervalMs = 10, label = 'post', concurrency = 1 } = {}) {
-    Object.assign(this, { baseUrl, room, hosts, intervalMs, label, concurrency });
+  constructor(baseUrl, room, {
+    host, hosts = [host], intervalMs = 10, label = 'post', concurrency = 1, attempts = 1, retryMs = 200,
+  } = {}) {
+    Object.assign(this, { baseUrl, room, hosts, intervalMs, label, concurrency, attempts, retryMs });
     this.sent = 0;
     this.acked = [];
     this.failed = [];
     this.log = []; // {seq, status, startedAt, endedAt}
+    this.tries = [];
     this.running = null;
     this.stopping = false;
   }
@@ -444,17 +454,25 @@ export class Poster {
     this.sent += 1;
     const seq = this.sent;
     const host = this.hosts[seq % this.hosts.length];
+    const message = `${this.label} ${seq}${text ? ` ${text}` : ''}`;
+    const idempotencyKey = this.attempts > 1 ? crypto.randomUUID() : undefined;
     const startedAt = Date.now();
     let status;
     let error;
-    try {
-      const res = await postMessage(this.baseUrl, this.room, `${this.label} ${seq}${text ? ` ${text}` : ''}`, { host });
-      status = res.status;
-      if (status === 201) this.acked.push(res.json);
-      else error = res.text;
-    } catch (e) {
-      status = 'error';
-      error = e.message;
+    for (let attempt = 1; attempt <= this.attempts; attempt++) {
+      if (attempt > 1) await sleep(this.retryMs);
+      const at = Date.now();
+      try {
+        const res = await postMessage(this.baseUrl, this.room, message, { host, idempotencyKey });
+        status = res.status;
+        error = status === 201 ? undefined : res.text;
+        if (status === 201) this.acked.push(res.json);
+      } catch (e) {
+        status = 'error';
+        error = e.message;
+      }
+      this.tries.push({ seq, attempt, status, startedAt: at, endedAt: Date.now() });
+      if (!retryable(status)) break;
     }
     const entry = { seq, status, startedAt, endedAt: Date.now() };
     this.log.push(entry);
@@ -483,9 +501,7 @@ export class Poster {
    * stream went on for a while, measured in what it did, not in time.
    */
   acknowledgedMore(count, timeoutMs = 30_000) {
-    const target = this.acked.length + count;
-    return waitFor(() => `${count} more posts acknowledged (${this.acked.length - target + count} so far; failed: ${JSON.stringify(this.failedByStatus())})`,
-      () => this.acked.length >= target, { timeoutMs, intervalMs: 20 });
+    return acknowledgedMore(() => this.acked.length, count, timeoutMs, () => `failed: ${JSON.stringify(this.failedByStatus())}`);
   }
 
   /** Number of failed requests by status, e.g. {503: 12}. */
@@ -494,6 +510,21 @@ export class Poster {
     for (const f of this.failed) counts[f.status] = (counts[f.status] ?? 0) + 1;
     return counts;
   }
+}
+
+/**
+ * Resolves once `acknowledged()` has grown by `count` from now; `more()`
+ * adds to the message on time-out.
+ */
+export function acknowledgedMore(acknowledged, count, timeoutMs = 30_000, more = () => '') {
+  const target = acknowledged() + count;
+  return waitFor(() => `${count} more posts acknowledged (${acknowledged() - target + count} so far; ${more()})`,
+    () => acknowledged() >= target, { timeoutMs, intervalMs: 20 });
+}
+
+/** Whether a post that got `status` may be tried again with its key. */
+function retryable(status) {
+  return status === 'error' || status === 429 || status >= 500;
 }
 
 /**

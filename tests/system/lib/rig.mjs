@@ -12,10 +12,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { randomUUID } from 'node:crypto';
-
 import {
-  DOMAIN_1, DOMAIN_2, Poster, compareIds, deliveryCounts, request, resolvingAgent, sleep, waitFor, within,
+  DOMAIN_1, DOMAIN_2, Poster, acknowledgedMore, compareIds, deliveryCounts, request, resolvingAgent, sleep, waitFor, within,
 } from '../../e2e/lib/helpers.mjs';
 
 export { DOMAIN_1, DOMAIN_2, compareIds, deliveryCounts, request, sleep, waitFor, within };
@@ -444,56 +442,6 @@ export async function floatingAddressHolder() {
   return null;
 }
 
-/**
- * Posts as a careful client does: a 503 or a failed connection is retried
- * with the same Idempotency-Key until it is acknowledged (at most
- * `attempts` tries, `retryMs` apart), so a message is stored once however
- * often it is sent. `failed` counts the posts given up on; `attempts`
- * every try, with its outcome.
- */
-class RetryingPoster extends Poster {
-  constructor(baseUrl, room, options) {
-    super(baseUrl, room, options);
-    this.tries = [];
-    this.maxAttempts = options.attempts ?? 60;
-    this.retryMs = options.retryMs ?? 200;
-  }
-
-  async post() {
-    this.sent += 1;
-    const seq = this.sent;
-    const host = this.hosts[seq % this.hosts.length];
-    const key = randomUUID();
-    const startedAt = Date.now();
-    let status;
-    let error;
-    for (let attempt = 1; attempt <= this.maxAttempts; attempt++) {
-      const at = Date.now();
-      try {
-        const res = await request(`${this.baseUrl}/back/message`, {
-          method: 'POST',
-          host,
-          headers: { 'content-type': 'application/json', 'idempotency-key': key },
-          body: JSON.stringify({ room: this.room, message: `${this.label} ${seq}` }),
-        });
-        status = res.status;
-        error = status === 201 ? undefined : res.text;
-        if (status === 201) this.acked.push(res.json);
-      } catch (e) {
-        status = 'error';
-        error = e.message;
-      }
-      this.tries.push({ seq, attempt, status, startedAt: at, endedAt: Date.now() });
-      if (status === 201 || (typeof status === 'number' && status < 500 && status !== 429)) break;
-      await sleep(this.retryMs);
-    }
-    const entry = { seq, status, startedAt, endedAt: Date.now() };
-    this.log.push(entry);
-    if (status !== 201) this.failed.push({ ...entry, error });
-    return entry;
-  }
-}
-
 /** Per transport: clients, reconnected, lost, why they disconnected, failed joins (for a drill's output). */
 function byTransport(clients, report) {
   const out = {};
@@ -549,8 +497,8 @@ export class Load {
       await Promise.all(batch.map((c) => c.ready(30_000)));
     }
     for (const room of this.rooms) {
-      room.poster = new RetryingPoster(LB_URL, room.name, {
-        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 3, label: 'drill',
+      room.poster = new Poster(LB_URL, room.name, {
+        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 3, label: 'drill', attempts: 60,
       }).start();
     }
     this.startedAt = Date.now();
@@ -564,9 +512,7 @@ export class Load {
 
   /** Resolves once `count` more posts than now are acknowledged, in all rooms. */
   acknowledgedMore(count, timeoutMs = 30_000) {
-    const target = this.acknowledged + count;
-    return waitFor(() => `${count} more posts acknowledged (${this.acknowledged - target + count} so far)`,
-      () => this.acknowledged >= target, { timeoutMs, intervalMs: 20 });
+    return acknowledgedMore(() => this.acknowledged, count, timeoutMs);
   }
 
   /** Posts per second since the start. */
