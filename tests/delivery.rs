@@ -201,6 +201,70 @@ async fn feed_resumes_after_its_connection_is_killed_without_loss_or_duplicate()
     assert!(health.losses() >= 1, "the feed really lost its connection");
 }
 
+/// A subscriber that forwards what it is handed, each handing only once
+/// the test lets it through (a permit of `gate`); `waiting` says when the
+/// feed is held at it. While the feed is held, what Redis pushes queues up.
+struct Gated {
+    tx: mpsc::UnboundedSender<ChatMessage>,
+    gate: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<tokio::sync::Notify>,
+}
+
+impl chat_ha::delivery::Subscriber for Gated {
+    async fn following(&self, _cursor: StreamId) {}
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
+        self.waiting.notify_one();
+        self.gate.acquire().await.unwrap().forget();
+        for message in messages {
+            let _ = self.tx.send(message);
+        }
+    }
+}
+
+/// A message whose push the feed takes together with the news that its
+/// connection is gone is delivered all the same: the feed's cursor has
+/// moved past it, so a message dropped there would never come again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_pushed_just_before_the_connection_drops_is_delivered() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config).unwrap();
+    let health = RedisHealth::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = Arc::new(tokio::sync::Notify::new());
+    let subscriber = Gated {
+        tx,
+        gate: gate.clone(),
+        waiting: waiting.clone(),
+    };
+    tokio::spawn(
+        Feed::new(&config, health.clone())
+            .unwrap()
+            .run(Arc::new(subscriber)),
+    );
+    wait_up(&health).await;
+
+    // The feed takes the first message and is held handing it over; the
+    // second one's push queues up behind it, then the connection drops.
+    let first = append_numbered(&store, "rooma", "first", 1).await;
+    waiting.notified().await;
+    let second = append_numbered(&store, "rooma", "second", 1).await;
+    let mut conn = connect(&redis).await;
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    gate.add_permits(1000);
+
+    assert_eq!(receive(&mut rx, 2).await, [first, second].concat());
+    let third = append_acknowledged(&store, &post("rooma", "third")).await;
+    assert_eq!(receive(&mut rx, 1).await, [third], "the next one, once");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
     let Setup {

@@ -404,35 +404,26 @@ impl Feed {
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                push = pushes.recv() => {
-                    let mut push = push.ok_or(FeedError::Disconnected)?;
-                    // Everything pushed meanwhile goes out together.
-                    loop {
-                        reader.take(push, subscriber).await?;
-                        if reader.batch.len() >= BATCH {
-                            break;
-                        }
-                        match pushes.try_recv() {
-                            Ok(next) => push = next,
-                            Err(_) => break,
-                        }
-                    }
-                }
-                _ = poll.tick() => {
-                    reader.read_replicated().await?;
-                    reader.catch_up(subscriber).await?;
-                }
+            let step = tokio::select! {
+                push = pushes.recv() => reader.take_pushed(push, &mut pushes, subscriber).await,
+                _ = poll.tick() => match reader.read_replicated().await {
+                    Ok(()) => reader.catch_up(subscriber).await,
+                    Err(e) => Err(e),
+                },
                 // Never fires with one Redis, whose primary never changes.
                 _ = changes.changed() => {
                     let now = changes.borrow().as_ref().map(|r| r.generation);
-                    if now != Some(resolved.generation) {
-                        reader.hand_over(subscriber).await;
-                        return Err(FeedError::PrimaryChanged);
+                    match now == Some(resolved.generation) {
+                        true => Ok(()),
+                        false => Err(FeedError::PrimaryChanged),
                     }
                 }
-            }
+            };
+            // What was taken goes out even when the step then failed: the
+            // cursor has moved past it, and the next connection goes on
+            // from there.
             reader.hand_over(subscriber).await;
+            step?;
         }
     }
 
@@ -497,6 +488,27 @@ struct Reader<'a> {
 const MAX_UNCONFIRMED: usize = 100_000;
 
 impl Reader<'_> {
+    /// Takes `push` (`None`: the connection is gone) and everything pushed
+    /// meanwhile, up to a batch.
+    async fn take_pushed(
+        &mut self,
+        push: Option<PushInfo>,
+        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        let mut push = push.ok_or(FeedError::Disconnected)?;
+        loop {
+            self.take(push, subscriber).await?;
+            if self.batch.len() >= BATCH {
+                return Ok(());
+            }
+            match pushes.try_recv() {
+                Ok(next) => push = next,
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+
     /// Takes one push: the next message, one already handed out, or news
     /// that something was missed (or that a push cannot be trusted), and
     /// then reads the stream.
