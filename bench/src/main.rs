@@ -370,6 +370,7 @@ async fn run(
                         .unwrap_or_else(|| repo_dir().join("target/release"))
                 }),
                 www_dir: repo_dir().join("share/www"),
+                repo_dir: repo_dir(),
                 redis_server: args.redis_server.clone(),
                 lb_bin: args.haproxy_bin.clone(),
                 frontends: args.frontends.max(1),

@@ -117,6 +117,9 @@ pub struct Plan {
     pub node_bin: PathBuf,
     pub node_dir: PathBuf,
     pub www_dir: PathBuf,
+    /// The repository: the shipped HAProxy configuration and the script that
+    /// adds its server lines, for the load balancer.
+    pub repo_dir: PathBuf,
     pub redis_server: PathBuf,
     pub lb_bin: PathBuf,
     pub frontends: usize,
@@ -385,13 +388,16 @@ impl Topology {
             let port = free_port().map_err(|e| e.to_string())?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let cfg = self.dir.join("lb.cfg");
-            let text = lb_config(addr, plan.lb_maxconn, &fronts, &backs);
+            let text = self.lb_config(plan, addr, &fronts, &backs)?;
             std::fs::write(&cfg, text).map_err(|e| format!("{}: {e}", cfg.display()))?;
             for p in 0..plan.lb_processes {
                 // -db: stay in the foreground; every process binds the same
                 // port (SO_REUSEPORT) and the kernel spreads connections.
                 let mut cmd = Command::new(&plan.lb_bin);
                 cmd.arg("-db").arg("-f").arg(&cfg);
+                for limit in ADDRESS_LIMITS {
+                    cmd.env(limit, LIFTED_LIMIT.to_string());
+                }
                 self.spawn(Role::Lb, &format!("lb{p}"), cmd, None)?;
             }
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -420,6 +426,24 @@ impl Topology {
             self.backend_addrs = backs.iter().map(|(_, a)| *a).collect();
         }
         Ok(())
+    }
+
+    /// The load balancer's configuration for these servers: the shipped one.
+    fn lb_config(
+        &self,
+        plan: &Plan,
+        bind: SocketAddr,
+        fronts: &[(String, SocketAddr)],
+        backs: &[(String, SocketAddr)],
+    ) -> Result<String, String> {
+        shipped_lb_config(
+            &plan.repo_dir,
+            &self.dir,
+            bind,
+            plan.lb_maxconn,
+            fronts,
+            backs,
+        )
     }
 
     /// Stops every process we started: SIGTERM in reverse start order, then
@@ -525,34 +549,98 @@ fn check_node_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-fn lb_config(
+/// The limits per client address of the shipped HAProxy configuration,
+/// each read from HAProxy's environment: the bench's clients all come from
+/// one address, so every limit is lifted.
+const ADDRESS_LIMITS: [&str; 5] = [
+    "CHAT_HA_POSTS_PER_10S",
+    "CHAT_HA_READS_PER_10S",
+    "CHAT_HA_SOCKETS_PER_ADDRESS",
+    "CHAT_HA_CONNECTS_PER_10S",
+    "CHAT_HA_AUTH_FAILURES_PER_MIN",
+];
+const LIFTED_LIMIT: u32 = 1_000_000;
+
+/// The shipped HAProxy configuration (`etc/haproxy/chat-ha.cfg` of `repo`)
+/// as a host runs it, for these servers: after a `global` section of the
+/// bench's own (the one a host's haproxy.cfg gives), with its lists read
+/// from the repository, listening on `bind` instead of port 80, and a
+/// server line per instance added by chat-haproxy's own `chat-ha-servers`
+/// from a `chat-ha-servers.lst` written in `dir`.
+pub fn shipped_lb_config(
+    repo: &Path,
+    dir: &Path,
     bind: SocketAddr,
     maxconn: usize,
     fronts: &[(String, SocketAddr)],
     backs: &[(String, SocketAddr)],
-) -> String {
-    let mut c = String::new();
-    let _ = writeln!(c, "global\n    maxconn {maxconn}\n");
-    let _ = writeln!(
-        c,
-        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 60s\n    \
-         timeout server 60s\n    timeout tunnel 1h\n    timeout http-keep-alive 10s\n"
-    );
-    let _ = writeln!(
-        c,
-        "frontend chat\n    bind {bind}\n    maxconn {maxconn}\n    \
-         acl to_front path_beg /front/\n    acl to_back path_beg /back/\n    \
-         use_backend fronts if to_front\n    use_backend backs if to_back\n"
-    );
-    let _ = writeln!(c, "backend fronts\n    balance leastconn");
-    for (name, addr) in fronts {
-        let _ = writeln!(c, "    server {name} {addr}");
+) -> Result<String, String> {
+    let shipped = repo.join("etc/haproxy/chat-ha.cfg");
+    let text =
+        std::fs::read_to_string(&shipped).map_err(|e| format!("{}: {e}", shipped.display()))?;
+    let config = rebind(&text, bind, &repo.join("etc/haproxy"))
+        .ok_or_else(|| format!("{}: no bind line in a frontend", shipped.display()))?;
+    let list = dir.join("chat-ha-servers.lst");
+    let mut servers = String::new();
+    for (kind, instances) in [("chat-frontend", fronts), ("chat-backend", backs)] {
+        for (name, addr) in instances {
+            let _ = writeln!(servers, "{kind} {name} {addr}");
+        }
     }
-    let _ = writeln!(c, "\nbackend backs\n    balance roundrobin");
-    for (name, addr) in backs {
-        let _ = writeln!(c, "    server {name} {addr}");
+    std::fs::write(&list, servers).map_err(|e| format!("{}: {e}", list.display()))?;
+    let script = repo.join("debian/haproxy-dropin/chat-ha-servers");
+    let mut child = Command::new("sh")
+        .arg(&script)
+        .arg(&list)
+        .args(["-", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("a piped stdin")
+        .write_all(config.as_bytes())
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
-    c
+    let servers_added = String::from_utf8(out.stdout).map_err(|e| e.to_string())?;
+    Ok(format!("global\n    maxconn {maxconn}\n\n{servers_added}"))
+}
+
+/// `text` (chat-ha.cfg) listening on `bind` in place of its frontend's bind
+/// line, reading its lists from `lists_dir`; `None` without a bind line.
+fn rebind(text: &str, bind: SocketAddr, lists_dir: &Path) -> Option<String> {
+    let mut out = String::new();
+    let mut section = "";
+    let mut bound = false;
+    for line in text.lines() {
+        if line.starts_with(|c: char| !c.is_whitespace() && c != '#') {
+            section = line.split_whitespace().next().unwrap_or("");
+        } else if section == "frontend" && line.trim_start().starts_with("bind ") {
+            if !bound {
+                let _ = writeln!(out, "    bind {bind}");
+                bound = true;
+            }
+            continue;
+        }
+        let line = line.replace(
+            "/etc/haproxy/chat-ha-",
+            &format!("{}/chat-ha-", lists_dir.display()),
+        );
+        let _ = writeln!(out, "{line}");
+    }
+    bound.then_some(out)
 }
 
 /// The Sentinel master name of `--redis-replicas`.
@@ -620,6 +708,7 @@ mod tests {
             node_bin: PathBuf::from("node"),
             node_dir: PathBuf::from("/src/bench/node"),
             www_dir: PathBuf::from("/www"),
+            repo_dir: PathBuf::from("/src"),
             redis_server: PathBuf::from("redis-server"),
             lb_bin: PathBuf::from("haproxy"),
             frontends: 1,
@@ -704,6 +793,58 @@ mod tests {
                 )]
             );
         }
+    }
+
+    /// The load balancer runs chat-ha.cfg as shipped: listening where the
+    /// bench says, its lists from the repository, a server per instance,
+    /// and valid for HAProxy itself.
+    #[test]
+    fn the_load_balancer_runs_the_shipped_configuration() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let dir = std::env::temp_dir().join(format!("chat-bench-lb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let fronts = [
+            ("frontend0".to_owned(), at(9100)),
+            ("frontend1".to_owned(), at(9101)),
+        ];
+        let backs = [("backend0".to_owned(), at(9200))];
+        let bind = at(8088);
+        let config = shipped_lb_config(repo, &dir, bind, 4096, &fronts, &backs).unwrap();
+        let shipped = std::fs::read_to_string(repo.join("etc/haproxy/chat-ha.cfg")).unwrap();
+        assert!(config.starts_with("global\n    maxconn 4096\n"), "{config}");
+        assert!(config.contains("\n    bind 127.0.0.1:8088\n"), "{config}");
+        assert!(!config.contains("bind :80"), "{config}");
+        assert!(!config.contains("-f /etc/haproxy/"), "{config}");
+        for line in [
+            "frontend chat_ha",
+            "backend chat_front",
+            "backend chat_back",
+        ] {
+            assert!(shipped.contains(line) && config.contains(line), "{line}");
+        }
+        for server in [
+            "server frontend0 127.0.0.1:9100",
+            "server frontend1 127.0.0.1:9101",
+            "server backend0 127.0.0.1:9200",
+        ] {
+            assert!(config.contains(server), "{server}: {config}");
+        }
+        let file = dir.join("lb.cfg");
+        std::fs::write(&file, &config).unwrap();
+        let check = Command::new("haproxy")
+            .arg("-c")
+            .arg("-q")
+            .arg("-f")
+            .arg(&file)
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        let check = check.expect("haproxy must be installed");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
     }
 
     #[test]
