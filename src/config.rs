@@ -35,6 +35,9 @@ pub const PING_INTERVAL_MS_BOUNDS: std::ops::RangeInclusive<u32> = 1_000..=50_00
 /// to answer, and one that vanished is let go within a minute past its
 /// heartbeat (its socket, queue and rooms are held until then).
 pub const PING_TIMEOUT_MS_BOUNDS: std::ops::RangeInclusive<u32> = 1_000..=60_000;
+/// The bounds of `frontend.write_window_us`: 0 (off) to 100 ms. Longer, and
+/// a conversation would notice the wait.
+pub const WRITE_WINDOW_US_MAX: u32 = 100_000;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -491,6 +494,11 @@ pub struct FrontendConfig {
     /// disconnected (a client that vanished without closing its connection
     /// is noticed by then).
     pub ping_timeout_ms: u32,
+    /// Nagle's rule for deliveries, in microseconds (0: off). The first
+    /// messages after a quiet spell go to the sockets at once; those that
+    /// arrive within this long of a delivery wait until it has passed and
+    /// go out together, with one write per socket instead of one each.
+    pub write_window_us: u32,
 }
 
 impl Default for FrontendConfig {
@@ -511,6 +519,7 @@ impl Default for FrontendConfig {
             replay_burst: NonZeroU32::new(2_000).unwrap(),
             ping_interval_ms: DEFAULT_PING_INTERVAL_MS,
             ping_timeout_ms: DEFAULT_PING_TIMEOUT_MS,
+            write_window_us: 0,
         }
     }
 }
@@ -653,6 +662,10 @@ impl FrontendConfig {
     pub fn ping_timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.ping_timeout_ms))
     }
+    /// The write window; `None` when off.
+    pub fn write_window(&self) -> Option<Duration> {
+        (self.write_window_us > 0).then(|| Duration::from_micros(u64::from(self.write_window_us)))
+    }
 }
 
 impl BackendConfig {
@@ -724,6 +737,15 @@ impl Config {
             frontend.ping_timeout_ms,
             PING_TIMEOUT_MS_BOUNDS,
         )?;
+        if frontend.write_window_us > WRITE_WINDOW_US_MAX {
+            return Err((
+                "frontend.write_window_us",
+                format!(
+                    "is {}; it must be from 0 (off) to {WRITE_WINDOW_US_MAX} (microseconds)",
+                    frontend.write_window_us
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -838,6 +860,19 @@ mod tests {
             parse("[frontend]\nping_interval_ms = 50000\nping_timeout_ms = 1000\n").unwrap();
         assert_eq!(tuned.frontend.ping_interval(), Duration::from_secs(50));
         assert_eq!(tuned.frontend.ping_timeout(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_write_window_is_off_unless_set_and_at_most_100_ms() {
+        assert_eq!(parse("").unwrap().frontend.write_window(), None);
+        let set = parse("[frontend]\nwrite_window_us = 20000\n").unwrap();
+        assert_eq!(set.frontend.write_window(), Some(Duration::from_millis(20)));
+        assert!(parse("[frontend]\nwrite_window_us = 100000\n").is_ok());
+        let err = parse("[frontend]\nwrite_window_us = 100001\n").unwrap_err();
+        assert!(
+            err.contains("frontend.write_window_us is 100001; it must be from 0 (off) to 100000"),
+            "{err}"
+        );
     }
 
     #[test]

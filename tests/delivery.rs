@@ -265,6 +265,70 @@ async fn a_message_pushed_just_before_the_connection_drops_is_delivered() {
     assert_eq!(receive(&mut rx, 1).await, [third], "the next one, once");
 }
 
+/// A subscriber that passes on each delivery whole: the messages the feed
+/// handed over together.
+struct Batches(mpsc::UnboundedSender<Vec<ChatMessage>>);
+
+impl chat_ha::delivery::Subscriber for Batches {
+    async fn following(&self, _cursor: StreamId) {}
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
+        let _ = self.0.send(messages);
+    }
+}
+
+/// With a write window, the first message after a quiet spell is handed
+/// over alone, and the messages that follow within the window are handed
+/// over together: one write per socket for all of them. Nothing is lost,
+/// repeated or reordered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_window_hands_a_burst_over_together_in_order() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The longest window: a burst fits in it even on a busy machine.
+    let path = write_config(dir.path(), &redis.url(), "write_window_us = 100000");
+    let config = Config::load(&path, true).unwrap();
+    let store = Store::new(&config).unwrap();
+    let health = RedisHealth::new();
+    let (tx, mut batches) = mpsc::unbounded_channel();
+    tokio::spawn(
+        Feed::new(&config, health.clone())
+            .unwrap()
+            .run(Arc::new(Batches(tx))),
+    );
+    wait_up(&health).await;
+    let next = async |batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>| {
+        tokio::time::timeout(Duration::from_secs(10), batches.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+    };
+
+    let first = append_numbered(&store, "rooma", "first", 1).await;
+    assert_eq!(
+        next(&mut batches).await,
+        first,
+        "alone, after a quiet spell"
+    );
+    // Ten posts one after the other, each waiting for its answer, within
+    // the window the first delivery opened (100 ms: one append takes well
+    // under a millisecond). Without a window each would go out on its own.
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let room = ["rooma", "roomb"][i % 2];
+        sent.extend(append_numbered(&store, room, &format!("burst {i}"), 1).await);
+    }
+    let mut got = Vec::new();
+    let mut deliveries = 0;
+    while got.len() < sent.len() {
+        got.extend(next(&mut batches).await);
+        deliveries += 1;
+    }
+    assert_eq!(got, sent, "every message once, in feed order");
+    // Two at most: a burst on a very busy machine may straddle the end of
+    // the window once.
+    assert!(deliveries <= 2, "the burst in {deliveries} deliveries");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
     let Setup {

@@ -104,6 +104,10 @@ struct Args {
     /// With --redis-replicas: redis.min_replicas_acked (0: no WAIT).
     #[arg(long, default_value_t = 1)]
     replicas_acked: usize,
+    /// chat-ha's frontend.write_window_us: deliveries within this many
+    /// microseconds of the last one wait and go out together (0: off).
+    #[arg(long, default_value_t = 0)]
+    write_window_us: u32,
     #[arg(long, value_name = "PATH", default_value = "haproxy")]
     haproxy_bin: PathBuf,
     /// Keep the started processes' logs and configuration (path printed).
@@ -382,6 +386,7 @@ async fn run(
                 lb_maxconn,
                 redis_replicas: args.redis_replicas,
                 replicas_acked: args.replicas_acked,
+                write_window_us: args.write_window_us,
                 keep_dir: args.keep_logs,
             };
             let topo = Topology::start(&plan)?;
@@ -523,6 +528,7 @@ async fn measure(
         "backends": backs.len(),
         "haproxy": args.haproxy,
         "redis_replicas": args.redis_replicas,
+        "write_window_us": args.write_window_us,
         "eio": args.eio,
         "replicas_acked": if args.redis_replicas > 0 { json!(args.replicas_acked) } else { Value::Null },
         "client_threads": threads,
@@ -1013,6 +1019,9 @@ fn print_report(r: &Value) {
                 ", Redis with {n} replicas behind a Sentinel, {} acknowledging each post",
                 r["replicas_acked"]
             ),
+            _ => String::new(),
+        } + &match r["write_window_us"].as_u64() {
+            Some(us) if us > 0 => format!(", a write window of {us} µs"),
             _ => String::new(),
         }
     );

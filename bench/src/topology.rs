@@ -137,6 +137,8 @@ pub struct Plan {
     /// them to hold each message before answering 201.
     pub redis_replicas: usize,
     pub replicas_acked: usize,
+    /// chat-ha's `frontend.write_window_us`.
+    pub write_window_us: u32,
     pub keep_dir: bool,
 }
 
@@ -338,11 +340,13 @@ impl Topology {
         let config = self.dir.join("chat-ha.toml");
         let text = format!(
             "[log]\nlevel = \"warn\"\n\n[redis]\n{redis_keys}\n\
-             [frontend]\nwww_dir = {www:?}\nthreads = {ft}\ndrain_delay_ms = 0\n\n\
+             [frontend]\nwww_dir = {www:?}\nthreads = {ft}\ndrain_delay_ms = 0\n\
+             write_window_us = {window}\n\n\
              [backend]\nthreads = {bt}\n",
             www = plan.www_dir.display().to_string(),
             ft = plan.frontend_threads,
             bt = plan.backend_threads,
+            window = plan.write_window_us,
         );
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
 
@@ -720,6 +724,7 @@ mod tests {
             lb_maxconn: 0,
             redis_replicas: 0,
             replicas_acked: 1,
+            write_window_us: 0,
             keep_dir: false,
         }
     }

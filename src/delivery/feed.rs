@@ -10,6 +10,13 @@
 //! [`POLL`], which both checks that Redis still answers and finds any entry
 //! that no later push revealed.
 //!
+//! Whatever was taken from Redis together is handed over together, so that
+//! each socket gets it with one write. With `frontend.write_window_us`, the
+//! feed waits that long after each delivery before it takes again: the
+//! pushes meanwhile queue up and go out together (Nagle's rule, for
+//! deliveries). The first message after a quiet spell goes out at once, and
+//! a full batch does not wait.
+//!
 //! Pushes spare Redis the work `XREAD BLOCK` costs it for each frontend and
 //! each read (a command to read, a client to block and unblock), and the
 //! frontend a request per read.
@@ -145,6 +152,8 @@ pub struct Feed {
     caught_up: Counter,
     /// Sentinel mode with replica acknowledgements: what waits for them.
     held: Option<Held>,
+    /// `frontend.write_window_us`: how long after a delivery the next waits.
+    write_window: Option<Duration>,
 }
 
 /// Entries taken from the feed that replicas are not known to hold yet.
@@ -313,6 +322,7 @@ impl Feed {
             caught_up: Counter::default(),
             held: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0)
                 .then(Held::new),
+            write_window: config.frontend.write_window(),
         })
     }
 
@@ -392,6 +402,7 @@ impl Feed {
             tracing::info!("following the Redis feed from {start}");
         }
         *pause = self.reconnect_min;
+        let window = self.write_window;
         let mut reader = Reader {
             conn,
             keys: &self.keys,
@@ -403,7 +414,14 @@ impl Feed {
         // The first tick is immediate: it reads what was appended while away.
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With a write window: when the next delivery may go out.
+        let mut window_ends = None;
         loop {
+            if let Some(ends) = window_ends.take() {
+                // Pushes meanwhile wait in the connection's queue, and are
+                // taken together after it.
+                tokio::time::sleep_until(ends).await;
+            }
             let step = tokio::select! {
                 push = pushes.recv() => reader.take_pushed(push, &mut pushes, subscriber).await,
                 _ = poll.tick() => match reader.read_replicated().await {
@@ -422,7 +440,12 @@ impl Feed {
             // What was taken goes out even when the step then failed: the
             // cursor has moved past it, and the next connection goes on
             // from there.
-            reader.hand_over(subscriber).await;
+            let full = reader.batch.len() >= BATCH;
+            let delivered = reader.hand_over(subscriber).await;
+            // A full batch leaves more waiting: that goes on at once.
+            if delivered && !full {
+                window_ends = window.map(|w| tokio::time::Instant::now() + w);
+            }
             step?;
         }
     }
@@ -637,21 +660,24 @@ impl Reader<'_> {
 
     /// Hands the messages taken to the subscriber; while replica
     /// acknowledgements are awaited, holds them and hands over those
-    /// replicated, in feed order.
-    async fn hand_over(&mut self, subscriber: &impl Subscriber) {
+    /// replicated, in feed order. Says whether it handed over any.
+    async fn hand_over(&mut self, subscriber: &impl Subscriber) -> bool {
         let Some(held) = self.held.as_deref_mut() else {
-            if !self.batch.is_empty() {
-                subscriber.deliver(std::mem::take(&mut self.batch)).await;
+            if self.batch.is_empty() {
+                return false;
             }
-            return;
+            subscriber.deliver(std::mem::take(&mut self.batch)).await;
+            return true;
         };
         held.hold(std::mem::take(&mut self.batch));
+        let mut delivered = false;
         loop {
             let released = held.release();
             if released.is_empty() {
                 break;
             }
             held.full = false;
+            delivered = true;
             subscriber.deliver(released).await;
         }
         if !held.has_room(&[]) && !held.full {
@@ -666,6 +692,7 @@ impl Reader<'_> {
                 self.keys.replicated()
             );
         }
+        delivered
     }
 
     /// Whether one more entry may be taken from the feed (always, unless
