@@ -424,16 +424,17 @@ impl Feed {
             }
             let step = tokio::select! {
                 push = pushes.recv() => reader.take_pushed(push, &mut pushes, subscriber).await,
-                _ = poll.tick() => match reader.read_replicated().await {
-                    Ok(()) => reader.catch_up(subscriber).await,
-                    Err(e) => Err(e),
-                },
+                _ = poll.tick() => async {
+                    reader.read_replicated().await?;
+                    reader.catch_up(subscriber).await
+                }.await,
                 // Never fires with one Redis, whose primary never changes.
                 _ = changes.changed() => {
                     let now = changes.borrow().as_ref().map(|r| r.generation);
-                    match now == Some(resolved.generation) {
-                        true => Ok(()),
-                        false => Err(FeedError::PrimaryChanged),
+                    if now == Some(resolved.generation) {
+                        Ok(())
+                    } else {
+                        Err(FeedError::PrimaryChanged)
                     }
                 }
             };
