@@ -93,6 +93,17 @@ async fn connect(redis: &Redis) -> redis::aio::MultiplexedConnection {
     client.get_multiplexed_async_connection().await.unwrap()
 }
 
+/// Closes every connection to `redis` but the one this takes to ask.
+async fn kill_other_clients(redis: &Redis) {
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut connect(redis).await)
+        .await
+        .unwrap();
+}
+
 fn feed_key(config: &Config) -> String {
     format!("{}:feed", config.redis.key_prefix)
 }
@@ -179,20 +190,11 @@ async fn feed_resumes_after_its_connection_is_killed_without_loss_or_duplicate()
         ..
     } = Setup::start().await;
 
-    let killer_url = redis.url();
     let mut sent = Vec::new();
     for i in 0..300 {
         if i % 50 == 25 {
             // Drops every connection of the feed (and the store, which reconnects too).
-            let client = redis::Client::open(killer_url.as_str()).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let _: redis::Value = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("SKIPME")
-                .arg("yes")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            kill_other_clients(&redis).await;
         }
         sent.push(append_acknowledged(&store, &post("rooma", &format!("m{i}"))).await);
     }
@@ -250,14 +252,7 @@ async fn a_message_pushed_just_before_the_connection_drops_is_delivered() {
     let first = append_numbered(&store, "rooma", "first", 1).await;
     waiting.notified().await;
     let second = append_numbered(&store, "rooma", "second", 1).await;
-    let mut conn = connect(&redis).await;
-    let _: redis::Value = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    kill_other_clients(&redis).await;
     gate.add_permits(1000);
 
     assert_eq!(receive(&mut rx, 2).await, [first, second].concat());
