@@ -392,7 +392,14 @@ impl Topology {
             let port = free_port().map_err(|e| e.to_string())?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let cfg = self.dir.join("lb.cfg");
-            let text = self.lb_config(plan, addr, &fronts, &backs)?;
+            let text = shipped_lb_config(
+                &plan.repo_dir,
+                &self.dir,
+                addr,
+                plan.lb_maxconn,
+                &fronts,
+                &backs,
+            )?;
             std::fs::write(&cfg, text).map_err(|e| format!("{}: {e}", cfg.display()))?;
             for p in 0..plan.lb_processes {
                 // -db: stay in the foreground; every process binds the same
@@ -430,24 +437,6 @@ impl Topology {
             self.backend_addrs = backs.iter().map(|(_, a)| *a).collect();
         }
         Ok(())
-    }
-
-    /// The load balancer's configuration for these servers: the shipped one.
-    fn lb_config(
-        &self,
-        plan: &Plan,
-        bind: SocketAddr,
-        fronts: &[(String, SocketAddr)],
-        backs: &[(String, SocketAddr)],
-    ) -> Result<String, String> {
-        shipped_lb_config(
-            &plan.repo_dir,
-            &self.dir,
-            bind,
-            plan.lb_maxconn,
-            fronts,
-            backs,
-        )
     }
 
     /// Stops every process we started: SIGTERM in reverse start order, then
