@@ -9,6 +9,10 @@ SHELL := /bin/bash
 # the lock files as committed, and a stale lock file fails the build
 # instead of being rewritten in the tree.
 CARGO ?= cargo
+# bench/sio (chat-sio) is a crate of its own, on the published socketioxide
+# rather than vendor/'s: its cargo commands name it, and build into target/
+# beside the others.
+SIO = --locked --manifest-path bench/sio/Cargo.toml --target-dir $(CURDIR)/target
 # The Debian packages the project needs, besides Rust (rustup) and Node.js.
 # Running (make run): the services it starts.
 APT_RUN := redis-server haproxy
@@ -77,6 +81,8 @@ run: deps-run deps-node build
 lint: deps-lint
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --manifest-path bench/sio/Cargo.toml -- --check
+	$(CARGO) clippy $(SIO) -- -D warnings
 	tests/msrv.sh
 
 test-rust: deps-apt
@@ -88,6 +94,7 @@ test-rust: deps-apt
 	$(CARGO) run --locked -q -p chat-bench -- --smoke
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --eio 3
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-replicas 2
+	$(CARGO) build $(SIO)
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --stack socketioxide
 
 # The patched crates of vendor/ (vendor/README.md): the tree cargo builds
@@ -147,6 +154,7 @@ test-browser: deps build
 BENCH_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
 bench: deps-apt
 	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench
+	$(CARGO) build --release $(SIO)
 	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench $(BENCH_ARGS)
 
 # The replay amplification attack of the security review (bench/attack.mjs):
@@ -169,6 +177,7 @@ COMPARE_STACKS ?= chat-ha socketioxide node floor
 bench-compare: deps-apt deps-node
 	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
 	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench
+	$(CARGO) build --release $(SIO)
 	@: > target/bench-compare.jsonl
 	for args in "$(COMPARE_CONNECT_ARGS)" "$(COMPARE_LOAD_ARGS)"; do \
 	  for stack in $(COMPARE_STACKS); do \

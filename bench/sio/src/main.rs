@@ -11,7 +11,9 @@
 //!   sockets, and answers 201 once the emit is published.
 //!
 //! No history, no idempotency, no bounds: the figures show what those cost
-//! chat-ha, not what this skips.
+//! chat-ha, not what this skips. A crate of its own, outside chat-ha's
+//! workspace, so that it builds on the published socketioxide and
+//! engineioxide rather than on chat-ha's patched ones (`vendor/`).
 //!
 //!   chat-sio frontend|backend --listen HOST:PORT --redis URL
 
