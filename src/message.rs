@@ -234,8 +234,8 @@ impl ChatMessage {
 
 /// A Redis stream id, `<milliseconds>-<sequence>`, ordered as Redis orders
 /// them; a string in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct StreamId {
     pub ms: u64,
     pub seq: u64,
@@ -264,9 +264,11 @@ impl TryFrom<String> for StreamId {
     }
 }
 
-impl From<StreamId> for String {
-    fn from(id: StreamId) -> String {
-        id.to_string()
+/// Written straight into the output, without a `String` of its own: every
+/// answer to a post and every delivery carries one.
+impl Serialize for StreamId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 

@@ -52,6 +52,17 @@ pub struct BackendMetrics {
     pub post_seconds: Histogram,
 }
 
+impl BackendMetrics {
+    /// Counts one answer to `POST /back/message`, given in `elapsed`.
+    pub fn record_post(&self, status: axum::http::StatusCode, elapsed: std::time::Duration) {
+        self.post_seconds.observe(elapsed.as_secs_f64());
+        let label = StatusLabel {
+            status: status.as_u16(),
+        };
+        self.posts.get_or_create(&label).inc();
+    }
+}
+
 impl Default for BackendMetrics {
     fn default() -> Self {
         // 50 µs .. ~1.6 s: a store is normally well under a millisecond.

@@ -128,7 +128,10 @@ impl Keys {
 
     /// The stream holding one room's history.
     pub fn room(&self, room: &Room) -> String {
-        format!("{}{}", self.room_prefix, room.as_str())
+        let mut name = String::with_capacity(self.room_prefix.len() + room.as_str().len());
+        name.push_str(&self.room_prefix);
+        name.push_str(room.as_str());
+        name
     }
 
     /// The record of a post made with an idempotency key.

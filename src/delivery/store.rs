@@ -135,6 +135,32 @@ end
 return page
 ";
 
+/// An `EVALSHA` of `script` with `keys` keys, to which the keys and then the
+/// arguments are added. Built as one command, where redis-rs's
+/// `ScriptInvocation` would first copy each key and argument once more: the
+/// append runs once per post.
+fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Runs `cmd`, an [`evalsha`] of `script`, loading the script first when
+/// this Redis does not have it yet (a new or restarted server).
+async fn eval<T: redis::FromRedisValue>(
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+    conn: &mut impl redis::aio::ConnectionLike,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        result => result,
+    }
+}
+
 /// Batches of the feed's oldest entries (64 each) one post may trim.
 const TRIM_BATCHES: usize = 4;
 
@@ -286,13 +312,13 @@ impl Store {
         message: &PostMessage,
         key: Option<&PostKey>,
     ) -> Result<Appended, StoreError> {
-        let mut invocation = self.0.script.prepare_invoke();
+        let mut invocation = evalsha(&self.0.script, 3 + usize::from(key.is_some()));
         invocation
-            .key(self.0.keys.feed())
-            .key(self.0.keys.room(&message.room))
-            .key(self.0.keys.feed_bytes());
+            .arg(self.0.keys.feed())
+            .arg(self.0.keys.room(&message.room))
+            .arg(self.0.keys.feed_bytes());
         if let Some(key) = key {
-            invocation.key(self.0.keys.post(key));
+            invocation.arg(self.0.keys.post(key));
         }
         invocation
             .arg(message.room.as_str())
@@ -309,7 +335,8 @@ impl Store {
         let (id, outcome): (String, String) = match &self.0.acks {
             None => {
                 let mut conn = self.connection().await?;
-                self.bounded(invocation.invoke_async(&mut conn)).await?
+                self.bounded(eval(&self.0.script, &invocation, &mut conn))
+                    .await?
             }
             Some(acks) => {
                 let mut writer = acks.writer().await?;
@@ -317,7 +344,7 @@ impl Store {
                 // `ReplicaAcks`): it may take that long more.
                 let limit = self.0.timeout + acks.timeout();
                 let reply = self
-                    .bounded_by(limit, invocation.invoke_async(&mut writer.conn))
+                    .bounded_by(limit, eval(&self.0.script, &invocation, &mut writer.conn))
                     .await;
                 if reply.is_err() {
                     acks.drop_writer(writer.id).await;
