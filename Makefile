@@ -168,23 +168,36 @@ bench-attack: deps-apt deps-npm
 # chat-ha against its peers, back to back: the Node.js Socket.IO reference
 # stack of bench/node (socket.io + Redis adapter, express + Redis emitter),
 # plain socketioxide (chat-sio: socketioxide-redis, axum) and the floor
-# (chat-floor); the connection setup, then the default load, each on every
-# stack. Summaries on stderr; the JSON lines are collected in
-# target/bench-compare.jsonl.
+# (chat-floor). Each load runs on every stack before the next load: the
+# connection setup and idle memory, the default load, 10,000 clients, the
+# default load beside a CPU hog; then the backends alone at 1,000 and 8,000
+# posts/s (the floor has no backend; Node.js's saturates one core near
+# 3,000 posts/s, so it runs the first rate only). Summaries on stderr; the
+# JSON lines are collected in target/bench-compare.jsonl.
 COMPARE_CONNECT_ARGS ?= --clients 10000 --rooms 100 --idle --idle-wait 0
 COMPARE_LOAD_ARGS ?= --clients 1000 --rooms 10 --rate 1000 --duration 20
+COMPARE_CROWD_ARGS ?= --clients 10000 --rooms 100 --rate 100 --duration 15
+COMPARE_HOG_ARGS ?= $(COMPARE_LOAD_ARGS) --cpu-hogs 1
+COMPARE_POST_ARGS ?= --clients 10 --rooms 10 --duration 10
 COMPARE_STACKS ?= chat-ha socketioxide node floor
+compare_run = echo "== chat-bench --stack $(1) $(2)" >&2; \
+	CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench \
+	  --stack $(1) $(2) >> target/bench-compare.jsonl || exit 1
 bench-compare: deps-apt deps-node
 	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
 	$(CARGO) build --locked --release --bins -p chat-ha -p chat-bench
 	$(CARGO) build --release $(SIO)
 	@: > target/bench-compare.jsonl
-	for args in "$(COMPARE_CONNECT_ARGS)" "$(COMPARE_LOAD_ARGS)"; do \
+	for args in "$(COMPARE_CONNECT_ARGS)" "$(COMPARE_LOAD_ARGS)" "$(COMPARE_CROWD_ARGS)" "$(COMPARE_HOG_ARGS)"; do \
 	  for stack in $(COMPARE_STACKS); do \
-	    echo "== chat-bench --stack $$stack $$args" >&2; \
-	    CHAT_HA_BIN_DIR=$(CURDIR)/target/release ./target/release/chat-bench \
-	      --stack $$stack $$args >> target/bench-compare.jsonl || exit 1; \
+	    $(call compare_run,$$stack,$$args); \
 	  done; \
+	done
+	for stack in chat-ha socketioxide node; do \
+	  $(call compare_run,$$stack,$(COMPARE_POST_ARGS) --rate 1000); \
+	done
+	for stack in chat-ha socketioxide; do \
+	  $(call compare_run,$$stack,$(COMPARE_POST_ARGS) --rate 8000); \
 	done
 
 # Debian packages, written to target/debian/: chat-ha (single host),

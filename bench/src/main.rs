@@ -108,6 +108,11 @@ struct Args {
     /// microseconds of the last one wait and go out together (0: off).
     #[arg(long, default_value_t = 0)]
     write_window_us: u32,
+    /// Run this many busy loops (`sh -c 'while :; do :; done'`, unpinned, at
+    /// normal priority) beside the servers while measuring: a neighbour that
+    /// wants whole CPUs, as a batch job or another tenant would.
+    #[arg(long, default_value_t = 0)]
+    cpu_hogs: usize,
     #[arg(long, value_name = "PATH", default_value = "haproxy")]
     haproxy_bin: PathBuf,
     /// Keep the started processes' logs and configuration (path printed).
@@ -428,16 +433,45 @@ async fn run(
             pid,
         });
     }
+    let hogs = CpuHogs::start(args.cpu_hogs)?;
     let result = if args.client_procs > 1 {
         measure_spread(args, shape, &fronts, &measured).await
     } else {
         measure(args, shape, threads, &fronts, &backs, &measured, abort).await
     };
+    drop(hogs);
     if let Some(mut topo) = topology {
         // Stopping blocks briefly; do it off the runtime's worker.
         tokio::task::block_in_place(|| topo.stop(Duration::from_secs(8)));
     }
     result
+}
+
+/// Busy loops beside the servers (`--cpu-hogs`), killed by PID when dropped.
+struct CpuHogs(Vec<std::process::Child>);
+
+impl CpuHogs {
+    fn start(count: usize) -> Result<Self, String> {
+        let mut hogs = CpuHogs(Vec::with_capacity(count));
+        for _ in 0..count {
+            let hog = std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .map_err(|e| format!("cannot start a CPU hog: {e}"))?;
+            eprintln!("chat-bench: started a CPU hog, pid {}", hog.id());
+            hogs.0.push(hog);
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -529,6 +563,7 @@ async fn measure(
         "haproxy": args.haproxy,
         "redis_replicas": args.redis_replicas,
         "write_window_us": args.write_window_us,
+        "cpu_hogs": args.cpu_hogs,
         "eio": args.eio,
         "replicas_acked": if args.redis_replicas > 0 { json!(args.replicas_acked) } else { Value::Null },
         "client_threads": threads,
@@ -1022,6 +1057,9 @@ fn print_report(r: &Value) {
             _ => String::new(),
         } + &match r["write_window_us"].as_u64() {
             Some(us) if us > 0 => format!(", a write window of {us} µs"),
+            _ => String::new(),
+        } + &match r["cpu_hogs"].as_u64() {
+            Some(n) if n > 0 => format!(", beside {n} CPU hog(s)"),
             _ => String::new(),
         }
     );
