@@ -497,7 +497,9 @@ pub struct FrontendConfig {
     /// Nagle's rule for deliveries, in microseconds (0: off). The first
     /// messages after a quiet spell go to the sockets at once; those that
     /// arrive within this long of a delivery wait until it has passed and
-    /// go out together, with one write per socket instead of one each.
+    /// go out together, with one write per socket instead of one each. The
+    /// window ends early once 512 messages, or a quarter of
+    /// `max_queued_bytes` of text, wait.
     pub write_window_us: u32,
 }
 

@@ -324,6 +324,68 @@ async fn a_write_window_hands_a_burst_over_together_in_order() {
     assert!(deliveries <= 2, "the burst in {deliveries} deliveries");
 }
 
+/// The window ends early once a quarter of `frontend.max_queued_bytes` of
+/// text waits: what it joins always fits in a socket's send queue, so a
+/// burst of long messages never makes a socket that keeps up look slow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_window_hands_over_at_most_a_quarter_of_the_send_queue_at_once() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &redis.url(),
+        "write_window_us = 100000\nmax_queued_bytes = 65536",
+    );
+    let config = Config::load(&path, true).unwrap();
+    let store = Store::new(&config).unwrap();
+    let health = RedisHealth::new();
+    let (tx, mut batches) = mpsc::unbounded_channel();
+    tokio::spawn(
+        Feed::new(&config, health.clone())
+            .unwrap()
+            .run(Arc::new(Batches(tx))),
+    );
+    wait_up(&health).await;
+    let next = async |batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>| {
+        tokio::time::timeout(Duration::from_secs(10), batches.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+    };
+
+    let first = append_numbered(&store, "rooma", "first", 1).await;
+    assert_eq!(next(&mut batches).await, first);
+    // 40 messages of 1,000 characters, 40,000 in all, within the window
+    // the first delivery opened: without the bound, one or two deliveries.
+    let mut sent = Vec::new();
+    for i in 0..40 {
+        let text = format!("{i:03} {}", "x".repeat(996));
+        sent.push(
+            store
+                .append(&post("rooma", &text), None)
+                .await
+                .unwrap()
+                .message,
+        );
+    }
+    let quarter = 65536 / 4;
+    let mut got = Vec::new();
+    let mut deliveries = 0;
+    while got.len() < sent.len() {
+        let batch = next(&mut batches).await;
+        let bytes: usize = batch.iter().map(|m| m.message.len()).sum();
+        // The message that reached the bound is the last one taken.
+        assert!(
+            bytes < quarter + 1000,
+            "a delivery of {bytes} bytes of text, past {quarter} and the message that reached it"
+        );
+        got.extend(batch);
+        deliveries += 1;
+    }
+    assert_eq!(got, sent, "every message once, in feed order");
+    assert!(deliveries >= 3, "40,000 bytes in {deliveries} deliveries");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn feed_resumes_after_redis_restarts_and_reports_its_health() {
     let Setup {

@@ -11,11 +11,13 @@
 //! that no later push revealed.
 //!
 //! Whatever was taken from Redis together is handed over together, so that
-//! each socket gets it with one write. With `frontend.write_window_us`, the
-//! feed waits that long after each delivery before it takes again: the
-//! pushes meanwhile queue up and go out together (Nagle's rule, for
-//! deliveries). The first message after a quiet spell goes out at once, and
-//! a full batch does not wait.
+//! each socket gets it with one write. With `frontend.write_window_us`, what
+//! the feed takes within that long after a delivery is held back and goes
+//! out together when the window ends (Nagle's rule, for deliveries). The
+//! first message after a quiet spell goes out at once, and a full batch
+//! ([`BATCH`] messages, or a quarter of `frontend.max_queued_bytes` of
+//! text) goes out at once too: what the window joins always fits in a
+//! socket's send queue with room to spare.
 //!
 //! Pushes spare Redis the work `XREAD BLOCK` costs it for each frontend and
 //! each read (a command to read, a client to block and unblock), and the
@@ -154,6 +156,10 @@ pub struct Feed {
     held: Option<Held>,
     /// `frontend.write_window_us`: how long after a delivery the next waits.
     write_window: Option<Duration>,
+    /// Most bytes of text held back by the write window: a quarter of
+    /// `frontend.max_queued_bytes`, so that what it joins fits in a socket's
+    /// send queue with room to spare.
+    window_bytes: usize,
 }
 
 /// Entries taken from the feed that replicas are not known to hold yet.
@@ -201,6 +207,13 @@ impl Held {
     fn hold(&mut self, messages: Vec<ChatMessage>) {
         self.bytes += messages.iter().map(|m| m.message.len()).sum::<usize>();
         self.entries.extend(messages);
+    }
+
+    /// Whether the oldest held entry is replicated.
+    fn has_releasable(&self) -> bool {
+        self.entries
+            .front()
+            .is_some_and(|m| m.id <= self.replicated)
     }
 
     /// The held entries that are replicated, at most [`BATCH`], oldest first.
@@ -323,6 +336,7 @@ impl Feed {
             held: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0)
                 .then(Held::new),
             write_window: config.frontend.write_window(),
+            window_bytes: config.frontend.max_queued_bytes.get() / 4,
         })
     }
 
@@ -410,18 +424,16 @@ impl Feed {
             position: self.position.insert(position),
             held: self.held.as_mut(),
             batch: Vec::new(),
+            batch_bytes: 0,
+            full_bytes: self.window_bytes,
         };
         // The first tick is immediate: it reads what was appended while away.
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // With a write window: when the next delivery may go out.
-        let mut window_ends = None;
+        // With a write window: until when what is taken is held back.
+        let mut window_ends: Option<tokio::time::Instant> = None;
         loop {
-            if let Some(ends) = window_ends.take() {
-                // Pushes meanwhile wait in the connection's queue, and are
-                // taken together after it.
-                tokio::time::sleep_until(ends).await;
-            }
+            let held_until = window_ends.filter(|_| reader.has_pending());
             let step = tokio::select! {
                 push = pushes.recv() => reader.take_pushed(push, &mut pushes, subscriber).await,
                 _ = poll.tick() => async {
@@ -437,15 +449,21 @@ impl Feed {
                         Err(FeedError::PrimaryChanged)
                     }
                 }
+                () = tokio::time::sleep_until(held_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if held_until.is_some() => Ok(()),
             };
-            // What was taken goes out even when the step then failed: the
-            // cursor has moved past it, and the next connection goes on
+            // Within the window, what was taken waits, unless the batch is
+            // full. What was taken goes out even when the step then failed:
+            // the cursor has moved past it, and the next connection goes on
             // from there.
-            let full = reader.batch.len() >= BATCH;
-            let delivered = reader.hand_over(subscriber).await;
-            // A full batch leaves more waiting: that goes on at once.
-            if delivered && !full {
-                window_ends = window.map(|w| tokio::time::Instant::now() + w);
+            let full = reader.full();
+            let window_open = window_ends.is_some_and(|ends| tokio::time::Instant::now() < ends);
+            if step.is_err() || full || !window_open {
+                let delivered = reader.hand_over(subscriber).await;
+                // A full batch leaves more waiting: that goes on at once.
+                window_ends = window
+                    .filter(|_| delivered && !full)
+                    .map(|w| tokio::time::Instant::now() + w);
             }
             step?;
         }
@@ -505,6 +523,10 @@ struct Reader<'a> {
     held: Option<&'a mut Held>,
     /// Messages taken but not yet handed to the subscriber (or held).
     batch: Vec<ChatMessage>,
+    /// The bytes of their text.
+    batch_bytes: usize,
+    /// The bytes of text that make a batch full (see [`Reader::full`]).
+    full_bytes: usize,
 }
 
 /// Pushed ids the stream may leave unconfirmed before it is read anyway
@@ -523,7 +545,7 @@ impl Reader<'_> {
         let mut push = push.ok_or(FeedError::Disconnected)?;
         loop {
             self.take(push, subscriber).await?;
-            if self.batch.len() >= BATCH {
+            if self.full() {
                 return Ok(());
             }
             match pushes.try_recv() {
@@ -572,7 +594,7 @@ impl Reader<'_> {
                     && position.unconfirmed.len() < MAX_UNCONFIRMED =>
             {
                 position.push(pushed.id);
-                self.batch.push(pushed.message);
+                self.add(pushed.message);
                 Ok(())
             }
             // A gap, an id too far ahead, or something that is not a message.
@@ -624,7 +646,7 @@ impl Reader<'_> {
                     _ if again => {}
                     Some(message) => {
                         self.caught_up.inc();
-                        self.batch.push(message);
+                        self.add(message);
                     }
                     None => tracing::error!("skipping malformed feed entry {id}"),
                 }
@@ -650,6 +672,7 @@ impl Reader<'_> {
         let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch)
             .into_iter()
             .partition(|m| m.id <= confirmed);
+        self.batch_bytes = kept.iter().map(|m| m.message.len()).sum();
         self.batch = kept;
         let mut dropped: Vec<StreamId> = dropped.iter().map(|m| m.id).collect();
         if let Some(held) = self.held.as_deref_mut() {
@@ -663,6 +686,7 @@ impl Reader<'_> {
     /// acknowledgements are awaited, holds them and hands over those
     /// replicated, in feed order. Says whether it handed over any.
     async fn hand_over(&mut self, subscriber: &impl Subscriber) -> bool {
+        self.batch_bytes = 0;
         let Some(held) = self.held.as_deref_mut() else {
             if self.batch.is_empty() {
                 return false;
@@ -694,6 +718,24 @@ impl Reader<'_> {
             );
         }
         delivered
+    }
+
+    /// Takes `message` into the batch.
+    fn add(&mut self, message: ChatMessage) {
+        self.batch_bytes += message.message.len();
+        self.batch.push(message);
+    }
+
+    /// Whether the batch is full: [`BATCH`] messages, or the write window's
+    /// bytes. A full batch is handed over at once, window or not.
+    fn full(&self) -> bool {
+        self.batch.len() >= BATCH || self.batch_bytes >= self.full_bytes
+    }
+
+    /// Whether anything taken waits to be handed over: messages in the
+    /// batch, or held ones that replicas now hold.
+    fn has_pending(&self) -> bool {
+        !self.batch.is_empty() || self.held.as_deref().is_some_and(Held::has_releasable)
     }
 
     /// Whether one more entry may be taken from the feed (always, unless
