@@ -271,39 +271,60 @@ impl chat_ha::delivery::Subscriber for Batches {
     }
 }
 
+/// A feed with the `[frontend]` settings `extra`, whose deliveries arrive
+/// whole in `batches`.
+struct WindowedFeed {
+    _redis: Redis,
+    _dir: tempfile::TempDir,
+    store: Store,
+    batches: mpsc::UnboundedReceiver<Vec<ChatMessage>>,
+}
+
+impl WindowedFeed {
+    async fn start(extra: &str) -> Self {
+        let redis = Redis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), &redis.url(), extra);
+        let config = Config::load(&path, true).unwrap();
+        let store = Store::new(&config).unwrap();
+        let health = RedisHealth::new();
+        let (tx, batches) = mpsc::unbounded_channel();
+        tokio::spawn(
+            Feed::new(&config, health.clone())
+                .unwrap()
+                .run(Arc::new(Batches(tx))),
+        );
+        wait_up(&health).await;
+        WindowedFeed {
+            _redis: redis,
+            _dir: dir,
+            store,
+            batches,
+        }
+    }
+}
+
+/// The next delivery, within 10 s.
+async fn next(batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>) -> Vec<ChatMessage> {
+    tokio::time::timeout(Duration::from_secs(10), batches.recv())
+        .await
+        .expect("a delivery within 10 s")
+        .unwrap()
+}
+
 /// With a write window, the first message after a quiet spell is handed
 /// over alone, and the messages that follow within the window are handed
 /// over together: one write per socket for all of them. Nothing is lost,
 /// repeated or reordered.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_window_hands_a_burst_over_together_in_order() {
-    let redis = Redis::start();
-    let dir = tempfile::tempdir().unwrap();
     // The longest window: a burst fits in it even on a busy machine.
-    let path = write_config(dir.path(), &redis.url(), "write_window_us = 100000");
-    let config = Config::load(&path, true).unwrap();
-    let store = Store::new(&config).unwrap();
-    let health = RedisHealth::new();
-    let (tx, mut batches) = mpsc::unbounded_channel();
-    tokio::spawn(
-        Feed::new(&config, health.clone())
-            .unwrap()
-            .run(Arc::new(Batches(tx))),
-    );
-    wait_up(&health).await;
-    let next = async |batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>| {
-        tokio::time::timeout(Duration::from_secs(10), batches.recv())
-            .await
-            .expect("a delivery within 10 s")
-            .unwrap()
-    };
+    let mut feed = WindowedFeed::start("write_window_us = 100000").await;
+    let store = feed.store.clone();
+    let batches = &mut feed.batches;
 
     let first = append_numbered(&store, "rooma", "first", 1).await;
-    assert_eq!(
-        next(&mut batches).await,
-        first,
-        "alone, after a quiet spell"
-    );
+    assert_eq!(next(batches).await, first, "alone, after a quiet spell");
     // Ten posts one after the other, each waiting for its answer, within
     // the window the first delivery opened (100 ms: one append takes well
     // under a millisecond). Without a window each would go out on its own.
@@ -315,7 +336,7 @@ async fn a_write_window_hands_a_burst_over_together_in_order() {
     let mut got = Vec::new();
     let mut deliveries = 0;
     while got.len() < sent.len() {
-        got.extend(next(&mut batches).await);
+        got.extend(next(batches).await);
         deliveries += 1;
     }
     assert_eq!(got, sent, "every message once, in feed order");
@@ -329,32 +350,12 @@ async fn a_write_window_hands_a_burst_over_together_in_order() {
 /// burst of long messages never makes a socket that keeps up look slow.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_window_hands_over_at_most_a_quarter_of_the_send_queue_at_once() {
-    let redis = Redis::start();
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &redis.url(),
-        "write_window_us = 100000\nmax_queued_bytes = 65536",
-    );
-    let config = Config::load(&path, true).unwrap();
-    let store = Store::new(&config).unwrap();
-    let health = RedisHealth::new();
-    let (tx, mut batches) = mpsc::unbounded_channel();
-    tokio::spawn(
-        Feed::new(&config, health.clone())
-            .unwrap()
-            .run(Arc::new(Batches(tx))),
-    );
-    wait_up(&health).await;
-    let next = async |batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>| {
-        tokio::time::timeout(Duration::from_secs(10), batches.recv())
-            .await
-            .expect("a delivery within 10 s")
-            .unwrap()
-    };
+    let mut feed = WindowedFeed::start("write_window_us = 100000\nmax_queued_bytes = 65536").await;
+    let store = feed.store.clone();
+    let batches = &mut feed.batches;
 
     let first = append_numbered(&store, "rooma", "first", 1).await;
-    assert_eq!(next(&mut batches).await, first);
+    assert_eq!(next(batches).await, first);
     // 40 messages of 1,000 characters, 40,000 in all, within the window
     // the first delivery opened: without the bound, one or two deliveries.
     let mut sent = Vec::new();
@@ -372,7 +373,7 @@ async fn a_write_window_hands_over_at_most_a_quarter_of_the_send_queue_at_once()
     let mut got = Vec::new();
     let mut deliveries = 0;
     while got.len() < sent.len() {
-        let batch = next(&mut batches).await;
+        let batch = next(batches).await;
         let bytes: usize = batch.iter().map(|m| m.message.len()).sum();
         // The message that reached the bound is the last one taken.
         assert!(
