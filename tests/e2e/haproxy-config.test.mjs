@@ -178,7 +178,7 @@ describe('etc/haproxy/chat-ha.cfg', () => {
     has(/^stick store-response "res\.body,field\(4,'\\"'\)" if \{ var\(txn\.polling_open\) -m bool \} \{ status 200 \}$/,
       'the session id of a long-polling handshake\'s answer, stored');
     has(/^stick match url_param\(sid\) if has_sid !has_cookie$/, 'a request with a sid and no cookie routed by it');
-    has(/^option redispatch$/, 'redispatch');
+    has(/^option redispatch 1$/, 'redispatch, on every retry');
     has(/^retry-on conn-failure empty-response$/, 'retry-on');
     has(/^http-check send meth GET uri \/front\/status /, 'the health check');
   });
