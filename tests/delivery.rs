@@ -304,12 +304,26 @@ impl WindowedFeed {
     }
 }
 
-/// The next delivery, within 10 s.
-async fn next(batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>) -> Vec<ChatMessage> {
-    tokio::time::timeout(Duration::from_secs(10), batches.recv())
-        .await
-        .expect("a delivery within 10 s")
-        .unwrap()
+impl WindowedFeed {
+    /// The next delivery, within 10 s.
+    async fn next(&mut self) -> Vec<ChatMessage> {
+        tokio::time::timeout(Duration::from_secs(10), self.batches.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .unwrap()
+    }
+
+    /// The deliveries that bring `count` messages in all.
+    async fn deliveries(&mut self, count: usize) -> Vec<Vec<ChatMessage>> {
+        let mut deliveries = Vec::new();
+        let mut received = 0;
+        while received < count {
+            let batch = self.next().await;
+            received += batch.len();
+            deliveries.push(batch);
+        }
+        deliveries
+    }
 }
 
 /// With a write window, the first message after a quiet spell is handed
@@ -320,29 +334,27 @@ async fn next(batches: &mut mpsc::UnboundedReceiver<Vec<ChatMessage>>) -> Vec<Ch
 async fn a_write_window_hands_a_burst_over_together_in_order() {
     // The longest window: a burst fits in it even on a busy machine.
     let mut feed = WindowedFeed::start("write_window_us = 100000").await;
-    let store = feed.store.clone();
-    let batches = &mut feed.batches;
 
-    let first = append_numbered(&store, "rooma", "first", 1).await;
-    assert_eq!(next(batches).await, first, "alone, after a quiet spell");
+    let first = append_numbered(&feed.store, "rooma", "first", 1).await;
+    assert_eq!(feed.next().await, first, "alone, after a quiet spell");
     // Ten posts one after the other, each waiting for its answer, within
     // the window the first delivery opened (100 ms: one append takes well
     // under a millisecond). Without a window each would go out on its own.
     let mut sent = Vec::new();
     for i in 0..10 {
         let room = ["rooma", "roomb"][i % 2];
-        sent.extend(append_numbered(&store, room, &format!("burst {i}"), 1).await);
+        sent.extend(append_numbered(&feed.store, room, &format!("burst {i}"), 1).await);
     }
-    let mut got = Vec::new();
-    let mut deliveries = 0;
-    while got.len() < sent.len() {
-        got.extend(next(batches).await);
-        deliveries += 1;
-    }
-    assert_eq!(got, sent, "every message once, in feed order");
+    let deliveries = feed.deliveries(sent.len()).await;
+    assert_eq!(
+        deliveries.concat(),
+        sent,
+        "every message once, in feed order"
+    );
     // Two at most: a burst on a very busy machine may straddle the end of
     // the window once.
-    assert!(deliveries <= 2, "the burst in {deliveries} deliveries");
+    let count = deliveries.len();
+    assert!(count <= 2, "the burst in {count} deliveries");
 }
 
 /// The window ends early once a quarter of `frontend.max_queued_bytes` of
@@ -351,18 +363,16 @@ async fn a_write_window_hands_a_burst_over_together_in_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_window_hands_over_at_most_a_quarter_of_the_send_queue_at_once() {
     let mut feed = WindowedFeed::start("write_window_us = 100000\nmax_queued_bytes = 65536").await;
-    let store = feed.store.clone();
-    let batches = &mut feed.batches;
 
-    let first = append_numbered(&store, "rooma", "first", 1).await;
-    assert_eq!(next(batches).await, first);
+    let first = append_numbered(&feed.store, "rooma", "first", 1).await;
+    assert_eq!(feed.next().await, first);
     // 40 messages of 1,000 characters, 40,000 in all, within the window
     // the first delivery opened: without the bound, one or two deliveries.
     let mut sent = Vec::new();
     for i in 0..40 {
         let text = format!("{i:03} {}", "x".repeat(996));
         sent.push(
-            store
+            feed.store
                 .append(&post("rooma", &text), None)
                 .await
                 .unwrap()
@@ -370,21 +380,22 @@ async fn a_write_window_hands_over_at_most_a_quarter_of_the_send_queue_at_once()
         );
     }
     let quarter = 65536 / 4;
-    let mut got = Vec::new();
-    let mut deliveries = 0;
-    while got.len() < sent.len() {
-        let batch = next(batches).await;
+    let deliveries = feed.deliveries(sent.len()).await;
+    for batch in &deliveries {
         let bytes: usize = batch.iter().map(|m| m.message.len()).sum();
         // The message that reached the bound is the last one taken.
         assert!(
             bytes < quarter + 1000,
             "a delivery of {bytes} bytes of text, past {quarter} and the message that reached it"
         );
-        got.extend(batch);
-        deliveries += 1;
     }
-    assert_eq!(got, sent, "every message once, in feed order");
-    assert!(deliveries >= 3, "40,000 bytes in {deliveries} deliveries");
+    assert_eq!(
+        deliveries.concat(),
+        sent,
+        "every message once, in feed order"
+    );
+    let count = deliveries.len();
+    assert!(count >= 3, "40,000 bytes in {count} deliveries");
 }
 
 #[tokio::test(flavor = "multi_thread")]
