@@ -53,7 +53,8 @@ pub struct BackendMetrics {
 }
 
 impl BackendMetrics {
-    /// Counts one answer to `POST /back/message`, given in `elapsed`.
+    /// Counts one answer to `POST /back/message` by its status, and records
+    /// the time it took, `elapsed`.
     pub fn record_post(&self, status: axum::http::StatusCode, elapsed: std::time::Duration) {
         self.post_seconds.observe(elapsed.as_secs_f64());
         let label = StatusLabel {

@@ -156,10 +156,10 @@ pub struct Feed {
     held: Option<Held>,
     /// `frontend.write_window_us`: how long after a delivery the next waits.
     write_window: Option<Duration>,
-    /// Most bytes of text held back by the write window: a quarter of
-    /// `frontend.max_queued_bytes`, so that what it joins fits in a socket's
-    /// send queue with room to spare.
-    window_bytes: usize,
+    /// The bytes of text that make a batch full (and end a write window): a
+    /// quarter of `frontend.max_queued_bytes`, so that a batch fits in a
+    /// socket's send queue with room to spare.
+    full_bytes: usize,
 }
 
 /// Entries taken from the feed that replicas are not known to hold yet.
@@ -336,7 +336,7 @@ impl Feed {
             held: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0)
                 .then(Held::new),
             write_window: config.frontend.write_window(),
-            window_bytes: config.frontend.max_queued_bytes.get() / 4,
+            full_bytes: config.frontend.max_queued_bytes.get() / 4,
         })
     }
 
@@ -425,7 +425,7 @@ impl Feed {
             held: self.held.as_mut(),
             batch: Vec::new(),
             batch_bytes: 0,
-            full_bytes: self.window_bytes,
+            full_bytes: self.full_bytes,
         };
         // The first tick is immediate: it reads what was appended while away.
         let mut poll = tokio::time::interval(POLL);
