@@ -193,10 +193,10 @@ bench-compare: deps-apt deps-node
 	    $(call compare_run,$$stack,$$args); \
 	  done; \
 	done
-	for stack in chat-ha socketioxide node; do \
+	for stack in $(filter-out floor,$(COMPARE_STACKS)); do \
 	  $(call compare_run,$$stack,$(COMPARE_POST_ARGS) --rate 1000); \
 	done
-	for stack in chat-ha socketioxide; do \
+	for stack in $(filter-out floor node,$(COMPARE_STACKS)); do \
 	  $(call compare_run,$$stack,$(COMPARE_POST_ARGS) --rate 8000); \
 	done
 
