@@ -250,7 +250,7 @@ async fn store_post(
     message: PostMessage,
     key: Option<IdempotencyKey>,
 ) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
-    let key = key.as_ref().map(PostKey::message);
+    let key = key.as_ref().map(|key| PostKey::message(key, &message.room));
     let appended = state.store.append(&message, key.as_ref()).await?;
     let stored = appended.message;
     if appended.repeated {

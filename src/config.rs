@@ -157,6 +157,12 @@ pub struct RedisConfig {
     /// Every key the project writes starts with this prefix and a colon, so
     /// several clusters can share one Redis.
     pub key_prefix: String,
+    /// How many partitions rooms are spread over (by a digest of their
+    /// name): every key and channel of a room carries its partition's hash
+    /// tag, so in a Redis Cluster a room lives in one slot, and a frontend
+    /// resubscribes its rooms one partition at a time. Fixed for the life
+    /// of a deployment: changing it moves every room to other keys.
+    pub partitions: NonZeroU32,
     /// How long one command may take before the request fails with 503.
     pub command_timeout_ms: NonZeroU32,
     /// First and longest pause between reconnection attempts.
@@ -213,6 +219,7 @@ struct RedisKeys {
     password_file: Option<PathBuf>,
     tls_ca_file: Option<PathBuf>,
     key_prefix: String,
+    partitions: NonZeroU32,
     command_timeout_ms: NonZeroU32,
     reconnect_min_ms: NonZeroU32,
     reconnect_max_ms: NonZeroU32,
@@ -232,6 +239,7 @@ impl Default for RedisKeys {
             password_file: defaults.password_file,
             tls_ca_file: defaults.tls_ca_file,
             key_prefix: defaults.key_prefix,
+            partitions: defaults.partitions,
             command_timeout_ms: defaults.command_timeout_ms,
             reconnect_min_ms: defaults.reconnect_min_ms,
             reconnect_max_ms: defaults.reconnect_max_ms,
@@ -293,6 +301,7 @@ impl TryFrom<RedisKeys> for RedisConfig {
             password_file: keys.password_file,
             tls_ca_file: keys.tls_ca_file,
             key_prefix: keys.key_prefix,
+            partitions: keys.partitions,
             command_timeout_ms: keys.command_timeout_ms,
             reconnect_min_ms: keys.reconnect_min_ms,
             reconnect_max_ms: keys.reconnect_max_ms,
@@ -350,6 +359,7 @@ impl Default for RedisConfig {
             password_file: None,
             tls_ca_file: None,
             key_prefix: "chat".into(),
+            partitions: NonZeroU32::new(256).unwrap(),
             command_timeout_ms: NonZeroU32::new(1500).unwrap(),
             reconnect_min_ms: NonZeroU32::new(100).unwrap(),
             reconnect_max_ms: NonZeroU32::new(5000).unwrap(),
@@ -424,11 +434,12 @@ impl std::str::FromStr for RedisUrl {
 pub struct HistoryConfig {
     /// Messages kept per room (Redis trims approximately, so a few more may stay).
     pub max_per_room: NonZeroUsize,
-    /// Messages kept in the stream every frontend follows: how far back a
-    /// frontend can resume after losing Redis.
-    pub feed_length: NonZeroUsize,
-    /// Most bytes of text that stream keeps, whatever its length.
-    pub feed_bytes: NonZeroUsize,
+    /// No longer used: the bounds of the stream every frontend followed,
+    /// before frontends followed their rooms one by one. Accepted, with a
+    /// warning at start ([`Config::obsolete_keys`]), so that a file written
+    /// for an older version still loads.
+    pub feed_length: Option<NonZeroUsize>,
+    pub feed_bytes: Option<NonZeroUsize>,
     /// A room nobody posted to for this many days is forgotten, history and
     /// all; every post starts the count again.
     pub room_ttl_days: NonZeroU32,
@@ -438,8 +449,8 @@ impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
             max_per_room: NonZeroUsize::new(1000).unwrap(),
-            feed_length: NonZeroUsize::new(100_000).unwrap(),
-            feed_bytes: NonZeroUsize::new(64 * 1024 * 1024).unwrap(),
+            feed_length: None,
+            feed_bytes: None,
             room_ttl_days: NonZeroU32::new(30).unwrap(),
         }
     }
@@ -753,6 +764,18 @@ impl Config {
 
     /// Reads the file at `path`. A missing file at the default path means
     /// "all defaults"; a missing file that was asked for by name is an error.
+    /// The keys set in the file that this version no longer uses.
+    pub fn obsolete_keys(&self) -> Vec<&'static str> {
+        let history = &self.history;
+        [
+            ("history.feed_length", history.feed_length.is_some()),
+            ("history.feed_bytes", history.feed_bytes.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
     pub fn load(path: &Path, explicitly_given: bool) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Self::from_toml(&text, path),
@@ -785,6 +808,31 @@ mod tests {
             config.redis.mode,
             RedisMode::Single(RedisUrl("redis://127.0.0.1:6379/0".into()))
         );
+    }
+
+    #[test]
+    fn keys_an_older_version_used_still_load_and_are_named() {
+        let config = parse("[history]\nfeed_length = 100000\nfeed_bytes = 67108864\n").unwrap();
+        assert_eq!(
+            config.obsolete_keys(),
+            ["history.feed_length", "history.feed_bytes"]
+        );
+        assert!(parse("").unwrap().obsolete_keys().is_empty());
+    }
+
+    #[test]
+    fn partitions_are_at_least_one() {
+        assert_eq!(parse("").unwrap().redis.partitions.get(), 256);
+        assert_eq!(
+            parse("[redis]\npartitions = 16\n")
+                .unwrap()
+                .redis
+                .partitions
+                .get(),
+            16
+        );
+        let refused = parse("[redis]\npartitions = 0\n").unwrap_err();
+        assert!(refused.contains("partitions"), "{refused}");
     }
 
     #[test]

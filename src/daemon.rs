@@ -123,6 +123,11 @@ pub fn main(role: Role) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     crate::logging::init(role.name(), config.log.level);
+    for key in config.obsolete_keys() {
+        tracing::warn!(
+            "{key} is no longer used and has no effect: remove it from the configuration"
+        );
+    }
     let threads = match role {
         Role::Frontend => config.frontend.threads.get(),
         Role::Backend => config.backend.threads.get(),

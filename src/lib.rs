@@ -3,7 +3,7 @@
 //! A message travels one way through the system:
 //!
 //! ```text
-//! POST /back/message ─▶ backend ─▶ validated message ─▶ Redis streams ─▶ every frontend ─▶ sockets of the room
+//! POST /back/message ─▶ backend ─▶ validated message ─▶ Redis (room stream, shard channel) ─▶ frontends serving the room ─▶ sockets of the room
 //! ```
 //!
 //! # Layout
@@ -13,8 +13,8 @@
 //! - [`message`]: what a valid room name, message and join request are; the
 //!   only place that decides what input is acceptable.
 //! - [`delivery`]: the Redis side. [`delivery::Store`] appends messages and
-//!   reads history (backend); [`delivery::Feed`] follows every appended message
-//!   from a cursor it can resume from after losing Redis (frontend).
+//!   reads history (backend); [`delivery::Feed`] follows the rooms a frontend
+//!   serves, each from a cursor it can resume from after losing Redis.
 //! - [`frontend`]: the Socket.IO server, the chat page and the frontend status.
 //! - [`backend`]: the REST API: post a message, read history, status.
 //! - [`auth`]: who may publish server-to-server: tokens from a credential file.

@@ -234,7 +234,7 @@ impl ChatMessage {
 
 /// A Redis stream id, `<milliseconds>-<sequence>`, ordered as Redis orders
 /// them; a string in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
 pub struct StreamId {
     pub ms: u64,

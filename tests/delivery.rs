@@ -1,5 +1,6 @@
-//! Delivery through a real redis-server: every appended message reaches the
-//! feed once, in order, across lost connections and Redis restarts.
+//! Delivery through a real redis-server: every message appended to a room a
+//! feed follows reaches it once, in the room's order, across lost
+//! connections and Redis restarts; and only those rooms' messages do.
 
 mod common;
 
@@ -7,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store};
-use chat_ha::message::{ChatMessage, PostMessage, StreamId};
+use chat_ha::delivery::{Feed, Interest, Keys, RedisHealth, Store};
+use chat_ha::message::{ChatMessage, PostMessage, Room, StreamId};
 use common::{Forward, Redis, post, write_config};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
@@ -19,31 +20,6 @@ fn config(redis: &Redis) -> (Config, tempfile::TempDir) {
     (Config::load(&path, true).unwrap(), dir)
 }
 
-/// Starts a feed whose deliveries arrive on the returned channel.
-fn follow(config: &Config) -> (mpsc::UnboundedReceiver<ChatMessage>, Arc<RedisHealth>) {
-    let (rx, health, _) = follow_counting(config);
-    (rx, health)
-}
-
-/// Starts a feed as [`follow`] does, which also counts the messages it read
-/// from the stream rather than from pushes.
-fn follow_counting(
-    config: &Config,
-) -> (
-    mpsc::UnboundedReceiver<ChatMessage>,
-    Arc<RedisHealth>,
-    Counter,
-) {
-    let health = RedisHealth::new();
-    let caught_up = Counter::default();
-    let feed = Feed::new(config, health.clone())
-        .unwrap()
-        .counting_caught_up(caught_up.clone());
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(feed.run(Arc::new(Forward(tx))));
-    (rx, health, caught_up)
-}
-
 async fn wait_up(health: &RedisHealth) {
     tokio::time::timeout(Duration::from_secs(10), async {
         while !health.is_up() {
@@ -52,6 +28,55 @@ async fn wait_up(health: &RedisHealth) {
     })
     .await
     .expect("feed reached Redis");
+}
+
+/// The rooms the feeds of these tests follow.
+const FOLLOWED: [&str; 3] = ["rooma", "roomb", "roomc"];
+
+fn room(name: &str) -> Room {
+    Room::parse(name).unwrap()
+}
+
+/// Starts a feed whose deliveries arrive on the returned channel, and has
+/// it follow `rooms`.
+async fn follow(
+    config: &Config,
+    rooms: &[&str],
+) -> (mpsc::UnboundedReceiver<ChatMessage>, Arc<RedisHealth>) {
+    let (rx, health, _, _) = follow_counting(config, rooms).await;
+    (rx, health)
+}
+
+/// Starts a feed as [`follow`] does, which also counts the messages it read
+/// from the stream rather than from pushes; and the handle that tells it
+/// which rooms to follow.
+async fn follow_counting(
+    config: &Config,
+    rooms: &[&str],
+) -> (
+    mpsc::UnboundedReceiver<ChatMessage>,
+    Arc<RedisHealth>,
+    Counter,
+    Interest,
+) {
+    let health = RedisHealth::new();
+    let caught_up = Counter::default();
+    let (feed, interest) = Feed::new(config, health.clone()).unwrap();
+    let feed = feed.counting_caught_up(caught_up.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
+    follow_rooms(&interest, rooms).await;
+    (rx, health, caught_up, interest)
+}
+
+/// Has the feed of `interest` follow `rooms`, once it reached Redis.
+async fn follow_rooms(interest: &Interest, rooms: &[&str]) {
+    for name in rooms {
+        interest
+            .follow(&room(name), Duration::from_secs(10))
+            .await
+            .expect("the feed reached Redis and follows the room");
+    }
 }
 
 /// A redis-server, a store appending to it and a feed following it, which
@@ -69,12 +94,12 @@ struct Setup {
 }
 
 impl Setup {
+    /// The feed follows [`FOLLOWED`].
     async fn start() -> Self {
         let redis = Redis::start();
         let (config, _dir) = config(&redis);
         let store = Store::new(&config).unwrap();
-        let (rx, health, caught_up) = follow_counting(&config);
-        wait_up(&health).await;
+        let (rx, health, caught_up, _) = follow_counting(&config, &FOLLOWED).await;
         Setup {
             redis,
             config,
@@ -104,8 +129,10 @@ async fn kill_other_clients(redis: &Redis) {
         .unwrap();
 }
 
-fn feed_key(config: &Config) -> String {
-    format!("{}:feed", config.redis.key_prefix)
+/// The stream of `name`'s history, and the channel its messages are
+/// published on.
+fn room_key(config: &Config, name: &str) -> String {
+    Keys::new(&config.redis).room(&room(name))
 }
 
 /// Appends `count` messages to `room` ("`prefix` 0", "`prefix` 1", ...) and
@@ -146,21 +173,29 @@ async fn receive(rx: &mut mpsc::UnboundedReceiver<ChatMessage>, count: usize) ->
     got
 }
 
+/// The messages of `room` among `messages`, in the order given.
+fn of_room(messages: &[ChatMessage], name: &str) -> Vec<ChatMessage> {
+    messages
+        .iter()
+        .filter(|m| m.room.as_str() == name)
+        .cloned()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
+async fn feed_delivers_every_message_of_its_rooms_once_in_order_with_its_stored_form() {
     let redis = Redis::start();
     let (config, _dir) = config(&redis);
     let store = Store::new(&config).unwrap();
     store
-        .append(&post("old", "appended before the frontend started"), None)
+        .append(&post("rooma", "appended before the frontend started"), None)
         .await
         .unwrap();
 
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
+    let (mut rx, _health) = follow(&config, &FOLLOWED).await;
     let mut sent = Vec::new();
     for i in 0..100 {
-        let room = ["rooma", "roomb", "roomc"][i % 3];
+        let room = FOLLOWED[i % 3];
         sent.push(
             store
                 .append(&post(room, &format!("message {i}")), None)
@@ -170,13 +205,125 @@ async fn feed_delivers_every_message_once_in_order_with_its_stored_form() {
         );
     }
     let got = receive(&mut rx, sent.len()).await;
-    assert_eq!(
-        got, sent,
-        "same messages, same ids, same order; nothing from before the start"
-    );
+    for room in FOLLOWED {
+        assert_eq!(
+            of_room(&got, room),
+            of_room(&sent, room),
+            "same messages, same ids, same order in {room}; nothing from before the start"
+        );
+    }
     // Nothing delivered twice: a fence message is the next thing delivered.
     let fence = append_numbered(&store, "rooma", "fence", 1).await;
     assert_eq!(receive(&mut rx, 1).await, fence, "no duplicate deliveries");
+}
+
+/// How many connections are subscribed to each of `channels`.
+async fn subscribers(conn: &mut redis::aio::MultiplexedConnection, channels: &[&str]) -> Vec<i64> {
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channels)
+        .query_async(conn)
+        .await
+        .unwrap();
+    counts.into_iter().map(|(_, count)| count).collect()
+}
+
+/// A frontend hears of the rooms it follows only: Redis pushes it nothing
+/// of the others, and it reads nothing of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_feed_hears_only_the_rooms_it_follows() {
+    let Setup {
+        redis,
+        config,
+        _dir,
+        store,
+        mut rx,
+        ..
+    } = Setup::start().await;
+    let mut conn = connect(&redis).await;
+    let followed = room_key(&config, "rooma");
+    let other = room_key(&config, "elsewhere");
+    assert_eq!(subscribers(&mut conn, &[&followed, &other]).await, [1, 0]);
+
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        append_numbered(&store, "elsewhere", &format!("not followed {i}"), 1).await;
+        sent.extend(append_numbered(&store, "rooma", &format!("followed {i}"), 1).await);
+    }
+    assert_eq!(receive(&mut rx, sent.len()).await, sent);
+    let fence = append_numbered(&store, "rooma", "fence", 1).await;
+    assert_eq!(
+        receive(&mut rx, 1).await,
+        fence,
+        "nothing of the other room"
+    );
+}
+
+/// A subscriber that forwards what it is handed, and says which rooms the
+/// feed let go.
+struct Leaving {
+    messages: mpsc::UnboundedSender<ChatMessage>,
+    left: mpsc::UnboundedSender<Room>,
+}
+
+impl chat_ha::delivery::Subscriber for Leaving {
+    async fn deliver(&self, messages: Vec<ChatMessage>) {
+        for message in messages {
+            let _ = self.messages.send(message);
+        }
+    }
+    async fn left(&self, room: &Room) {
+        let _ = self.left.send(room.clone());
+    }
+}
+
+/// A room nobody is in is let go after the grace period, not before: a
+/// client that comes back within it finds the room still followed. Once
+/// let go, the room is followed again from its newest message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_room_left_is_let_go_after_the_grace_and_can_be_followed_again() {
+    let redis = Redis::start();
+    let (config, _dir) = config(&redis);
+    let store = Store::new(&config).unwrap();
+    let (feed, interest) = Feed::new(&config, RedisHealth::new()).unwrap();
+    let (messages, mut rx) = mpsc::unbounded_channel();
+    let (left, mut gone) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(Arc::new(Leaving { messages, left })));
+    let mut conn = connect(&redis).await;
+    let channel = room_key(&config, "rooma");
+    follow_rooms(&interest, &["rooma"]).await;
+
+    // Left, and joined again at once: still followed, nothing missed.
+    interest.leave(&room("rooma"));
+    follow_rooms(&interest, &["rooma"]).await;
+    let kept = append_numbered(&store, "rooma", "kept", 3).await;
+    assert_eq!(receive(&mut rx, 3).await, kept);
+
+    // Left for good: let go once the grace is over.
+    let started = std::time::Instant::now();
+    interest.leave(&room("rooma"));
+    let let_go = tokio::time::timeout(Duration::from_secs(20), gone.recv())
+        .await
+        .expect("the room is let go")
+        .unwrap();
+    assert_eq!(let_go, room("rooma"));
+    assert!(started.elapsed() >= chat_ha::delivery::LEAVE_GRACE);
+    assert_eq!(subscribers(&mut conn, &[&channel]).await, [0]);
+    let unheard = append_numbered(&store, "rooma", "while let go", 2).await;
+
+    // Followed again: from the newest message, which the feed answers.
+    let from = interest
+        .follow(&room("rooma"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(from, unheard[1].id);
+    assert_eq!(subscribers(&mut conn, &[&channel]).await, [1]);
+    let again = append_numbered(&store, "rooma", "again", 2).await;
+    assert_eq!(
+        receive(&mut rx, 2).await,
+        again,
+        "nothing from while it was let go"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -213,7 +360,7 @@ struct Gated {
 }
 
 impl chat_ha::delivery::Subscriber for Gated {
-    async fn following(&self, _cursor: StreamId) {}
+    async fn left(&self, _room: &Room) {}
     async fn deliver(&self, messages: Vec<ChatMessage>) {
         self.waiting.notify_one();
         self.gate.acquire().await.unwrap().forget();
@@ -240,12 +387,9 @@ async fn a_message_pushed_just_before_the_connection_drops_is_delivered() {
         gate: gate.clone(),
         waiting: waiting.clone(),
     };
-    tokio::spawn(
-        Feed::new(&config, health.clone())
-            .unwrap()
-            .run(Arc::new(subscriber)),
-    );
-    wait_up(&health).await;
+    let (feed, interest) = Feed::new(&config, health.clone()).unwrap();
+    tokio::spawn(feed.run(Arc::new(subscriber)));
+    follow_rooms(&interest, &["rooma"]).await;
 
     // The feed takes the first message and is held handing it over; the
     // second one's push queues up behind it, then the connection drops.
@@ -265,7 +409,7 @@ async fn a_message_pushed_just_before_the_connection_drops_is_delivered() {
 struct Batches(mpsc::UnboundedSender<Vec<ChatMessage>>);
 
 impl chat_ha::delivery::Subscriber for Batches {
-    async fn following(&self, _cursor: StreamId) {}
+    async fn left(&self, _room: &Room) {}
     async fn deliver(&self, messages: Vec<ChatMessage>) {
         let _ = self.0.send(messages);
     }
@@ -289,12 +433,9 @@ impl WindowedFeed {
         let store = Store::new(&config).unwrap();
         let health = RedisHealth::new();
         let (tx, batches) = mpsc::unbounded_channel();
-        tokio::spawn(
-            Feed::new(&config, health.clone())
-                .unwrap()
-                .run(Arc::new(Batches(tx))),
-        );
-        wait_up(&health).await;
+        let (feed, interest) = Feed::new(&config, health).unwrap();
+        tokio::spawn(feed.run(Arc::new(Batches(tx))));
+        follow_rooms(&interest, &FOLLOWED).await;
         WindowedFeed {
             _redis: redis,
             _dir: dir,
@@ -444,14 +585,11 @@ async fn feed_skips_entries_the_backend_did_not_write_and_delivers_what_follows(
 
     // Written by something else: a field missing, a text that is not UTF-8.
     let mut conn = connect(&redis).await;
-    let feed = feed_key(&config);
-    let foreign: [&[(&str, &[u8])]; 2] = [
-        &[("r", b"rooma")],
-        &[("r", b"rooma"), ("m", &[0x68, 0xff, 0xfe])],
-    ];
+    let stream = room_key(&config, "rooma");
+    let foreign: [&[(&str, &[u8])]; 2] = [&[("x", b"no text")], &[("m", &[0x68, 0xff, 0xfe])]];
     for fields in foreign {
         let mut xadd = redis::cmd("XADD");
-        xadd.arg(&feed).arg("*");
+        xadd.arg(&stream).arg("*");
         for (field, value) in fields {
             xadd.arg(*field).arg(*value);
         }
@@ -465,17 +603,16 @@ async fn feed_skips_entries_the_backend_did_not_write_and_delivers_what_follows(
     assert_eq!(receive(&mut rx, 1).await, vec![after]);
 }
 
-/// Appends an entry to the feed as an older backend would: no push.
+/// Appends an entry to a room's stream without a push, as something else
+/// than the backend could.
 async fn append_without_push(
     conn: &mut redis::aio::MultiplexedConnection,
-    feed: &str,
+    stream: &str,
     text: &str,
 ) -> StreamId {
     let id: String = redis::cmd("XADD")
-        .arg(feed)
+        .arg(stream)
         .arg("*")
-        .arg("r")
-        .arg("rooma")
         .arg("m")
         .arg(text)
         .query_async(conn)
@@ -496,7 +633,7 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
         ..
     } = Setup::start().await;
     let mut conn = connect(&redis).await;
-    let feed = feed_key(&config);
+    let feed = room_key(&config, "rooma");
 
     // Between two pushed messages: the second one's push reveals the gap.
     let first = store.append(&post("rooma", "first"), None).await.unwrap();
@@ -513,7 +650,7 @@ async fn feed_delivers_entries_that_were_not_pushed_in_order() {
         ]
     );
 
-    // Last in the feed, with no push after it: found by the periodic read.
+    // Last in the room, with no push after it: found by the periodic read.
     let tail = append_without_push(&mut conn, &feed, "the tail").await;
     let got = receive(&mut rx, 1).await;
     assert_eq!((got[0].id, got[0].message.as_str()), (tail, "the tail"));
@@ -574,60 +711,32 @@ async fn feed_follows_pushes_and_reads_the_stream_only_to_catch_up() {
 /// Stream entries as Redis sends them: ids with field-value pairs.
 type RawEntries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
 
-/// The text bytes of the feed's entries, as Redis has them, and their count.
-async fn feed_size(
-    conn: &mut redis::aio::MultiplexedConnection,
-    config: &Config,
-) -> (usize, usize) {
-    let entries: RawEntries = redis::cmd("XRANGE")
-        .arg(feed_key(config))
-        .arg("-")
-        .arg("+")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let bytes = entries
-        .iter()
-        .flat_map(|(_, fields)| fields.iter().map(|(_, value)| value.len()))
-        .sum();
-    (bytes, entries.len())
-}
-
-/// The feed keeps at most `feed_bytes` of text and `feed_length` entries,
-/// dropping the oldest, and counts its bytes truly; a room's history expires
-/// `room_ttl_days` after its last post; the frontends still get every message.
+/// A room keeps about `max_per_room` messages, dropping the oldest (Redis
+/// trims whole nodes of the stream at once, so up to a node more stay), and
+/// its history expires `room_ttl_days` after its last post; the frontends
+/// still get every message.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
+async fn a_room_is_bounded_and_expires_when_idle() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[history]\nfeed_bytes = 20000\nfeed_length = 60\nroom_ttl_days = 2\n";
+    let extra = "[history]\nmax_per_room = 50\nroom_ttl_days = 2\n";
     let path = write_config(dir.path(), &redis.url(), extra);
     let config = Config::load(&path, true).unwrap();
     let store = Store::new(&config).unwrap();
-    let (mut rx, health) = follow(&config);
-    wait_up(&health).await;
+    let (mut rx, _health) = follow(&config, &["heavy"]).await;
     let mut conn = connect(&redis).await;
 
-    // 100 messages of about 500 bytes: the byte bound acts first.
-    let text = "b".repeat(495);
-    let mut sent = Vec::new();
-    for i in 0..100 {
-        let message = post("heavy", &format!("{i:03} {text}"));
-        sent.push(store.append(&message, None).await.unwrap().message);
-    }
-    let (bytes, length) = feed_size(&mut conn, &config).await;
-    let counted: usize = redis::cmd("GET")
-        .arg(format!("{}:feed:bytes", config.redis.key_prefix))
+    let mut sent = append_numbered(&store, "heavy", "m", 400).await;
+    let stream = room_key(&config, "heavy");
+    let length: usize = redis::cmd("XLEN")
+        .arg(&stream)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(counted, bytes, "the count of bytes is true");
-    assert!(
-        (20000 - 505..=20000).contains(&bytes),
-        "{bytes} bytes in {length} entries"
-    );
-    let newest: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(feed_key(&config))
+    // A node of the stream holds at most 100 entries (stream-node-max-entries).
+    assert!((50..=150).contains(&length), "{length} entries kept");
+    let newest: RawEntries = redis::cmd("XREVRANGE")
+        .arg(&stream)
         .arg("+")
         .arg("-")
         .arg("COUNT")
@@ -635,19 +744,14 @@ async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(newest[0].0, sent[99].id.to_string(), "the newest are kept");
+    assert_eq!(newest[0].0, sent[399].id.to_string(), "the newest are kept");
 
-    // Many small messages: the length bound acts, exactly.
-    sent.extend(append_numbered(&store, "light", "m", 100).await);
-    assert_eq!(feed_size(&mut conn, &config).await.1, 60);
-
-    let room = format!("{}:room:heavy", config.redis.key_prefix);
-    let ttl = redis::cmd("TTL").arg(&room).to_owned();
+    let ttl = redis::cmd("TTL").arg(&stream).to_owned();
     let two_days = 2 * 86400 - 60..=2 * 86400;
     assert!(two_days.contains(&ttl.query_async::<i64>(&mut conn).await.unwrap()));
     // Nearly expired, then a post: the room has two days again.
     let _: () = redis::cmd("EXPIRE")
-        .arg(&room)
+        .arg(&stream)
         .arg(5)
         .query_async(&mut conn)
         .await
@@ -663,14 +767,14 @@ async fn the_feed_is_bounded_in_bytes_and_length_and_idle_rooms_expire() {
     assert_eq!(receive(&mut rx, sent.len()).await, sent);
 }
 
-/// Publishes on the feed's channel, as anyone who may publish there could.
+/// Publishes on a room's channel, as anyone who may publish there could.
 async fn publish_forged(
     conn: &mut redis::aio::MultiplexedConnection,
     config: &Config,
     payload: &str,
 ) {
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg(feed_key(config))
+    let _: i64 = redis::cmd("SPUBLISH")
+        .arg(room_key(config, "rooma"))
         .arg(payload)
         .query_async(conn)
         .await
@@ -685,10 +789,10 @@ fn id_ahead_of_now(ahead: Duration) -> String {
     format!("{}-0", (now + ahead).as_millis())
 }
 
-/// The id of the feed's newest entry.
+/// The id of the newest entry of `rooma`.
 async fn newest_id(conn: &mut redis::aio::MultiplexedConnection, config: &Config) -> String {
     let newest: RawEntries = redis::cmd("XREVRANGE")
-        .arg(feed_key(config))
+        .arg(room_key(config, "rooma"))
         .arg("+")
         .arg("-")
         .arg("COUNT")
@@ -721,7 +825,7 @@ async fn forged_pushes_do_not_stop_delivery() {
     publish_forged(
         &mut conn,
         &config,
-        &format!("{last} 99999999999999-0 rooma far ahead"),
+        &format!("{last} 99999999999999-0 far ahead"),
     )
     .await;
     let after_far = append_numbered(&store, "rooma", "after far", 3).await;
@@ -736,7 +840,7 @@ async fn forged_pushes_do_not_stop_delivery() {
     publish_forged(
         &mut conn,
         &config,
-        &format!("{last} {ahead} rooma a little ahead"),
+        &format!("{last} {ahead} a little ahead"),
     )
     .await;
     let forged = receive(&mut rx, 1).await;
@@ -769,12 +873,12 @@ async fn a_forged_cursor_is_found_out_by_the_periodic_read() {
         ..
     } = Setup::start().await;
     let mut conn = connect(&redis).await;
-    let feed = feed_key(&config);
+    let feed = room_key(&config, "rooma");
     let first = append_numbered(&store, "rooma", "first", 1).await;
     assert_eq!(receive(&mut rx, 1).await, first);
     let last = newest_id(&mut conn, &config).await;
     let ahead = id_ahead_of_now(Duration::from_secs(30));
-    publish_forged(&mut conn, &config, &format!("{last} {ahead} rooma forged")).await;
+    publish_forged(&mut conn, &config, &format!("{last} {ahead} forged")).await;
     assert_eq!(receive(&mut rx, 1).await[0].message, "forged");
     // Written without a push, behind the forged id: only a read finds it.
     let unpushed = append_without_push(&mut conn, &feed, "not pushed").await;

@@ -80,19 +80,19 @@ fn config(dir: &Path, url: &str, password: Option<&str>, redis_lines: &str) -> C
     Config::load(&write(dir, url, password, redis_lines), true).unwrap()
 }
 
-/// A feed following Redis as `config` says, once it has reached it.
-async fn follow(config: &Config) -> mpsc::UnboundedReceiver<ChatMessage> {
-    let health = RedisHealth::new();
-    let feed = Feed::new(config, health.clone()).unwrap();
+/// A feed following `rooms` on Redis as `config` says, once it has
+/// reached it.
+async fn follow(config: &Config, rooms: &[&str]) -> mpsc::UnboundedReceiver<ChatMessage> {
+    let (feed, interest) = Feed::new(config, RedisHealth::new()).unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(feed.run(Arc::new(Forward(tx))));
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !health.is_up() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the feed logged in to Redis");
+    for room in rooms {
+        let room = Room::parse(room).unwrap();
+        interest
+            .follow(&room, Duration::from_secs(10))
+            .await
+            .expect("the feed logged in to Redis and follows the room");
+    }
     rx
 }
 
@@ -111,10 +111,13 @@ async fn the_daemons_do_all_their_work_as_the_limited_acl_user() {
     let redis = Redis::start_with(acl_options());
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &redis.url(), Some(PASSWORD), "");
-    let mut rx = follow(&config).await;
+    let mut rx = follow(&config, &["acl"]).await;
     let store = Store::new(&config).unwrap();
 
-    let key = PostKey::message(&IdempotencyKey::parse("acl-test-key").unwrap());
+    let key = PostKey::message(
+        &IdempotencyKey::parse("acl-test-key").unwrap(),
+        &Room::parse("acl").unwrap(),
+    );
     let first = store
         .append(&post("acl", "hello"), Some(&key))
         .await
@@ -190,6 +193,11 @@ async fn the_acl_user_cannot_flush_reconfigure_or_reach_other_keys() {
             .arg("other:channel")
             .arg("x")
             .to_owned(),
+        redis::Cmd::new()
+            .arg("SPUBLISH")
+            .arg("other:channel")
+            .arg("x")
+            .to_owned(),
         redis::Cmd::new().arg("KEYS").arg("*").to_owned(),
         redis::Cmd::new().arg("ACL").arg("LIST").to_owned(),
     ] {
@@ -207,7 +215,7 @@ async fn the_acl_user_cannot_flush_reconfigure_or_reach_other_keys() {
     let anonymous = redis::Client::open(redis.url()).unwrap();
     let mut anonymous = anonymous.get_multiplexed_async_connection().await.unwrap();
     let refused = redis::cmd("GET")
-        .arg("chat:feed")
+        .arg("chat:{p0}:room:lobby")
         .query_async::<redis::Value>(&mut anonymous)
         .await
         .unwrap_err();
@@ -366,7 +374,7 @@ async fn over_tls_the_server_certificate_is_checked_against_the_configured_ca() 
     let dir = tempfile::tempdir().unwrap();
     let ca = format!("tls_ca_file = \"{}\"\n", file("ca.pem"));
     let config = config(dir.path(), &url, Some(PASSWORD), &ca);
-    let mut rx = follow(&config).await;
+    let mut rx = follow(&config, &["tls"]).await;
     let store = Store::new(&config).unwrap();
     let stored = store.append(&post("tls", "over TLS"), None).await.unwrap();
     assert_eq!(next(&mut rx).await, stored.message);

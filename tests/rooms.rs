@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Store, Subscriber};
+use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
 use chat_ha::frontend::{Rooms, socket_io};
 use chat_ha::message::{ChatMessage, StreamId};
 use chat_ha::metrics::FrontendMetrics;
-use common::{Redis, post, write_config};
+use common::{Forward, Redis, post, write_config};
 use engineioxide::Packet;
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
@@ -37,15 +37,22 @@ impl Frontend {
             Config::load(&write_config(dir.path(), &redis.url(), extra_config), true).unwrap();
         let store = Store::new(&config).unwrap();
         let metrics = Arc::new(FrontendMetrics::default());
+        // The test hands messages to the rooms itself, as the feed would,
+        // so the rooms' feed follows a key space nothing is posted to: it
+        // answers that every room starts before any message.
+        let mut elsewhere = config.clone();
+        elsewhere.redis.key_prefix = "elsewhere".into();
+        let (feed, interest) = Feed::new(&elsewhere, RedisHealth::new()).unwrap();
+        let (nothing, _) = mpsc::unbounded_channel();
+        tokio::spawn(feed.run(Arc::new(Forward(nothing))));
         let rooms = Arc::new(Rooms::new(
             store.clone(),
+            interest,
             &config.frontend,
             &config.history,
             metrics.clone(),
         ));
         let (_layer, io) = socket_io(&config, rooms.clone());
-        // Where the feed starts: the frontend can resume sockets from now on.
-        rooms.following(StreamId::ZERO).await;
         Frontend {
             rooms,
             io,

@@ -10,9 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store};
-use chat_ha::message::StreamId;
+use chat_ha::config::{Config, RedisConfig};
+use chat_ha::delivery::{Feed, Keys, RedisHealth, Store};
+use chat_ha::message::{Room, StreamId};
 use common::sentinel::SentinelSet;
 use common::{Daemon, Forward, binary, daemon_on_any_port, post, start_daemon};
 use serde_json::Value;
@@ -62,10 +62,15 @@ fn load(path: &std::path::Path) -> Config {
     Config::load(path, true).unwrap()
 }
 
+/// The stream of room `name` under the default key prefix.
+fn room_key(name: &str) -> String {
+    Keys::new(&RedisConfig::default()).room(&Room::parse(name).unwrap())
+}
+
 /// The primary is found through the Sentinels (the first listed is dead),
 /// an acknowledged append is on both replicas, and a new primary that lost
-/// the tail of the feed and whose clock is behind still gives ids above
-/// those delivered.
+/// the tail of a room and whose clock is behind still gives ids above those
+/// delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
     let set = tokio::task::block_in_place(SentinelSet::start);
@@ -74,25 +79,19 @@ async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
     let store = Store::new(&config).unwrap();
     let health = RedisHealth::new();
     let (tx, mut delivered) = mpsc::unbounded_channel();
-    tokio::spawn(
-        Feed::new(&config, health.clone())
-            .unwrap()
-            .run(Arc::new(Forward(tx))),
-    );
-    // A feed hands on what is appended once it follows the stream: it
-    // starts at the stream's end.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !health.is_up() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the feed follows the primary within 20 s");
+    let (feed, interest) = Feed::new(&config, health).unwrap();
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
+    // A feed hands on what is appended once it follows the room: it starts
+    // at the stream's end.
+    interest
+        .follow(&Room::parse("skew").unwrap(), Duration::from_secs(20))
+        .await
+        .expect("the feed follows the primary within 20 s");
 
     let first = append_until_stored(&store, "first").await;
     for replica in &set.servers[1..] {
         let on_replica: Vec<redis::Value> = tokio::task::block_in_place(|| {
-            replica.query(redis::cmd("XRANGE").arg("chat:room:skew").arg("-").arg("+"))
+            replica.query(redis::cmd("XRANGE").arg(room_key("skew")).arg("-").arg("+"))
         });
         assert_eq!(
             on_replica.len(),
@@ -111,7 +110,11 @@ async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
         seq: 0,
     };
     tokio::task::block_in_place(|| {
-        set.servers[0].query::<()>(redis::cmd("XSETID").arg("chat:feed").arg(ahead.to_string()))
+        set.servers[0].query::<()>(
+            redis::cmd("XSETID")
+                .arg(room_key("skew"))
+                .arg(ahead.to_string()),
+        )
     });
     let tail = append_until_stored(&store, "tail").await;
     assert!(tail > ahead, "{tail} after {ahead}");
@@ -119,10 +122,9 @@ async fn the_primary_is_found_and_ids_stay_above_a_lost_tail() {
     // ...and was lost with that primary: the server now primary lacks it,
     // and its clock is a minute behind.
     tokio::task::block_in_place(|| {
-        for stream in ["chat:feed", "chat:room:skew"] {
-            set.servers[0].query::<()>(redis::cmd("XDEL").arg(stream).arg(tail.to_string()));
-            set.servers[0].query::<()>(redis::cmd("XSETID").arg(stream).arg(first.to_string()));
-        }
+        let stream = room_key("skew");
+        set.servers[0].query::<()>(redis::cmd("XDEL").arg(&stream).arg(tail.to_string()));
+        set.servers[0].query::<()>(redis::cmd("XSETID").arg(&stream).arg(first.to_string()));
     });
     let after = append_until_stored(&store, "after the lost tail").await;
     assert!(after > tail, "new id {after} is below the delivered {tail}");
@@ -737,7 +739,7 @@ async fn a_message_lost_with_its_primary_reaches_clients_once_after_the_retry() 
         service
             .set
             .server(new_primary)
-            .query(redis::cmd("XRANGE").arg("chat:room:lost").arg("-").arg("+"))
+            .query(redis::cmd("XRANGE").arg(room_key("lost")).arg("-").arg("+"))
     });
     assert_eq!(
         on_new_primary.len(),
@@ -855,7 +857,10 @@ async fn the_daemons_and_a_failover_work_with_every_server_and_sentinel_locked()
         Ok(vec![(id.clone(), "as chat-ha".to_owned())])
     );
     let recorded: String = tokio::task::block_in_place(|| {
-        service.set.servers[0].query(redis::cmd("GET").arg("chat:feed:replicated"))
+        service.set.servers[0].query(
+            redis::cmd("GET")
+                .arg(Keys::new(&RedisConfig::default()).acked(&Room::parse("acl").unwrap())),
+        )
     });
     assert_eq!(recorded, id, "the replicated position, set as chat-ha");
 
@@ -1006,7 +1011,7 @@ async fn concurrent_posts_share_waits_and_reads_never_wait_behind_them() {
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let stored: u64 = tokio::task::block_in_place(|| {
-                primary.query(redis::cmd("XLEN").arg("chat:room:group"))
+                primary.query(redis::cmd("XLEN").arg(room_key("group")))
             });
             if stored as usize > POSTS {
                 break;

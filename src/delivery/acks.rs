@@ -33,13 +33,15 @@
 //!
 //! Frontends hand a message to sockets only once replicas hold it (see
 //! [`super::Feed`]). After a `WAIT` that reached `redis.min_replicas_acked`,
-//! the task records the newest feed id appended on that writer before the
-//! `WAIT` in `{prefix}:feed:replicated` and publishes it on the channel of
-//! that name (`REPLICATED_SCRIPT`): one write and one push per `WAIT`, not
-//! per post. Replication is one ordered stream per primary, so that `WAIT`
-//! covers every write the primary made before it, other backends' too: the
-//! id says "replicas hold every entry up to here".
+//! the task records, for each room appended to on that writer before the
+//! `WAIT`, the newest id appended, in the room's `acked` key, and publishes
+//! it on the room's channel as `acked <id>` (`ACKED_SCRIPT`, one call per
+//! partition). Replication is one ordered stream per primary, so that
+//! `WAIT` covers every write the primary made before it, other backends'
+//! too; and a room's ids grow in the order its appends ran: the id says
+//! "replicas hold every entry of this room up to here".
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -52,28 +54,39 @@ use tokio::task::AbortHandle;
 use super::primary::Primary;
 use super::{Keys, StoreError};
 use crate::config::{RedisConfig, SentinelConfig};
-use crate::message::StreamId;
+use crate::message::{Room, StreamId};
 
-/// Records and publishes that replicas hold the feed up to ARGV[1]: in the
-/// key KEYS[1] and on the channel of the same name, unless the key is at or
-/// past it already (another backend's `WAIT` came first), so that the key
-/// only moves forward and frontends get no push that tells them nothing.
-const REPLICATED_SCRIPT: &str = r"
+/// Records and publishes, for each room of one partition, that replicas
+/// hold it up to an id: KEYS[2i-1] is the room's `acked` key, KEYS[2i] its
+/// stream and channel, ARGV[i+1] the id, ARGV[1] how long the key lives (as
+/// long as the room). A key at or past its id already (another backend's
+/// `WAIT` came first) is left alone and nothing is published for it, so that
+/// the key only moves forward and frontends get no push that tells them
+/// nothing.
+const ACKED_SCRIPT: &str = r"
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
-local current = redis.call('GET', KEYS[1])
-if current then
-  local cms, cseq = parse(current)
-  local ms, seq = parse(ARGV[1])
-  if cms and (ms < cms or (ms == cms and seq <= cseq)) then
-    return 0
+local published = 0
+for i = 1, #KEYS / 2 do
+  local key, channel, id = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  local current = redis.call('GET', key)
+  local newer = true
+  if current then
+    local cms, cseq = parse(current)
+    local ms, seq = parse(id)
+    if cms and (ms < cms or (ms == cms and seq <= cseq)) then
+      newer = false
+    end
+  end
+  if newer then
+    redis.call('SET', key, id, 'EX', ARGV[1])
+    redis.call('SPUBLISH', channel, 'acked ' .. id)
+    published = published + 1
   end
 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return published
 ";
 
 /// Why a message was not acknowledged.
@@ -123,12 +136,14 @@ pub struct ReplicaAcks {
 struct Shared {
     primary: Primary,
     config: RedisConfig,
-    /// Where replicated positions are recorded and published.
-    replicated_key: String,
-    replicated_script: redis::Script,
-    /// The newest id appended on a writer that took a ticket, and that
-    /// writer's id: what the next `WAIT` on it confirms.
-    newest: std::sync::Mutex<Option<(u64, StreamId)>>,
+    keys: Keys,
+    acked_script: redis::Script,
+    /// How long a room's `acked` key lives: as long as the room.
+    room_ttl: Duration,
+    /// The writer that took the last ticket, and the newest id appended on
+    /// it to each room that no `WAIT` has confirmed yet: what the next
+    /// `WAIT` on it confirms.
+    newest: std::sync::Mutex<(u64, HashMap<Room, StreamId>)>,
     needed: u32,
     timeout: Duration,
     writer: tokio::sync::Mutex<Option<Writer>>,
@@ -150,13 +165,19 @@ impl Drop for ReplicaAcks {
 impl ReplicaAcks {
     /// Ready to wait for replicas; the task that sends `WAIT` starts with
     /// the first [`ReplicaAcks::confirm`].
-    pub fn new(primary: Primary, config: &RedisConfig, sentinel: &SentinelConfig) -> Self {
+    pub fn new(
+        primary: Primary,
+        config: &RedisConfig,
+        sentinel: &SentinelConfig,
+        room_ttl: Duration,
+    ) -> Self {
         let shared = Arc::new(Shared {
             primary,
             config: config.clone(),
-            replicated_key: Keys::new(&config.key_prefix).replicated().to_owned(),
-            replicated_script: redis::Script::new(REPLICATED_SCRIPT),
-            newest: std::sync::Mutex::new(None),
+            keys: Keys::new(config),
+            acked_script: redis::Script::new(ACKED_SCRIPT),
+            room_ttl,
+            newest: std::sync::Mutex::new((0, HashMap::new())),
             needed: sentinel.min_replicas_acked,
             timeout: sentinel.replica_ack_timeout(),
             writer: tokio::sync::Mutex::new(None),
@@ -191,13 +212,13 @@ impl ReplicaAcks {
     }
 
     /// Returns once enough replicas hold what was appended on writer `id`
-    /// before this call, the feed entry `appended` among it, or why they do
-    /// not.
-    pub async fn confirm(&self, id: u64, appended: StreamId) -> Result<(), AckError> {
+    /// before this call, the entry `appended` of `room` among it, or why
+    /// they do not.
+    pub async fn confirm(&self, id: u64, room: &Room, appended: StreamId) -> Result<(), AckError> {
         let shared = &self.shared;
         self.task
             .get_or_init(|| tokio::spawn(shared.clone().send_waits()).abort_handle());
-        shared.note_appended(id, appended);
+        shared.note_appended(id, room, appended);
         let ticket = shared.issued.fetch_add(1, Ordering::SeqCst) + 1;
         let mut rounds = shared.rounds.subscribe();
         shared.wake.notify_one();
@@ -267,7 +288,7 @@ impl Shared {
                 }
                 // Read before WAIT is sent: every id noted by then was
                 // appended before it.
-                let newest = *lock(&self.newest);
+                let newest = lock(&self.newest).clone();
                 let (writer, acked) = self.wait().await;
                 self.rounds.send_replace(Round {
                     covered,
@@ -275,32 +296,44 @@ impl Shared {
                     acked,
                 });
                 answered = covered;
-                match newest {
-                    Some((on, id)) if on == writer && acked >= Some(u64::from(self.needed)) => {
-                        // Sent on the writer ahead of the next WAIT, which
-                        // need not wait for its answer.
-                        tokio::spawn(self.clone().publish_replicated(writer, id));
-                    }
-                    _ => {}
+                let (on, rooms) = newest;
+                if on == writer && acked >= Some(u64::from(self.needed)) && !rooms.is_empty() {
+                    self.confirmed(writer, &rooms);
+                    // Sent on the writer ahead of the next WAIT, which
+                    // need not wait for its answer.
+                    tokio::spawn(self.clone().publish_acked(writer, rooms));
                 }
             }
         }
     }
 
-    /// Notes that `id` was appended on writer `writer`.
-    fn note_appended(&self, writer: u64, id: StreamId) {
+    /// Notes that `id` was appended to `room` on writer `writer`.
+    fn note_appended(&self, writer: u64, room: &Room, id: StreamId) {
         let mut newest = lock(&self.newest);
-        match &mut *newest {
-            Some((on, newest)) if *on == writer => *newest = (*newest).max(id),
-            other => *other = Some((writer, id)),
+        if newest.0 != writer {
+            // A WAIT on the new writer says nothing of the old one's.
+            *newest = (writer, HashMap::new());
+        }
+        let last = newest.1.entry(room.clone()).or_insert(id);
+        *last = (*last).max(id);
+    }
+
+    /// Forgets the ids a `WAIT` on `writer` confirmed, unless a newer one
+    /// was appended to the room meanwhile.
+    fn confirmed(&self, writer: u64, rooms: &HashMap<Room, StreamId>) {
+        let mut newest = lock(&self.newest);
+        if newest.0 == writer {
+            newest
+                .1
+                .retain(|room, id| rooms.get(room).is_none_or(|done| *id > *done));
         }
     }
 
-    /// Tells the frontends that replicas hold the feed up to `id`, on
-    /// writer `writer` if it is still the current one. A failure costs
-    /// only delay: the next `WAIT` publishes a newer id, and frontends read
-    /// the key as they poll.
-    async fn publish_replicated(self: Arc<Self>, writer: u64, id: StreamId) {
+    /// Tells the frontends that replicas hold each of `rooms` up to its id,
+    /// on writer `writer` if it is still the current one: one call per
+    /// partition, whose keys are all in one slot. A failure costs only
+    /// delay: frontends read the rooms' `acked` keys as they poll.
+    async fn publish_acked(self: Arc<Self>, writer: u64, rooms: HashMap<Room, StreamId>) {
         let Some(mut conn) = self
             .writer
             .lock()
@@ -311,14 +344,44 @@ impl Shared {
         else {
             return;
         };
-        let published = self
-            .replicated_script
-            .key(&self.replicated_key)
-            .arg(id.to_string())
-            .invoke_async::<i64>(&mut conn)
-            .await;
+        let mut by_partition: HashMap<u32, Vec<(&Room, &StreamId)>> = HashMap::new();
+        for (room, id) in &rooms {
+            by_partition
+                .entry(self.keys.partition(room))
+                .or_default()
+                .push((room, id));
+        }
+        let mut pipeline = redis::pipe();
+        for rooms in by_partition.values() {
+            let mut invocation = pipeline
+                .cmd("EVALSHA")
+                .arg(self.acked_script.get_hash())
+                .arg(rooms.len() * 2);
+            for (room, _) in rooms {
+                invocation = invocation
+                    .arg(self.keys.acked(room))
+                    .arg(self.keys.room(room));
+            }
+            invocation = invocation.arg(self.room_ttl.as_secs());
+            for (_, id) in rooms {
+                invocation = invocation.arg(id.to_string());
+            }
+            invocation.ignore();
+        }
+        let published = match pipeline.query_async::<()>(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                match self.acked_script.load_async(&mut conn).await {
+                    Ok(_) => pipeline.query_async::<()>(&mut conn).await,
+                    Err(e) => Err(e),
+                }
+            }
+            result => result,
+        };
         if let Err(e) = published {
-            tracing::debug!("could not publish that replicas hold the feed up to {id}: {e}");
+            tracing::debug!(
+                "could not publish that replicas hold {} rooms: {e}",
+                rooms.len()
+            );
         }
     }
 

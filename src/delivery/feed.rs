@@ -1,14 +1,22 @@
-//! The frontend's side of Redis: follow the feed of every appended message.
+//! The frontend's side of Redis: follow the rooms this frontend serves.
 //!
-//! Redis pushes each message to every frontend the moment it is stored: the
-//! append script publishes it on the feed's channel together with the id of
-//! the feed entry before it. A frontend hands a pushed message on only if
-//! that previous id is the last one it delivered; otherwise it has missed
-//! something (it was away, or an entry was appended without a push) and it
-//! reads the feed stream from its cursor instead, which is where the truth
-//! is. It also reads the stream after each (re)connection, and every
-//! [`POLL`], which both checks that Redis still answers and finds any entry
-//! that no later push revealed.
+//! A frontend hears only of the rooms it has sockets in. When a room's first
+//! socket joins, the frontend asks its [`Feed`] to follow the room
+//! ([`Interest::follow`]): the feed subscribes to the room's shard channel
+//! (`SSUBSCRIBE`), on which the append script publishes each message the
+//! moment it is stored, together with the id of the room's entry before it;
+//! then it reads the id of the room's newest entry, its *cursor* in that
+//! room. When the room's last socket leaves, the feed stops following it
+//! after [`LEAVE_GRACE`], so that a client that reconnects does not make it
+//! unsubscribe and subscribe again.
+//!
+//! A pushed message is handed on only if its previous id is the room's
+//! cursor; otherwise the frontend has missed something (it was away, or an
+//! entry was appended without a push) and it reads the room's stream from
+//! the cursor instead, which is where the truth is. It also reads the stream
+//! of every room after each (re)connection, and a few rooms every [`POLL`]
+//! ([`SWEEP`], in turn), which both checks that Redis still answers and finds
+//! any entry that no later push revealed.
 //!
 //! Whatever was taken from Redis together is handed over together, so that
 //! each socket gets it with one write. With `frontend.write_window_us`, what
@@ -19,22 +27,19 @@
 //! text) goes out at once too: what the window joins always fits in a
 //! socket's send queue with room to spare.
 //!
-//! Pushes spare Redis the work `XREAD BLOCK` costs it for each frontend and
-//! each read (a command to read, a client to block and unblock), and the
-//! frontend a request per read.
-//!
 //! # A push is a hint; the stream is the truth
 //!
-//! Whoever may publish on the channel could push a message with an id of
-//! its choosing. Taken as truth, an id far ahead would move the cursor past
-//! every real message to come, and the frontend would skip them all. So:
+//! Whoever may publish on a room's channel could push a message with an id
+//! of its choosing. Taken as truth, an id far ahead would move the cursor
+//! past every real message to come, and the frontend would skip them all.
+//! So:
 //!
 //! - a pushed id more than [`MAX_AHEAD`] ahead of this host's clock is not
 //!   taken; the stream is read instead;
-//! - every read of the stream starts *at* the cursor, and so checks that
-//!   the stream holds it. A cursor the stream does not hold, while it holds
+//! - every read of a stream starts *at* the cursor, and so checks that the
+//!   stream holds it. A cursor the stream does not hold, while it holds
 //!   older entries (so the cursor was not trimmed away), was never a real
-//!   entry: the feed goes back to the last position the stream confirmed,
+//!   entry: the room goes back to the last position the stream confirmed,
 //!   and hands out what it has after it, less what was handed out already;
 //! - a push naming an id at or behind the cursor that was never handed out
 //!   means the cursor ran past a real message: the stream is read at once.
@@ -43,16 +48,17 @@
 //!
 //! The feed follows the primary of [`Primary`]: when it changes, the
 //! connection to the old one is dropped (nothing more is read from a demoted
-//! primary) and the feed reconnects to the new one, where it reads on from
-//! its cursor as after any reconnection. Every acknowledged message is on
-//! the new primary (the backend waited for a replica), so none is skipped.
-//! The new primary may lack the cursor itself: the old primary's last
-//! entries, never acknowledged, were lost with it. The feed then logs a
-//! warning and goes on after the cursor; the backend takes the ids of new
-//! appends above the ids it stored before (see the store's append script),
-//! so they are not hidden behind the cursor by a new primary's slower clock.
+//! primary) and the feed reconnects to the new one, where it subscribes
+//! again and reads on from each room's cursor as after any reconnection.
+//! Every acknowledged message is on the new primary (the backend waited for
+//! a replica), so none is skipped. The new primary may lack a cursor
+//! itself: the old primary's last entries, never acknowledged, were lost
+//! with it. The feed then logs a warning and goes on after the cursor; the
+//! backend takes the ids of new appends above the ids it stored before (see
+//! the store's append script), so they are not hidden behind the cursor by
+//! a new primary's slower clock.
 //!
-//! # Only what replicas hold reaches sockets (Sentinel mode)
+//! # Only what replicas hold reaches sockets
 //!
 //! With `redis.min_replicas_acked` > 0, the append script publishes a
 //! message before the backend's `WAIT` has seen replicas take it. Handed to
@@ -60,18 +66,18 @@
 //! shown, answered 503, retried with the same `Idempotency-Key` on the new
 //! primary (which has neither the message nor the record of its key), and
 //! stored and shown again under a new id: the same text twice. So the feed
-//! *holds* what it takes from Redis (pushes and reads alike, in feed order,
-//! [`Held`]) and *releases* it to the subscriber only once it is replicated:
-//! at or below the newest id the backends found on enough replicas, which
-//! they record in `{prefix}:feed:replicated` and publish on the channel of
-//! that name after each `WAIT` (see the module `acks`). The feed reads that
-//! key too at each (re)connection and every [`POLL`], so a lost push only
-//! delays a release. Messages reach sockets after the replicas'
-//! acknowledgement, not after the primary's.
+//! *holds* what it takes from Redis (pushes and reads alike, in room order,
+//! [`Held`]) and *releases* it to the subscriber only once it is
+//! replicated: at or below the newest id of the room the backends found on
+//! enough replicas, which they record in the room's `acked` key and publish
+//! on the room's channel (`acked <id>`) after each `WAIT` (see the module
+//! `acks`). The feed reads that key too when it starts following a room,
+//! after each (re)connection and as it sweeps, so a lost push only delays a
+//! release.
 //!
-//! - The subscriber's cursor, which resuming clients are replayed up to,
-//!   only ever moves over released entries: a resume never hands out an
-//!   entry a failover could still take back.
+//! - The position the subscriber is told of, which resuming clients are
+//!   replayed up to, only ever moves over released entries: a resume never
+//!   hands out an entry a failover could still take back.
 //! - A message whose `WAIT` failed (503) stays held until a later `WAIT`
 //!   covers it: replicated after all, it is real, released once, and a
 //!   retry with the same key gets its id. Or until a failover drops it.
@@ -80,20 +86,18 @@
 //!   from the old primary is dropped, and read again from the new one from
 //!   the last released entry: the new primary's stream decides.
 //! - The hold is bounded ([`MAX_HELD`] entries, [`MAX_HELD_BYTES`] of
-//!   text). When it is full the feed stops taking entries; once releases
-//!   make room it reads on from the stream, where the rest is.
+//!   text, over all rooms). When it is full the feed stops taking entries;
+//!   once releases make room it reads on from the streams, where the rest
+//!   is.
 //! - A replicated id is a hint like a pushed message: one further ahead of
 //!   this host's clock than [`MAX_AHEAD`] is ignored, and it can only
-//!   release entries the feed took from Redis (read, or pushed and trusted
-//!   as they are without a hold), never move the cursor. Whoever may
-//!   publish on the channel (or set the key) can at worst release entries
-//!   early, before replicas hold them, for as long as the forged id is
-//!   ahead of the real ones: a failover in that time may show a message
-//!   twice, as it did before entries were held.
+//!   release entries the feed took from Redis, never move the cursor.
+//!   Whoever may publish on the channel (or set the key) can at worst
+//!   release entries early, before replicas hold them.
 //!
-//! One Redis, or `redis.min_replicas_acked` = 0: nothing is held.
+//! Without replica acknowledgements, nothing is held.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,28 +105,39 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::primary::Primary;
 use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, Room, StreamId};
 
-/// How often the feed stream is read even when pushes arrive as they should.
-/// Short enough that a silently dead connection is noticed within a few
-/// seconds.
+/// How often a few rooms' streams are read even when pushes arrive as they
+/// should, and rooms nobody is in any more are let go. Short enough that a
+/// silently dead connection is noticed within a few seconds.
 const POLL: Duration = Duration::from_secs(2);
-/// Most entries taken per read of the stream, and most pushed messages handed
+/// Rooms whose streams are read at each [`POLL`], in turn.
+const SWEEP: usize = 32;
+/// How long a room nobody is in is still followed, in case someone comes
+/// back (a client reconnecting).
+pub const LEAVE_GRACE: Duration = Duration::from_secs(5);
+/// Most entries taken per read of a stream, and most pushed messages handed
 /// on together: bounds the work done between two awaits.
 const BATCH: usize = 512;
 /// How far ahead of this host's clock a pushed id may be and still be taken
 /// (Redis's clock makes the ids; hosts' clocks agree far better than this).
 const MAX_AHEAD: Duration = Duration::from_secs(60);
 
-/// Most entries held until replicated, and most bytes of their text: past
-/// either, the feed stops taking entries until releases make room.
+/// Most entries held until replicated, and most bytes of their text, over
+/// all rooms: past either, the feed stops taking entries until releases
+/// make room.
 const MAX_HELD: usize = 20_000;
 const MAX_HELD_BYTES: usize = 16 << 20;
+
+/// Pushed ids a room's stream may leave unconfirmed before it is read
+/// anyway.
+const MAX_UNCONFIRMED: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -132,68 +147,132 @@ pub enum FeedError {
     Setup(#[from] super::ConnectError),
     #[error("the connection to Redis closed")]
     Disconnected,
-    #[error("malformed feed entry {0:?}")]
+    #[error("malformed entry {0:?}")]
     Malformed(String),
     #[error("no Redis primary: the Sentinels name none that answers as one")]
     NoPrimary,
     #[error("the Redis primary changed")]
     PrimaryChanged,
+    #[error("Redis dropped the subscription to {0}")]
+    Unsubscribed(String),
 }
 
-/// Follows `{prefix}:feed` from a cursor that survives reconnections.
+/// What a frontend asks of its feed.
+enum Request {
+    /// Follow the room; answer with the position it is delivered from.
+    Follow(Room, oneshot::Sender<StreamId>),
+    /// Nobody is in the room any more.
+    Leave(Room),
+}
+
+/// The frontend's handle on which rooms its [`Feed`] follows. Cheap to clone.
+#[derive(Clone)]
+pub struct Interest(mpsc::UnboundedSender<Request>);
+
+impl Interest {
+    /// Follows `room` (again, if it was left); returns, once the feed
+    /// hears of the room, the id of its last message handed to the
+    /// subscriber: every later one will be handed over. `None` when Redis
+    /// does not answer within `limit` (the feed follows the room once it
+    /// does).
+    pub async fn follow(&self, room: &Room, limit: Duration) -> Option<StreamId> {
+        let (reply, position) = oneshot::channel();
+        self.0.send(Request::Follow(room.clone(), reply)).ok()?;
+        tokio::time::timeout(limit, position).await.ok()?.ok()
+    }
+
+    /// Nobody is in `room` any more: the feed lets it go after
+    /// [`LEAVE_GRACE`], unless someone joins it again.
+    pub fn leave(&self, room: &Room) {
+        let _ = self.0.send(Request::Leave(room.clone()));
+    }
+}
+
+/// Follows the rooms the frontend serves, each from a cursor that survives
+/// reconnections.
 pub struct Feed {
     primary: Primary,
-    keys: Keys,
+    settings: Settings,
     timeout: Duration,
     reconnect_min: Duration,
     reconnect_max: Duration,
     health: Arc<RedisHealth>,
-    /// Where the feed is; `None` until Redis was first reached.
-    position: Option<Position>,
-    /// Messages read from the stream rather than pushed.
-    caught_up: Counter,
-    /// Sentinel mode with replica acknowledgements: what waits for them.
-    held: Option<Held>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    state: State,
     /// `frontend.write_window_us`: how long after a delivery the next waits.
     write_window: Option<Duration>,
+}
+
+/// What a session on one connection needs to know.
+struct Settings {
+    keys: Keys,
+    /// Messages read from a stream rather than pushed.
+    caught_up: Counter,
+    /// With replica acknowledgements: entries wait for them.
+    holding: bool,
     /// The bytes of text that make a batch full (and end a write window): a
     /// quarter of `frontend.max_queued_bytes`, so that a batch fits in a
     /// socket's send queue with room to spare.
     full_bytes: usize,
 }
 
-/// Entries taken from the feed that replicas are not known to hold yet.
-#[derive(Debug)]
+/// The rooms followed, which outlive connections.
+#[derive(Default)]
+struct State {
+    rooms: HashMap<Room, Followed>,
+    /// The room of each subscribed channel.
+    channels: HashMap<Vec<u8>, Room>,
+    /// Rooms in the order the sweep reads them.
+    sweep: VecDeque<Room>,
+    /// Channels the feed asked to leave whose confirmation has not come:
+    /// any other `SUNSUBSCRIBE` is Redis dropping a subscription.
+    unsubscribing: HashMap<Vec<u8>, usize>,
+    /// With replica acknowledgements: the primary entries were taken from,
+    /// the rooms with entries held, and how many entries and bytes of text
+    /// are held over all rooms.
+    primary: Option<String>,
+    holding: HashSet<Room>,
+    held_entries: usize,
+    held_bytes: usize,
+    /// Whether the hold was found full since it last released something.
+    held_full: bool,
+}
+
+/// One room followed.
+struct Followed {
+    channel: String,
+    /// Where the room is; `None` until Redis was first asked.
+    position: Option<Position>,
+    /// With replica acknowledgements: what waits for them.
+    held: Held,
+    /// The last entry handed to the subscriber (or where the room started).
+    delivered: StreamId,
+    /// Follow requests waiting for the position.
+    waiting: Vec<oneshot::Sender<StreamId>>,
+    /// When the room is let go, now that nobody is in it.
+    leaving: Option<Instant>,
+}
+
+/// A room's entries taken from its stream that replicas are not known to
+/// hold yet.
+#[derive(Debug, Default)]
 struct Held {
     /// The last entry released to the subscriber.
     released: StreamId,
     /// The newest id replicas are known to hold.
     replicated: StreamId,
-    /// Taken after `released`, in feed order, up to the feed's cursor.
+    /// Taken after `released`, in order, up to the room's cursor.
     entries: VecDeque<ChatMessage>,
     bytes: usize,
-    /// The address of the primary they were taken from.
-    primary: Option<String>,
-    /// Whether the hold was found full since it last released something.
-    full: bool,
 }
 
 impl Held {
-    fn new() -> Self {
+    fn at(id: StreamId) -> Self {
         Held {
-            released: StreamId::ZERO,
-            replicated: StreamId::ZERO,
-            entries: VecDeque::new(),
-            bytes: 0,
-            primary: None,
-            full: false,
+            released: id,
+            replicated: id,
+            ..Held::default()
         }
-    }
-
-    /// Whether one more entry may be taken.
-    fn has_room(&self, taking: &[ChatMessage]) -> bool {
-        let bytes: usize = taking.iter().map(|m| m.message.len()).sum();
-        self.entries.len() + taking.len() < MAX_HELD && self.bytes + bytes < MAX_HELD_BYTES
     }
 
     /// Learns that replicas hold every entry up to `id`; ignored when `id`
@@ -204,9 +283,9 @@ impl Held {
         }
     }
 
-    fn hold(&mut self, messages: Vec<ChatMessage>) {
-        self.bytes += messages.iter().map(|m| m.message.len()).sum::<usize>();
-        self.entries.extend(messages);
+    fn hold(&mut self, message: ChatMessage) {
+        self.bytes += message.message.len();
+        self.entries.push_back(message);
     }
 
     /// Whether the oldest held entry is replicated.
@@ -216,12 +295,12 @@ impl Held {
             .is_some_and(|m| m.id <= self.replicated)
     }
 
-    /// The held entries that are replicated, at most [`BATCH`], oldest first.
-    fn release(&mut self) -> Vec<ChatMessage> {
+    /// The held entries that are replicated, at most `most`, oldest first.
+    fn release(&mut self, most: usize) -> Vec<ChatMessage> {
         let count = self
             .entries
             .iter()
-            .take(BATCH)
+            .take(most)
             .take_while(|m| m.id <= self.replicated)
             .count();
         let released: Vec<ChatMessage> = self.entries.drain(..count).collect();
@@ -232,47 +311,26 @@ impl Held {
         released
     }
 
-    /// Drops the held entries after `id` (the stream does not confirm them).
-    fn drop_after(&mut self, id: StreamId) -> Vec<StreamId> {
+    /// Drops the held entries after `id` (the stream does not confirm
+    /// them, or they came from a primary that is gone).
+    fn drop_after(&mut self, id: StreamId) -> Vec<ChatMessage> {
         let keep = self.entries.partition_point(|m| m.id <= id);
         let dropped: Vec<ChatMessage> = self.entries.drain(keep..).collect();
         self.bytes -= dropped.iter().map(|m| m.message.len()).sum::<usize>();
-        dropped.iter().map(|m| m.id).collect()
-    }
-
-    /// Moves on to the primary at `address`, whose stream ends at `last`.
-    /// On another primary than before, the entries held are dropped: they
-    /// are read again from this one, after the last released entry, and
-    /// what it holds now survived the failover, so it counts as
-    /// replicated. Returns whether the primary changed. (The same primary
-    /// answering again keeps what is held: the stream there still decides,
-    /// as after any reconnection.)
-    fn follow(&mut self, address: &str, last: StreamId) -> bool {
-        if self.primary.as_deref() == Some(address) {
-            return false;
-        }
-        let first = self.primary.is_none();
-        self.primary = Some(address.to_owned());
-        self.entries.clear();
-        self.bytes = 0;
-        if first {
-            self.released = last;
-        }
-        self.replicated = last.max(self.released);
-        !first
+        dropped
     }
 }
 
-/// Where a feed is, and how much of that the stream has confirmed.
+/// Where a room is, and how much of that its stream has confirmed.
 #[derive(Debug)]
 struct Position {
-    /// Id of the last entry handed out: the feed's cursor.
+    /// Id of the last entry taken: the room's cursor.
     cursor: StreamId,
     /// The newest id known to be in the stream, with everything before it
-    /// handed out.
+    /// taken.
     confirmed: StreamId,
-    /// Ids handed out after `confirmed`, in order: from pushes, which the
-    /// stream has yet to confirm.
+    /// Ids taken after `confirmed`, in order: from pushes, which the stream
+    /// has yet to confirm.
     unconfirmed: Vec<StreamId>,
 }
 
@@ -285,8 +343,8 @@ impl Position {
         }
     }
 
-    /// Whether the entry `id`, at or behind the cursor, was handed out.
-    fn handed_out(&self, id: StreamId) -> bool {
+    /// Whether the entry `id`, at or behind the cursor, was taken.
+    fn taken(&self, id: StreamId) -> bool {
         id <= self.confirmed || self.unconfirmed.binary_search(&id).is_ok()
     }
 
@@ -307,9 +365,10 @@ impl Position {
 }
 
 impl Feed {
-    /// A feed of the Redis `config` names; in Sentinel mode it follows the
-    /// primary itself (so this needs a Tokio runtime).
-    pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<Self, FeedError> {
+    /// A feed of the Redis `config` names, and the handle that tells it
+    /// which rooms to follow; in Sentinel mode it follows the primary
+    /// itself (so this needs a Tokio runtime).
+    pub fn new(config: &Config, health: Arc<RedisHealth>) -> Result<(Self, Interest), FeedError> {
         Self::with_primary(config, health, Primary::new(&config.redis))
     }
 
@@ -318,39 +377,44 @@ impl Feed {
         config: &Config,
         health: Arc<RedisHealth>,
         primary: Primary,
-    ) -> Result<Self, FeedError> {
+    ) -> Result<(Self, Interest), FeedError> {
         let redis = &config.redis;
         if let Some(resolved) = primary.current() {
             // Checks the settings (password file, TLS) now, at start.
             primary.client(&resolved, ProtocolVersion::RESP3)?;
         }
-        Ok(Feed {
+        let (requests, receiver) = mpsc::unbounded_channel();
+        let feed = Feed {
             primary,
-            keys: Keys::new(&redis.key_prefix),
+            settings: Settings {
+                keys: Keys::new(redis),
+                caught_up: Counter::default(),
+                holding: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0),
+                full_bytes: config.frontend.max_queued_bytes.get() / 4,
+            },
             timeout: redis.command_timeout(),
             reconnect_min: redis.reconnect_min(),
             reconnect_max: redis.reconnect_max(),
             health,
-            position: None,
-            caught_up: Counter::default(),
-            held: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0)
-                .then(Held::new),
+            requests: receiver,
+            state: State::default(),
             write_window: config.frontend.write_window(),
-            full_bytes: config.frontend.max_queued_bytes.get() / 4,
-        })
+        };
+        Ok((feed, Interest(requests)))
     }
 
-    /// Counts in `counter` the messages read from the stream rather than
+    /// Counts in `counter` the messages read from a stream rather than
     /// pushed: those appended while the frontend was away, and any whose push
     /// did not arrive (from a backend of a version that did not push).
     pub fn counting_caught_up(mut self, counter: Counter) -> Self {
-        self.caught_up = counter;
+        self.settings.caught_up = counter;
         self
     }
 
-    /// Hands every message appended from now on to `subscriber`, in feed order,
-    /// once each, for ever. Losing Redis pauses delivery; on reconnection it
-    /// goes on from the last message delivered.
+    /// Hands every message appended from now on to the rooms it is asked to
+    /// follow to `subscriber`, in each room's order, once each, for ever.
+    /// Losing Redis pauses delivery; on reconnection it goes on from the
+    /// last message delivered in each room.
     pub async fn run(mut self, subscriber: Arc<impl Subscriber>) {
         let mut pause = self.reconnect_min;
         loop {
@@ -362,22 +426,33 @@ impl Feed {
             self.primary.suspect();
             if self.health.set_up(false) {
                 tracing::warn!(
-                    "lost Redis, delivery paused at {:?}: {error}",
-                    self.delivered_up_to().map(|id| id.to_string())
+                    "lost Redis, delivery of {} rooms paused: {error}",
+                    self.state.rooms.len()
                 );
             } else {
                 tracing::debug!("Redis still unreachable: {error}");
             }
-            tokio::time::sleep(jitter(pause)).await;
+            self.pause(jitter(pause), &*subscriber).await;
             pause = (pause * 2).min(self.reconnect_max);
         }
     }
 
-    /// The last entry handed to the subscriber, where delivery goes on from:
-    /// the last released one when entries are held for the replicas.
-    fn delivered_up_to(&self) -> Option<StreamId> {
-        let cursor = self.position.as_ref().map(|p| p.cursor)?;
-        Some(self.held.as_ref().map_or(cursor, |h| h.released))
+    /// Waits `pause` before connecting again, taking requests meanwhile:
+    /// rooms to follow are followed once connected.
+    async fn pause(&mut self, pause: Duration, subscriber: &impl Subscriber) {
+        let until = Instant::now() + pause;
+        while let Ok(Some(request)) = tokio::time::timeout_at(until, self.requests.recv()).await {
+            match request {
+                Request::Follow(room, reply) => {
+                    let followed = self.state.follow(&self.settings.keys, room);
+                    followed.waiting.push(reply);
+                }
+                Request::Leave(room) => {
+                    self.state.leave(&room);
+                    self.state.let_go(Instant::now(), subscriber).await;
+                }
+            }
+        }
     }
 
     /// Connects, subscribes and delivers until the connection fails.
@@ -390,56 +465,44 @@ impl Feed {
         let resolved = changes.borrow_and_update().clone();
         let resolved = resolved.ok_or(FeedError::NoPrimary)?;
         let (sender, mut pushes) = mpsc::unbounded_channel();
-        let mut conn = self.connect(&resolved, sender).await?;
-        // Subscribed before the stream is read: whatever is appended after
-        // that read is pushed.
-        conn.subscribe(self.keys.feed()).await?;
-        let mut position = self.position.take();
-        if let Some(held) = &mut self.held {
-            conn.subscribe(self.keys.replicated()).await?;
-            let last = Self::last_id(&self.keys, &mut conn).await?;
-            if held.follow(&resolved.address, last) || position.is_none() {
-                // Read again from the new primary after what was released.
-                position = Some(Position::at(held.released));
-            }
-            if let Some(replicated) = Self::replicated(&self.keys, &mut conn).await? {
-                held.replicated_up_to(replicated);
-            }
-        }
-        let position = match position {
-            Some(position) => position,
-            None => Position::at(Self::last_id(&self.keys, &mut conn).await?),
+        let conn = self.connect(&resolved, sender).await?;
+        let mut session = Session {
+            conn,
+            settings: &self.settings,
+            state: &mut self.state,
+            batch: Vec::new(),
+            batch_bytes: 0,
         };
-        let start = self.held.as_ref().map_or(position.cursor, |h| h.released);
-        subscriber.following(start).await;
+        let new_primary = session.state.primary.as_deref() != Some(&resolved.address);
+        if new_primary && session.state.primary.is_some() && self.settings.holding {
+            session.drop_held();
+        }
+        session.state.primary = Some(resolved.address.clone());
+        // Confirmations asked for on a connection that is gone never come.
+        session.state.unsubscribing.clear();
+        let rooms: Vec<Room> = session.state.rooms.keys().cloned().collect();
+        session.subscribe(&rooms).await?;
+        for room in &rooms {
+            session.resume(room, new_primary, subscriber).await?;
+        }
         if self.health.set_up(true) {
-            tracing::info!("following the Redis feed from {start}");
+            tracing::info!("following {} rooms on Redis", rooms.len());
         }
         *pause = self.reconnect_min;
         let window = self.write_window;
-        let mut reader = Reader {
-            conn,
-            keys: &self.keys,
-            caught_up: &self.caught_up,
-            position: self.position.insert(position),
-            held: self.held.as_mut(),
-            batch: Vec::new(),
-            batch_bytes: 0,
-            full_bytes: self.full_bytes,
-        };
-        // The first tick is immediate: it reads what was appended while away.
+        let requests = &mut self.requests;
+        // The first tick is immediate; the rooms were read just now, but
+        // the rooms to let go are looked at too.
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // With a write window: until when what is taken is held back.
-        let mut window_ends: Option<tokio::time::Instant> = None;
+        let mut window_ends: Option<Instant> = None;
         loop {
-            let held_until = window_ends.filter(|_| reader.has_pending());
+            let held_until = window_ends.filter(|_| session.has_pending());
             let step = tokio::select! {
-                push = pushes.recv() => reader.take_pushed(push, &mut pushes, subscriber).await,
-                _ = poll.tick() => async {
-                    reader.read_replicated().await?;
-                    reader.catch_up(subscriber).await
-                }.await,
+                push = pushes.recv() => session.take_pushed(push, &mut pushes, subscriber).await,
+                Some(request) = requests.recv() => session.request(request, subscriber).await,
+                _ = poll.tick() => session.poll(subscriber).await,
                 // Never fires with one Redis, whose primary never changes.
                 _ = changes.changed() => {
                     let now = changes.borrow().as_ref().map(|r| r.generation);
@@ -449,21 +512,21 @@ impl Feed {
                         Err(FeedError::PrimaryChanged)
                     }
                 }
-                () = tokio::time::sleep_until(held_until.unwrap_or_else(tokio::time::Instant::now)),
+                () = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)),
                     if held_until.is_some() => Ok(()),
             };
             // Within the window, what was taken waits, unless the batch is
             // full. What was taken goes out even when the step then failed:
-            // the cursor has moved past it, and the next connection goes on
-            // from there.
-            let full = reader.full();
-            let window_open = window_ends.is_some_and(|ends| tokio::time::Instant::now() < ends);
+            // the cursors have moved past it, and the next connection goes
+            // on from there.
+            let full = session.full();
+            let window_open = window_ends.is_some_and(|ends| Instant::now() < ends);
             if step.is_err() || full || !window_open {
-                let delivered = reader.hand_over(subscriber).await;
+                let delivered = session.hand_over(subscriber).await;
                 // A full batch leaves more waiting: that goes on at once.
                 window_ends = window
                     .filter(|_| delivered && !full)
-                    .map(|w| tokio::time::Instant::now() + w);
+                    .map(|w| Instant::now() + w);
             }
             step?;
         }
@@ -484,56 +547,237 @@ impl Feed {
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }
+}
 
-    /// The id of the newest entry in the feed, so delivery starts after it.
-    async fn last_id(keys: &Keys, conn: &mut MultiplexedConnection) -> Result<StreamId, FeedError> {
-        let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(keys.feed()).arg("+").arg("-").arg("COUNT").arg(1);
-        let newest: Entries = cmd.query_async(conn).await?;
-        match newest.first() {
-            Some((id, _)) => StreamId::parse(id).ok_or_else(|| FeedError::Malformed(id.clone())),
-            None => Ok(StreamId::ZERO),
+impl State {
+    /// The room followed, following it if it was not.
+    fn follow(&mut self, keys: &Keys, room: Room) -> &mut Followed {
+        if !self.rooms.contains_key(&room) {
+            let channel = keys.room(&room);
+            self.channels
+                .insert(channel.clone().into_bytes(), room.clone());
+            self.sweep.push_back(room.clone());
+        }
+        let followed = self.rooms.entry(room).or_insert_with_key(|room| Followed {
+            channel: keys.room(room),
+            position: None,
+            held: Held::default(),
+            delivered: StreamId::ZERO,
+            waiting: Vec::new(),
+            leaving: None,
+        });
+        followed.leaving = None;
+        followed
+    }
+
+    /// Marks `room` to be let go after [`LEAVE_GRACE`].
+    fn leave(&mut self, room: &Room) {
+        if let Some(followed) = self.rooms.get_mut(room) {
+            followed.leaving = Some(Instant::now() + LEAVE_GRACE);
         }
     }
-}
 
-impl Feed {
-    /// The newest id the backends found on enough replicas, if recorded.
-    async fn replicated(
-        keys: &Keys,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<Option<StreamId>, FeedError> {
-        let recorded: Option<String> = redis::cmd("GET")
-            .arg(keys.replicated())
-            .query_async(conn)
-            .await?;
-        Ok(recorded.as_deref().and_then(StreamId::parse))
+    /// Stops following the rooms left before `now`, and tells the
+    /// subscriber; returns their channels.
+    async fn let_go(&mut self, now: Instant, subscriber: &impl Subscriber) -> Vec<String> {
+        let gone: Vec<Room> = self
+            .rooms
+            .iter()
+            .filter(|(_, f)| f.leaving.is_some_and(|at| at <= now))
+            .map(|(room, _)| room.clone())
+            .collect();
+        let mut channels = Vec::with_capacity(gone.len());
+        for room in gone {
+            let Some(followed) = self.rooms.remove(&room) else {
+                continue;
+            };
+            self.channels.remove(followed.channel.as_bytes());
+            self.held_entries -= followed.held.entries.len();
+            self.held_bytes -= followed.held.bytes;
+            self.holding.remove(&room);
+            channels.push(followed.channel);
+            subscriber.left(&room).await;
+        }
+        if !channels.is_empty() {
+            self.sweep.retain(|room| self.rooms.contains_key(room));
+        }
+        channels
     }
 }
 
-/// Following the feed over one connection.
-struct Reader<'a> {
+/// Following the rooms over one connection.
+struct Session<'a> {
     conn: MultiplexedConnection,
-    keys: &'a Keys,
-    caught_up: &'a Counter,
-    /// Where the feed is, counting the messages taken into `batch`; it
-    /// outlives the connection.
-    position: &'a mut Position,
-    /// Sentinel mode with replica acknowledgements: what waits for them.
-    held: Option<&'a mut Held>,
+    settings: &'a Settings,
+    state: &'a mut State,
     /// Messages taken but not yet handed to the subscriber (or held).
     batch: Vec<ChatMessage>,
     /// The bytes of their text.
     batch_bytes: usize,
-    /// The bytes of text that make a batch full (see [`Reader::full`]).
-    full_bytes: usize,
 }
 
-/// Pushed ids the stream may leave unconfirmed before it is read anyway
-/// (it is read every [`POLL`] regardless).
-const MAX_UNCONFIRMED: usize = 100_000;
+impl Session<'_> {
+    /// Subscribes to the channels of `rooms`: one command per channel,
+    /// which redis-rs takes the confirmation of as its answer, all sent at
+    /// once.
+    async fn subscribe(&mut self, rooms: &[Room]) -> Result<(), FeedError> {
+        self.subscription("SSUBSCRIBE", rooms).await
+    }
 
-impl Reader<'_> {
+    async fn subscription(&mut self, command: &str, rooms: &[Room]) -> Result<(), FeedError> {
+        for chunk in rooms.chunks(BATCH) {
+            let mut pipeline = redis::pipe();
+            for room in chunk {
+                pipeline
+                    .cmd(command)
+                    .arg(self.settings.keys.room(room))
+                    .ignore();
+            }
+            pipeline.query_async::<()>(&mut self.conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Goes on in `room` after (re)subscribing: from its cursor, reading what
+    /// was appended meanwhile, or from its newest entry when it was never
+    /// read; then answers those waiting for its position.
+    async fn resume(
+        &mut self,
+        room: &Room,
+        new_primary: bool,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        let Some(followed) = self.state.rooms.get(room) else {
+            return Ok(());
+        };
+        if followed.position.is_none() {
+            self.start(room).await?;
+        } else {
+            if new_primary && self.settings.holding {
+                // What the new primary holds survived the failover.
+                let last = self.last_id(room).await?;
+                if let Some(followed) = self.state.rooms.get_mut(room) {
+                    followed.held.replicated = followed.held.replicated.max(last);
+                }
+            }
+            self.read_acked(room).await?;
+            self.catch_up(room, subscriber).await?;
+        }
+        self.answer_waiting(room);
+        Ok(())
+    }
+
+    /// Starts `room` at its newest entry: with replica acknowledgements, at
+    /// the newest one replicas are known to hold, what follows being read
+    /// and held.
+    async fn start(&mut self, room: &Room) -> Result<(), FeedError> {
+        let mut start = self.last_id(room).await?;
+        if self.settings.holding
+            && let Some(acked) = self.acked(room).await?
+        {
+            start = start.min(acked);
+        }
+        if let Some(followed) = self.state.rooms.get_mut(room) {
+            followed.position = Some(Position::at(start));
+            followed.held = Held::at(start);
+            followed.delivered = start;
+        }
+        Ok(())
+    }
+
+    /// Answers those waiting to hear where `room` is delivered from: the
+    /// last message handed to the subscriber, not the cursor, which may be
+    /// ahead of it by a batch or by what waits for replicas.
+    fn answer_waiting(&mut self, room: &Room) {
+        if let Some(followed) = self.state.rooms.get_mut(room)
+            && followed.position.is_some()
+        {
+            for reply in followed.waiting.drain(..) {
+                let _ = reply.send(followed.delivered);
+            }
+        }
+    }
+
+    /// Drops every entry held from a primary that is gone: each room is
+    /// read again, from the new one, after its last released entry.
+    fn drop_held(&mut self) {
+        for room in std::mem::take(&mut self.state.holding) {
+            if let Some(followed) = self.state.rooms.get_mut(&room) {
+                let released = followed.held.released;
+                followed.held.drop_after(released);
+                followed.position = Some(Position::at(released));
+            }
+        }
+        self.state.held_entries = 0;
+        self.state.held_bytes = 0;
+    }
+
+    /// Answers a request of the frontend.
+    async fn request(
+        &mut self,
+        request: Request,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        match request {
+            Request::Follow(room, reply) => {
+                let followed = self.state.follow(&self.settings.keys, room.clone());
+                followed.waiting.push(reply);
+                if followed.position.is_none() {
+                    self.subscribe(std::slice::from_ref(&room)).await?;
+                    self.start(&room).await?;
+                    self.catch_up(&room, subscriber).await?;
+                }
+                self.answer_waiting(&room);
+                Ok(())
+            }
+            Request::Leave(room) => {
+                self.state.leave(&room);
+                Ok(())
+            }
+        }
+    }
+
+    /// Every [`POLL`]: lets go of the rooms left, and reads the streams of
+    /// the next [`SWEEP`] rooms (or checks that Redis answers, when there
+    /// are none).
+    async fn poll(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
+        let gone = self.state.let_go(Instant::now(), subscriber).await;
+        if !gone.is_empty() {
+            let mut pipeline = redis::pipe();
+            for channel in gone {
+                pipeline.cmd("SUNSUBSCRIBE").arg(&channel).ignore();
+                *self
+                    .state
+                    .unsubscribing
+                    .entry(channel.into_bytes())
+                    .or_default() += 1;
+            }
+            pipeline.query_async::<()>(&mut self.conn).await?;
+        }
+        let count = self.state.sweep.len().min(SWEEP);
+        if count == 0 {
+            redis::cmd("PING")
+                .query_async::<String>(&mut self.conn)
+                .await?;
+        }
+        for _ in 0..count {
+            let Some(room) = self.state.sweep.pop_front() else {
+                break;
+            };
+            self.state.sweep.push_back(room.clone());
+            if self
+                .state
+                .rooms
+                .get(&room)
+                .is_some_and(|f| f.position.is_some())
+            {
+                self.read_acked(&room).await?;
+                self.catch_up(&room, subscriber).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes `push` (`None`: the connection is gone) and everything pushed
     /// meanwhile, up to a batch.
     async fn take_pushed(
@@ -555,100 +799,166 @@ impl Reader<'_> {
         }
     }
 
-    /// Takes one push: the next message, one already handed out, or news
-    /// that something was missed (or that a push cannot be trusted), and
-    /// then reads the stream.
+    /// Takes one push: the next message of a room, one already taken, news
+    /// that replicas hold a room up to an id, or news that something was
+    /// missed (or that a push cannot be trusted), and then reads the
+    /// room's stream.
     async fn take(
         &mut self,
         push: PushInfo,
         subscriber: &impl Subscriber,
     ) -> Result<(), FeedError> {
         match push.kind {
-            PushKind::Message => {}
+            PushKind::SMessage => {}
             PushKind::Disconnection => return Err(FeedError::Disconnected),
-            // Confirmations of the subscription.
+            // Redis dropped a subscription it was not asked to drop (its
+            // slot moved): subscribe again, and read what was missed.
+            PushKind::SUnsubscribe => return self.unsubscribed(&push),
+            // Confirmations of the subscriptions.
             _ => return Ok(()),
         }
-        if let Some(held) = self.held.as_deref_mut()
-            && channel_of(&push) == Some(self.keys.replicated().as_bytes())
-        {
-            if let Some(id) = replicated_id(push) {
-                held.replicated_up_to(id);
+        let Some((room, payload)) = self.room_of(push) else {
+            return Ok(());
+        };
+        let holding = self.settings.holding;
+        let may_take = self.has_room();
+        let Some(followed) = self.state.rooms.get_mut(&room) else {
+            return Ok(());
+        };
+        if let Some(acked) = payload.strip_prefix("acked ") {
+            if let (true, Some(id)) = (holding, StreamId::parse(acked)) {
+                followed.held.replicated_up_to(id);
             }
             return Ok(());
         }
-        if !self.has_room() {
+        let Some(position) = followed.position.as_mut() else {
+            // Not started yet: starting reads the stream.
+            return Ok(());
+        };
+        if !may_take {
             // Read from the stream once releases make room.
             return Ok(());
         }
-        let position = &mut *self.position;
-        match Pushed::parse(push) {
-            // Handed out already: read from the stream before its push came.
-            Some(pushed) if position.handed_out(pushed.id) => Ok(()),
-            // At or behind the cursor yet never handed out: the cursor ran
-            // past a real message.
-            Some(pushed) if pushed.id <= position.cursor => self.catch_up(subscriber).await,
+        match Pushed::parse(&payload) {
+            // Taken already: read from the stream before its push came.
+            Some(pushed) if position.taken(pushed.id) => Ok(()),
+            // At or behind the cursor yet never taken: the cursor ran past
+            // a real message.
+            Some(pushed) if pushed.id <= position.cursor => self.catch_up(&room, subscriber).await,
             Some(pushed)
                 if pushed.previous == position.cursor
                     && plausible(pushed.id)
                     && position.unconfirmed.len() < MAX_UNCONFIRMED =>
             {
                 position.push(pushed.id);
-                self.add(pushed.message);
+                let message = ChatMessage::new(pushed.id, room, pushed.text.to_owned());
+                self.add(message);
                 Ok(())
             }
             // A gap, an id too far ahead, or something that is not a message.
-            _ => self.catch_up(subscriber).await,
+            _ => self.catch_up(&room, subscriber).await,
         }
     }
 
-    /// Reads the stream from the cursor to its end, and hands out what
-    /// follows the cursor and was not handed out yet.
+    /// The room a message push came for, and its payload.
+    fn room_of(&self, push: PushInfo) -> Option<(Room, String)> {
+        let mut data = push.data.into_iter();
+        let redis::Value::BulkString(channel) = data.next()? else {
+            return None;
+        };
+        let room = self.state.channels.get(&channel)?.clone();
+        let redis::Value::BulkString(payload) = data.next()? else {
+            return None;
+        };
+        Some((room, String::from_utf8(payload).ok()?))
+    }
+
+    /// An `SUNSUBSCRIBE` push: the answer to the feed's own (for a room it
+    /// let go), or Redis dropping a subscription (its slot moved), which the
+    /// feed makes again on a new connection.
+    fn unsubscribed(&mut self, push: &PushInfo) -> Result<(), FeedError> {
+        let Some(redis::Value::BulkString(channel)) = push.data.first() else {
+            return Ok(());
+        };
+        match self.state.unsubscribing.get_mut(channel) {
+            Some(1) => {
+                self.state.unsubscribing.remove(channel);
+                Ok(())
+            }
+            Some(asked) => {
+                *asked -= 1;
+                Ok(())
+            }
+            None => Err(FeedError::Unsubscribed(
+                String::from_utf8_lossy(channel).into_owned(),
+            )),
+        }
+    }
+
+    /// Reads `room`'s stream from its cursor to its end, and takes what
+    /// follows the cursor and was not taken yet.
     ///
     /// Each read starts at the cursor itself, to see that the stream holds
     /// it. If it does not, yet holds older entries (so the cursor was not
     /// trimmed away), the cursor came from a push the stream never had: the
-    /// feed goes back to the last confirmed position and reads from there.
-    async fn catch_up(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
+    /// room goes back to the last confirmed position and reads from there.
+    async fn catch_up(
+        &mut self,
+        room: &Room,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
         loop {
             if !self.has_room() {
                 return Ok(());
             }
-            let cursor = self.position.cursor;
-            let entries = self.read_from(cursor).await?;
+            let Some((cursor, confirmed)) = self.position(room) else {
+                return Ok(());
+            };
+            let entries = self.read_from(room, cursor).await?;
             let holds_cursor = entries.first().is_some_and(|(id, _)| *id == cursor);
             if !holds_cursor && cursor != StreamId::ZERO {
-                if self.holds_older(cursor).await? {
-                    if cursor != self.position.confirmed {
-                        self.go_back();
+                if self.holds_older(room, cursor).await? {
+                    if cursor != confirmed {
+                        self.go_back(room);
                         continue;
                     }
                     tracing::warn!(
-                        "feed entry {cursor} is gone from Redis; delivery goes on after it"
+                        %room,
+                        "entry {cursor} is gone from Redis; delivery goes on after it"
                     );
                 } else if !entries.is_empty() {
                     tracing::warn!(
-                        "the feed was trimmed past entry {cursor} before this frontend read what \
-                         followed it: messages may have been skipped (history.feed_length, feed_bytes)"
+                        %room,
+                        "the room's history was trimmed past entry {cursor} before this \
+                         frontend read what followed it: messages may have been skipped \
+                         (history.max_per_room)"
                     );
                 }
             }
             let mut complete = entries.len() <= BATCH;
-            for (id, message) in entries.into_iter().filter(|(id, _)| *id > cursor) {
+            for (id, text) in entries.into_iter().filter(|(id, _)| *id > cursor) {
                 if !self.has_room() {
                     // The rest is read once releases make room.
                     complete = true;
                     break;
                 }
-                let again = self.position.handed_out(id);
-                self.position.read(id);
-                match message {
+                let Some(position) = self
+                    .state
+                    .rooms
+                    .get_mut(room)
+                    .and_then(|f| f.position.as_mut())
+                else {
+                    return Ok(());
+                };
+                let again = position.taken(id);
+                position.read(id);
+                match text {
                     _ if again => {}
-                    Some(message) => {
-                        self.caught_up.inc();
-                        self.add(message);
+                    Some(text) => {
+                        self.settings.caught_up.inc();
+                        self.add(ChatMessage::new(id, room.clone(), text));
                     }
-                    None => tracing::error!("skipping malformed feed entry {id}"),
+                    None => tracing::error!(%room, "skipping malformed entry {id}"),
                 }
             }
             if complete {
@@ -658,63 +968,85 @@ impl Reader<'_> {
         }
     }
 
-    /// Goes back to the last position the stream confirmed. Pushed messages
-    /// not yet handed to the subscriber are dropped: those the stream has
-    /// are read from it again.
-    fn go_back(&mut self) {
-        let position = &mut *self.position;
+    /// `room`'s cursor and confirmed position, once it has one.
+    fn position(&self, room: &Room) -> Option<(StreamId, StreamId)> {
+        let position = self.state.rooms.get(room)?.position.as_ref()?;
+        Some((position.cursor, position.confirmed))
+    }
+
+    /// Goes back to the last position `room`'s stream confirmed. Pushed
+    /// messages not yet handed to the subscriber are dropped: those the
+    /// stream has are read from it again.
+    fn go_back(&mut self, room: &Room) {
+        let Some(followed) = self.state.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(position) = followed.position.as_mut() else {
+            return;
+        };
         tracing::warn!(
-            "feed entry {} was pushed but Redis does not have it; reading the feed again from {}",
+            %room,
+            "entry {} was pushed but Redis does not have it; reading the room again from {}",
             position.cursor,
             position.confirmed
         );
         let confirmed = position.confirmed;
         let (kept, dropped): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch)
             .into_iter()
-            .partition(|m| m.id <= confirmed);
+            .partition(|m| m.room != *room || m.id <= confirmed);
         self.batch_bytes = kept.iter().map(|m| m.message.len()).sum();
         self.batch = kept;
         let mut dropped: Vec<StreamId> = dropped.iter().map(|m| m.id).collect();
-        if let Some(held) = self.held.as_deref_mut() {
-            dropped.extend(held.drop_after(confirmed));
-        }
+        let unheld = followed.held.drop_after(confirmed);
+        self.state.held_entries -= unheld.len();
+        self.state.held_bytes -= unheld.iter().map(|m| m.message.len()).sum::<usize>();
+        dropped.extend(unheld.iter().map(|m| m.id));
         position.unconfirmed.retain(|id| !dropped.contains(id));
         position.cursor = confirmed;
     }
 
     /// Hands the messages taken to the subscriber; while replica
     /// acknowledgements are awaited, holds them and hands over those
-    /// replicated, in feed order. Says whether it handed over any.
+    /// replicated, in each room's order. Says whether it handed over any.
     async fn hand_over(&mut self, subscriber: &impl Subscriber) -> bool {
         self.batch_bytes = 0;
-        let Some(held) = self.held.as_deref_mut() else {
+        if !self.settings.holding {
             if self.batch.is_empty() {
                 return false;
             }
-            subscriber.deliver(std::mem::take(&mut self.batch)).await;
+            let batch = std::mem::take(&mut self.batch);
+            self.state.delivering(&batch);
+            subscriber.deliver(batch).await;
             return true;
-        };
-        held.hold(std::mem::take(&mut self.batch));
+        }
+        let state = &mut *self.state;
+        for message in std::mem::take(&mut self.batch) {
+            if let Some(followed) = state.rooms.get_mut(&message.room) {
+                state.held_entries += 1;
+                state.held_bytes += message.message.len();
+                state.holding.insert(message.room.clone());
+                followed.held.hold(message);
+            }
+        }
         let mut delivered = false;
         loop {
-            let released = held.release();
+            let released = state.release();
             if released.is_empty() {
                 break;
             }
-            held.full = false;
+            state.held_full = false;
             delivered = true;
+            state.delivering(&released);
             subscriber.deliver(released).await;
         }
-        if !held.has_room(&[]) && !held.full {
-            held.full = true;
+        if !has_room(state.held_entries, state.held_bytes) && !state.held_full {
+            state.held_full = true;
             tracing::warn!(
-                "{} messages wait for replicas to hold them, past {}: delivery waits for a \
-                 backend to publish that they do (every backend needs \
-                 redis.min_replicas_acked > 0, as this frontend has, and a version that \
-                 publishes {})",
-                held.entries.len(),
-                held.released,
-                self.keys.replicated()
+                "{} messages of {} rooms wait for replicas to hold them: delivery waits for \
+                 a backend to publish that they do (every backend needs \
+                 redis.min_replicas_acked > 0, as this frontend has)",
+                state.held_entries,
+                state.holding.len(),
             );
         }
         delivered
@@ -729,44 +1061,79 @@ impl Reader<'_> {
     /// Whether the batch is full: [`BATCH`] messages, or the write window's
     /// bytes. A full batch is handed over at once, window or not.
     fn full(&self) -> bool {
-        self.batch.len() >= BATCH || self.batch_bytes >= self.full_bytes
+        self.batch.len() >= BATCH || self.batch_bytes >= self.settings.full_bytes
+    }
+
+    /// Whether one more entry may be taken: always, unless entries are held
+    /// until replicated, and the hold, with the batch, is full.
+    fn has_room(&self) -> bool {
+        !self.settings.holding
+            || has_room(
+                self.state.held_entries + self.batch.len(),
+                self.state.held_bytes + self.batch_bytes,
+            )
     }
 
     /// Whether anything taken waits to be handed over: messages in the
     /// batch, or held ones that replicas now hold.
     fn has_pending(&self) -> bool {
-        !self.batch.is_empty() || self.held.as_deref().is_some_and(Held::has_releasable)
+        !self.batch.is_empty()
+            || self.state.holding.iter().any(|room| {
+                self.state
+                    .rooms
+                    .get(room)
+                    .is_some_and(|f| f.held.has_releasable())
+            })
     }
 
-    /// Whether one more entry may be taken from the feed (always, unless
-    /// entries are held until replicated).
-    fn has_room(&self) -> bool {
-        self.held
-            .as_deref()
-            .is_none_or(|held| held.has_room(&self.batch))
-    }
-
-    /// Learns from its key how far replicas hold the feed, in case a push
-    /// of it was lost.
-    async fn read_replicated(&mut self) -> Result<(), FeedError> {
-        if let Some(held) = self.held.as_deref_mut()
-            && let Some(id) = Feed::replicated(self.keys, &mut self.conn).await?
+    /// Learns from its key how far replicas hold `room`, in case a push of
+    /// it was lost.
+    async fn read_acked(&mut self, room: &Room) -> Result<(), FeedError> {
+        if self.settings.holding
+            && let Some(id) = self.acked(room).await?
+            && let Some(followed) = self.state.rooms.get_mut(room)
         {
-            held.replicated_up_to(id);
+            followed.held.replicated_up_to(id);
         }
         Ok(())
     }
 
-    /// The entry `from` (if the stream holds it) and up to [`BATCH`] after
-    /// it. Each comes with its id, and with its message unless the entry is
-    /// malformed (written by something else than [`super::Store`]): the
-    /// cursor moves past it anyway.
+    /// The newest id of `room` the backends found on enough replicas, if
+    /// recorded.
+    async fn acked(&mut self, room: &Room) -> Result<Option<StreamId>, FeedError> {
+        let recorded: Option<String> = redis::cmd("GET")
+            .arg(self.settings.keys.acked(room))
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(recorded.as_deref().and_then(StreamId::parse))
+    }
+
+    /// The id of the newest entry of `room`, so delivery starts after it.
+    async fn last_id(&mut self, room: &Room) -> Result<StreamId, FeedError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(self.settings.keys.room(room))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        let newest: Entries = cmd.query_async(&mut self.conn).await?;
+        match newest.first() {
+            Some((id, _)) => StreamId::parse(id).ok_or_else(|| FeedError::Malformed(id.clone())),
+            None => Ok(StreamId::ZERO),
+        }
+    }
+
+    /// The entry `from` of `room` (if the stream holds it) and up to
+    /// [`BATCH`] after it. Each comes with its id, and with its text unless
+    /// the entry is malformed (written by something else than
+    /// [`super::Store`]): the cursor moves past it anyway.
     async fn read_from(
         &mut self,
+        room: &Room,
         from: StreamId,
-    ) -> Result<Vec<(StreamId, Option<ChatMessage>)>, FeedError> {
+    ) -> Result<Vec<(StreamId, Option<String>)>, FeedError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.keys.feed())
+        cmd.arg(self.settings.keys.room(room))
             .arg(from.to_string())
             .arg("+")
             .arg("COUNT")
@@ -777,20 +1144,15 @@ impl Reader<'_> {
             .map(|(id, mut fields)| {
                 let parsed =
                     StreamId::parse(&id).ok_or_else(|| FeedError::Malformed(id.clone()))?;
-                let room = take_field(&mut fields, b"r").and_then(|r| Room::parse(&r).ok());
-                let text = take_field(&mut fields, b"m");
-                let message = room
-                    .zip(text)
-                    .map(|(room, text)| ChatMessage::new(parsed, room, text));
-                Ok((parsed, message))
+                Ok((parsed, take_field(&mut fields, b"m")))
             })
             .collect()
     }
 
-    /// Whether the stream holds an entry older than `id`.
-    async fn holds_older(&mut self, id: StreamId) -> Result<bool, FeedError> {
+    /// Whether `room`'s stream holds an entry older than `id`.
+    async fn holds_older(&mut self, room: &Room, id: StreamId) -> Result<bool, FeedError> {
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.keys.feed())
+        cmd.arg(self.settings.keys.room(room))
             .arg(format!("({id}"))
             .arg("-")
             .arg("COUNT")
@@ -798,6 +1160,51 @@ impl Reader<'_> {
         let older: Entries = cmd.query_async(&mut self.conn).await?;
         Ok(!older.is_empty())
     }
+}
+
+impl State {
+    /// Notes that `messages` are handed to the subscriber.
+    fn delivering(&mut self, messages: &[ChatMessage]) {
+        for message in messages {
+            if let Some(followed) = self.rooms.get_mut(&message.room) {
+                followed.delivered = message.id;
+            }
+        }
+    }
+
+    /// The held entries replicas now hold, at most [`BATCH`], from the rooms
+    /// that have some.
+    fn release(&mut self) -> Vec<ChatMessage> {
+        let mut released = Vec::new();
+        let mut emptied = Vec::new();
+        for room in &self.holding {
+            let Some(followed) = self.rooms.get_mut(room) else {
+                emptied.push(room.clone());
+                continue;
+            };
+            let most = BATCH - released.len();
+            let these = followed.held.release(most);
+            self.held_entries -= these.len();
+            self.held_bytes -= these.iter().map(|m| m.message.len()).sum::<usize>();
+            released.extend(these);
+            if followed.held.entries.is_empty() {
+                emptied.push(room.clone());
+            }
+            if released.len() >= BATCH {
+                break;
+            }
+        }
+        for room in emptied {
+            self.holding.remove(&room);
+        }
+        released
+    }
+}
+
+/// Whether one more entry may be held, with `entries` entries of `bytes` of
+/// text held or about to be.
+fn has_room(entries: usize, bytes: usize) -> bool {
+    entries < MAX_HELD && bytes < MAX_HELD_BYTES
 }
 
 /// Whether a pushed `id` is no further ahead of this host's clock than
@@ -809,47 +1216,20 @@ fn plausible(id: StreamId) -> bool {
     u128::from(id.ms) <= (now + MAX_AHEAD).as_millis()
 }
 
-/// The channel a message push came on.
-fn channel_of(push: &PushInfo) -> Option<&[u8]> {
-    match push.data.first()? {
-        redis::Value::BulkString(channel) => Some(channel),
-        _ => None,
-    }
-}
-
-/// The id a push on the replicated channel names.
-fn replicated_id(push: PushInfo) -> Option<StreamId> {
-    let redis::Value::BulkString(payload) = push.data.into_iter().nth(1)? else {
-        return None;
-    };
-    StreamId::parse(std::str::from_utf8(&payload).ok()?)
-}
-
-/// A message as the append script publishes it:
-/// `<previous entry's id> <id> <room> <text>`.
-struct Pushed {
+/// A message as the append script publishes it: `<previous id> <id> <text>`.
+struct Pushed<'a> {
     previous: StreamId,
     id: StreamId,
-    message: ChatMessage,
+    text: &'a str,
 }
 
-impl Pushed {
-    fn parse(push: PushInfo) -> Option<Self> {
-        // The data of a message push: the channel, then the payload.
-        let redis::Value::BulkString(payload) = push.data.into_iter().nth(1)? else {
-            return None;
-        };
-        let payload = String::from_utf8(payload).ok()?;
-        let mut parts = payload.splitn(4, ' ');
+impl<'a> Pushed<'a> {
+    fn parse(payload: &'a str) -> Option<Self> {
+        let mut parts = payload.splitn(3, ' ');
         let previous = StreamId::parse(parts.next()?)?;
         let id = StreamId::parse(parts.next()?)?;
-        let room = Room::parse(parts.next()?).ok()?;
         let text = parts.next()?;
-        Some(Pushed {
-            previous,
-            id,
-            message: ChatMessage::new(id, room, text.to_owned()),
-        })
+        Some(Pushed { previous, id, text })
     }
 }
 
@@ -884,16 +1264,16 @@ mod tests {
     #[test]
     fn entries_are_released_in_order_up_to_the_replicated_id() {
         let base = now_ms();
-        let mut held = Held::new();
-        held.follow("primary:1", StreamId { ms: base, seq: 0 });
-        held.hold(vec![message(base + 1, "a"), message(base + 2, "b")]);
-        held.hold(vec![message(base + 3, "c")]);
-        assert!(held.release().is_empty(), "nothing is replicated yet");
+        let mut held = Held::at(StreamId { ms: base, seq: 0 });
+        held.hold(message(base + 1, "a"));
+        held.hold(message(base + 2, "b"));
+        held.hold(message(base + 3, "c"));
+        assert!(held.release(BATCH).is_empty(), "nothing is replicated yet");
         held.replicated_up_to(StreamId {
             ms: base + 2,
             seq: 0,
         });
-        assert_eq!(ids(&held.release()), [base + 1, base + 2]);
+        assert_eq!(ids(&held.release(BATCH)), [base + 1, base + 2]);
         assert_eq!(held.released.ms, base + 2);
         assert_eq!(held.bytes, 1);
         // A replicated id far ahead of this host's clock is not taken.
@@ -901,66 +1281,29 @@ mod tests {
             ms: base + 3_600_000,
             seq: 0,
         });
-        assert!(held.release().is_empty());
+        assert!(held.release(BATCH).is_empty());
         held.replicated_up_to(StreamId {
             ms: base + 9,
             seq: 0,
         });
-        assert_eq!(ids(&held.release()), [base + 3]);
-        assert!(held.release().is_empty(), "released once");
-    }
-
-    #[test]
-    fn a_new_primary_drops_what_is_held_and_counts_what_it_has_as_replicated() {
-        let base = now_ms();
-        let mut held = Held::new();
-        assert!(!held.follow("old:1", StreamId { ms: base, seq: 0 }));
-        held.hold(vec![message(base + 1, "lost?")]);
-        assert!(
-            !held.follow(
-                "old:1",
-                StreamId {
-                    ms: base + 1,
-                    seq: 0
-                }
-            ),
-            "the same primary answering again keeps what is held"
-        );
-        assert_eq!(held.entries.len(), 1);
-        assert!(held.follow(
-            "new:1",
-            StreamId {
-                ms: base + 1,
-                seq: 0
-            }
-        ));
-        assert!(held.entries.is_empty() && held.bytes == 0);
-        assert_eq!(held.released.ms, base, "read again after the last released");
-        assert_eq!(held.replicated.ms, base + 1);
+        assert_eq!(ids(&held.release(BATCH)), [base + 3]);
+        assert!(held.release(BATCH).is_empty(), "released once");
     }
 
     #[test]
     fn the_hold_is_bounded_in_entries_and_bytes() {
-        let base = now_ms();
-        let mut held = Held::new();
-        held.follow("primary:1", StreamId { ms: base, seq: 0 });
-        held.hold(
-            (1..MAX_HELD as u64)
-                .map(|i| message(base + i, ""))
-                .collect(),
-        );
-        assert!(!held.has_room(&[message(base + MAX_HELD as u64, "")]));
-        held.replicated_up_to(StreamId {
-            ms: base + 1,
-            seq: 0,
-        });
-        assert_eq!(held.release().len(), 1);
-        assert!(held.has_room(&[]));
+        assert!(has_room(MAX_HELD - 1, 0));
+        assert!(!has_room(MAX_HELD, 0));
+        assert!(has_room(1, MAX_HELD_BYTES - 1));
+        assert!(!has_room(1, MAX_HELD_BYTES));
+    }
 
-        let mut held = Held::new();
-        let text = "x".repeat(MAX_HELD_BYTES / 2);
-        held.hold(vec![message(base + 1, &text)]);
-        assert!(held.has_room(&[]));
-        assert!(!held.has_room(&[message(base + 2, &text)]));
+    #[test]
+    fn a_push_names_the_previous_entry_the_entry_and_the_text() {
+        let pushed = Pushed::parse("1-0 2-5 hello world").unwrap();
+        assert_eq!(pushed.previous, StreamId { ms: 1, seq: 0 });
+        assert_eq!(pushed.id, StreamId { ms: 2, seq: 5 });
+        assert_eq!(pushed.text, "hello world");
+        assert!(Pushed::parse("acked 2-5").is_none());
     }
 }

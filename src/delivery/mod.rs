@@ -1,34 +1,35 @@
-//! Delivery through Redis: how a message is stored and how every frontend
-//! hears of it.
+//! Delivery through Redis: how a message is stored and how the frontends
+//! that serve its room hear of it.
 //!
 //! # Design
 //!
-//! Each message is appended, atomically by one Lua script, to two Redis
-//! streams under the same id:
+//! Each message is appended, by one Lua script, to its room's stream
+//! `{prefix}:{p<N>}:room:{room}`: the room's history, trimmed to
+//! `history.max_per_room`, forgotten `history.room_ttl_days` after its last
+//! post. `GET /back/messages` and resuming clients read it. `N` is the room's
+//! partition ([`Keys::partition`]): every key and channel of a room carries
+//! that hash tag, so that in a Redis Cluster they are in one slot and the
+//! script runs atomically on one node.
 //!
-//! - `{prefix}:room:{room}`: the room's history, trimmed to
-//!   `history.max_per_room`, forgotten `history.room_ttl_days` after its last
-//!   post. `GET /back/messages` and resuming clients read it.
-//! - `{prefix}:feed`: every message of every room, trimmed to
-//!   `history.feed_length` messages and `history.feed_bytes` of text (counted
-//!   in `{prefix}:feed:bytes`). Every frontend follows it from the id of the
-//!   last message it delivered.
-//!
-//! The script also publishes the message, with the id of the feed entry
-//! before it, on the channel `{prefix}:feed`: Redis pushes it to every
-//! frontend, which reads the stream itself only when a push does not follow
-//! on from its cursor (see [`Feed`]).
+//! The script also publishes the message, with the id of the room's entry
+//! before it, on the room's shard channel (`SPUBLISH`, named as the stream).
+//! A frontend subscribes to the channels of the rooms it has sockets in, and
+//! of those only (see [`Feed`]): Redis pushes it each of their messages, and
+//! it reads a room's stream itself only when a push does not follow on from
+//! its cursor in that room. Its work follows the rooms it serves, not the
+//! whole cluster's traffic.
 //!
 //! The backend answers 201 only once the script has returned, so an
-//! acknowledged message is in both streams. A frontend that loses Redis keeps
-//! that cursor, and when Redis is back it reads on from it: nothing appended
-//! meanwhile is skipped, and nothing is delivered twice. A push is forgotten
-//! by Redis the moment a frontend is away; a stream entry is not.
+//! acknowledged message is in its room's stream. A frontend that loses Redis
+//! keeps each room's cursor, and when Redis is back it reads on from them:
+//! nothing appended meanwhile is skipped, and nothing is delivered twice. A
+//! push is forgotten by Redis the moment a frontend is away; a stream entry
+//! is not.
 //!
-//! A post may carry an idempotency key (recorded as `{prefix}:idem:{digest}`,
-//! see [`PostKey`], kept ten minutes): a post repeated with the same key
-//! returns the first one's id and is not stored again, so retrying a post
-//! whose answer was lost is safe.
+//! A post may carry an idempotency key (recorded beside the room's history
+//! as `{prefix}:{p<N>}:idem:{digest}`, see [`PostKey`], kept ten minutes): a
+//! post repeated with the same key returns the first one's id and is not
+//! stored again, so retrying a post whose answer was lost is safe.
 //!
 //! The daemons reach Redis as the module `connect` says: logged in as an ACL user,
 //! over TLS where configured. Which Redis is the module `primary`'s business:
@@ -36,13 +37,13 @@
 //! name, followed across failovers ([`Primary`]). In Sentinel mode an append
 //! is acknowledged once replicas hold it too (the module `acks`), and
 //! frontends hand it to sockets only then: the backends publish how far
-//! replicas hold the feed (`{prefix}:feed:replicated`), and a frontend holds
-//! what it reads or is pushed until that covers it (see [`Feed`]), so a
-//! message a failover takes back is never shown.
+//! replicas hold each room (`{prefix}:{p<N>}:acked:{room}`, and on the room's
+//! channel), and a frontend holds what it reads or is pushed until that
+//! covers it (see [`Feed`]), so a message a failover takes back is never
+//! shown.
 //!
-//! The id Redis assigns to the feed entry is reused for the room entry, so ids
-//! increase within a room as they do in the feed, and one id tells a client
-//! where it is in either.
+//! Ids grow within a room; they are Redis stream ids, so one id tells a
+//! client where it is in its room's history.
 
 mod acks;
 mod connect;
@@ -52,7 +53,7 @@ mod store;
 
 pub use acks::AckError;
 pub use connect::{ConnectError, PASSWORD_CREDENTIAL, SENTINEL_PASSWORD_CREDENTIAL};
-pub use feed::{Feed, FeedError};
+pub use feed::{Feed, FeedError, Interest, LEAVE_GRACE};
 pub use primary::{Primary, PrimaryStats, Resolved};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 
@@ -60,7 +61,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::auth::TokenId;
-use crate::message::{ChatMessage, IdempotencyKey, Room, StreamId};
+use crate::message::{ChatMessage, IdempotencyKey, Room};
 
 /// Stream entries as Redis sends them: each entry's id and its field-value
 /// pairs. Read into these lists, a reply is converted as it is, where
@@ -81,65 +82,80 @@ fn take_field(fields: &mut Fields, name: &[u8]) -> Option<String> {
 
 /// What a [`Feed`] hands its messages to.
 pub trait Subscriber: Send + Sync + 'static {
-    /// The feed (re)connected and continues after `cursor`; called before the
-    /// messages that follow it.
-    fn following(&self, cursor: StreamId) -> impl std::future::Future<Output = ()> + Send;
-    /// The next messages of the feed, in order, each once: those that
-    /// arrived from Redis together, so that they can be sent together.
+    /// The next messages of the rooms followed, in each room's order, each
+    /// once: those that arrived from Redis together, so that they can be
+    /// sent together.
     fn deliver(&self, messages: Vec<ChatMessage>) -> impl std::future::Future<Output = ()> + Send;
+    /// `room` is no longer followed: no message of it comes until it is
+    /// followed again ([`Interest::follow`]).
+    fn left(&self, room: &Room) -> impl std::future::Future<Output = ()> + Send;
 }
 
-/// Names of the Redis keys, derived from `redis.key_prefix`.
+/// Names of the Redis keys and channels, derived from `redis.key_prefix`
+/// and `redis.partitions`.
+///
+/// Every key and channel of a room carries the hash tag of the room's
+/// partition (`{p17}`), so that in a Redis Cluster they all live in one slot:
+/// the append script touches several of them at once, and a frontend
+/// subscribes to all its rooms of a partition on the node that holds it.
 #[derive(Debug, Clone)]
 pub struct Keys {
-    feed: String,
-    feed_bytes: String,
-    replicated: String,
-    room_prefix: String,
-    post_prefix: String,
+    prefix: String,
+    partitions: u32,
 }
 
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(redis: &crate::config::RedisConfig) -> Self {
         Keys {
-            feed: format!("{prefix}:feed"),
-            feed_bytes: format!("{prefix}:feed:bytes"),
-            replicated: format!("{prefix}:feed:replicated"),
-            room_prefix: format!("{prefix}:room:"),
-            post_prefix: format!("{prefix}:idem:"),
+            prefix: redis.key_prefix.clone(),
+            partitions: redis.partitions.get(),
         }
     }
 
-    /// The stream every frontend follows.
-    pub fn feed(&self) -> &str {
-        &self.feed
+    /// The partition of `room`: a digest of its name, so that every daemon
+    /// of every version agrees, modulo `redis.partitions`.
+    pub fn partition(&self, room: &Room) -> u32 {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(room.as_str().as_bytes());
+        let head = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        head % self.partitions
     }
 
-    /// The count of the bytes of text in the feed.
-    pub fn feed_bytes(&self) -> &str {
-        &self.feed_bytes
+    /// `{prefix}:{p<partition>}:{what}:`, to which a name is appended.
+    fn in_partition(&self, room: &Room, what: &str, extra: usize) -> String {
+        use std::fmt::Write;
+        let mut name = String::with_capacity(self.prefix.len() + what.len() + extra + 16);
+        let _ = write!(
+            name,
+            "{}:{{p{}}}:{what}:",
+            self.prefix,
+            self.partition(room)
+        );
+        name
     }
 
-    /// Sentinel mode: the newest feed id replicas are known to hold, as a
-    /// key and as the channel it is published on (see the module `acks`).
-    pub fn replicated(&self) -> &str {
-        &self.replicated
-    }
-
-    /// The stream holding one room's history.
+    /// The stream holding one room's history, and the channel its messages
+    /// are published on as they are appended.
     pub fn room(&self, room: &Room) -> String {
-        let mut name = String::with_capacity(self.room_prefix.len() + room.as_str().len());
-        name.push_str(&self.room_prefix);
+        let mut name = self.in_partition(room, "room", room.as_str().len());
         name.push_str(room.as_str());
         name
     }
 
-    /// The record of a post made with an idempotency key.
-    pub fn post(&self, key: &PostKey) -> String {
-        let mut name = String::with_capacity(self.post_prefix.len() + 64);
-        name.push_str(&self.post_prefix);
+    /// With replica acknowledgements: the newest id of `room` that replicas
+    /// are known to hold (see the module `acks`).
+    pub fn acked(&self, room: &Room) -> String {
+        let mut name = self.in_partition(room, "acked", room.as_str().len());
+        name.push_str(room.as_str());
+        name
+    }
+
+    /// The record of a post to `room` made with an idempotency key.
+    pub fn post(&self, room: &Room, key: &PostKey) -> String {
+        use std::fmt::Write;
+        let mut name = self.in_partition(room, "idem", 64);
         for byte in key.0 {
-            name.push_str(&format!("{byte:02x}"));
+            let _ = write!(name, "{byte:02x}");
         }
         name
     }
@@ -147,18 +163,23 @@ impl Keys {
 
 /// Where a post made with an `Idempotency-Key` is recorded: a digest of the
 /// key and of the key space it belongs to. Each endpoint has its own space,
-/// and publishing one per token and room: a client cannot make another's
-/// post fail with 409 by guessing its key on another endpoint or with
-/// another token. Derived keys never fail a length check, and what a client
+/// per room (the record lives beside the room's history, on the room's
+/// shard in a Redis Cluster, so that one script checks it and appends), and
+/// publishing one per token too: a client cannot make another's post fail
+/// with 409 by guessing its key on another endpoint or with another token. Derived keys never fail a length check, and what a client
 /// or the load balancer sent (a key made of the client's address and port)
 /// is never stored as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostKey([u8; 32]);
 
 impl PostKey {
-    /// A key of `POST /back/message`.
-    pub fn message(key: &IdempotencyKey) -> Self {
-        Self::digest(&[b"message", key.as_str().as_bytes()])
+    /// A key of `POST /back/message` to `room`.
+    pub fn message(key: &IdempotencyKey, room: &Room) -> Self {
+        Self::digest(&[
+            b"message",
+            key.as_str().as_bytes(),
+            room.as_str().as_bytes(),
+        ])
     }
 
     /// A key of `POST /back/publish` by the holder of `token`, for `room`.

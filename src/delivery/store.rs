@@ -17,47 +17,45 @@ use super::{Entries, Keys, PostKey, RedisHealth, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, PostMessage, Room, StreamId};
 
-/// Appends to the feed and the room's stream in one step, under one id, so a
-/// message is either in both or in neither.
+/// Appends a message to its room's stream and publishes it, in one step.
 ///
-/// The room's stream keeps `history.max_per_room` messages (trimmed
-/// approximately, `~`, which lets Redis drop whole nodes) and expires when
-/// nobody posted to the room for `history.room_ttl_days`. The feed keeps at
-/// most `history.feed_length` messages and `history.feed_bytes` bytes of
-/// text: it is trimmed here, oldest first, exactly, so that the count of its
-/// bytes (KEYS[3]) stays true. Once past a bound it is trimmed to 1/64 under
-/// both, so that only one post in many trims; a post trims at most
-/// [`TRIM_BATCHES`] batches of 64 entries, and the next posts carry on.
+/// The room's stream (KEYS[1]) keeps `history.max_per_room` messages
+/// (trimmed approximately, `~`, which lets Redis drop whole nodes) and
+/// expires when nobody posted to the room for `history.room_ttl_days`.
 ///
-/// Then it publishes the message on the channel named as the feed, for the
-/// frontends (see [`super::Feed`]): `<previous feed id> <id> <room> <text>`.
-/// The previous id lets a frontend tell that it missed nothing in between.
-/// In Sentinel mode with replica acknowledgements this push comes before
-/// the `WAIT`: frontends hold the message until the backend publishes that
-/// replicas hold it (see [`ReplicaAcks`]).
+/// Then the script publishes the message on the room's shard channel
+/// (`SPUBLISH`, named as the stream), for the frontends that serve the room
+/// (see [`super::Feed`]): `<previous id> <id> <text>`. The previous id lets
+/// a frontend tell that it missed nothing in between. With replica
+/// acknowledgements this push comes before the `WAIT`: frontends hold the
+/// message until the backend publishes that replicas hold it (see
+/// [`ReplicaAcks`]).
 ///
-/// With an idempotency key (KEYS[4]), a post already stored under that key
+/// Every key the script touches carries the room's partition tag, so in a
+/// Redis Cluster they are in one slot and the script runs on one node.
+///
+/// With an idempotency key (KEYS[2]), a post already stored under that key
 /// is not stored again: the script answers the first post's id, or
 /// `conflict` when the key came with another room or text. The key records
 /// the id and a digest of room and text, for [`IDEMPOTENCY_WINDOW`].
 ///
-/// In Sentinel mode, ARGV[9] is the newest id this backend has stored (its
-/// floor). A primary promoted after a failover may lack the old primary's
-/// last entries, and its clock may be behind: `XADD *` would then give ids
-/// below ones already acknowledged and delivered. With a floor above the
-/// stream's last entry, the id is taken above the floor instead. A repeat
-/// rewrites its record (same value, same expiry): the write is what the
-/// `WAIT` after it counts, so a repeat is acknowledged only once its first
-/// post is on the replicas too.
+/// With replica acknowledgements, ARGV[6] is the newest id this backend has
+/// stored (its floor). A primary promoted after a failover may lack the old
+/// primary's last entries, and its clock may be behind: `XADD *` would then
+/// give ids below ones already acknowledged and delivered. With a floor
+/// above the stream's last entry, the id is taken above the floor instead.
+/// A repeat rewrites its record (same value, same expiry): the write is what
+/// the `WAIT` after it counts, so a repeat is acknowledged only once its
+/// first post is on the replicas too.
 const APPEND_SCRIPT: &str = r"
 local digest
-if KEYS[4] then
+if KEYS[2] then
   digest = redis.sha1hex(ARGV[1] .. '\0' .. ARGV[2])
-  local seen = redis.call('GET', KEYS[4])
+  local seen = redis.call('GET', KEYS[2])
   if seen then
     if string.sub(seen, -40) == digest then
-      if ARGV[9] then
-        redis.call('SET', KEYS[4], seen, 'KEEPTTL')
+      if ARGV[6] then
+        redis.call('SET', KEYS[2], seen, 'KEEPTTL')
       end
       return {string.sub(seen, 1, -42), 'repeat'}
     end
@@ -67,8 +65,8 @@ end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local previous = last[1] and last[1][1] or '0-0'
 local next_id = '*'
-if ARGV[9] then
-  local fms, fseq = string.match(ARGV[9], '^(%d+)-(%d+)$')
+if ARGV[6] then
+  local fms, fseq = string.match(ARGV[6], '^(%d+)-(%d+)$')
   local pms, pseq = string.match(previous, '^(%d+)-(%d+)$')
   fms, fseq, pms, pseq = tonumber(fms), tonumber(fseq), tonumber(pms), tonumber(pseq)
   if fms > pms or (fms == pms and fseq > pseq) then
@@ -78,43 +76,12 @@ if ARGV[9] then
     end
   end
 end
-local id = redis.call('XADD', KEYS[1], next_id, 'r', ARGV[1], 'm', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'm', ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-
-local max_length, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[6])
-local length = redis.call('XLEN', KEYS[1])
-local bytes = redis.call('INCRBY', KEYS[3], #ARGV[1] + #ARGV[2])
-local removed, cut = 0, nil
-if length > max_length or bytes > max_bytes then
-  -- Past a bound: trim to 1/64 under both, so that the posts after this
-  -- one have nothing to trim for a while.
-  max_length = max_length - math.floor(max_length / 64)
-  max_bytes = max_bytes - math.floor(max_bytes / 64)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], next_id, 'm', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+if KEYS[2] then
+  redis.call('SET', KEYS[2], id .. ' ' .. digest, 'EX', ARGV[4])
 end
-for batch = 1, tonumber(ARGV[8]) do
-  if length <= max_length and bytes <= max_bytes then break end
-  local oldest = redis.call('XRANGE', KEYS[1], cut and ('(' .. cut) or '-', '+', 'COUNT', 64)
-  for _, entry in ipairs(oldest) do
-    if length <= max_length and bytes <= max_bytes then break end
-    local size = 0
-    for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
-    cut, length, bytes, removed = entry[1], length - 1, bytes - size, removed + size
-  end
-end
-if cut then
-  local ms, seq = string.match(cut, '^(%d+)-(%d+)$')
-  redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
-  bytes = redis.call('DECRBY', KEYS[3], removed)
-end
-if length == 0 or bytes < 0 then
-  redis.call('SET', KEYS[3], 0)
-end
-
-if KEYS[4] then
-  redis.call('SET', KEYS[4], id .. ' ' .. digest, 'EX', ARGV[5])
-end
-redis.call('PUBLISH', KEYS[1], previous .. ' ' .. id .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
+redis.call('SPUBLISH', KEYS[1], previous .. ' ' .. id .. ' ' .. ARGV[2])
 return {id, 'new'}
 ";
 
@@ -160,9 +127,6 @@ async fn eval<T: redis::FromRedisValue>(
         result => result,
     }
 }
-
-/// Batches of the feed's oldest entries (64 each) one post may trim.
-const TRIM_BATCHES: usize = 4;
 
 /// Messages read from Redis at once for a history answer.
 const HISTORY_PAGE: usize = 50;
@@ -236,8 +200,6 @@ struct Inner {
     page_script: redis::Script,
     timeout: Duration,
     max_per_room: usize,
-    feed_length: usize,
-    feed_bytes: usize,
     room_ttl: Duration,
     health: Arc<RedisHealth>,
 }
@@ -270,8 +232,9 @@ impl Store {
                 (Link::Fixed(manager), None, None)
             }
             RedisMode::Sentinel(sentinel) => {
-                let acks = (sentinel.min_replicas_acked > 0)
-                    .then(|| ReplicaAcks::new(primary.clone(), redis, sentinel));
+                let acks = (sentinel.min_replicas_acked > 0).then(|| {
+                    ReplicaAcks::new(primary.clone(), redis, sentinel, config.history.room_ttl())
+                });
                 let link = Link::Following {
                     primary,
                     manager_config,
@@ -284,13 +247,11 @@ impl Store {
             link,
             acks,
             floor,
-            keys: Keys::new(&redis.key_prefix),
+            keys: Keys::new(redis),
             script: redis::Script::new(APPEND_SCRIPT),
             page_script: redis::Script::new(PAGE_SCRIPT),
             timeout: redis.command_timeout(),
             max_per_room: config.history.max_per_room.get(),
-            feed_length: config.history.feed_length.get(),
-            feed_bytes: config.history.feed_bytes.get(),
             room_ttl: config.history.room_ttl(),
             health: RedisHealth::new(),
         })))
@@ -304,31 +265,27 @@ impl Store {
         }
     }
 
-    /// Stores `message` in its room's history and in the feed every frontend
-    /// follows, unless `key` shows it was stored already. When this returns
+    /// Stores `message` in its room's history and publishes it to the
+    /// frontends that serve the room, unless `key` shows it was stored
+    /// already. When this returns
     /// `Ok`, the message will be delivered (once).
     pub async fn append(
         &self,
         message: &PostMessage,
         key: Option<&PostKey>,
     ) -> Result<Appended, StoreError> {
-        let mut invocation = evalsha(&self.0.script, 3 + usize::from(key.is_some()));
-        invocation
-            .arg(self.0.keys.feed())
-            .arg(self.0.keys.room(&message.room))
-            .arg(self.0.keys.feed_bytes());
+        let room = &message.room;
+        let mut invocation = evalsha(&self.0.script, 1 + usize::from(key.is_some()));
+        invocation.arg(self.0.keys.room(room));
         if let Some(key) = key {
-            invocation.arg(self.0.keys.post(key));
+            invocation.arg(self.0.keys.post(room, key));
         }
         invocation
-            .arg(message.room.as_str())
+            .arg(room.as_str())
             .arg(&message.text)
-            .arg(self.0.feed_length)
             .arg(self.0.max_per_room)
             .arg(IDEMPOTENCY_WINDOW.as_secs())
-            .arg(self.0.feed_bytes)
-            .arg(self.0.room_ttl.as_secs())
-            .arg(TRIM_BATCHES);
+            .arg(self.0.room_ttl.as_secs());
         if let Some(floor) = &self.0.floor {
             invocation.arg(lock(floor).to_string());
         }
@@ -353,7 +310,7 @@ impl Store {
                 if reply.1 != "conflict" {
                     let id = StreamId::parse(&reply.0)
                         .ok_or_else(|| StoreError::Malformed(reply.0.clone()))?;
-                    acks.confirm(writer.id, id).await?;
+                    acks.confirm(writer.id, room, id).await?;
                 }
                 reply
             }

@@ -2,9 +2,10 @@
 //! `/front/{room}`, and `/front/status`.
 //!
 //! A client joins a room by emitting `room` with the room's name. The
-//! frontend follows the Redis feed ([`crate::delivery::Feed`]) and emits each
-//! message, as event `message`, to the sockets of its room: the message is
-//! encoded once, then queued to each socket ([`Rooms`]).
+//! frontend follows, through Redis, the rooms its sockets are in
+//! ([`crate::delivery::Feed`]) and emits each message, as event `message`,
+//! to the sockets of its room: the message is encoded once, then queued to
+//! each socket ([`Rooms`]).
 //!
 //! - `sockets`: the Socket.IO server and each socket's `room` event;
 //! - `rooms`: who is in which room, resuming, and the fan-out;
@@ -60,18 +61,18 @@ pub async fn run(
     // One primary followed for both the feed and the history reads.
     let primary = Primary::new(&config.redis);
     let store = Store::with_primary(&config, primary.clone()).map_err(std::io::Error::other)?;
+    let (feed, interest) = Feed::with_primary(&config, health.clone(), primary.clone())
+        .map_err(std::io::Error::other)?;
+    let feed = feed.counting_caught_up(metrics.caught_up.clone());
     let rooms = Arc::new(Rooms::new(
         store,
+        interest,
         &config.frontend,
         &config.history,
         metrics.clone(),
     ));
     let (layer, io) = socket_io(&config, rooms.clone());
-
-    let feed = Feed::with_primary(&config, health.clone(), primary.clone())
-        .map_err(std::io::Error::other)?
-        .counting_caught_up(metrics.caught_up.clone());
-    let delivery = tokio::spawn(feed.run(rooms));
+    let delivery = tokio::spawn(feed.run(rooms.clone()));
 
     let following = primary.follows_sentinels().then_some(&primary);
     let exposition = Arc::new(Metrics::frontend(&metrics, health.clone()).following(following));

@@ -8,10 +8,12 @@
 //! messages, each once and in order, although the feed keeps delivering while
 //! the history is read from Redis. The join therefore goes in three steps:
 //!
-//! 1. Under the lock the delivery path also takes, the socket is registered as
-//!    *resuming* in its room and the frontend's cursor `L` (the last feed id
-//!    delivered) is read. From then on, every message for that room is held
-//!    for the socket instead of being missed.
+//! 1. The frontend follows the room (if it did not already: see
+//!    [`Interest`]). Then, under the lock the delivery path also takes, the
+//!    socket is registered as *resuming* in its room and the room's cursor
+//!    `L` (the id of the last message of the room delivered) is read. From
+//!    then on, every message for that room is held for the socket instead of
+//!    being missed.
 //! 2. Without the lock, the room's stream is read from `since` (exclusive) to
 //!    `L` (inclusive): exactly what the socket missed up to the cursor. It is
 //!    read a page at a time and sent to the socket as the socket takes it
@@ -57,7 +59,7 @@ use socketioxide::{SendError, SocketError};
 use super::replay::{self, ReplayLimits};
 use super::request::ClientAddress;
 use crate::config::{FrontendConfig, HistoryConfig};
-use crate::delivery::{Store, Subscriber};
+use crate::delivery::{Interest, Store, Subscriber};
 use crate::message::{ChatMessage, InvalidInput, JoinRequest, Room, StreamId};
 use crate::metrics::FrontendMetrics;
 
@@ -72,8 +74,9 @@ pub fn send_queue_len(history: &HistoryConfig) -> usize {
     history.max_per_room.get() + RESUME_MARGIN
 }
 
-/// How long a resuming join waits for the feed to reach Redis at start-up.
-const CURSOR_WAIT: Duration = Duration::from_secs(2);
+/// How long a join waits for the feed to follow the room: to subscribe and
+/// find where the room is, which Redis answers at once unless it is down.
+const FOLLOW_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a `room` event was refused.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +120,8 @@ struct Shared {
     members: HashMap<Room, Vec<SocketRef>>,
     /// The rooms of each socket.
     rooms_of: HashMap<Sid, Vec<Room>>,
-    /// Id of the last feed message delivered; `None` before the feed started.
-    cursor: Option<StreamId>,
+    /// Id of the last message delivered of each room followed.
+    cursors: HashMap<Room, StreamId>,
     /// Resuming sockets, by room.
     resuming: HashMap<Room, Vec<Resuming>>,
 }
@@ -126,6 +129,8 @@ struct Shared {
 /// The frontend's rooms: who is in which, and how messages reach them.
 pub struct Rooms {
     store: Store,
+    /// Which rooms the feed follows: those sockets are in.
+    interest: Interest,
     max_rooms: usize,
     /// Size of each socket's send queue.
     queue_len: usize,
@@ -181,6 +186,7 @@ fn encode(socket: &SocketRef, message: &ChatMessage) -> EncodedEvent {
 impl Rooms {
     pub fn new(
         store: Store,
+        interest: Interest,
         frontend: &FrontendConfig,
         history: &HistoryConfig,
         metrics: Arc<FrontendMetrics>,
@@ -188,6 +194,7 @@ impl Rooms {
         let kept = history.max_per_room.get();
         Rooms {
             store,
+            interest,
             max_rooms: frontend.max_rooms_per_socket.get(),
             queue_len: send_queue_len(history),
             live_backlog: kept - RESUME_MARGIN.min(kept / 2),
@@ -216,18 +223,28 @@ impl Rooms {
                     shared.members.remove(&room);
                 }
             }
+            self.leave_if_empty(&shared, &room);
         }
         self.metrics.rooms.set(shared.members.len() as i64);
+    }
+
+    /// Tells the feed that nobody is in `room` any more, if so; the caller
+    /// holds the lock.
+    fn leave_if_empty(&self, shared: &Shared, room: &Room) {
+        if !shared.members.contains_key(room) && !shared.resuming.contains_key(room) {
+            self.interest.leave(room);
+        }
     }
 
     /// Puts `socket` in `room`; the caller holds the lock.
     ///
     /// A socket that disconnected meanwhile is left out: its disconnect
     /// handler ([`Rooms::leave_all`]) may already have run, and would not run
-    /// again to remove it.
-    fn enter(&self, shared: &mut Shared, socket: &SocketRef, room: &Room) {
+    /// again to remove it. So is one that joined other rooms meanwhile, up
+    /// to its limit.
+    fn enter(&self, shared: &mut Shared, socket: &SocketRef, room: &Room) -> Result<(), JoinError> {
         if !socket.connected() {
-            return;
+            return Err(JoinError::HistoryUnavailable);
         }
         // Most sockets are in one room: room for one, where a first push
         // would make room for four (a socket's rooms live as long as it does).
@@ -236,7 +253,10 @@ impl Rooms {
             .entry(socket.id)
             .or_insert_with(|| Vec::with_capacity(1));
         if rooms.contains(room) {
-            return;
+            return Ok(());
+        }
+        if rooms.len() >= self.max_rooms {
+            return Err(JoinError::TooManyRooms(self.max_rooms));
         }
         rooms.push(room.clone());
         shared
@@ -245,6 +265,7 @@ impl Rooms {
             .or_default()
             .push(socket.clone());
         self.metrics.rooms.set(shared.members.len() as i64);
+        Ok(())
     }
 
     /// Sends live messages, unless `socket` would then have fallen so far
@@ -261,7 +282,12 @@ impl Subscriber for Rooms {
     async fn deliver(&self, messages: Vec<ChatMessage>) {
         let mut shared = self.shared.lock().await;
         for message in &messages {
-            shared.cursor = Some(message.id);
+            match shared.cursors.get_mut(&message.room) {
+                Some(cursor) => *cursor = message.id,
+                None => {
+                    shared.cursors.insert(message.room.clone(), message.id);
+                }
+            }
             if let Some(waiting) = shared.resuming.get_mut(&message.room) {
                 for resuming in waiting {
                     resuming.held.push(message.clone());
@@ -279,9 +305,9 @@ impl Subscriber for Rooms {
         self.metrics.dropped.inc_by(counts.dropped);
     }
 
-    /// Learns where the feed starts, so resuming works before the first message.
-    async fn following(&self, cursor: StreamId) {
-        self.shared.lock().await.cursor.get_or_insert(cursor);
+    /// Forgets where a room no longer followed was.
+    async fn left(&self, room: &Room) {
+        self.shared.lock().await.cursors.remove(room);
     }
 }
 
@@ -410,30 +436,44 @@ impl Rooms {
         request: JoinRequest,
     ) -> Result<Joined, JoinError> {
         let room = request.room;
-        let already_in = {
-            let mut shared = self.shared.lock().await;
-            let rooms = shared
-                .rooms_of
-                .get(&socket.id)
-                .map_or(&[][..], Vec::as_slice);
-            let already_in = rooms.contains(&room);
-            if !already_in && rooms.len() >= self.max_rooms {
-                return Err(JoinError::TooManyRooms(self.max_rooms));
-            }
-            if !already_in && request.since.is_none() {
-                self.enter(&mut shared, socket, &room);
-            }
-            already_in
-        };
-        match request.since {
+        if self.is_in(socket, &room).await? {
             // A socket already in the room receives everything live: nothing to resume.
-            Some(since) if !already_in => self.resume(socket, room, since).await,
-            since => Ok(Joined {
+            return Ok(Joined {
                 room,
-                resumed: since.is_some(),
+                resumed: request.since.is_some(),
                 replayed: 0,
-            }),
+            });
         }
+        // Followed before the socket enters: every message after the
+        // position the feed answers reaches the room's sockets.
+        let followed = self.interest.follow(&room, FOLLOW_WAIT).await;
+        match request.since {
+            Some(since) => self.resume(socket, room, since, followed).await,
+            None => {
+                let mut shared = self.shared.lock().await;
+                self.enter(&mut shared, socket, &room)?;
+                Ok(Joined {
+                    room,
+                    resumed: false,
+                    replayed: 0,
+                })
+            }
+        }
+    }
+
+    /// Whether `socket` is in `room`; an error if it is not and may join no
+    /// more rooms.
+    async fn is_in(&self, socket: &SocketRef, room: &Room) -> Result<bool, JoinError> {
+        let shared = self.shared.lock().await;
+        let rooms = shared
+            .rooms_of
+            .get(&socket.id)
+            .map_or(&[][..], Vec::as_slice);
+        let already_in = rooms.contains(room);
+        if !already_in && rooms.len() >= self.max_rooms {
+            return Err(JoinError::TooManyRooms(self.max_rooms));
+        }
+        Ok(already_in)
     }
 
     async fn resume(
@@ -441,22 +481,46 @@ impl Rooms {
         socket: &SocketRef,
         room: Room,
         since: StreamId,
+        followed: Option<StreamId>,
     ) -> Result<Joined, JoinError> {
         let client = ClientAddress::kept(&socket.req_parts().headers).map(|c| c.0);
-        if client.is_some_and(|c| !self.replay.budgets().admits(c, Instant::now())) {
-            return Err(JoinError::ReplayBudget);
+        let admitted = client.is_none_or(|c| self.replay.budgets().admits(c, Instant::now()));
+        let (cursor, refused) = match (followed, admitted) {
+            (Some(followed), true) => (self.register(socket, &room, followed).await, None),
+            (None, _) => (StreamId::ZERO, Some(JoinError::HistoryUnavailable)),
+            (_, false) => (StreamId::ZERO, Some(JoinError::ReplayBudget)),
+        };
+        if let Some(refused) = refused {
+            self.leave_if_empty(&*self.shared.lock().await, &room);
+            return Err(refused);
         }
-        let cursor = self.register(socket, &room).await;
-        let missed = match cursor {
-            Some(until) if until > since => {
-                self.replay_history(socket, &room, since, until, client)
+        let missed = match cursor > since {
+            true => {
+                self.replay_history(socket, &room, since, cursor, client)
                     .await
             }
-            Some(_) => Ok(0),
-            None => Err(JoinError::HistoryUnavailable),
+            false => Ok(0),
         };
         let mut shared = self.shared.lock().await;
         let resuming = take_resuming(&mut shared, &room, socket);
+        let result = self.finish_resume(&mut shared, socket, &room, since, missed, resuming);
+        if result.is_err() {
+            self.leave_if_empty(&shared, &room);
+        }
+        result
+    }
+
+    /// Step 3: sends `socket` the messages held for it while it caught up,
+    /// and puts it in `room`; the caller holds the lock.
+    fn finish_resume(
+        &self,
+        shared: &mut Shared,
+        socket: &SocketRef,
+        room: &Room,
+        since: StreamId,
+        missed: Result<usize, JoinError>,
+        resuming: Option<Resuming>,
+    ) -> Result<Joined, JoinError> {
         let mut replayed = missed?;
         let held = resuming.into_iter().flat_map(|r| r.held);
         for message in held.filter(|m| m.id > since) {
@@ -467,9 +531,9 @@ impl Rooms {
             }
             self.metrics.replayed.inc();
         }
-        self.enter(&mut shared, socket, &room);
+        self.enter(shared, socket, room)?;
         Ok(Joined {
-            room,
+            room: room.clone(),
             resumed: true,
             replayed,
         })
@@ -528,28 +592,23 @@ impl Rooms {
         }
     }
 
-    /// Step 1: marks `socket` as resuming in `room` and returns the cursor.
-    async fn register(&self, socket: &SocketRef, room: &Room) -> Option<StreamId> {
-        let deadline = Instant::now() + CURSOR_WAIT;
-        loop {
-            let mut shared = self.shared.lock().await;
-            if let Some(cursor) = shared.cursor {
-                shared
-                    .resuming
-                    .entry(room.clone())
-                    .or_default()
-                    .push(Resuming {
-                        socket: socket.clone(),
-                        held: Vec::new(),
-                    });
-                return Some(cursor);
-            }
-            drop(shared);
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Step 1: marks `socket` as resuming in `room` and returns the room's
+    /// cursor: where the feed said it follows the room from (`followed`),
+    /// or the last message delivered since.
+    async fn register(&self, socket: &SocketRef, room: &Room, followed: StreamId) -> StreamId {
+        let mut shared = self.shared.lock().await;
+        let cursor = shared.cursors.entry(room.clone()).or_insert(followed);
+        *cursor = (*cursor).max(followed);
+        let cursor = *cursor;
+        shared
+            .resuming
+            .entry(room.clone())
+            .or_default()
+            .push(Resuming {
+                socket: socket.clone(),
+                held: Vec::new(),
+            });
+        cursor
     }
 }
 

@@ -253,7 +253,7 @@ pub fn post(room: &str, text: &str) -> chat_ha::message::PostMessage {
 pub struct Forward(pub tokio::sync::mpsc::UnboundedSender<chat_ha::message::ChatMessage>);
 
 impl chat_ha::delivery::Subscriber for Forward {
-    async fn following(&self, _cursor: chat_ha::message::StreamId) {}
+    async fn left(&self, _room: &chat_ha::message::Room) {}
     async fn deliver(&self, messages: Vec<chat_ha::message::ChatMessage>) {
         for message in messages {
             let _ = self.0.send(message);

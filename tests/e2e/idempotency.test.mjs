@@ -28,7 +28,7 @@ describe('idempotent posts through HAProxy', () => {
   });
 
   /** The idempotency records in Redis, as the administrator sees them. */
-  const records = () => execFileSync('redis-cli', ['-s', topo.redis.socket, '--user', topo.redis.admin.user, '--scan', '--pattern', 'chat:idem:*'],
+  const records = () => execFileSync('redis-cli', ['-s', topo.redis.socket, '--user', topo.redis.admin.user, '--scan', '--pattern', 'chat:{p*}:idem:*'],
     { encoding: 'utf8', env: { ...process.env, REDISCLI_AUTH: topo.redis.admin.password } })
     .split('\n').filter((l) => l !== '');
 
@@ -40,8 +40,9 @@ describe('idempotent posts through HAProxy', () => {
     }
     const after = records();
     assert.equal(after.length, before + 4, 'one record per post');
-    // Digests, not what HAProxy made the key of (the client's address and port).
-    for (const key of after) assert.match(key, /^chat:idem:[0-9a-f]{64}$/);
+    // Digests, not what HAProxy made the key of (the client's address and
+    // port), beside the room's history (its partition's hash tag).
+    for (const key of after) assert.match(key, /^chat:\{p[0-9]+\}:idem:[0-9a-f]{64}$/);
   });
 
   it('stores and delivers a post repeated with the same key once, whichever backend and domain it reaches', async () => {
