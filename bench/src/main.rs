@@ -71,6 +71,11 @@ struct Args {
     /// Frontend instances to start.
     #[arg(long, default_value_t = 1)]
     frontends: usize,
+    /// More frontend instances to start that no client connects to: what
+    /// a frontend spends on the rooms it does not serve (without a load
+    /// balancer only).
+    #[arg(long, default_value_t = 0)]
+    idle_frontends: usize,
     /// Backend instances to start.
     #[arg(long, default_value_t = 1)]
     backends: usize,
@@ -261,6 +266,13 @@ fn main() -> ExitCode {
 
 /// Combinations of options that cannot work.
 fn check_args(args: &Args) -> Result<(), String> {
+    if args.idle_frontends > 0 && (args.haproxy || !args.frontend_urls.is_empty()) {
+        return Err(
+            "--idle-frontends starts frontends no client reaches: not with --haproxy, \
+             which spreads clients over all, nor with --frontend"
+                .into(),
+        );
+    }
     let one_loop = matches!(args.stack, Stack::Node | Stack::Socketioxide);
     if one_loop && (args.frontend_threads > 1 || args.backend_threads > 1) {
         return Err(format!(
@@ -382,7 +394,7 @@ async fn run(
                 repo_dir: repo_dir(),
                 redis_server: args.redis_server.clone(),
                 lb_bin: args.haproxy_bin.clone(),
-                frontends: args.frontends.max(1),
+                frontends: args.frontends.max(1) + args.idle_frontends,
                 backends: args.backends.max(1),
                 frontend_threads: args.frontend_threads.max(1),
                 backend_threads: args.backend_threads.max(1),
@@ -401,8 +413,10 @@ async fn run(
                     topo.dir.display()
                 );
             }
+            // The idle frontends were started last: no client goes there.
+            let served = topo.frontend_addrs.len().min(args.frontends.max(1));
             let t = (
-                topo.frontend_addrs.clone(),
+                topo.frontend_addrs[..served].to_vec(),
                 topo.backend_addrs.clone(),
                 topo.measured.clone(),
             );
