@@ -48,6 +48,7 @@ mod acks;
 mod connect;
 mod feed;
 mod primary;
+pub mod shards;
 mod store;
 
 pub use acks::AckError;
