@@ -135,9 +135,10 @@ pub enum Nodes {
     /// anew on the new primary). `SSUBSCRIBE` works on a standalone Redis 7
     /// too: shard channels are then a namespace of their own.
     One(redis::Client),
-    /// A Redis Cluster, found through these seed nodes: the topology comes
-    /// from `CLUSTER SLOTS`, asked of the node that answered last, then of
-    /// the seeds, then of the nodes the last topology named.
+    /// A Redis Cluster, found through these seed nodes (reached by host and
+    /// port, as the cluster names its nodes): the topology comes from
+    /// `CLUSTER SLOTS`, asked of the node that answered last, then of the
+    /// seeds, then of the nodes the last topology named.
     Cluster {
         seeds: Vec<redis::Client>,
         client_for: ClientFor,
@@ -738,6 +739,9 @@ impl Coordinator {
             }
             Some(Place::Served(node)) => {
                 let node = node.clone();
+                if let Some(owner) = &owner {
+                    tracing::debug!("slot {slot} moves from Redis node {node} to {owner}");
+                }
                 self.order(&node, Order::Release { slot });
                 self.places.insert(slot, Place::Releasing(node));
             }
@@ -1188,6 +1192,9 @@ impl Worker {
     /// A `sunsubscribe` push (`[channel, count]`). Unless it confirms our
     /// own `SUNSUBSCRIBE`, Redis dropped the channel: its slot left this
     /// node (a migration, or a failover that made this node a replica).
+    /// Redis 7.0 sends one such push per channel of the slot, the moment
+    /// the node deletes the slot: when it learns, by its own `CLUSTER
+    /// SETSLOT` or by gossip, that another node claims it.
     fn unsubscribed(&mut self, data: Vec<Value>) {
         let Some(Value::BulkString(channel)) = data.into_iter().next() else {
             return;
