@@ -49,6 +49,7 @@ mod acks;
 mod connect;
 mod feed;
 mod primary;
+pub mod shards;
 mod store;
 
 pub use acks::AckError;

@@ -2,6 +2,7 @@
 //! the daemons as real processes, and waiting with a deadline.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
 pub mod sentinel;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
