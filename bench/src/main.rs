@@ -718,7 +718,11 @@ async fn measure(
         if let (Some(s), Some(e)) = (start, end) {
             let d = e.since(*s);
             by_role.entry(m.role).or_default().add(d);
-            per_process.push(json!({"name": m.name, "pid": m.pid, "user_s": round3(d.user), "system_s": round3(d.system)}));
+            // What each process spends per accepted post: a frontend with
+            // no client in a room should spend nothing on its posts.
+            let per_post =
+                (posts.ok > 0).then(|| round3((d.user + d.system) * 1e6 / posts.ok as f64));
+            per_process.push(json!({"name": m.name, "pid": m.pid, "user_s": round3(d.user), "system_s": round3(d.system), "us_per_post": per_post}));
         }
     }
     let bench_cpu = self_end.since(self_start);
@@ -1130,6 +1134,13 @@ fn print_report(r: &Value) {
             r["backend_cpu_us_per_post"]["user"],
             r["backend_cpu_us_per_post"]["system"],
         );
+        if let Some(processes) = r["cpu_per_process"].as_array() {
+            let each: Vec<String> = processes
+                .iter()
+                .map(|p| format!("{} {}", p["name"].as_str().unwrap_or("?"), p["us_per_post"]))
+                .collect();
+            s += &format!("  per post  µs of CPU: {}\n", each.join(", "));
+        }
     }
     if let Some(cpu) = r["connect_cpu"].as_object() {
         s += &format!(
