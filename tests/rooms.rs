@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_ha::config::Config;
-use chat_ha::delivery::{Feed, RedisHealth, Store, Subscriber};
+use chat_ha::delivery::{Feed, LEAVE_GRACE, RedisHealth, Store, Subscriber};
 use chat_ha::frontend::{Rooms, socket_io};
-use chat_ha::message::{ChatMessage, StreamId};
+use chat_ha::message::{ChatMessage, Room, StreamId};
 use chat_ha::metrics::FrontendMetrics;
 use common::{Forward, Redis, post, write_config};
 use engineioxide::Packet;
@@ -25,7 +25,7 @@ struct Frontend {
     io: SocketIo,
     store: Store,
     metrics: Arc<FrontendMetrics>,
-    _redis: Redis,
+    redis: Redis,
     _dir: tempfile::TempDir,
 }
 
@@ -58,7 +58,7 @@ impl Frontend {
             io,
             store,
             metrics,
-            _redis: redis,
+            redis,
             _dir: dir,
         }
     }
@@ -191,6 +191,49 @@ async fn each_socket_gets_the_messages_of_its_rooms_in_feed_order_and_no_others(
     let fence = frontend.post("red", "fence", 1).await;
     assert_eq!(one.receive(1).await, &fence[..]);
     assert_eq!(both.receive(1).await, &fence[..]);
+}
+
+/// How many connections are subscribed to `room`'s channel, under the
+/// key prefix the rooms' feed follows.
+async fn subscribers(redis: &Redis, room: &str) -> i64 {
+    let config = chat_ha::config::RedisConfig {
+        key_prefix: "elsewhere".into(),
+        ..Default::default()
+    };
+    let channel = chat_ha::delivery::Keys::new(&config).room(&Room::parse(room).unwrap());
+    let client = redis::Client::open(redis.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    counts[0].1
+}
+
+/// The frontend follows a room while sockets are in it: from the first
+/// join, until a while after the last socket left (here, disconnected).
+#[tokio::test]
+async fn a_room_is_followed_while_sockets_are_in_it() {
+    let frontend = Frontend::start("").await;
+    assert_eq!(subscribers(&frontend.redis, "watched").await, 0);
+    let mut client = frontend.client().await;
+    assert_eq!(client.join(json!("watched")).await, json!({"ok": true}));
+    assert_eq!(
+        subscribers(&frontend.redis, "watched").await,
+        1,
+        "followed once the join is answered"
+    );
+    client.tx.send(Packet::Close).await.unwrap();
+    let deadline = std::time::Instant::now() + LEAVE_GRACE + Duration::from_secs(10);
+    while subscribers(&frontend.redis, "watched").await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still followed long after its last socket left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
