@@ -109,7 +109,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::primary::Primary;
-use super::{Entries, Keys, RedisHealth, Subscriber, take_field};
+use super::{Entries, Keys, RedisHealth, Subscriber, jitter, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, Room, StreamId};
 
@@ -1231,16 +1231,6 @@ impl<'a> Pushed<'a> {
         let text = parts.next()?;
         Some(Pushed { previous, id, text })
     }
-}
-
-/// Spreads reconnection attempts of many frontends over time (75%–100% of
-/// `pause`), so a restarted Redis is not met by all of them at once.
-fn jitter(pause: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    pause.mul_f64(0.75 + f64::from(nanos % 1000) / 4000.0)
 }
 
 #[cfg(test)]

@@ -75,6 +75,16 @@ use crate::message::{ChatMessage, IdempotencyKey, Room};
 type Entries = Vec<(String, Fields)>;
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Spreads reconnection attempts of many processes over time (75%–100% of
+/// `pause`), so that a Redis coming back is not met by all of them at once.
+fn jitter(pause: std::time::Duration) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    pause.mul_f64(0.75 + f64::from(nanos % 1000) / 4000.0)
+}
+
 /// Takes the text of the field `name` out of `fields`, if it is there and UTF-8.
 fn take_field(fields: &mut Fields, name: &[u8]) -> Option<String> {
     let index = fields.iter().position(|(field, _)| field == name)?;

@@ -75,6 +75,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
+use super::jitter;
 use crate::config::RedisConfig;
 
 /// How many hash slots a Redis Cluster has.
@@ -432,16 +433,6 @@ fn endpoint(value: Option<Value>, asked: &NodeId) -> Result<Option<NodeId>, Shar
         },
         _ => Some(NodeId::At { host, port }),
     })
-}
-
-/// Spreads retries of many processes over time (75%–100% of `pause`), so
-/// that a node coming back is not met by all of them at once.
-fn jitter(pause: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    pause.mul_f64(0.75 + f64::from(nanos % 1000) / 4000.0)
 }
 
 /// When the topology is to be asked for again: at once the first time,
