@@ -3,18 +3,21 @@
 //! A frontend hears only of the rooms it has sockets in. When a room's first
 //! socket joins, the frontend asks its [`Feed`] to follow the room
 //! ([`Interest::follow`]): the feed subscribes to the room's shard channel
-//! (`SSUBSCRIBE`), on which the append script publishes each message the
-//! moment it is stored, together with the id of the room's entry before it;
-//! then it reads the id of the room's newest entry, its *cursor* in that
-//! room. When the room's last socket leaves, the feed stops following it
+//! (`SSUBSCRIBE`, through [`Subscriptions`], which keeps it subscribed across
+//! lost connections and, in a Redis Cluster, moved slots), on which the
+//! append script publishes each message the moment it is stored, together
+//! with the id of the room's entry before it; once the subscription is
+//! confirmed it reads the id of the room's newest entry, its *cursor* in
+//! that room. Commands go over a connection of their own. When the room's last socket leaves, the feed stops following it
 //! after [`LEAVE_GRACE`], so that a client that reconnects does not make it
 //! unsubscribe and subscribe again.
 //!
 //! A pushed message is handed on only if its previous id is the room's
 //! cursor; otherwise the frontend has missed something (it was away, or an
 //! entry was appended without a push) and it reads the room's stream from
-//! the cursor instead, which is where the truth is. It also reads the stream
-//! of every room after each (re)connection, and a few rooms every [`POLL`]
+//! the cursor instead, which is where the truth is. It also reads a room's
+//! stream each time its subscription is made again (after a lost
+//! connection, a failover or a moved slot), and a few rooms every [`POLL`]
 //! ([`SWEEP`], in turn), which both checks that Redis still answers and finds
 //! any entry that no later push revealed.
 //!
@@ -103,12 +106,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::primary::Primary;
+use super::shards::{self, Event, Nodes, Subscriptions};
 use super::{Entries, Keys, RedisHealth, Subscriber, jitter, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, Room, StreamId};
@@ -145,16 +149,12 @@ pub enum FeedError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Setup(#[from] super::ConnectError),
-    #[error("the connection to Redis closed")]
-    Disconnected,
     #[error("malformed entry {0:?}")]
     Malformed(String),
     #[error("no Redis primary: the Sentinels name none that answers as one")]
     NoPrimary,
     #[error("the Redis primary changed")]
     PrimaryChanged,
-    #[error("Redis dropped the subscription to {0}")]
-    Unsubscribed(String),
 }
 
 /// What a frontend asks of its feed.
@@ -201,6 +201,8 @@ pub struct Feed {
     state: State,
     /// `frontend.write_window_us`: how long after a delivery the next waits.
     write_window: Option<Duration>,
+    /// How the subscriptions time out and reconnect.
+    subscriptions: shards::Settings,
 }
 
 /// What a session on one connection needs to know.
@@ -221,12 +223,9 @@ struct Settings {
 struct State {
     rooms: HashMap<Room, Followed>,
     /// The room of each subscribed channel.
-    channels: HashMap<Vec<u8>, Room>,
+    channels: HashMap<String, Room>,
     /// Rooms in the order the sweep reads them.
     sweep: VecDeque<Room>,
-    /// Channels the feed asked to leave whose confirmation has not come:
-    /// any other `SUNSUBSCRIBE` is Redis dropping a subscription.
-    unsubscribing: HashMap<Vec<u8>, usize>,
     /// With replica acknowledgements: the primary entries were taken from,
     /// the rooms with entries held, and how many entries and bytes of text
     /// are held over all rooms.
@@ -399,6 +398,7 @@ impl Feed {
             requests: receiver,
             state: State::default(),
             write_window: config.frontend.write_window(),
+            subscriptions: shards::Settings::from_config(redis),
         };
         Ok((feed, Interest(requests)))
     }
@@ -456,6 +456,11 @@ impl Feed {
     }
 
     /// Connects, subscribes and delivers until the connection fails.
+    ///
+    /// Commands go over a connection of their own; the messages come from
+    /// the shard subscriptions ([`Subscriptions`]), which keep themselves
+    /// subscribed and say when they (re)subscribed a room, which is then
+    /// read from its cursor.
     async fn follow(
         &mut self,
         subscriber: &impl Subscriber,
@@ -464,10 +469,12 @@ impl Feed {
         let mut changes = self.primary.changes();
         let resolved = changes.borrow_and_update().clone();
         let resolved = resolved.ok_or(FeedError::NoPrimary)?;
-        let (sender, mut pushes) = mpsc::unbounded_channel();
-        let conn = self.connect(&resolved, sender).await?;
+        let conn = self.connect(&resolved).await?;
+        let nodes = Nodes::One(self.primary.client(&resolved, ProtocolVersion::RESP3)?);
+        let (subscriptions, mut events) = Subscriptions::start(nodes, self.subscriptions);
         let mut session = Session {
             conn,
+            subscriptions,
             settings: &self.settings,
             state: &mut self.state,
             batch: Vec::new(),
@@ -475,33 +482,31 @@ impl Feed {
         };
         let new_primary = session.state.primary.as_deref() != Some(&resolved.address);
         if new_primary && session.state.primary.is_some() && self.settings.holding {
-            session.drop_held();
+            session.follow_new_primary().await?;
         }
         session.state.primary = Some(resolved.address.clone());
-        // Confirmations asked for on a connection that is gone never come.
-        session.state.unsubscribing.clear();
-        let rooms: Vec<Room> = session.state.rooms.keys().cloned().collect();
-        session.subscribe(&rooms).await?;
-        for room in &rooms {
-            session.resume(room, new_primary, subscriber).await?;
-        }
+        // Each room goes on once its subscription is confirmed.
+        session.subscribe_all();
         if self.health.set_up(true) {
-            tracing::info!("following {} rooms on Redis", rooms.len());
+            tracing::info!("following {} rooms on Redis", session.state.rooms.len());
         }
         *pause = self.reconnect_min;
         let window = self.write_window;
         let requests = &mut self.requests;
-        // The first tick is immediate; the rooms were read just now, but
-        // the rooms to let go are looked at too.
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The rooms are read as their subscriptions are confirmed.
+        poll.reset();
         // With a write window: until when what is taken is held back.
         let mut window_ends: Option<Instant> = None;
         loop {
             let held_until = window_ends.filter(|_| session.has_pending());
             let step = tokio::select! {
-                push = pushes.recv() => session.take_pushed(push, &mut pushes, subscriber).await,
-                Some(request) = requests.recv() => session.request(request, subscriber).await,
+                Some(event) = events.recv() => session.take_events(event, &mut events, subscriber).await,
+                Some(request) = requests.recv() => {
+                    session.request(request);
+                    Ok(())
+                }
                 _ = poll.tick() => session.poll(subscriber).await,
                 // Never fires with one Redis, whose primary never changes.
                 _ = changes.changed() => {
@@ -532,17 +537,15 @@ impl Feed {
         }
     }
 
+    /// The connection commands go over.
     async fn connect(
         &self,
         resolved: &super::Resolved,
-        pushes: mpsc::UnboundedSender<PushInfo>,
     ) -> Result<MultiplexedConnection, FeedError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_push_sender(pushes);
-        // Pushes share the connection with commands only in RESP3.
-        let client = self.primary.client(resolved, ProtocolVersion::RESP3)?;
+            .set_response_timeout(Some(self.timeout));
+        let client = self.primary.client(resolved, ProtocolVersion::RESP2)?;
         Ok(client
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
@@ -553,9 +556,7 @@ impl State {
     /// The room followed, following it if it was not.
     fn follow(&mut self, keys: &Keys, room: Room) -> &mut Followed {
         if !self.rooms.contains_key(&room) {
-            let channel = keys.room(&room);
-            self.channels
-                .insert(channel.clone().into_bytes(), room.clone());
+            self.channels.insert(keys.room(&room), room.clone());
             self.sweep.push_back(room.clone());
         }
         let followed = self.rooms.entry(room).or_insert_with_key(|room| Followed {
@@ -591,7 +592,7 @@ impl State {
             let Some(followed) = self.rooms.remove(&room) else {
                 continue;
             };
-            self.channels.remove(followed.channel.as_bytes());
+            self.channels.remove(&followed.channel);
             self.held_entries -= followed.held.entries.len();
             self.held_bytes -= followed.held.bytes;
             self.holding.remove(&room);
@@ -605,9 +606,11 @@ impl State {
     }
 }
 
-/// Following the rooms over one connection.
-struct Session<'a> {
-    conn: MultiplexedConnection,
+/// Following the rooms over one connection for commands, and shard
+/// subscriptions for pushes.
+struct Session<'a, C> {
+    conn: C,
+    subscriptions: Subscriptions,
     settings: &'a Settings,
     state: &'a mut State,
     /// Messages taken but not yet handed to the subscriber (or held).
@@ -616,53 +619,26 @@ struct Session<'a> {
     batch_bytes: usize,
 }
 
-impl Session<'_> {
-    /// Subscribes to the channels of `rooms`: one command per channel,
-    /// which redis-rs takes the confirmation of as its answer, all sent at
-    /// once.
-    async fn subscribe(&mut self, rooms: &[Room]) -> Result<(), FeedError> {
-        self.subscription("SSUBSCRIBE", rooms).await
-    }
-
-    async fn subscription(&mut self, command: &str, rooms: &[Room]) -> Result<(), FeedError> {
-        for chunk in rooms.chunks(BATCH) {
-            let mut pipeline = redis::pipe();
-            for room in chunk {
-                pipeline
-                    .cmd(command)
-                    .arg(self.settings.keys.room(room))
-                    .ignore();
-            }
-            pipeline.query_async::<()>(&mut self.conn).await?;
-        }
-        Ok(())
+impl<C: ConnectionLike + Send> Session<'_, C> {
+    /// Subscribes to the channels of every room followed.
+    fn subscribe_all(&self) {
+        let channels = self.state.channels.keys().cloned().collect();
+        self.subscriptions.subscribe(channels);
     }
 
     /// Goes on in `room` after (re)subscribing: from its cursor, reading what
     /// was appended meanwhile, or from its newest entry when it was never
     /// read; then answers those waiting for its position.
-    async fn resume(
-        &mut self,
-        room: &Room,
-        new_primary: bool,
-        subscriber: &impl Subscriber,
-    ) -> Result<(), FeedError> {
+    async fn resume(&mut self, room: &Room, subscriber: &impl Subscriber) -> Result<(), FeedError> {
         let Some(followed) = self.state.rooms.get(room) else {
             return Ok(());
         };
         if followed.position.is_none() {
             self.start(room).await?;
         } else {
-            if new_primary && self.settings.holding {
-                // What the new primary holds survived the failover.
-                let last = self.last_id(room).await?;
-                if let Some(followed) = self.state.rooms.get_mut(room) {
-                    followed.held.replicated = followed.held.replicated.max(last);
-                }
-            }
             self.read_acked(room).await?;
-            self.catch_up(room, subscriber).await?;
         }
+        self.catch_up(room, subscriber).await?;
         self.answer_waiting(room);
         Ok(())
     }
@@ -699,8 +675,10 @@ impl Session<'_> {
     }
 
     /// Drops every entry held from a primary that is gone: each room is
-    /// read again, from the new one, after its last released entry.
-    fn drop_held(&mut self) {
+    /// read again, from the new one, after its last released entry; and
+    /// what the new one holds survived the failover: it counts as
+    /// replicated.
+    async fn follow_new_primary(&mut self) -> Result<(), FeedError> {
         for room in std::mem::take(&mut self.state.holding) {
             if let Some(followed) = self.state.rooms.get_mut(&room) {
                 let released = followed.held.released;
@@ -710,30 +688,29 @@ impl Session<'_> {
         }
         self.state.held_entries = 0;
         self.state.held_bytes = 0;
+        let rooms: Vec<Room> = self.state.rooms.keys().cloned().collect();
+        for room in rooms {
+            let last = self.last_id(&room).await?;
+            if let Some(followed) = self.state.rooms.get_mut(&room) {
+                followed.held.replicated = followed.held.replicated.max(last);
+            }
+        }
+        Ok(())
     }
 
-    /// Answers a request of the frontend.
-    async fn request(
-        &mut self,
-        request: Request,
-        subscriber: &impl Subscriber,
-    ) -> Result<(), FeedError> {
+    /// Answers a request of the frontend: a room followed already is
+    /// answered at once, another once its subscription is confirmed.
+    fn request(&mut self, request: Request) {
         match request {
             Request::Follow(room, reply) => {
                 let followed = self.state.follow(&self.settings.keys, room.clone());
                 followed.waiting.push(reply);
                 if followed.position.is_none() {
-                    self.subscribe(std::slice::from_ref(&room)).await?;
-                    self.start(&room).await?;
-                    self.catch_up(&room, subscriber).await?;
+                    self.subscriptions.subscribe(vec![followed.channel.clone()]);
                 }
                 self.answer_waiting(&room);
-                Ok(())
             }
-            Request::Leave(room) => {
-                self.state.leave(&room);
-                Ok(())
-            }
+            Request::Leave(room) => self.state.leave(&room),
         }
     }
 
@@ -743,16 +720,7 @@ impl Session<'_> {
     async fn poll(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
         let gone = self.state.let_go(Instant::now(), subscriber).await;
         if !gone.is_empty() {
-            let mut pipeline = redis::pipe();
-            for channel in gone {
-                pipeline.cmd("SUNSUBSCRIBE").arg(&channel).ignore();
-                *self
-                    .state
-                    .unsubscribing
-                    .entry(channel.into_bytes())
-                    .or_default() += 1;
-            }
-            pipeline.query_async::<()>(&mut self.conn).await?;
+            self.subscriptions.unsubscribe(gone);
         }
         let count = self.state.sweep.len().min(SWEEP);
         if count == 0 {
@@ -778,47 +746,66 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Takes `push` (`None`: the connection is gone) and everything pushed
-    /// meanwhile, up to a batch.
-    async fn take_pushed(
+    /// Takes `event` and every event that arrived meanwhile, up to a batch.
+    async fn take_events(
         &mut self,
-        push: Option<PushInfo>,
-        pushes: &mut mpsc::UnboundedReceiver<PushInfo>,
+        event: Event,
+        events: &mut mpsc::UnboundedReceiver<Event>,
         subscriber: &impl Subscriber,
     ) -> Result<(), FeedError> {
-        let mut push = push.ok_or(FeedError::Disconnected)?;
+        let mut event = event;
         loop {
-            self.take(push, subscriber).await?;
+            self.take(event, subscriber).await?;
             if self.full() {
                 return Ok(());
             }
-            match pushes.try_recv() {
-                Ok(next) => push = next,
+            match events.try_recv() {
+                Ok(next) => event = next,
                 Err(_) => return Ok(()),
             }
         }
     }
 
-    /// Takes one push: the next message of a room, one already taken, news
-    /// that replicas hold a room up to an id, or news that something was
-    /// missed (or that a push cannot be trusted), and then reads the
-    /// room's stream.
-    async fn take(
+    /// Takes one event of the subscriptions: rooms (re)subscribed, which
+    /// are read from their cursors, or a message.
+    async fn take(&mut self, event: Event, subscriber: &impl Subscriber) -> Result<(), FeedError> {
+        match event {
+            Event::Message { channel, payload } => {
+                self.take_message(&channel, payload, subscriber).await
+            }
+            Event::Subscribed { channels } => {
+                for channel in channels {
+                    if let Some(room) = self.state.channels.get(&channel).cloned() {
+                        self.resume(&room, subscriber).await?;
+                    }
+                }
+                Ok(())
+            }
+            Event::Lost { channels, error } => {
+                tracing::info!(
+                    "the subscription of {} rooms was lost ({error}); subscribing again",
+                    channels.len()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes one pushed message: the next message of a room, one already
+    /// taken, news that replicas hold a room up to an id, or news that
+    /// something was missed (or that a push cannot be trusted), and then
+    /// reads the room's stream.
+    async fn take_message(
         &mut self,
-        push: PushInfo,
+        channel: &str,
+        payload: Vec<u8>,
         subscriber: &impl Subscriber,
     ) -> Result<(), FeedError> {
-        match push.kind {
-            PushKind::SMessage => {}
-            PushKind::Disconnection => return Err(FeedError::Disconnected),
-            // Redis dropped a subscription it was not asked to drop (its
-            // slot moved): subscribe again, and read what was missed.
-            PushKind::SUnsubscribe => return self.unsubscribed(&push),
-            // Confirmations of the subscriptions.
-            _ => return Ok(()),
-        }
-        let Some((room, payload)) = self.room_of(push) else {
+        let Some(room) = self.state.channels.get(channel).cloned() else {
             return Ok(());
+        };
+        let Ok(payload) = String::from_utf8(payload) else {
+            return self.catch_up(&room, subscriber).await;
         };
         let holding = self.settings.holding;
         let may_take = self.has_room();
@@ -857,41 +844,6 @@ impl Session<'_> {
             }
             // A gap, an id too far ahead, or something that is not a message.
             _ => self.catch_up(&room, subscriber).await,
-        }
-    }
-
-    /// The room a message push came for, and its payload.
-    fn room_of(&self, push: PushInfo) -> Option<(Room, String)> {
-        let mut data = push.data.into_iter();
-        let redis::Value::BulkString(channel) = data.next()? else {
-            return None;
-        };
-        let room = self.state.channels.get(&channel)?.clone();
-        let redis::Value::BulkString(payload) = data.next()? else {
-            return None;
-        };
-        Some((room, String::from_utf8(payload).ok()?))
-    }
-
-    /// An `SUNSUBSCRIBE` push: the answer to the feed's own (for a room it
-    /// let go), or Redis dropping a subscription (its slot moved), which the
-    /// feed makes again on a new connection.
-    fn unsubscribed(&mut self, push: &PushInfo) -> Result<(), FeedError> {
-        let Some(redis::Value::BulkString(channel)) = push.data.first() else {
-            return Ok(());
-        };
-        match self.state.unsubscribing.get_mut(channel) {
-            Some(1) => {
-                self.state.unsubscribing.remove(channel);
-                Ok(())
-            }
-            Some(asked) => {
-                *asked -= 1;
-                Ok(())
-            }
-            None => Err(FeedError::Unsubscribed(
-                String::from_utf8_lossy(channel).into_owned(),
-            )),
         }
     }
 
