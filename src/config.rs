@@ -179,6 +179,27 @@ pub enum RedisMode {
     /// the daemons ask the Sentinels which one is the primary and follow it
     /// across failovers.
     Sentinel(SentinelConfig),
+    /// A Redis Cluster (`redis.cluster`): its topology is found through
+    /// these seed nodes, and each room lives on the shard of its slot.
+    Cluster(ClusterConfig),
+}
+
+/// Cluster mode: where to find the cluster, and how safe a 201 must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://HOST:PORT` (or `rediss://`) of some of its nodes.
+    pub seeds: Vec<RedisUrl>,
+    /// Replicas of the room's shard that must hold a message before the
+    /// backend answers 201; 0 acknowledges once the shard's primary has it.
+    pub min_replicas_acked: u32,
+    /// How long the backend waits for those replicas before answering 503.
+    pub replica_ack_timeout_ms: NonZeroU32,
+}
+
+impl ClusterConfig {
+    pub fn replica_ack_timeout(&self) -> Duration {
+        millis(self.replica_ack_timeout_ms)
+    }
 }
 
 /// Sentinel mode: who to ask, about what, and how safe a 201 must be.
@@ -211,6 +232,7 @@ impl SentinelConfig {
 struct RedisKeys {
     url: Option<RedisUrl>,
     sentinels: Option<Vec<RedisUrl>>,
+    cluster: Option<Vec<RedisUrl>>,
     sentinel_master: Option<String>,
     sentinel_password_file: Option<PathBuf>,
     min_replicas_acked: Option<u32>,
@@ -231,6 +253,7 @@ impl Default for RedisKeys {
         RedisKeys {
             url: None,
             sentinels: None,
+            cluster: None,
             sentinel_master: None,
             sentinel_password_file: None,
             min_replicas_acked: None,
@@ -256,44 +279,62 @@ impl TryFrom<RedisKeys> for RedisConfig {
     type Error = String;
     /// The mode the keys describe; an error names the key at fault.
     fn try_from(keys: RedisKeys) -> Result<Self, String> {
-        let mode = match (keys.url, keys.sentinels) {
-            (Some(_), Some(_)) => {
-                return Err(
-                    "redis.url and redis.sentinels are both set: give exactly one \
-                     (one Redis, or the Sentinels of a replicated one)"
-                        .into(),
-                );
-            }
-            (url, None) => {
-                let sentinel_only = [
-                    ("redis.sentinel_master", keys.sentinel_master.is_some()),
-                    (
-                        "redis.sentinel_password_file",
-                        keys.sentinel_password_file.is_some(),
-                    ),
-                    (
-                        "redis.min_replicas_acked",
-                        keys.min_replicas_acked.is_some(),
-                    ),
-                    (
-                        "redis.replica_ack_timeout_ms",
-                        keys.replica_ack_timeout_ms.is_some(),
-                    ),
-                ];
-                if let Some((key, _)) = sentinel_only.iter().find(|(_, given)| *given) {
-                    return Err(format!(
-                        "{key} is only valid with redis.sentinels (Sentinel mode)"
-                    ));
-                }
-                RedisMode::Single(url.unwrap_or_else(RedisUrl::default_single))
-            }
-            (None, Some(sentinels)) => RedisMode::Sentinel(sentinel_mode(
+        let given = [
+            keys.url.is_some(),
+            keys.sentinels.is_some(),
+            keys.cluster.is_some(),
+        ];
+        if given.iter().filter(|given| **given).count() > 1 {
+            return Err(
+                "more than one of redis.url, redis.sentinels and redis.cluster is set: give \
+                 exactly one (one Redis, the Sentinels of a replicated one, or a cluster)"
+                    .into(),
+            );
+        }
+        let sentinel_only = [
+            ("redis.sentinel_master", keys.sentinel_master.is_some()),
+            (
+                "redis.sentinel_password_file",
+                keys.sentinel_password_file.is_some(),
+            ),
+        ];
+        let replicated_only = [
+            (
+                "redis.min_replicas_acked",
+                keys.min_replicas_acked.is_some(),
+            ),
+            (
+                "redis.replica_ack_timeout_ms",
+                keys.replica_ack_timeout_ms.is_some(),
+            ),
+        ];
+        let misplaced = |keys: &[(&'static str, bool)]| {
+            keys.iter().find(|(_, given)| *given).map(|(key, _)| *key)
+        };
+        let mode = if let Some(sentinels) = keys.sentinels {
+            RedisMode::Sentinel(sentinel_mode(
                 sentinels,
                 keys.sentinel_master,
                 keys.sentinel_password_file,
                 keys.min_replicas_acked,
                 keys.replica_ack_timeout_ms,
-            )?),
+            )?)
+        } else if let Some(key) = misplaced(&sentinel_only) {
+            return Err(format!(
+                "{key} is only valid with redis.sentinels (Sentinel mode)"
+            ));
+        } else if let Some(seeds) = keys.cluster {
+            RedisMode::Cluster(cluster_mode(
+                seeds,
+                keys.min_replicas_acked,
+                keys.replica_ack_timeout_ms,
+            )?)
+        } else if let Some(key) = misplaced(&replicated_only) {
+            return Err(format!(
+                "{key} is only valid with redis.sentinels or redis.cluster (replicated modes)"
+            ));
+        } else {
+            RedisMode::Single(keys.url.unwrap_or_else(RedisUrl::default_single))
         };
         Ok(RedisConfig {
             mode,
@@ -307,6 +348,38 @@ impl TryFrom<RedisKeys> for RedisConfig {
             reconnect_max_ms: keys.reconnect_max_ms,
         })
     }
+}
+
+/// Checks the keys of cluster mode.
+fn cluster_mode(
+    seeds: Vec<RedisUrl>,
+    min_replicas_acked: Option<u32>,
+    replica_ack_timeout_ms: Option<NonZeroU32>,
+) -> Result<ClusterConfig, String> {
+    if seeds.is_empty() {
+        return Err("redis.cluster is empty: list at least one of its nodes, \
+             e.g. [\"redis://10.0.0.11:6379\"]"
+            .into());
+    }
+    if let Some(unix) = seeds.iter().position(|url| url.is_unix()) {
+        return Err(format!(
+            "redis.cluster[{unix}] is a unix socket: cluster nodes are reached over TCP \
+             (redis:// or rediss://), as the cluster names them by host and port"
+        ));
+    }
+    if seeds.iter().any(|url| url.is_tls()) != seeds.iter().all(|url| url.is_tls()) {
+        return Err(
+            "redis.cluster mixes redis:// and rediss://: a cluster is reached \
+             over TLS or not at all"
+                .into(),
+        );
+    }
+    Ok(ClusterConfig {
+        seeds,
+        min_replicas_acked: min_replicas_acked.unwrap_or(DEFAULT_MIN_REPLICAS_ACKED),
+        replica_ack_timeout_ms: replica_ack_timeout_ms
+            .unwrap_or(NonZeroU32::new(DEFAULT_REPLICA_ACK_TIMEOUT_MS).unwrap()),
+    })
 }
 
 /// Checks the keys of Sentinel mode.
@@ -397,6 +470,11 @@ impl RedisUrl {
     /// Whether it names a unix socket rather than a host and port.
     pub fn is_unix(&self) -> bool {
         self.0.starts_with("unix:") || self.0.starts_with("redis+unix:")
+    }
+
+    /// Whether it is reached over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss:")
     }
 }
 
@@ -1024,6 +1102,45 @@ mod tests {
         assert_eq!(tuned.min_replicas_acked, 0);
         assert_eq!(tuned.replica_ack_timeout_ms.get(), 250);
         assert_eq!(tuned.password_file, Some(PathBuf::from("/etc/s")));
+    }
+
+    #[test]
+    fn cluster_mode_takes_its_seed_nodes() {
+        let config = parse(
+            "[redis]\ncluster = [\"redis://10.0.0.11:6379\", \"redis://10.0.0.12:6379\"]\n\
+             min_replicas_acked = 1\nreplica_ack_timeout_ms = 500\n",
+        )
+        .unwrap();
+        let RedisMode::Cluster(cluster) = config.redis.mode else {
+            panic!("not cluster mode: {:?}", config.redis.mode);
+        };
+        assert_eq!(cluster.seeds.len(), 2);
+        assert_eq!(cluster.min_replicas_acked, 1);
+        assert_eq!(cluster.replica_ack_timeout(), Duration::from_millis(500));
+
+        for (text, error) in [
+            ("cluster = []", "redis.cluster is empty"),
+            ("cluster = [\"unix:///run/redis.sock\"]", "is a unix socket"),
+            (
+                "cluster = [\"redis://a:1\", \"rediss://b:1\"]",
+                "mixes redis:// and rediss://",
+            ),
+            (
+                "cluster = [\"redis://a:1\"]\nurl = \"redis://b:1\"",
+                "more than one of redis.url, redis.sentinels and redis.cluster",
+            ),
+            (
+                "cluster = [\"redis://a:1\"]\nsentinel_master = \"m\"",
+                "redis.sentinel_master is only valid with redis.sentinels",
+            ),
+            (
+                "min_replicas_acked = 1",
+                "only valid with redis.sentinels or redis.cluster",
+            ),
+        ] {
+            let refused = parse(&format!("[redis]\n{text}\n")).unwrap_err();
+            assert!(refused.contains(error), "{text}: {refused}");
+        }
     }
 
     #[test]

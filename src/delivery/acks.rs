@@ -89,6 +89,23 @@ end
 return published
 ";
 
+/// One room's [`ACKED_SCRIPT`] call: replicas hold `room` up to `id`.
+pub(super) fn acked_invocation(
+    keys: &Keys,
+    room: &Room,
+    id: StreamId,
+    room_ttl: Duration,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(ACKED_SCRIPT)
+        .arg(2)
+        .arg(keys.acked(room))
+        .arg(keys.room(room))
+        .arg(room_ttl.as_secs())
+        .arg(id.to_string());
+    cmd
+}
+
 /// Why a message was not acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AckError {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use redis::{IntoConnectionInfo, ProtocolVersion};
 
-use crate::config::{RedisConfig, RedisMode, RedisUrl};
+use crate::config::{ClusterConfig, RedisConfig, RedisMode, RedisUrl};
 
 /// The credential name the systemd units load the password under.
 pub const PASSWORD_CREDENTIAL: &str = "redis-password";
@@ -47,6 +47,11 @@ pub enum ConnectError {
     },
     #[error("redis.tls_ca_file is set, but Redis is not reached over TLS (rediss://)")]
     CaWithoutTls,
+    #[error(
+        "redis.tls_ca_file is not supported with redis.cluster: the cluster's certificates \
+         must be signed by a CA the host trusts"
+    )]
+    CaInCluster,
     #[error("{path}: cannot read the Sentinels' password: {source}")]
     SentinelPassword {
         path: PathBuf,
@@ -70,6 +75,67 @@ pub fn client(
     };
     let info = url.as_str().into_connection_info()?;
     logged_in(config, info, protocol)
+}
+
+/// Cluster mode: a client of the whole cluster (redis-rs's, which sends
+/// each command to the node holding its key's slot, and follows the
+/// cluster's `MOVED` and `ASK` answers), logged in as [`client`]'s are.
+/// Connects when a connection is asked of it. A command fails after
+/// `response_timeout` without an answer.
+pub fn cluster_client(
+    config: &RedisConfig,
+    cluster: &ClusterConfig,
+    protocol: ProtocolVersion,
+    response_timeout: std::time::Duration,
+) -> Result<redis::cluster::ClusterClient, ConnectError> {
+    if config.tls_ca_file.is_some() {
+        return Err(ConnectError::CaInCluster);
+    }
+    let seeds = cluster
+        .seeds
+        .iter()
+        .map(|url| url.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut builder = redis::cluster::ClusterClient::builder(seeds)
+        .use_protocol(protocol)
+        .connection_timeout(config.command_timeout())
+        .response_timeout(response_timeout);
+    if let Some(password) = password(config)? {
+        if !config.username.is_empty() {
+            builder = builder.username(&config.username);
+        }
+        builder = builder.password(password);
+    }
+    Ok(builder.build()?)
+}
+
+/// Cluster mode: where the shard subscriptions find the cluster (its seeds),
+/// and how they reach any node its topology names, logged in as
+/// [`client`]'s are, in RESP3 (the messages arrive as pushes).
+pub fn cluster_nodes(
+    config: &RedisConfig,
+    cluster: &ClusterConfig,
+) -> Result<super::shards::Nodes, ConnectError> {
+    let tls = cluster.seeds.iter().any(|url| url.is_tls());
+    let seeds = cluster
+        .seeds
+        .iter()
+        .map(|url| {
+            let info = url.as_str().into_connection_info()?;
+            logged_in(config, info, ProtocolVersion::RESP3)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = config.clone();
+    let client_for: super::shards::ClientFor = std::sync::Arc::new(move |host: &str, port: u16| {
+        client_at(&config, host, port, tls, ProtocolVersion::RESP3).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot reach a cluster node",
+                e.to_string(),
+            ))
+        })
+    });
+    Ok(super::shards::Nodes::Cluster { seeds, client_for })
 }
 
 /// A client for the Redis server at `host`:`port` (a primary the Sentinels

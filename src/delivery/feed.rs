@@ -203,6 +203,39 @@ pub struct Feed {
     write_window: Option<Duration>,
     /// How the subscriptions time out and reconnect.
     subscriptions: shards::Settings,
+    /// Cluster mode: the cluster, instead of the primary.
+    cluster: Option<ClusterFeed>,
+}
+
+/// The primary a session follows (one Redis, or Sentinel mode).
+struct Following {
+    changes: tokio::sync::watch::Receiver<Option<Arc<super::Resolved>>>,
+    primary: Arc<super::Resolved>,
+}
+
+impl Following {
+    /// Waits for news of the primary: whether it is another one now.
+    async fn changed(&mut self) -> Option<bool> {
+        self.changes.changed().await.ok()?;
+        let now = self.changes.borrow().as_ref().map(|r| r.generation);
+        Some(now != Some(self.primary.generation))
+    }
+}
+
+/// Cluster mode: how the feed reaches the cluster.
+struct ClusterFeed {
+    /// For commands: redis-rs's cluster client, which routes each to the
+    /// node of its key's slot.
+    client: redis::cluster::ClusterClient,
+    redis: crate::config::RedisConfig,
+    cluster: crate::config::ClusterConfig,
+}
+
+impl ClusterFeed {
+    /// Where the shard subscriptions find the cluster.
+    fn nodes(&self) -> Result<Nodes, FeedError> {
+        Ok(super::connect::cluster_nodes(&self.redis, &self.cluster)?)
+    }
 }
 
 /// What a session on one connection needs to know.
@@ -246,6 +279,8 @@ struct Followed {
     held: Held,
     /// The last entry handed to the subscriber (or where the room started).
     delivered: StreamId,
+    /// The node its subscription was last confirmed on.
+    node: Option<String>,
     /// Follow requests waiting for the position.
     waiting: Vec<oneshot::Sender<StreamId>>,
     /// When the room is let go, now that nobody is in it.
@@ -378,8 +413,23 @@ impl Feed {
         primary: Primary,
     ) -> Result<(Self, Interest), FeedError> {
         let redis = &config.redis;
-        if let Some(resolved) = primary.current() {
+        let cluster = match &redis.mode {
+            RedisMode::Cluster(cluster) => Some(ClusterFeed {
+                client: super::connect::cluster_client(
+                    redis,
+                    cluster,
+                    ProtocolVersion::RESP2,
+                    redis.command_timeout(),
+                )?,
+                redis: redis.clone(),
+                cluster: cluster.clone(),
+            }),
+            _ => None,
+        };
+        if let Some(cluster) = &cluster {
             // Checks the settings (password file, TLS) now, at start.
+            cluster.nodes()?;
+        } else if let Some(resolved) = primary.current() {
             primary.client(&resolved, ProtocolVersion::RESP3)?;
         }
         let (requests, receiver) = mpsc::unbounded_channel();
@@ -388,7 +438,11 @@ impl Feed {
             settings: Settings {
                 keys: Keys::new(redis),
                 caught_up: Counter::default(),
-                holding: matches!(&redis.mode, RedisMode::Sentinel(s) if s.min_replicas_acked > 0),
+                holding: match &redis.mode {
+                    RedisMode::Single(_) => false,
+                    RedisMode::Sentinel(s) => s.min_replicas_acked > 0,
+                    RedisMode::Cluster(c) => c.min_replicas_acked > 0,
+                },
                 full_bytes: config.frontend.max_queued_bytes.get() / 4,
             },
             timeout: redis.command_timeout(),
@@ -399,6 +453,7 @@ impl Feed {
             state: State::default(),
             write_window: config.frontend.write_window(),
             subscriptions: shards::Settings::from_config(redis),
+            cluster,
         };
         Ok((feed, Interest(requests)))
     }
@@ -466,11 +521,35 @@ impl Feed {
         subscriber: &impl Subscriber,
         pause: &mut Duration,
     ) -> Result<Infallible, FeedError> {
+        if let Some(cluster) = &self.cluster {
+            let conn = cluster.client.get_async_connection().await?;
+            let nodes = cluster.nodes()?;
+            return self.session(conn, nodes, None, subscriber, pause).await;
+        }
         let mut changes = self.primary.changes();
         let resolved = changes.borrow_and_update().clone();
         let resolved = resolved.ok_or(FeedError::NoPrimary)?;
         let conn = self.connect(&resolved).await?;
         let nodes = Nodes::One(self.primary.client(&resolved, ProtocolVersion::RESP3)?);
+        let following = Following {
+            changes,
+            primary: resolved,
+        };
+        self.session(conn, nodes, Some(following), subscriber, pause)
+            .await
+    }
+
+    /// Follows the rooms with commands over `conn` and messages from the
+    /// subscriptions on `nodes`, until a command fails or, in Sentinel mode,
+    /// the primary changes.
+    async fn session(
+        &mut self,
+        conn: impl ConnectionLike + Send,
+        nodes: Nodes,
+        mut following: Option<Following>,
+        subscriber: &impl Subscriber,
+        pause: &mut Duration,
+    ) -> Result<Infallible, FeedError> {
         let (subscriptions, mut events) = Subscriptions::start(nodes, self.subscriptions);
         let mut session = Session {
             conn,
@@ -480,11 +559,14 @@ impl Feed {
             batch: Vec::new(),
             batch_bytes: 0,
         };
-        let new_primary = session.state.primary.as_deref() != Some(&resolved.address);
-        if new_primary && session.state.primary.is_some() && self.settings.holding {
-            session.follow_new_primary().await?;
+        if let Some(following) = &following {
+            let address = &following.primary.address;
+            let new_primary = session.state.primary.as_deref() != Some(address);
+            if new_primary && session.state.primary.is_some() && self.settings.holding {
+                session.follow_new_primary().await?;
+            }
+            session.state.primary = Some(address.clone());
         }
-        session.state.primary = Some(resolved.address.clone());
         // Each room goes on once its subscription is confirmed.
         session.subscribe_all();
         if self.health.set_up(true) {
@@ -508,13 +590,11 @@ impl Feed {
                     Ok(())
                 }
                 _ = poll.tick() => session.poll(subscriber).await,
-                // Never fires with one Redis, whose primary never changes.
-                _ = changes.changed() => {
-                    let now = changes.borrow().as_ref().map(|r| r.generation);
-                    if now == Some(resolved.generation) {
-                        Ok(())
-                    } else {
-                        Err(FeedError::PrimaryChanged)
+                // Only in Sentinel mode, where the primary can change.
+                changed = async { following.as_mut()?.changed().await }, if following.is_some() => {
+                    match changed {
+                        Some(true) => Err(FeedError::PrimaryChanged),
+                        _ => Ok(()),
                     }
                 }
                 () = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)),
@@ -564,6 +644,7 @@ impl State {
             position: None,
             held: Held::default(),
             delivered: StreamId::ZERO,
+            node: None,
             waiting: Vec::new(),
             leaving: None,
         });
@@ -674,6 +755,35 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         }
     }
 
+    /// Notes that `room` is now served by `node`. Another node than before
+    /// (a Redis Cluster's failover, or a moved slot), with entries held for
+    /// replicas: those may be gone with the old node; they are dropped and
+    /// the room is read again after its last released entry, from the new
+    /// node, whose entries survived: they count as replicated.
+    async fn moved(&mut self, room: &Room, node: &str) -> Result<(), FeedError> {
+        let Some(followed) = self.state.rooms.get_mut(room) else {
+            return Ok(());
+        };
+        let before = followed.node.replace(node.to_owned());
+        if !self.settings.holding || before.is_none_or(|before| before == node) {
+            return Ok(());
+        }
+        let released = followed.held.released;
+        let dropped = followed.held.drop_after(released);
+        if followed.position.is_some() {
+            followed.position = Some(Position::at(released));
+        }
+        self.state.held_entries -= dropped.len();
+        self.state.held_bytes -= dropped.iter().map(|m| m.message.len()).sum::<usize>();
+        self.batch.retain(|m| m.room != *room);
+        self.batch_bytes = self.batch.iter().map(|m| m.message.len()).sum();
+        let last = self.last_id(room).await?;
+        if let Some(followed) = self.state.rooms.get_mut(room) {
+            followed.held.replicated = followed.held.replicated.max(last);
+        }
+        Ok(())
+    }
+
     /// Drops every entry held from a primary that is gone: each room is
     /// read again, from the new one, after its last released entry; and
     /// what the new one holds survived the failover: it counts as
@@ -773,9 +883,10 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
             Event::Message { channel, payload } => {
                 self.take_message(&channel, payload, subscriber).await
             }
-            Event::Subscribed { channels } => {
+            Event::Subscribed { channels, node } => {
                 for channel in channels {
                     if let Some(room) = self.state.channels.get(&channel).cloned() {
+                        self.moved(&room, &node).await?;
                         self.resume(&room, subscriber).await?;
                     }
                 }

@@ -187,20 +187,27 @@ impl Primary {
     /// followed by tasks started here (so this needs a Tokio runtime), and
     /// `None` until the Sentinels were first asked.
     pub fn new(config: &RedisConfig) -> Self {
+        let fixed = |address: &str| {
+            let resolved = Resolved {
+                generation: 1,
+                address: address.to_owned(),
+                target: Target::Configured,
+            };
+            let shared = Shared::new(Some(Arc::new(resolved)));
+            shared.stats.found(address);
+            Primary(Arc::new(Handle {
+                shared: Arc::new(shared),
+                config: config.clone(),
+                tasks: Vec::new(),
+            }))
+        };
         let sentinel = match &config.mode {
-            RedisMode::Single(url) => {
-                let resolved = Resolved {
-                    generation: 1,
-                    address: url.as_str().to_owned(),
-                    target: Target::Configured,
-                };
-                let shared = Shared::new(Some(Arc::new(resolved)));
-                shared.stats.found(url.as_str());
-                return Primary(Arc::new(Handle {
-                    shared: Arc::new(shared),
-                    config: config.clone(),
-                    tasks: Vec::new(),
-                }));
+            RedisMode::Single(url) => return fixed(url.as_str()),
+            // Each shard has a primary of its own, which the cluster names:
+            // the store and the feed follow the cluster's topology instead.
+            RedisMode::Cluster(cluster) => {
+                let seeds: Vec<&str> = cluster.seeds.iter().map(|url| url.as_str()).collect();
+                return fixed(&seeds.join(" "));
             }
             RedisMode::Sentinel(sentinel) => sentinel.clone(),
         };

@@ -181,7 +181,13 @@ pub enum Event {
     /// missed from its streams after this event. Messages of these channels
     /// that follow this event were published after the subscription took
     /// effect.
-    Subscribed { channels: Vec<String> },
+    Subscribed {
+        channels: Vec<String>,
+        /// The node that now serves them (`HOST:PORT`; `Redis` for
+        /// [`Nodes::One`]): another than before after a failover or a moved
+        /// slot.
+        node: String,
+    },
     /// The connection serving `channels` was lost: they are subscribed
     /// again (and [`Event::Subscribed`] follows) once a node owns them and
     /// answers. `error` says why, for the log.
@@ -1078,6 +1084,7 @@ impl Worker {
             let _ = self.reports.send(Report::Subscribed);
             let _ = self.events.send(Event::Subscribed {
                 channels: confirmed,
+                node: self.node.to_string(),
             });
         }
         Ok(())

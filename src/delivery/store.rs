@@ -9,7 +9,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 
 use super::acks::{AckError, ReplicaAcks};
 use super::primary::Primary;
@@ -231,6 +233,24 @@ impl Store {
                 let manager = ConnectionManager::new_lazy_with_config(client, manager_config)?;
                 (Link::Fixed(manager), None, None)
             }
+            RedisMode::Cluster(cluster) => {
+                let resp2 = redis::ProtocolVersion::RESP2;
+                let timeout = redis.command_timeout();
+                let client = super::connect::cluster_client(redis, cluster, resp2, timeout)?;
+                // WAIT holds the answer back for up to its timeout.
+                let writing = timeout + cluster.replica_ack_timeout();
+                let writer_client = super::connect::cluster_client(redis, cluster, resp2, writing)?;
+                let link = Link::Cluster(Box::new(ClusterLink {
+                    client,
+                    writer_client,
+                    reader: tokio::sync::OnceCell::new(),
+                    writer: tokio::sync::OnceCell::new(),
+                    min_replicas_acked: cluster.min_replicas_acked,
+                    ack_timeout: cluster.replica_ack_timeout(),
+                }));
+                let floor = (cluster.min_replicas_acked > 0).then(|| Mutex::new(StreamId::ZERO));
+                (link, None, floor)
+            }
             RedisMode::Sentinel(sentinel) => {
                 let acks = (sentinel.min_replicas_acked > 0).then(|| {
                     ReplicaAcks::new(primary.clone(), redis, sentinel, config.history.room_ttl())
@@ -260,7 +280,7 @@ impl Store {
     /// The primary this store writes to.
     pub fn primary(&self) -> Option<&Primary> {
         match &self.0.link {
-            Link::Fixed(_) => None,
+            Link::Fixed(_) | Link::Cluster(_) => None,
             Link::Following { primary, .. } => Some(primary),
         }
     }
@@ -289,13 +309,16 @@ impl Store {
         if let Some(floor) = &self.0.floor {
             invocation.arg(lock(floor).to_string());
         }
-        let (id, outcome): (String, String) = match &self.0.acks {
-            None => {
+        let (id, outcome): (String, String) = match (&self.0.acks, &self.0.link) {
+            (None, Link::Cluster(cluster)) if cluster.min_replicas_acked > 0 => {
+                self.append_replicated(cluster, room, &invocation).await?
+            }
+            (None, _) => {
                 let mut conn = self.connection().await?;
                 self.bounded(eval(&self.0.script, &invocation, &mut conn))
                     .await?
             }
-            Some(acks) => {
+            (Some(acks), _) => {
                 let mut writer = acks.writer().await?;
                 // An append may queue behind the writer's WAIT (see
                 // `ReplicaAcks`): it may take that long more.
@@ -327,6 +350,77 @@ impl Store {
             message: ChatMessage::new(id, message.room.clone(), message.text.clone()),
             repeated: outcome == "repeat",
         })
+    }
+
+    /// Cluster mode with replica acknowledgements: runs the append and then
+    /// `WAIT` as one pipeline, which redis-rs sends on its connection to the
+    /// primary of the append's slot (the pipeline's only key; it follows
+    /// the slot across failovers as it does for any command), so that
+    /// `WAIT` counts the append (it counts the writes of the connection it
+    /// is sent on); and then tells the frontends that replicas hold the
+    /// room up to the new id. Each append waits for its own `WAIT`: the
+    /// writer connection, which `WAIT` holds, carries appends only.
+    async fn append_replicated(
+        &self,
+        cluster: &ClusterLink,
+        room: &Room,
+        invocation: &redis::Cmd,
+    ) -> Result<(String, String), StoreError> {
+        let mut writer = self.bounded(cluster.writer()).await?;
+        let timeout_ms = u64::try_from(cluster.ack_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut pipeline = redis::pipe();
+        pipeline
+            .add_command(invocation.clone())
+            .cmd("WAIT")
+            .arg(cluster.min_replicas_acked)
+            .arg(timeout_ms);
+        let limit = self.0.timeout + cluster.ack_timeout;
+        let mut values = self
+            .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
+            .await;
+        let no_script = |e: &StoreError| matches!(e, StoreError::Redis(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+        if values.as_ref().is_err_and(no_script) {
+            self.bounded(self.0.script.load_async(&mut writer)).await?;
+            values = self
+                .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
+                .await;
+        }
+        let mut values = values?;
+        if matches!(values.first(), Some(redis::Value::ServerError(e)) if e.code() == "NOSCRIPT") {
+            self.bounded(self.0.script.load_async(&mut writer)).await?;
+            values = self
+                .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
+                .await?;
+        }
+        let mut values = values.into_iter();
+        let reply: (String, String) = redis::from_redis_value(
+            values
+                .next()
+                .ok_or_else(|| StoreError::Malformed("no reply".into()))?,
+        )
+        .map_err(|e| StoreError::from_redis(e.into()))?;
+        if reply.1 == "conflict" {
+            return Ok(reply);
+        }
+        let acked: u64 = values
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or(0);
+        if acked < u64::from(cluster.min_replicas_acked) {
+            return Err(StoreError::NotReplicated(AckError::TooFew {
+                acked,
+                needed: cluster.min_replicas_acked,
+                timeout: cluster.ack_timeout,
+            }));
+        }
+        let id = StreamId::parse(&reply.0).ok_or_else(|| StoreError::Malformed(reply.0.clone()))?;
+        let acked = super::acks::acked_invocation(&self.0.keys, room, id, self.0.room_ttl);
+        tokio::spawn(async move {
+            // Costs only delay when lost: frontends read the key as they
+            // sweep, and the next post's publishes a newer id.
+            let _ = acked.query_async::<i64>(&mut writer).await;
+        });
+        Ok(reply)
     }
 
     /// The last `limit` messages of `room` older than `before` (all, if
@@ -433,16 +527,17 @@ impl Store {
         self.0.health.clone()
     }
 
-    /// A connection to Redis: the one Redis, or the primary (waiting up to
-    /// the command timeout for one while there is none).
-    async fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    /// A connection to Redis: the one Redis, the primary (waiting up to
+    /// the command timeout for one while there is none), or the cluster.
+    async fn connection(&self) -> Result<Conn, StoreError> {
         self.connection_within(self.0.timeout).await
     }
 
     /// [`Store::connection`], waiting at most `limit` for a primary.
-    async fn connection_within(&self, limit: Duration) -> Result<ConnectionManager, StoreError> {
+    async fn connection_within(&self, limit: Duration) -> Result<Conn, StoreError> {
         match &self.0.link {
-            Link::Fixed(manager) => Ok(manager.clone()),
+            Link::Fixed(manager) => Ok(Conn::Manager(manager.clone())),
+            Link::Cluster(cluster) => Ok(Conn::Cluster(self.bounded(cluster.reader()).await?)),
             Link::Following {
                 primary,
                 manager_config,
@@ -455,7 +550,7 @@ impl Store {
                 let mut current = lock(current);
                 match &*current {
                     Some((generation, manager)) if *generation == resolved.generation => {
-                        Ok(manager.clone())
+                        Ok(Conn::Manager(manager.clone()))
                     }
                     _ => {
                         let client = primary.client(&resolved, redis::ProtocolVersion::RESP2)?;
@@ -464,7 +559,7 @@ impl Store {
                             manager_config.clone(),
                         )?;
                         *current = Some((resolved.generation, manager.clone()));
-                        Ok(manager)
+                        Ok(Conn::Manager(manager))
                     }
                 }
             }
@@ -521,8 +616,77 @@ impl Store {
     }
 }
 
+/// A connection of the store: to one server, or to the cluster.
+#[derive(Clone)]
+enum Conn {
+    Manager(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Manager(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Manager(conn) => conn.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Manager(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// Cluster mode: redis-rs's cluster connections, made on first use (and
+/// again after a failure to make them). Appends that wait for replicas go
+/// over a connection of their own, which their `WAIT`s hold.
+struct ClusterLink {
+    client: ClusterClient,
+    /// The writer's: its commands may wait for `WAIT` as well.
+    writer_client: ClusterClient,
+    reader: tokio::sync::OnceCell<ClusterConnection>,
+    writer: tokio::sync::OnceCell<ClusterConnection>,
+    min_replicas_acked: u32,
+    ack_timeout: Duration,
+}
+
+impl ClusterLink {
+    async fn reader(&self) -> redis::RedisResult<ClusterConnection> {
+        let conn = self
+            .reader
+            .get_or_try_init(|| self.client.get_async_connection());
+        conn.await.cloned()
+    }
+
+    async fn writer(&self) -> redis::RedisResult<ClusterConnection> {
+        let conn = self
+            .writer
+            .get_or_try_init(|| self.writer_client.get_async_connection());
+        conn.await.cloned()
+    }
+}
+
 /// How the store reaches Redis.
 enum Link {
+    /// Cluster mode: the cluster, through redis-rs's cluster client.
+    Cluster(Box<ClusterLink>),
     /// One Redis (`redis.url`): one connection, remade by redis-rs.
     Fixed(ConnectionManager),
     /// Sentinel mode: a connection to the primary of one generation.

@@ -1,0 +1,254 @@
+//! chat-ha on a real Redis Cluster (three primaries, three replicas, on
+//! loopback): messages of rooms in every shard reach the feeds that follow
+//! them, once and in order, a resuming client reads what it missed, and a
+//! primary killed under a stream of posts loses no acknowledged message.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_ha::config::Config;
+use chat_ha::delivery::shards::slot;
+use chat_ha::delivery::{Feed, Interest, Keys, RedisHealth, Store};
+use chat_ha::message::{ChatMessage, Room, StreamId};
+use common::cluster::Cluster;
+use common::{Forward, post};
+use tokio::sync::mpsc;
+
+/// The longest any awaited event may take: a failover takes a few seconds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A configuration of cluster mode, found through every node.
+fn config(cluster: &Cluster, dir: &std::path::Path, extra: &str) -> Config {
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|node| format!("\"{}\"", node.url()))
+        .collect();
+    let path = dir.join("chat-ha.toml");
+    let text = format!(
+        "[redis]\ncluster = [{}]\ncommand_timeout_ms = 1000\nreconnect_min_ms = 50\n\
+         reconnect_max_ms = 500\n{extra}\n",
+        seeds.join(", ")
+    );
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path, true).unwrap()
+}
+
+/// Rooms whose keys are on each primary, `per_primary` of each.
+fn rooms_on_every_primary(cluster: &Cluster, config: &Config, per_primary: usize) -> Vec<Room> {
+    let keys = Keys::new(&config.redis);
+    let mut rooms: BTreeMap<usize, Vec<Room>> = BTreeMap::new();
+    for n in 0.. {
+        let room = Room::parse(&format!("room-{n}")).unwrap();
+        let owner = cluster.owner(slot(&keys.room(&room)));
+        let on = rooms.entry(owner).or_default();
+        if on.len() < per_primary {
+            on.push(room);
+        }
+        if rooms.len() == cluster.primaries().len()
+            && rooms.values().all(|r| r.len() == per_primary)
+        {
+            break;
+        }
+    }
+    rooms.into_values().flatten().collect()
+}
+
+/// A feed of `config` following `rooms`, and what it delivers.
+async fn follow(
+    config: &Config,
+    rooms: &[Room],
+) -> (Interest, mpsc::UnboundedReceiver<ChatMessage>) {
+    let (feed, interest) = Feed::new(config, RedisHealth::new()).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
+    for room in rooms {
+        interest
+            .follow(room, PATIENCE)
+            .await
+            .unwrap_or_else(|| panic!("the feed follows {room} on the cluster"));
+    }
+    (interest, rx)
+}
+
+async fn receive(rx: &mut mpsc::UnboundedReceiver<ChatMessage>, count: usize) -> Vec<ChatMessage> {
+    let mut got = Vec::with_capacity(count);
+    while got.len() < count {
+        match tokio::time::timeout(PATIENCE, rx.recv()).await {
+            Ok(Some(message)) => got.push(message),
+            _ => panic!("received {} of {count} messages", got.len()),
+        }
+    }
+    got
+}
+
+fn by_room(messages: &[ChatMessage]) -> BTreeMap<String, Vec<ChatMessage>> {
+    let mut rooms: BTreeMap<String, Vec<ChatMessage>> = BTreeMap::new();
+    for message in messages {
+        rooms
+            .entry(message.room.as_str().to_owned())
+            .or_default()
+            .push(message.clone());
+    }
+    rooms
+}
+
+/// Two feeds, as two frontends would, each following rooms on every
+/// primary (one room in common): each gets every message of its rooms,
+/// once, in the room's order, and nothing else; a client resuming a room
+/// reads what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_in_every_shard_reach_the_feeds_that_follow_them() {
+    let cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&cluster, dir.path(), "min_replicas_acked = 1\n");
+    let rooms = rooms_on_every_primary(&cluster, &config, 2);
+    let (first, second) = (&rooms[..rooms.len() / 2 + 1], &rooms[rooms.len() / 2..]);
+    let (_one, mut one) = follow(&config, first).await;
+    let (_two, mut two) = follow(&config, second).await;
+    let store = Store::new(&config).unwrap();
+
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        let room = &rooms[i % rooms.len()];
+        let message = post(room.as_str(), &format!("message {i}"));
+        sent.push(store.append(&message, None).await.unwrap().message);
+    }
+    let wanted = |rooms: &[Room]| -> Vec<ChatMessage> {
+        sent.iter()
+            .filter(|m| rooms.contains(&m.room))
+            .cloned()
+            .collect()
+    };
+    for (rx, rooms) in [(&mut one, first), (&mut two, second)] {
+        let expected = wanted(rooms);
+        let got = receive(rx, expected.len()).await;
+        assert_eq!(
+            by_room(&got),
+            by_room(&expected),
+            "each room once, in order"
+        );
+    }
+    // Nothing more: a fence in a room both follow is the next thing each gets.
+    let shared = &rooms[rooms.len() / 2];
+    let fence = store
+        .append(&post(shared.as_str(), "fence"), None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(receive(&mut one, 1).await, [fence.clone()]);
+    assert_eq!(receive(&mut two, 1).await, [fence.clone()]);
+
+    // A client that saw the room's first message resumes from it.
+    let history: Vec<ChatMessage> = sent.iter().filter(|m| m.room == *shared).cloned().collect();
+    let page = store
+        .page(shared, history[0].id, fence.id, 100, 1 << 20)
+        .await
+        .unwrap();
+    let mut missed = history[1..].to_vec();
+    missed.push(fence);
+    assert_eq!(page, missed);
+}
+
+/// A primary killed with SIGKILL under a stream of posts to rooms on every
+/// shard: posts to the other shards never fail; posts to its shard fail
+/// (503, retried with their key) until its replica has taken over and has
+/// a replica again (the killed node, restarted), as a post is acknowledged
+/// only once a replica holds it; every acknowledged message reaches the
+/// feed once, in its room's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
+    let mut cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &cluster,
+        dir.path(),
+        "min_replicas_acked = 1
+",
+    );
+    let rooms = rooms_on_every_primary(&cluster, &config, 1);
+    let keys = Keys::new(&config.redis);
+    let victim_slot = slot(&keys.room(&rooms[0]));
+    let victim = cluster.owner(victim_slot);
+    let replica = cluster.replica_of(victim);
+    let mut restarted = false;
+    let (_interest, mut rx) = follow(&config, &rooms).await;
+    let store = Store::new(&config).unwrap();
+
+    let mut acknowledged: Vec<ChatMessage> = Vec::new();
+    let mut failed_elsewhere = Vec::new();
+    let mut killed_at = None;
+    let mut back_after = None;
+    for i in 0.. {
+        if i == 30 {
+            tokio::task::block_in_place(|| cluster.kill(victim));
+            killed_at = Some(Instant::now());
+        }
+        let room = &rooms[i % rooms.len()];
+        let key = chat_ha::message::IdempotencyKey::parse(&format!("post-{i}")).unwrap();
+        let key = chat_ha::delivery::PostKey::message(&key, room);
+        let message = post(room.as_str(), &format!("post {i}"));
+        // Retried with its key until acknowledged, as a client given 503 does.
+        let appended = loop {
+            match store.append(&message, Some(&key)).await {
+                Ok(appended) => break appended,
+                Err(e) => {
+                    if i % rooms.len() != 0 {
+                        failed_elsewhere.push(format!("{room}: {e}"));
+                    }
+                    if killed_at.is_some() && !restarted {
+                        // Its replica takes over; the killed node comes back
+                        // (as systemd restarts it) as the new primary's
+                        // replica, and replicas hold posts again.
+                        tokio::task::block_in_place(|| {
+                            cluster.wait_owner(victim_slot, replica);
+                            cluster.restart(victim);
+                            cluster.wait_replica(victim, replica);
+                        });
+                        restarted = true;
+                    }
+                    assert!(
+                        killed_at.is_some_and(|at| at.elapsed() < PATIENCE),
+                        "post {i} to {room} failed: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        if killed_at.is_some() && back_after.is_none() && i % rooms.len() == 0 {
+            back_after = killed_at.map(|at| at.elapsed());
+        }
+        acknowledged.push(appended.message);
+        if back_after.is_some() && i >= 60 {
+            break;
+        }
+    }
+    let back_after = back_after.unwrap();
+    println!("posts to the killed primary's shard resumed {back_after:?} after the kill");
+    assert!(
+        failed_elsewhere.is_empty(),
+        "posts to other shards failed: {failed_elsewhere:?}"
+    );
+    // Each acknowledged message once: a repeat with the key returns it.
+    let unique: BTreeSet<(String, StreamId)> = acknowledged
+        .iter()
+        .map(|m| (m.room.as_str().to_owned(), m.id))
+        .collect();
+    assert_eq!(unique.len(), acknowledged.len());
+    let got = receive(&mut rx, acknowledged.len()).await;
+    assert_eq!(
+        by_room(&got),
+        by_room(&acknowledged),
+        "every acknowledged message once, in order"
+    );
+    let fence_room = &rooms[0];
+    let fence = store
+        .append(&post(fence_room.as_str(), "fence"), None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(receive(&mut rx, 1).await, [fence], "nothing twice");
+}
