@@ -110,18 +110,7 @@ fn hash_tag(key: &[u8]) -> &[u8] {
 /// CRC16-CCITT as Redis Cluster uses it (XMODEM: polynomial 0x1021,
 /// initial value 0, no reflection).
 fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 == 0 {
-                crc << 1
-            } else {
-                (crc << 1) ^ 0x1021
-            };
-        }
-    }
-    crc
+    crc16::State::<crc16::XMODEM>::calculate(data)
 }
 
 /// Builds a client, logged in as the daemons are, for a cluster node the
