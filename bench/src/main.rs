@@ -106,6 +106,10 @@ struct Args {
     /// hold it (chat-ha only).
     #[arg(long, default_value_t = 0)]
     redis_replicas: usize,
+    /// Start a Redis Cluster of this many primaries (no replicas) instead
+    /// of one Redis: the daemons run in cluster mode (chat-ha only).
+    #[arg(long, default_value_t = 0)]
+    redis_cluster: usize,
     /// With --redis-replicas: redis.min_replicas_acked (0: no WAIT).
     #[arg(long, default_value_t = 1)]
     replicas_acked: usize,
@@ -266,6 +270,13 @@ fn main() -> ExitCode {
 
 /// Combinations of options that cannot work.
 fn check_args(args: &Args) -> Result<(), String> {
+    if args.redis_cluster > 0 && (args.redis_replicas > 0 || args.stack != Stack::ChatHa) {
+        return Err(
+            "--redis-cluster runs chat-ha on a cluster of primaries: not with \
+             --redis-replicas, nor with another stack"
+                .into(),
+        );
+    }
     if args.idle_frontends > 0 && (args.haproxy || !args.frontend_urls.is_empty()) {
         return Err(
             "--idle-frontends starts frontends no client reaches: not with --haproxy, \
@@ -403,6 +414,7 @@ async fn run(
                 lb_maxconn,
                 redis_replicas: args.redis_replicas,
                 replicas_acked: args.replicas_acked,
+                redis_cluster: args.redis_cluster,
                 write_window_us: args.write_window_us,
                 keep_dir: args.keep_logs,
             };

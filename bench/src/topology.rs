@@ -137,6 +137,9 @@ pub struct Plan {
     /// them to hold each message before answering 201.
     pub redis_replicas: usize,
     pub replicas_acked: usize,
+    /// Redis Cluster primaries to start instead of one Redis (0: none): the
+    /// daemons run in cluster mode, the slots spread evenly over them.
+    pub redis_cluster: usize,
     /// chat-ha's `frontend.write_window_us`.
     pub write_window_us: u32,
     pub keep_dir: bool,
@@ -300,6 +303,79 @@ impl Topology {
         Ok(port)
     }
 
+    /// Starts one Redis, and with `plan.redis_replicas` its replicas and a
+    /// Sentinel; the `[redis]` keys that reach it, and its URL.
+    fn redis_keys(&mut self, plan: &Plan) -> Result<(String, String), String> {
+        let redis_port = self.start_redis(plan, "redis", &[])?;
+        let url = format!("redis://127.0.0.1:{redis_port}/0");
+        if plan.redis_replicas == 0 {
+            return Ok((format!("url = \"{url}\"\n"), url));
+        }
+        let sentinel_port = self.start_replicas_and_sentinel(plan, redis_port)?;
+        let keys = format!(
+            "sentinels = [\"redis://127.0.0.1:{sentinel_port}\"]\nsentinel_master = \"{SENTINEL_MASTER}\"\n\
+             min_replicas_acked = {}\n",
+            plan.replicas_acked
+        );
+        Ok((keys, url))
+    }
+
+    /// Starts `plan.redis_cluster` Redis Cluster primaries (no replicas),
+    /// introduces them to each other and gives each an equal range of the
+    /// slots; their ports once every node says the cluster is ok.
+    fn start_cluster(&mut self, plan: &Plan) -> Result<Vec<u16>, String> {
+        let count = plan.redis_cluster;
+        let mut nodes = Vec::with_capacity(count);
+        for i in 0..count {
+            let bus = free_port().map_err(|e| e.to_string())?;
+            let name = format!("redis{i}");
+            let config_file = self.dir.join(format!("{name}-nodes.conf"));
+            let port = self.start_redis(
+                plan,
+                &name,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--cluster-config-file",
+                    &config_file.display().to_string(),
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )?;
+            nodes.push((port, bus));
+        }
+        let (first, _) = nodes[0];
+        for &(port, bus) in &nodes[1..] {
+            redis_query(first, &format!("CLUSTER MEET 127.0.0.1 {port} {bus}"))
+                .filter(|reply| reply.starts_with("+OK"))
+                .ok_or_else(|| format!("CLUSTER MEET of the node on {port} failed"))?;
+        }
+        let slots = 16384 / count;
+        for (i, &(port, _)) in nodes.iter().enumerate() {
+            let from = i * slots;
+            let to = if i + 1 == count {
+                16383
+            } else {
+                from + slots - 1
+            };
+            redis_query(port, &format!("CLUSTER ADDSLOTSRANGE {from} {to}"))
+                .filter(|reply| reply.starts_with("+OK"))
+                .ok_or_else(|| format!("CLUSTER ADDSLOTSRANGE on {port} failed"))?;
+        }
+        let ports: Vec<u16> = nodes.iter().map(|(port, _)| *port).collect();
+        self.wait_for("redis0", "the cluster", || {
+            ports.iter().all(|port| {
+                redis_query(*port, "CLUSTER INFO").is_some_and(|info| {
+                    info.contains("cluster_state:ok")
+                        && info.contains(&format!("cluster_known_nodes:{count}"))
+                })
+            })
+        })?;
+        Ok(ports)
+    }
+
     /// Waits up to 20 s for `what` to be `ready`, failing early if the
     /// started process named `process` exited.
     fn wait_for(
@@ -325,17 +401,17 @@ impl Topology {
             check_node_dir(&plan.node_dir)?;
         }
 
-        let redis_port = self.start_redis(plan, "redis", &[])?;
-        let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
-        let redis_keys = if plan.redis_replicas == 0 {
-            format!("url = \"{redis_url}\"\n")
+        // The other stacks take the URL of the one Redis.
+        let (redis_keys, redis_url) = if plan.redis_cluster > 0 {
+            let ports = self.start_cluster(plan)?;
+            let seeds: Vec<String> = ports
+                .iter()
+                .map(|port| format!("\"redis://127.0.0.1:{port}\""))
+                .collect();
+            let keys = format!("cluster = [{}]\nmin_replicas_acked = 0\n", seeds.join(", "));
+            (keys, format!("redis://127.0.0.1:{}/0", ports[0]))
         } else {
-            let sentinel_port = self.start_replicas_and_sentinel(plan, redis_port)?;
-            format!(
-                "sentinels = [\"redis://127.0.0.1:{sentinel_port}\"]\nsentinel_master = \"{SENTINEL_MASTER}\"\n\
-                 min_replicas_acked = {}\n",
-                plan.replicas_acked
-            )
+            self.redis_keys(plan)?
         };
         let config = self.dir.join("chat-ha.toml");
         let text = format!(
@@ -712,6 +788,7 @@ mod tests {
             lb_processes: 0,
             lb_maxconn: 0,
             redis_replicas: 0,
+            redis_cluster: 0,
             replicas_acked: 1,
             write_window_us: 0,
             keep_dir: false,
