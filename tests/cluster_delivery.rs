@@ -252,3 +252,98 @@ async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
         .message;
     assert_eq!(receive(&mut rx, 1).await, [fence], "nothing twice");
 }
+
+/// A room's slot moved to another primary while posts keep coming to it and
+/// to rooms on other shards: `MOVED` and `ASK` are followed (a post that
+/// meets the move is retried with its key), and every acknowledged message
+/// reaches the feed once, in its room's order, through the subscription on
+/// the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_under_posts_loses_nothing() {
+    let cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&cluster, dir.path(), "min_replicas_acked = 1\n");
+    let rooms = rooms_on_every_primary(&cluster, &config, 1);
+    let keys = Keys::new(&config.redis);
+    let moving = slot(&keys.room(&rooms[0]));
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != cluster.owner(moving))
+        .unwrap();
+    let store = Store::new(&config).unwrap();
+    // Keys in the slot (a record per post with a key), so that moving it
+    // takes several batches.
+    for i in 0..400 {
+        let key = chat_ha::message::IdempotencyKey::parse(&format!("before-{i}")).unwrap();
+        let key = chat_ha::delivery::PostKey::message(&key, &rooms[0]);
+        let message = post(rooms[0].as_str(), &format!("before {i}"));
+        store.append(&message, Some(&key)).await.unwrap();
+    }
+    let (_interest, mut rx) = follow(&config, &rooms).await;
+
+    // Posts go on from before the move begins until well after it ended.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (posted, mut progress) = tokio::sync::watch::channel(0usize);
+    let poster = tokio::spawn({
+        let (store, rooms, stop) = (store.clone(), rooms.clone(), stop.clone());
+        async move {
+            let mut acknowledged = Vec::new();
+            let mut retries = 0;
+            let mut i = 0;
+            let mut after_stop = 0;
+            while after_stop < 30 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    after_stop += 1;
+                }
+                let room = &rooms[i % rooms.len()];
+                let key = chat_ha::message::IdempotencyKey::parse(&format!("move-{i}")).unwrap();
+                let key = chat_ha::delivery::PostKey::message(&key, room);
+                let message = post(room.as_str(), &format!("post {i}"));
+                let started = Instant::now();
+                let appended = loop {
+                    match store.append(&message, Some(&key)).await {
+                        Ok(appended) => break appended,
+                        Err(e) => {
+                            assert!(started.elapsed() < PATIENCE, "post {i} to {room}: {e}");
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                };
+                acknowledged.push(appended.message);
+                i += 1;
+                posted.send_replace(i);
+            }
+            (acknowledged, retries)
+        }
+    });
+    progress.wait_for(|&n| n >= 10).await.unwrap();
+    let before = *progress.borrow();
+    tokio::task::block_in_place(|| cluster.migrate_slot(moving, to));
+    let during = *progress.borrow() - before;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acknowledged, retries) = poster.await.unwrap();
+    println!(
+        "{} posts acknowledged ({during} while slot {moving} moved to node {to}), {retries} retried",
+        acknowledged.len()
+    );
+    assert_eq!(cluster.owner(moving), to);
+    let got = receive(&mut rx, acknowledged.len()).await;
+    assert_eq!(
+        by_room(&got),
+        by_room(&acknowledged),
+        "every acknowledged message once, in order"
+    );
+    // The moved room is still followed, on its new owner.
+    let fence = store
+        .append(&post(rooms[0].as_str(), "fence"), None)
+        .await
+        .unwrap()
+        .message;
+    assert_eq!(
+        receive(&mut rx, 1).await,
+        [fence],
+        "nothing twice, and live"
+    );
+}
