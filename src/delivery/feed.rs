@@ -61,6 +61,17 @@
 //! the store's append script), so they are not hidden behind the cursor by
 //! a new primary's slower clock.
 //!
+//! # On a Redis Cluster
+//!
+//! Commands go through redis-rs's cluster client, which sends each to the
+//! node of its key's slot; the subscriptions ([`Subscriptions`]) keep each
+//! room's channel subscribed on whichever primary holds its slot. When a
+//! shard fails over, or a slot moves, the rooms of the slot are subscribed
+//! again on their new node and read on from their cursors, as after a
+//! reconnection. A room confirmed on another node than before gives up what
+//! it held for replicas and reads it again from the new node, whose entries
+//! count as replicated (as after a Sentinel failover).
+//!
 //! # Only what replicas hold reaches sockets
 //!
 //! With `redis.min_replicas_acked` > 0, the append script publishes a
