@@ -279,17 +279,23 @@ impl TryFrom<RedisKeys> for RedisConfig {
     type Error = String;
     /// The mode the keys describe; an error names the key at fault.
     fn try_from(keys: RedisKeys) -> Result<Self, String> {
-        let given = [
-            keys.url.is_some(),
-            keys.sentinels.is_some(),
-            keys.cluster.is_some(),
-        ];
-        if given.iter().filter(|given| **given).count() > 1 {
-            return Err(
-                "more than one of redis.url, redis.sentinels and redis.cluster is set: give \
-                 exactly one (one Redis, the Sentinels of a replicated one, or a cluster)"
-                    .into(),
-            );
+        let given: Vec<&str> = [
+            ("redis.url", keys.url.is_some()),
+            ("redis.sentinels", keys.sentinels.is_some()),
+            ("redis.cluster", keys.cluster.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, given)| given.then_some(key))
+        .collect();
+        if given.len() > 1 {
+            let set = match given.as_slice() {
+                [a, b] => format!("{a} and {b} are both set"),
+                _ => "redis.url, redis.sentinels and redis.cluster are all set".to_owned(),
+            };
+            return Err(format!(
+                "{set}: give exactly one (one Redis, the Sentinels of a replicated one, \
+                 or a cluster)"
+            ));
         }
         let sentinel_only = [
             ("redis.sentinel_master", keys.sentinel_master.is_some()),
@@ -1127,7 +1133,7 @@ mod tests {
             ),
             (
                 "cluster = [\"redis://a:1\"]\nurl = \"redis://b:1\"",
-                "more than one of redis.url, redis.sentinels and redis.cluster",
+                "redis.url and redis.cluster are both set",
             ),
             (
                 "cluster = [\"redis://a:1\"]\nsentinel_master = \"m\"",
