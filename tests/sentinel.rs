@@ -863,6 +863,10 @@ async fn the_daemons_and_a_failover_work_with_every_server_and_sentinel_locked()
         )
     });
     assert_eq!(recorded, id, "the replicated position, set as chat-ha");
+    // A post to another room: its stream ends before this backend's newest
+    // id, which the append script then checks against Redis's clock.
+    let (status, body) = service.post("acl-other", "another room", "key-other").await;
+    assert_eq!(status, 201, "{body}");
 
     // Both status answers name the primary they follow.
     let primary = format!("127.0.0.1:{}", service.set.servers[0].port);
