@@ -291,7 +291,7 @@ async fn a_room_left_is_let_go_after_the_grace_and_can_be_followed_again() {
     tokio::spawn(feed.run(Arc::new(Leaving { messages, left })));
     let mut conn = connect(&redis).await;
     let channel = room_key(&config, "rooma");
-    follow_rooms(&interest, &["rooma"]).await;
+    follow_rooms(&interest, &["rooma", "roomb"]).await;
 
     // Left, and joined again at once: still followed, nothing missed.
     interest.leave(&room("rooma"));
@@ -299,15 +299,21 @@ async fn a_room_left_is_let_go_after_the_grace_and_can_be_followed_again() {
     let kept = append_numbered(&store, "rooma", "kept", 3).await;
     assert_eq!(receive(&mut rx, 3).await, kept);
 
-    // Left for good: let go once the grace is over.
+    // Left for good: let go once the grace is over. Another room left and
+    // kept (someone came in without waiting for the feed) stays followed.
     let started = std::time::Instant::now();
     interest.leave(&room("rooma"));
+    interest.leave(&room("roomb"));
+    interest.keep(&room("roomb"));
     let let_go = tokio::time::timeout(Duration::from_secs(20), gone.recv())
         .await
         .expect("the room is let go")
         .unwrap();
     assert_eq!(let_go, room("rooma"));
     assert!(started.elapsed() >= chat_ha::delivery::LEAVE_GRACE);
+    let still = append_numbered(&store, "roomb", "still followed", 1).await;
+    assert_eq!(receive(&mut rx, 1).await, still);
+    assert!(gone.try_recv().is_err(), "only rooma was let go");
     // The subscription is dropped as the room is let go.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while subscribers(&mut conn, &[&channel]).await != [0] {

@@ -192,6 +192,14 @@ impl Interest {
         tokio::time::timeout(limit, position).await.ok()?.ok()
     }
 
+    /// Someone is in `room` again: the feed keeps following it (or follows
+    /// it again), without waiting for an answer. Sent after a
+    /// [`Interest::leave`] of the room, it cancels it.
+    pub fn keep(&self, room: &Room) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.0.send(Request::Follow(room.clone(), reply));
+    }
+
     /// Nobody is in `room` any more: the feed lets it go after
     /// [`LEAVE_GRACE`], unless someone joins it again.
     pub fn leave(&self, room: &Room) {

@@ -228,6 +228,16 @@ impl Rooms {
         self.metrics.rooms.set(shared.members.len() as i64);
     }
 
+    /// Tells the feed, when nobody was in `room`, that someone is now; the
+    /// caller holds the lock. The room was followed before the socket came
+    /// (the join asked the feed first), but the last socket before it may
+    /// have left meanwhile: this cancels that leave.
+    fn occupy(&self, shared: &Shared, room: &Room) {
+        if !shared.members.contains_key(room) && !shared.resuming.contains_key(room) {
+            self.interest.keep(room);
+        }
+    }
+
     /// Tells the feed that nobody is in `room` any more, if so; the caller
     /// holds the lock.
     fn leave_if_empty(&self, shared: &Shared, room: &Room) {
@@ -259,6 +269,7 @@ impl Rooms {
             return Err(JoinError::TooManyRooms(self.max_rooms));
         }
         rooms.push(room.clone());
+        self.occupy(shared, room);
         shared
             .members
             .entry(room.clone())
@@ -451,7 +462,10 @@ impl Rooms {
             Some(since) => self.resume(socket, room, since, followed).await,
             None => {
                 let mut shared = self.shared.lock().await;
-                self.enter(&mut shared, socket, &room)?;
+                if let Err(refused) = self.enter(&mut shared, socket, &room) {
+                    self.leave_if_empty(&shared, &room);
+                    return Err(refused);
+                }
                 Ok(Joined {
                     room,
                     resumed: false,
@@ -597,6 +611,7 @@ impl Rooms {
     /// or the last message delivered since.
     async fn register(&self, socket: &SocketRef, room: &Room, followed: StreamId) -> StreamId {
         let mut shared = self.shared.lock().await;
+        self.occupy(&shared, room);
         let cursor = shared.cursors.entry(room.clone()).or_insert(followed);
         *cursor = (*cursor).max(followed);
         let cursor = *cursor;
