@@ -347,3 +347,36 @@ async fn a_slot_moved_under_posts_loses_nothing() {
         "nothing twice, and live"
     );
 }
+
+/// On a cluster whose nodes know the shipped chat-ha ACL user, the daemons'
+/// work logged in as it: topology, appends waiting for a replica, the
+/// rooms' subscriptions, their reads, history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_work_on_a_cluster_as_the_limited_acl_user() {
+    const PASSWORD: &str = "cluster-acl-test-password";
+    let cluster = tokio::task::block_in_place(Cluster::start);
+    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
+    for node in &cluster.nodes {
+        let _: () = node.query(redis::cmd("ACL").arg("SETUSER").arg(&rules));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let extra = format!(
+        "min_replicas_acked = 1\nusername = \"chat-ha\"\npassword_file = \"{}\"\n",
+        password.display()
+    );
+    let config = config(&cluster, dir.path(), &extra);
+    let rooms = rooms_on_every_primary(&cluster, &config, 1);
+    let (_interest, mut rx) = follow(&config, &rooms).await;
+    let store = Store::new(&config).unwrap();
+    let mut sent = Vec::new();
+    for (i, room) in rooms.iter().enumerate() {
+        let message = post(room.as_str(), &format!("as chat-ha {i}"));
+        sent.push(store.append(&message, None).await.unwrap().message);
+    }
+    let got = receive(&mut rx, sent.len()).await;
+    assert_eq!(by_room(&got), by_room(&sent));
+    let history = store.history(&rooms[0], 10, None, 1 << 20).await.unwrap();
+    assert_eq!(history, [sent[0].clone()]);
+}
