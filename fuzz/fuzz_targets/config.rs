@@ -41,6 +41,9 @@ fuzz_target!(|data: &[u8]| {
                 RedisMode::Sentinel(sentinel) => {
                     sentinel.sentinels.iter().map(|url| url.as_str()).collect()
                 }
+                RedisMode::Cluster(cluster) => {
+                    cluster.seeds.iter().map(|url| url.as_str()).collect()
+                }
             };
             for url in urls {
                 assert!(
