@@ -43,7 +43,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -89,6 +89,10 @@ end
 return published
 ";
 
+/// [`ACKED_SCRIPT`], called by its digest.
+pub(super) static ACKED: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(ACKED_SCRIPT));
+
 /// One room's [`ACKED_SCRIPT`] call: replicas hold `room` up to `id`.
 pub(super) fn acked_invocation(
     keys: &Keys,
@@ -96,10 +100,8 @@ pub(super) fn acked_invocation(
     id: StreamId,
     room_ttl: Duration,
 ) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(ACKED_SCRIPT)
-        .arg(2)
-        .arg(keys.acked(room))
+    let mut cmd = super::script::evalsha(&ACKED, 2);
+    cmd.arg(keys.acked(room))
         .arg(keys.room(room))
         .arg(room_ttl.as_secs())
         .arg(id.to_string());
@@ -154,7 +156,6 @@ struct Shared {
     primary: Primary,
     config: RedisConfig,
     keys: Keys,
-    acked_script: redis::Script,
     /// How long a room's `acked` key lives: as long as the room.
     room_ttl: Duration,
     /// The writer that took the last ticket, and the newest id appended on
@@ -192,7 +193,6 @@ impl ReplicaAcks {
             primary,
             config: config.clone(),
             keys: Keys::new(config),
-            acked_script: redis::Script::new(ACKED_SCRIPT),
             room_ttl,
             newest: std::sync::Mutex::new((0, HashMap::new())),
             needed: sentinel.min_replicas_acked,
@@ -370,30 +370,19 @@ impl Shared {
         }
         let mut pipeline = redis::pipe();
         for rooms in by_partition.values() {
-            let mut invocation = pipeline
-                .cmd("EVALSHA")
-                .arg(self.acked_script.get_hash())
-                .arg(rooms.len() * 2);
+            let mut invocation = super::script::evalsha(&ACKED, rooms.len() * 2);
             for (room, _) in rooms {
-                invocation = invocation
+                invocation
                     .arg(self.keys.acked(room))
                     .arg(self.keys.room(room));
             }
-            invocation = invocation.arg(self.room_ttl.as_secs());
+            invocation.arg(self.room_ttl.as_secs());
             for (_, id) in rooms {
-                invocation = invocation.arg(id.to_string());
+                invocation.arg(id.to_string());
             }
-            invocation.ignore();
+            pipeline.add_command(invocation).ignore();
         }
-        let published = match pipeline.query_async::<()>(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                match self.acked_script.load_async(&mut conn).await {
-                    Ok(_) => pipeline.query_async::<()>(&mut conn).await,
-                    Err(e) => Err(e),
-                }
-            }
-            result => result,
-        };
+        let published = super::script::run::<(), _>(&ACKED, &pipeline, &mut conn).await;
         if let Err(e) = published {
             tracing::debug!(
                 "could not publish that replicas hold {} rooms: {e}",

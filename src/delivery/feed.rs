@@ -111,6 +111,7 @@
 //!
 //! Without replica acknowledgements, nothing is held.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -654,19 +655,23 @@ impl Feed {
 impl State {
     /// The room followed, following it if it was not.
     fn follow(&mut self, keys: &Keys, room: Room) -> &mut Followed {
-        if !self.rooms.contains_key(&room) {
-            self.channels.insert(keys.room(&room), room.clone());
-            self.sweep.push_back(room.clone());
-        }
-        let followed = self.rooms.entry(room).or_insert_with_key(|room| Followed {
-            channel: keys.room(room),
-            position: None,
-            held: Held::default(),
-            delivered: StreamId::ZERO,
-            node: None,
-            waiting: Vec::new(),
-            leaving: None,
-        });
+        let followed = match self.rooms.entry(room) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let channel = keys.room(entry.key());
+                self.channels.insert(channel.clone(), entry.key().clone());
+                self.sweep.push_back(entry.key().clone());
+                entry.insert(Followed {
+                    channel,
+                    position: None,
+                    held: Held::default(),
+                    delivered: StreamId::ZERO,
+                    node: None,
+                    waiting: Vec::new(),
+                    leaving: None,
+                })
+            }
+        };
         followed.leaving = None;
         followed
     }
@@ -774,11 +779,9 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         }
     }
 
-    /// Notes that `room` is now served by `node`. Another node than before
-    /// (a Redis Cluster's failover, or a moved slot), with entries held for
-    /// replicas: those may be gone with the old node; they are dropped and
-    /// the room is read again after its last released entry, from the new
-    /// node, whose entries survived: they count as replicated.
+    /// Notes that `room` is now served by `node`: another node than before
+    /// (a Redis Cluster's failover, or a moved slot) is a new primary for
+    /// the room.
     async fn moved(&mut self, room: &Room, node: &str) -> Result<(), FeedError> {
         let Some(followed) = self.state.rooms.get_mut(room) else {
             return Ok(());
@@ -787,11 +790,33 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         if !self.settings.holding || before.is_none_or(|before| before == node) {
             return Ok(());
         }
+        self.on_new_primary(room).await
+    }
+
+    /// Every room is on a new primary (a Sentinel failover).
+    async fn follow_new_primary(&mut self) -> Result<(), FeedError> {
+        let rooms: Vec<Room> = self.state.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.on_new_primary(&room).await?;
+        }
+        Ok(())
+    }
+
+    /// `room` is on a new primary. The entries held for replicas may be
+    /// gone with the old one: they are dropped, with those taken and not
+    /// held yet, and the room is read again after its last released entry,
+    /// from the new primary, whose entries survived: they count as
+    /// replicated.
+    async fn on_new_primary(&mut self, room: &Room) -> Result<(), FeedError> {
+        let Some(followed) = self.state.rooms.get_mut(room) else {
+            return Ok(());
+        };
         let released = followed.held.released;
         let dropped = followed.held.drop_after(released);
         if followed.position.is_some() {
             followed.position = Some(Position::at(released));
         }
+        self.state.holding.remove(room);
         self.state.held_entries -= dropped.len();
         self.state.held_bytes -= dropped.iter().map(|m| m.message.len()).sum::<usize>();
         self.batch.retain(|m| m.room != *room);
@@ -799,30 +824,6 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         let last = self.last_id(room).await?;
         if let Some(followed) = self.state.rooms.get_mut(room) {
             followed.held.replicated = followed.held.replicated.max(last);
-        }
-        Ok(())
-    }
-
-    /// Drops every entry held from a primary that is gone: each room is
-    /// read again, from the new one, after its last released entry; and
-    /// what the new one holds survived the failover: it counts as
-    /// replicated.
-    async fn follow_new_primary(&mut self) -> Result<(), FeedError> {
-        for room in std::mem::take(&mut self.state.holding) {
-            if let Some(followed) = self.state.rooms.get_mut(&room) {
-                let released = followed.held.released;
-                followed.held.drop_after(released);
-                followed.position = Some(Position::at(released));
-            }
-        }
-        self.state.held_entries = 0;
-        self.state.held_bytes = 0;
-        let rooms: Vec<Room> = self.state.rooms.keys().cloned().collect();
-        for room in rooms {
-            let last = self.last_id(&room).await?;
-            if let Some(followed) = self.state.rooms.get_mut(&room) {
-                followed.held.replicated = followed.held.replicated.max(last);
-            }
         }
         Ok(())
     }
@@ -1190,10 +1191,19 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         Ok(recorded.as_deref().and_then(StreamId::parse))
     }
 
+    /// The name of `room`'s stream (and channel), as worked out when the
+    /// room was followed.
+    fn stream(&self, room: &Room) -> String {
+        self.state
+            .rooms
+            .get(room)
+            .map_or_else(|| self.settings.keys.room(room), |f| f.channel.clone())
+    }
+
     /// The id of the newest entry of `room`, so delivery starts after it.
     async fn last_id(&mut self, room: &Room) -> Result<StreamId, FeedError> {
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.settings.keys.room(room))
+        cmd.arg(self.stream(room))
             .arg("+")
             .arg("-")
             .arg("COUNT")
@@ -1215,7 +1225,7 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         from: StreamId,
     ) -> Result<Vec<(StreamId, Option<String>)>, FeedError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(self.settings.keys.room(room))
+        cmd.arg(self.stream(room))
             .arg(from.to_string())
             .arg("+")
             .arg("COUNT")
@@ -1234,7 +1244,7 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
     /// Whether `room`'s stream holds an entry older than `id`.
     async fn holds_older(&mut self, room: &Room, id: StreamId) -> Result<bool, FeedError> {
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(self.settings.keys.room(room))
+        cmd.arg(self.stream(room))
             .arg(format!("({id}"))
             .arg("-")
             .arg("COUNT")

@@ -9,12 +9,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 
 use super::acks::{AckError, ReplicaAcks};
 use super::primary::Primary;
+use super::script;
 use super::{Entries, Keys, PostKey, RedisHealth, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, PostMessage, Room, StreamId};
@@ -103,32 +104,6 @@ for _, entry in ipairs(entries) do
 end
 return page
 ";
-
-/// An `EVALSHA` of `script` with `keys` keys, to which the keys and then the
-/// arguments are added. Built as one command, where redis-rs's
-/// `ScriptInvocation` would first copy each key and argument once more: the
-/// append runs once per post.
-fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(keys);
-    cmd
-}
-
-/// Runs `cmd`, an [`evalsha`] of `script`, loading the script first when
-/// this Redis does not have it yet (a new or restarted server).
-async fn eval<T: redis::FromRedisValue>(
-    script: &redis::Script,
-    cmd: &redis::Cmd,
-    conn: &mut impl redis::aio::ConnectionLike,
-) -> redis::RedisResult<T> {
-    match cmd.query_async(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            cmd.query_async(conn).await
-        }
-        result => result,
-    }
-}
 
 /// Messages read from Redis at once for a history answer.
 const HISTORY_PAGE: usize = 50;
@@ -295,7 +270,7 @@ impl Store {
         key: Option<&PostKey>,
     ) -> Result<Appended, StoreError> {
         let room = &message.room;
-        let mut invocation = evalsha(&self.0.script, 1 + usize::from(key.is_some()));
+        let mut invocation = script::evalsha(&self.0.script, 1 + usize::from(key.is_some()));
         invocation.arg(self.0.keys.room(room));
         if let Some(key) = key {
             invocation.arg(self.0.keys.post(room, key));
@@ -315,7 +290,7 @@ impl Store {
             }
             (None, _) => {
                 let mut conn = self.connection().await?;
-                self.bounded(eval(&self.0.script, &invocation, &mut conn))
+                self.bounded(script::run(&self.0.script, &invocation, &mut conn))
                     .await?
             }
             (Some(acks), _) => {
@@ -324,7 +299,10 @@ impl Store {
                 // `ReplicaAcks`): it may take that long more.
                 let limit = self.0.timeout + acks.timeout();
                 let reply = self
-                    .bounded_by(limit, eval(&self.0.script, &invocation, &mut writer.conn))
+                    .bounded_by(
+                        limit,
+                        script::run(&self.0.script, &invocation, &mut writer.conn),
+                    )
                     .await;
                 if reply.is_err() {
                     acks.drop_writer(writer.id).await;
@@ -375,37 +353,12 @@ impl Store {
             .arg(cluster.min_replicas_acked)
             .arg(timeout_ms);
         let limit = self.0.timeout + cluster.ack_timeout;
-        let mut values = self
-            .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
-            .await;
-        let no_script = |e: &StoreError| matches!(e, StoreError::Redis(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
-        if values.as_ref().is_err_and(no_script) {
-            self.bounded(self.0.script.load_async(&mut writer)).await?;
-            values = self
-                .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
-                .await;
-        }
-        let mut values = values?;
-        if matches!(values.first(), Some(redis::Value::ServerError(e)) if e.code() == "NOSCRIPT") {
-            self.bounded(self.0.script.load_async(&mut writer)).await?;
-            values = self
-                .bounded_by(limit, writer.req_packed_commands(&pipeline, 0, 2))
-                .await?;
-        }
-        let mut values = values.into_iter();
-        let reply: (String, String) = redis::from_redis_value(
-            values
-                .next()
-                .ok_or_else(|| StoreError::Malformed("no reply".into()))?,
-        )
-        .map_err(|e| StoreError::from_redis(e.into()))?;
+        let (reply, acked): ((String, String), u64) = self
+            .bounded_by(limit, script::run(&self.0.script, &pipeline, &mut writer))
+            .await?;
         if reply.1 == "conflict" {
             return Ok(reply);
         }
-        let acked: u64 = values
-            .next()
-            .and_then(|v| redis::from_redis_value(v).ok())
-            .unwrap_or(0);
         if acked < u64::from(cluster.min_replicas_acked) {
             return Err(StoreError::NotReplicated(AckError::TooFew {
                 acked,
@@ -418,7 +371,7 @@ impl Store {
         tokio::spawn(async move {
             // Costs only delay when lost: frontends read the key as they
             // sweep, and the next post's publishes a newer id.
-            let _ = acked.query_async::<i64>(&mut writer).await;
+            let _ = script::run::<i64, _>(&super::acks::ACKED, &acked, &mut writer).await;
         });
         Ok(reply)
     }
