@@ -90,12 +90,13 @@ test-rust: deps-apt
 	# Short benchmark runs: each fails on any lost, duplicated or refused
 	# message. socket.io 4 clients and one Redis; socket.io 2.x clients;
 	# Sentinel mode, each post acknowledged by a replica; a Redis Cluster
-	# of three primaries; the plain socketioxide stack the figures compare
-	# against.
+	# of three primaries, then with a replica each acknowledging every
+	# post; the plain socketioxide stack the figures compare against.
 	$(CARGO) run --locked -q -p chat-bench -- --smoke
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --eio 3
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-replicas 2
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-cluster 3 --rooms 30
+	$(CARGO) run --locked -q -p chat-bench -- --smoke --redis-cluster 3 --redis-replicas 1 --rooms 30
 	$(CARGO) build $(SIO)
 	$(CARGO) run --locked -q -p chat-bench -- --smoke --stack socketioxide
 

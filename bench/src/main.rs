@@ -103,11 +103,12 @@ struct Args {
     redis_server: PathBuf,
     /// Start this many Redis replicas and a Sentinel: the daemons run in
     /// Sentinel mode, and a post is answered once --replicas-acked replicas
-    /// hold it (chat-ha only).
+    /// hold it (chat-ha only). With --redis-cluster: this many replicas of
+    /// each primary.
     #[arg(long, default_value_t = 0)]
     redis_replicas: usize,
-    /// Start a Redis Cluster of this many primaries (no replicas) instead
-    /// of one Redis: the daemons run in cluster mode (chat-ha only).
+    /// Start a Redis Cluster of this many primaries instead of one Redis:
+    /// the daemons run in cluster mode (chat-ha only).
     #[arg(long, default_value_t = 0)]
     redis_cluster: usize,
     /// With --redis-replicas: redis.min_replicas_acked (0: no WAIT).
@@ -270,12 +271,8 @@ fn main() -> ExitCode {
 
 /// Combinations of options that cannot work.
 fn check_args(args: &Args) -> Result<(), String> {
-    if args.redis_cluster > 0 && (args.redis_replicas > 0 || args.stack != Stack::ChatHa) {
-        return Err(
-            "--redis-cluster runs chat-ha on a cluster of primaries: not with \
-             --redis-replicas, nor with another stack"
-                .into(),
-        );
+    if args.redis_cluster > 0 && args.stack != Stack::ChatHa {
+        return Err("--redis-cluster runs chat-ha on a cluster: not another stack".into());
     }
     if args.idle_frontends > 0 && (args.haproxy || !args.frontend_urls.is_empty()) {
         return Err(
@@ -588,6 +585,7 @@ async fn measure(
         "backends": backs.len(),
         "haproxy": args.haproxy,
         "redis_replicas": args.redis_replicas,
+        "redis_cluster": args.redis_cluster,
         "write_window_us": args.write_window_us,
         "cpu_hogs": args.cpu_hogs,
         "eio": args.eio,
@@ -1079,8 +1077,13 @@ fn print_report(r: &Value) {
         } else {
             ""
         },
-        match r["redis_replicas"].as_u64() {
-            Some(n) if n > 0 => format!(
+        match (r["redis_cluster"].as_u64(), r["redis_replicas"].as_u64()) {
+            (Some(c), Some(n)) if c > 0 && n > 0 => format!(
+                ", a Redis Cluster of {c} primaries with {n} replicas each, {} acknowledging each post",
+                r["replicas_acked"]
+            ),
+            (Some(c), _) if c > 0 => format!(", a Redis Cluster of {c} primaries"),
+            (_, Some(n)) if n > 0 => format!(
                 ", Redis with {n} replicas behind a Sentinel, {} acknowledging each post",
                 r["replicas_acked"]
             ),

@@ -138,7 +138,8 @@ pub struct Plan {
     pub redis_replicas: usize,
     pub replicas_acked: usize,
     /// Redis Cluster primaries to start instead of one Redis (0: none): the
-    /// daemons run in cluster mode, the slots spread evenly over them.
+    /// daemons run in cluster mode, the slots spread evenly over them; each
+    /// has `redis_replicas` replicas.
     pub redis_cluster: usize,
     /// chat-ha's `frontend.write_window_us`.
     pub write_window_us: u32,
@@ -320,40 +321,57 @@ impl Topology {
         Ok((keys, url))
     }
 
-    /// Starts `plan.redis_cluster` Redis Cluster primaries (no replicas),
-    /// introduces them to each other and gives each an equal range of the
-    /// slots; their ports once every node says the cluster is ok.
+    /// Starts one Redis Cluster node named `name`; its port and bus port.
+    fn start_cluster_node(&mut self, plan: &Plan, name: &str) -> Result<(u16, u16), String> {
+        let bus = free_port().map_err(|e| e.to_string())?;
+        let config_file = self.dir.join(format!("{name}-nodes.conf"));
+        let port = self.start_redis(
+            plan,
+            name,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                &config_file.display().to_string(),
+                "--cluster-node-timeout",
+                "2000",
+            ],
+        )?;
+        Ok((port, bus))
+    }
+
+    /// Starts a Redis Cluster of `plan.redis_cluster` primaries, each with
+    /// `plan.redis_replicas` replicas: introduces the nodes to each other,
+    /// gives each primary an equal range of the slots and its replicas;
+    /// the primaries' ports once every node says the cluster is ok and
+    /// every replica is in sync.
     fn start_cluster(&mut self, plan: &Plan) -> Result<Vec<u16>, String> {
         let count = plan.redis_cluster;
-        let mut nodes = Vec::with_capacity(count);
+        let mut primaries = Vec::with_capacity(count);
         for i in 0..count {
-            let bus = free_port().map_err(|e| e.to_string())?;
-            let name = format!("redis{i}");
-            let config_file = self.dir.join(format!("{name}-nodes.conf"));
-            let port = self.start_redis(
-                plan,
-                &name,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                    "--cluster-config-file",
-                    &config_file.display().to_string(),
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-            )?;
-            nodes.push((port, bus));
+            primaries.push(self.start_cluster_node(plan, &format!("redis{i}"))?);
         }
-        let (first, _) = nodes[0];
-        for &(port, bus) in &nodes[1..] {
+        let mut replicas = Vec::new();
+        for i in 0..count {
+            for r in 0..plan.redis_replicas {
+                let (port, bus) = self.start_cluster_node(plan, &format!("replica{i}-{r}"))?;
+                replicas.push((i, port, bus));
+            }
+        }
+        let (first, _) = primaries[0];
+        let others = primaries[1..]
+            .iter()
+            .copied()
+            .chain(replicas.iter().map(|&(_, port, bus)| (port, bus)));
+        for (port, bus) in others {
             redis_query(first, &format!("CLUSTER MEET 127.0.0.1 {port} {bus}"))
                 .filter(|reply| reply.starts_with("+OK"))
                 .ok_or_else(|| format!("CLUSTER MEET of the node on {port} failed"))?;
         }
         let slots = 16384 / count;
-        for (i, &(port, _)) in nodes.iter().enumerate() {
+        for (i, &(port, _)) in primaries.iter().enumerate() {
             let from = i * slots;
             let to = if i + 1 == count {
                 16383
@@ -364,13 +382,31 @@ impl Topology {
                 .filter(|reply| reply.starts_with("+OK"))
                 .ok_or_else(|| format!("CLUSTER ADDSLOTSRANGE on {port} failed"))?;
         }
-        let ports: Vec<u16> = nodes.iter().map(|(port, _)| *port).collect();
+        let nodes = count * (1 + plan.redis_replicas);
+        let known = format!("cluster_known_nodes:{nodes}");
+        // A replica can be given its primary once it knows the primary.
+        self.wait_for("redis0", "the cluster's nodes", || {
+            replicas.iter().all(|&(_, port, _)| {
+                redis_query(port, "CLUSTER INFO").is_some_and(|info| info.contains(&known))
+            })
+        })?;
+        for &(i, port, _) in &replicas {
+            let (primary, _) = primaries[i];
+            let id = redis_query(primary, "CLUSTER MYID")
+                .and_then(|reply| reply.lines().nth(1).map(str::to_owned))
+                .ok_or_else(|| format!("CLUSTER MYID on {primary} failed"))?;
+            redis_query(port, &format!("CLUSTER REPLICATE {id}"))
+                .filter(|reply| reply.starts_with("+OK"))
+                .ok_or_else(|| format!("CLUSTER REPLICATE on {port} failed"))?;
+        }
+        let ports: Vec<u16> = primaries.iter().map(|(port, _)| *port).collect();
+        let in_sync = plan.redis_replicas;
         self.wait_for("redis0", "the cluster", || {
             ports.iter().all(|port| {
-                redis_query(*port, "CLUSTER INFO").is_some_and(|info| {
-                    info.contains("cluster_state:ok")
-                        && info.contains(&format!("cluster_known_nodes:{count}"))
-                })
+                redis_query(*port, "CLUSTER INFO")
+                    .is_some_and(|info| info.contains("cluster_state:ok") && info.contains(&known))
+                    && redis_query(*port, "INFO replication")
+                        .is_some_and(|info| info.matches("state=online").count() == in_sync)
             })
         })?;
         Ok(ports)
@@ -408,7 +444,15 @@ impl Topology {
                 .iter()
                 .map(|port| format!("\"redis://127.0.0.1:{port}\""))
                 .collect();
-            let keys = format!("cluster = [{}]\nmin_replicas_acked = 0\n", seeds.join(", "));
+            let acked = if plan.redis_replicas > 0 {
+                plan.replicas_acked
+            } else {
+                0
+            };
+            let keys = format!(
+                "cluster = [{}]\nmin_replicas_acked = {acked}\n",
+                seeds.join(", ")
+            );
             (keys, format!("redis://127.0.0.1:{}/0", ports[0]))
         } else {
             self.redis_keys(plan)?

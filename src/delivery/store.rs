@@ -6,6 +6,7 @@
 //! changes; appends then take a connection of their own, on which the
 //! replicas' acknowledgement is awaited ([`ReplicaAcks`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -219,7 +220,8 @@ impl Store {
                     client,
                     writer_client,
                     reader: tokio::sync::OnceCell::new(),
-                    writer: tokio::sync::OnceCell::new(),
+                    writers: std::array::from_fn(|_| tokio::sync::OnceCell::new()),
+                    next_writer: AtomicUsize::new(0),
                     min_replicas_acked: cluster.min_replicas_acked,
                     ack_timeout: cluster.replica_ack_timeout(),
                 }));
@@ -336,8 +338,8 @@ impl Store {
     /// the slot across failovers as it does for any command), so that
     /// `WAIT` counts the append (it counts the writes of the connection it
     /// is sent on); and then tells the frontends that replicas hold the
-    /// room up to the new id. Each append waits for its own `WAIT`: the
-    /// writer connection, which `WAIT` holds, carries appends only.
+    /// room up to the new id. Each append waits for its own `WAIT`, on one
+    /// of the writer connections, which carry appends only.
     async fn append_replicated(
         &self,
         cluster: &ClusterLink,
@@ -609,13 +611,16 @@ impl redis::aio::ConnectionLike for Conn {
 
 /// Cluster mode: redis-rs's cluster connections, made on first use (and
 /// again after a failure to make them). Appends that wait for replicas go
-/// over a connection of their own, which their `WAIT`s hold.
+/// over connections of their own, which their `WAIT`s hold: [`WRITERS`] of
+/// them, taken in turn, so that that many `WAIT`s can be out at once on
+/// each node.
 struct ClusterLink {
     client: ClusterClient,
-    /// The writer's: its commands may wait for `WAIT` as well.
+    /// The writers': their commands may wait for `WAIT` as well.
     writer_client: ClusterClient,
     reader: tokio::sync::OnceCell<ClusterConnection>,
-    writer: tokio::sync::OnceCell<ClusterConnection>,
+    writers: [tokio::sync::OnceCell<ClusterConnection>; WRITERS],
+    next_writer: AtomicUsize,
     min_replicas_acked: u32,
     ack_timeout: Duration,
 }
@@ -629,12 +634,17 @@ impl ClusterLink {
     }
 
     async fn writer(&self) -> redis::RedisResult<ClusterConnection> {
-        let conn = self
-            .writer
-            .get_or_try_init(|| self.writer_client.get_async_connection());
+        let turn = self.next_writer.fetch_add(1, Ordering::Relaxed) % WRITERS;
+        let conn = self.writers[turn].get_or_try_init(|| self.writer_client.get_async_connection());
         conn.await.cloned()
     }
 }
+
+/// Cluster mode with replica acknowledgements: connections appends take in
+/// turn. A `WAIT` holds its connection until the replicas answer, so one
+/// connection would let a node confirm one append per round trip to its
+/// replicas, and posts would queue behind each other's `WAIT`.
+const WRITERS: usize = 8;
 
 /// How the store reaches Redis.
 enum Link {
