@@ -153,6 +153,16 @@ async fn rooms_in_every_shard_reach_the_feeds_that_follow_them() {
     assert_eq!(page, missed);
 }
 
+/// How a primary fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// SIGKILL: its connections are reset at once; it is restarted.
+    Killed,
+    /// SIGSTOP: it stops answering on open connections, as a host powered
+    /// off does; it goes on (SIGCONT) later, as the host powered on.
+    Frozen,
+}
+
 /// A primary killed with SIGKILL under a stream of posts to rooms on every
 /// shard: posts to the other shards never fail; posts to its shard fail
 /// (503, retried with their key) until its replica has taken over and has
@@ -161,6 +171,18 @@ async fn rooms_in_every_shard_reach_the_feeds_that_follow_them() {
 /// feed once, in its room's order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
+    a_primary_fails_under_posts(Fault::Killed).await;
+}
+
+/// The same with a primary that stops answering without closing its
+/// connections, as a host powered off: posts to the other shards never
+/// fail either, though requests to it hang until they time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_under_posts_loses_no_acknowledged_message() {
+    a_primary_fails_under_posts(Fault::Frozen).await;
+}
+
+async fn a_primary_fails_under_posts(fault: Fault) {
     let mut cluster = tokio::task::block_in_place(Cluster::start);
     let dir = tempfile::tempdir().unwrap();
     let config = config(
@@ -184,7 +206,10 @@ async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
     let mut back_after = None;
     for i in 0.. {
         if i == 30 {
-            tokio::task::block_in_place(|| cluster.kill(victim));
+            tokio::task::block_in_place(|| match fault {
+                Fault::Killed => cluster.kill(victim),
+                Fault::Frozen => cluster.freeze(victim),
+            });
             killed_at = Some(Instant::now());
         }
         let room = &rooms[i % rooms.len()];
@@ -205,7 +230,10 @@ async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
                         // replica, and replicas hold posts again.
                         tokio::task::block_in_place(|| {
                             cluster.wait_owner(victim_slot, replica);
-                            cluster.restart(victim);
+                            match fault {
+                                Fault::Killed => cluster.restart(victim),
+                                Fault::Frozen => cluster.thaw(victim),
+                            }
                             cluster.wait_replica(victim, replica);
                         });
                         restarted = true;
@@ -227,7 +255,9 @@ async fn a_primary_killed_under_posts_loses_no_acknowledged_message() {
         }
     }
     let back_after = back_after.unwrap();
-    println!("posts to the killed primary's shard resumed {back_after:?} after the kill");
+    println!(
+        "{fault:?}: posts to the failed primary's shard resumed {back_after:?} after the fault"
+    );
     assert!(
         failed_elsewhere.is_empty(),
         "posts to other shards failed: {failed_elsewhere:?}"

@@ -31,6 +31,8 @@ pub struct ClusterNode {
     pub id: String,
     dir: PathBuf,
     process: Option<Process>,
+    /// Stopped with SIGSTOP: running, but answering nothing.
+    frozen: bool,
 }
 
 impl ClusterNode {
@@ -39,8 +41,9 @@ impl ClusterNode {
         format!("redis://127.0.0.1:{}/?protocol=resp3", self.port)
     }
 
+    /// Whether the node runs and answers.
     pub fn is_running(&self) -> bool {
-        self.process.is_some()
+        self.process.is_some() && !self.frozen
     }
 
     /// Runs `cmd` on this node (over RESP2), failing the test on error.
@@ -408,6 +411,23 @@ impl Cluster {
         process.wait(Duration::from_secs(10));
     }
 
+    /// Freezes node `index` (SIGSTOP), as a host that lost power or its
+    /// network stops answering: its connections stay open, and whatever is
+    /// sent on them waits for an answer that does not come.
+    pub fn freeze(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        node.process.as_ref().expect("a running node").signal(19);
+        node.frozen = true;
+    }
+
+    /// Lets a frozen node go on (SIGCONT), as the host coming back: it
+    /// finds it was failed over, and becomes the new primary's replica.
+    pub fn thaw(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        node.process.as_ref().expect("a frozen node").signal(18);
+        node.frozen = false;
+    }
+
     /// Starts node `index` again, on its ports and with its data: it keeps
     /// its id, and rejoins the cluster.
     pub fn restart(&mut self, index: usize) {
@@ -525,6 +545,7 @@ fn start_node(root: &Path, index: usize) -> ClusterNode {
             id: String::new(),
             dir: dir.clone(),
             process: None,
+            frozen: false,
         };
         node.start();
         if node.wait_up() {
