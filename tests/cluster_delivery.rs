@@ -182,82 +182,144 @@ async fn a_primary_that_stops_answering_under_posts_loses_no_acknowledged_messag
     a_primary_fails_under_posts(Fault::Frozen).await;
 }
 
-async fn a_primary_fails_under_posts(fault: Fault) {
-    let mut cluster = tokio::task::block_in_place(Cluster::start);
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &cluster,
-        dir.path(),
-        "min_replicas_acked = 1
-",
-    );
-    let rooms = rooms_on_every_primary(&cluster, &config, 1);
-    let keys = Keys::new(&config.redis);
-    let victim_slot = slot(&keys.room(&rooms[0]));
-    let victim = cluster.owner(victim_slot);
-    let replica = cluster.replica_of(victim);
-    let mut restarted = false;
-    let (_interest, mut rx) = follow(&config, &rooms).await;
-    let store = Store::new(&config).unwrap();
+/// What the posters of [`a_primary_fails_under_posts`] record.
+#[derive(Default)]
+struct Posted {
+    acknowledged: Vec<ChatMessage>,
+    /// Failed tries: the room, when, and why.
+    failed: Vec<(Room, Instant, String)>,
+}
 
-    let mut acknowledged: Vec<ChatMessage> = Vec::new();
-    let mut failed_elsewhere = Vec::new();
-    let mut killed_at = None;
-    let mut back_after = None;
+/// Posts to `room` one message after another, each retried with its key
+/// until acknowledged (as a client given 503 does), until `stop`.
+async fn keep_posting(
+    store: Arc<Store>,
+    room: Room,
+    posted: Arc<std::sync::Mutex<Posted>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
     for i in 0.. {
-        if i == 30 {
-            tokio::task::block_in_place(|| match fault {
-                Fault::Killed => cluster.kill(victim),
-                Fault::Frozen => cluster.freeze(victim),
-            });
-            killed_at = Some(Instant::now());
+        if stop.load(Ordering::SeqCst) {
+            return;
         }
-        let room = &rooms[i % rooms.len()];
         let key = chat_ha::message::IdempotencyKey::parse(&format!("post-{i}")).unwrap();
-        let key = chat_ha::delivery::PostKey::message(&key, room);
+        let key = chat_ha::delivery::PostKey::message(&key, &room);
         let message = post(room.as_str(), &format!("post {i}"));
-        // Retried with its key until acknowledged, as a client given 503 does.
-        let appended = loop {
+        loop {
             match store.append(&message, Some(&key)).await {
-                Ok(appended) => break appended,
+                Ok(appended) => {
+                    posted.lock().unwrap().acknowledged.push(appended.message);
+                    break;
+                }
                 Err(e) => {
-                    if i % rooms.len() != 0 {
-                        failed_elsewhere.push(format!("{room}: {e}"));
-                    }
-                    if killed_at.is_some() && !restarted {
-                        // Its replica takes over; the killed node comes back
-                        // (as systemd restarts it) as the new primary's
-                        // replica, and replicas hold posts again.
-                        tokio::task::block_in_place(|| {
-                            cluster.wait_owner(victim_slot, replica);
-                            match fault {
-                                Fault::Killed => cluster.restart(victim),
-                                Fault::Frozen => cluster.thaw(victim),
-                            }
-                            cluster.wait_replica(victim, replica);
-                        });
-                        restarted = true;
-                    }
-                    assert!(
-                        killed_at.is_some_and(|at| at.elapsed() < PATIENCE),
-                        "post {i} to {room} failed: {e}"
-                    );
+                    let failure = (room.clone(), Instant::now(), e.to_string());
+                    posted.lock().unwrap().failed.push(failure);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-        };
-        if killed_at.is_some() && back_after.is_none() && i % rooms.len() == 0 {
-            back_after = killed_at.map(|at| at.elapsed());
         }
-        acknowledged.push(appended.message);
-        if back_after.is_some() && i >= 60 {
-            break;
-        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let back_after = back_after.unwrap();
+}
+
+/// Waits until `enough` says yes of what was posted.
+async fn wait_posted(
+    posted: &std::sync::Mutex<Posted>,
+    what: &str,
+    enough: impl Fn(&Posted) -> bool,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    while !enough(&posted.lock().unwrap()) {
+        assert!(Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn a_primary_fails_under_posts(fault: Fault) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&cluster, dir.path(), "min_replicas_acked = 1\n");
+    let rooms = rooms_on_every_primary(&cluster, &config, 1);
+    let keys = Keys::new(&config.redis);
+    let victim_room = rooms[0].clone();
+    let victim_slot = slot(&keys.room(&victim_room));
+    let victim = cluster.owner(victim_slot);
+    let replica = cluster.replica_of(victim);
+    let (_interest, mut rx) = follow(&config, &rooms).await;
+    let store = Arc::new(Store::new(&config).unwrap());
+    let posted = Arc::new(std::sync::Mutex::new(Posted::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let posters: Vec<_> = rooms
+        .iter()
+        .map(|room| {
+            tokio::spawn(keep_posting(
+                store.clone(),
+                room.clone(),
+                posted.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let acked_in = |p: &Posted, victims: bool| {
+        p.acknowledged
+            .iter()
+            .filter(|m| (m.room == victim_room) == victims)
+            .count()
+    };
+    wait_posted(&posted, "30 posts", |p| p.acknowledged.len() >= 30).await;
+
+    let fault_at = Instant::now();
+    tokio::task::block_in_place(|| match fault {
+        Fault::Killed => cluster.kill(victim),
+        Fault::Frozen => cluster.freeze(victim),
+    });
+    // Its replica takes over; the other shards take posts all along.
+    tokio::task::block_in_place(|| cluster.wait_owner(victim_slot, replica));
+    let failover = fault_at.elapsed();
+    let others = acked_in(&posted.lock().unwrap(), false);
+    wait_posted(&posted, "30 more posts to the other shards", |p| {
+        acked_in(p, false) >= others + 30
+    })
+    .await;
+    // The failed node comes back (restarted, as systemd does; or powered on)
+    // as the new primary's replica, and replicas hold posts again.
+    let victims = acked_in(&posted.lock().unwrap(), true);
+    tokio::task::block_in_place(|| {
+        match fault {
+            Fault::Killed => cluster.restart(victim),
+            Fault::Frozen => cluster.thaw(victim),
+        }
+        cluster.wait_replica(victim, replica);
+    });
+    wait_posted(&posted, "posts to the failed shard again", |p| {
+        acked_in(p, true) >= victims + 10
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for poster in posters {
+        poster.await.unwrap();
+    }
+    let Posted {
+        acknowledged,
+        failed,
+    } = std::mem::take(&mut *posted.lock().unwrap());
+    let back_after = failed
+        .iter()
+        .filter(|(room, _, _)| *room == victim_room)
+        .map(|(_, at, _)| *at)
+        .max()
+        .map(|last| last.duration_since(fault_at));
     println!(
-        "{fault:?}: posts to the failed primary's shard resumed {back_after:?} after the fault"
+        "{fault:?}: failover after {failover:?}; the last failed post to the failed shard \
+         {back_after:?} after the fault"
     );
+    let failed_elsewhere: Vec<_> = failed
+        .iter()
+        .filter(|(room, _, _)| *room != victim_room)
+        .map(|(room, at, e)| format!("{room} at +{:?}: {e}", at.duration_since(fault_at)))
+        .collect();
     assert!(
         failed_elsewhere.is_empty(),
         "posts to other shards failed: {failed_elsewhere:?}"
@@ -274,9 +336,8 @@ async fn a_primary_fails_under_posts(fault: Fault) {
         by_room(&acknowledged),
         "every acknowledged message once, in order"
     );
-    let fence_room = &rooms[0];
     let fence = store
-        .append(&post(fence_room.as_str(), "fence"), None)
+        .append(&post(victim_room.as_str(), "fence"), None)
         .await
         .unwrap()
         .message;
