@@ -77,38 +77,6 @@ pub fn client(
     logged_in(config, info, protocol)
 }
 
-/// Cluster mode: a client of the whole cluster (redis-rs's, which sends
-/// each command to the node holding its key's slot, and follows the
-/// cluster's `MOVED` and `ASK` answers), logged in as [`client`]'s are.
-/// Connects when a connection is asked of it. A command fails after
-/// `response_timeout` without an answer.
-pub fn cluster_client(
-    config: &RedisConfig,
-    cluster: &ClusterConfig,
-    protocol: ProtocolVersion,
-    response_timeout: std::time::Duration,
-) -> Result<redis::cluster::ClusterClient, ConnectError> {
-    if config.tls_ca_file.is_some() {
-        return Err(ConnectError::CaInCluster);
-    }
-    let seeds = cluster
-        .seeds
-        .iter()
-        .map(|url| url.as_str().into_connection_info())
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut builder = redis::cluster::ClusterClient::builder(seeds)
-        .use_protocol(protocol)
-        .connection_timeout(config.command_timeout())
-        .response_timeout(response_timeout);
-    if let Some(password) = password(config)? {
-        if !config.username.is_empty() {
-            builder = builder.username(&config.username);
-        }
-        builder = builder.password(password);
-    }
-    Ok(builder.build()?)
-}
-
 /// Cluster mode: where the shard subscriptions find the cluster (its seeds),
 /// and how they reach any node its topology names, logged in as
 /// [`client`]'s are, in RESP3 (the messages arrive as pushes).
@@ -116,18 +84,49 @@ pub fn cluster_nodes(
     config: &RedisConfig,
     cluster: &ClusterConfig,
 ) -> Result<super::shards::Nodes, ConnectError> {
+    let (seeds, client_for) = cluster_clients(config, cluster, ProtocolVersion::RESP3)?;
+    Ok(super::shards::Nodes::Cluster { seeds, client_for })
+}
+
+/// Cluster mode: where commands find the cluster, through [`cluster_clients`]
+/// in RESP2. Commands time out after `redis.command_timeout_ms`, those of
+/// writers after `write_timeout`.
+pub fn cluster_router(
+    config: &RedisConfig,
+    cluster: &ClusterConfig,
+    write_timeout: std::time::Duration,
+) -> Result<super::router::Router, ConnectError> {
+    if config.tls_ca_file.is_some() {
+        return Err(ConnectError::CaInCluster);
+    }
+    let (seeds, client_for) = cluster_clients(config, cluster, ProtocolVersion::RESP2)?;
+    Ok(super::router::Router::new(
+        seeds,
+        client_for,
+        config.command_timeout(),
+        write_timeout,
+    ))
+}
+
+/// Clients for a cluster's seeds, and the way to make one for any node the
+/// topology names, logged in as [`client`]'s are, in `protocol`.
+fn cluster_clients(
+    config: &RedisConfig,
+    cluster: &ClusterConfig,
+    protocol: ProtocolVersion,
+) -> Result<(Vec<redis::Client>, super::shards::ClientFor), ConnectError> {
     let tls = cluster.seeds.iter().any(|url| url.is_tls());
     let seeds = cluster
         .seeds
         .iter()
         .map(|url| {
             let info = url.as_str().into_connection_info()?;
-            logged_in(config, info, ProtocolVersion::RESP3)
+            logged_in(config, info, protocol)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let config = config.clone();
     let client_for: super::shards::ClientFor = std::sync::Arc::new(move |host: &str, port: u16| {
-        client_at(&config, host, port, tls, ProtocolVersion::RESP3).map_err(|e| {
+        client_at(&config, host, port, tls, protocol).map_err(|e| {
             redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "cannot reach a cluster node",
@@ -135,7 +134,7 @@ pub fn cluster_nodes(
             ))
         })
     });
-    Ok(super::shards::Nodes::Cluster { seeds, client_for })
+    Ok((seeds, client_for))
 }
 
 /// A client for the Redis server at `host`:`port` (a primary the Sentinels

@@ -244,9 +244,8 @@ impl Following {
 
 /// Cluster mode: how the feed reaches the cluster.
 struct ClusterFeed {
-    /// For commands: redis-rs's cluster client, which routes each to the
-    /// node of its key's slot.
-    client: redis::cluster::ClusterClient,
+    /// For commands: routes each to the node of its key's slot.
+    router: super::router::Router,
     redis: crate::config::RedisConfig,
     cluster: crate::config::ClusterConfig,
 }
@@ -435,12 +434,7 @@ impl Feed {
         let redis = &config.redis;
         let cluster = match &redis.mode {
             RedisMode::Cluster(cluster) => Some(ClusterFeed {
-                client: super::connect::cluster_client(
-                    redis,
-                    cluster,
-                    ProtocolVersion::RESP2,
-                    redis.command_timeout(),
-                )?,
+                router: super::connect::cluster_router(redis, cluster, redis.command_timeout())?,
                 redis: redis.clone(),
                 cluster: cluster.clone(),
             }),
@@ -542,7 +536,7 @@ impl Feed {
         pause: &mut Duration,
     ) -> Result<Infallible, FeedError> {
         if let Some(cluster) = &self.cluster {
-            let conn = cluster.client.get_async_connection().await?;
+            let conn = cluster.router.clone();
             let nodes = cluster.nodes()?;
             return self.session(conn, nodes, None, subscriber, pause).await;
         }

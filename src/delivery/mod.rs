@@ -49,6 +49,7 @@ mod acks;
 mod connect;
 mod feed;
 mod primary;
+mod router;
 mod script;
 pub mod shards;
 mod store;

@@ -230,7 +230,7 @@ impl Drop for Subscriptions {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ShardError {
+pub(super) enum ShardError {
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("the connection to {0} closed")]
@@ -251,7 +251,7 @@ enum ShardError {
 
 /// A node, as workers and the topology name it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum NodeId {
+pub(super) enum NodeId {
     /// The server of [`Nodes::One`].
     Single,
     At {
@@ -270,7 +270,7 @@ impl fmt::Display for NodeId {
 }
 
 /// The node a client connects to, when it names one by host and port.
-fn node_of(client: &redis::Client) -> Option<NodeId> {
+pub(super) fn node_of(client: &redis::Client) -> Option<NodeId> {
     match client.get_connection_info().addr() {
         redis::ConnectionAddr::Tcp(host, port)
         | redis::ConnectionAddr::TcpTls { host, port, .. } => Some(NodeId::At {
@@ -334,7 +334,7 @@ enum Report {
 
 /// Which primary owns each slot, as `CLUSTER SLOTS` said.
 #[derive(Debug, Default, PartialEq)]
-struct Topology {
+pub(super) struct Topology {
     /// Sorted, disjoint `(first, last, owner)` slot ranges.
     ranges: Vec<(u16, u16, NodeId)>,
 }
@@ -347,14 +347,14 @@ impl Topology {
         }
     }
 
-    fn owner(&self, slot: u16) -> Option<&NodeId> {
+    pub(super) fn owner(&self, slot: u16) -> Option<&NodeId> {
         let after = self.ranges.partition_point(|(first, _, _)| *first <= slot);
         let (_, last, owner) = self.ranges.get(after.checked_sub(1)?)?;
         (slot <= *last).then_some(owner)
     }
 
     /// The primaries, each once.
-    fn nodes(&self) -> BTreeSet<&NodeId> {
+    pub(super) fn nodes(&self) -> BTreeSet<&NodeId> {
         self.ranges.iter().map(|(_, _, node)| node).collect()
     }
 
@@ -362,7 +362,7 @@ impl Topology {
     /// `[first, last, primary, replicas...]`, a node being `[endpoint,
     /// port, id, ...]`. An empty or null endpoint means the node asked; `?`,
     /// an endpoint the node does not know: that range has no owner here.
-    fn parse(reply: Value, asked: &NodeId) -> Result<Self, ShardError> {
+    pub(super) fn parse(reply: Value, asked: &NodeId) -> Result<Self, ShardError> {
         let Value::Array(items) = reply else {
             return Err(ShardError::Malformed("not an array"));
         };

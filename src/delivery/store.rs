@@ -6,16 +6,14 @@
 //! changes; appends then take a connection of their own, on which the
 //! replicas' acknowledgement is awaited ([`ReplicaAcks`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
 
 use super::acks::{AckError, ReplicaAcks};
 use super::primary::Primary;
+use super::router::Router;
 use super::script;
 use super::{Entries, Keys, PostKey, RedisHealth, take_field};
 use crate::config::{Config, RedisMode};
@@ -210,18 +208,10 @@ impl Store {
                 (Link::Fixed(manager), None, None)
             }
             RedisMode::Cluster(cluster) => {
-                let resp2 = redis::ProtocolVersion::RESP2;
-                let timeout = redis.command_timeout();
-                let client = super::connect::cluster_client(redis, cluster, resp2, timeout)?;
                 // WAIT holds the answer back for up to its timeout.
-                let writing = timeout + cluster.replica_ack_timeout();
-                let writer_client = super::connect::cluster_client(redis, cluster, resp2, writing)?;
+                let writing = redis.command_timeout() + cluster.replica_ack_timeout();
                 let link = Link::Cluster(Box::new(ClusterLink {
-                    client,
-                    writer_client,
-                    reader: tokio::sync::OnceCell::new(),
-                    writers: std::array::from_fn(|_| tokio::sync::OnceCell::new()),
-                    next_writer: AtomicUsize::new(0),
+                    router: super::connect::cluster_router(redis, cluster, writing)?,
                     min_replicas_acked: cluster.min_replicas_acked,
                     ack_timeout: cluster.replica_ack_timeout(),
                 }));
@@ -333,7 +323,7 @@ impl Store {
     }
 
     /// Cluster mode with replica acknowledgements: runs the append and then
-    /// `WAIT` as one pipeline, which redis-rs sends on its connection to the
+    /// `WAIT` as one pipeline, which the router sends on a connection to the
     /// primary of the append's slot (the pipeline's only key; it follows
     /// the slot across failovers as it does for any command), so that
     /// `WAIT` counts the append (it counts the writes of the connection it
@@ -575,7 +565,7 @@ impl Store {
 #[derive(Clone)]
 enum Conn {
     Manager(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Router),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -609,46 +599,30 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-/// Cluster mode: redis-rs's cluster connections, made on first use (and
-/// again after a failure to make them). Appends that wait for replicas go
-/// over connections of their own, which their `WAIT`s hold: [`WRITERS`] of
-/// them, taken in turn, so that that many `WAIT`s can be out at once on
-/// each node.
+/// Cluster mode: the [`Router`], which makes each node's connections on
+/// first use (and again after a failure). Appends that wait for replicas go
+/// over the writers' connections, which their `WAIT`s hold: a few per node,
+/// taken in turn, so that that many `WAIT`s can be out at once on each
+/// node.
 struct ClusterLink {
-    client: ClusterClient,
-    /// The writers': their commands may wait for `WAIT` as well.
-    writer_client: ClusterClient,
-    reader: tokio::sync::OnceCell<ClusterConnection>,
-    writers: [tokio::sync::OnceCell<ClusterConnection>; WRITERS],
-    next_writer: AtomicUsize,
+    router: Router,
     min_replicas_acked: u32,
     ack_timeout: Duration,
 }
 
 impl ClusterLink {
-    async fn reader(&self) -> redis::RedisResult<ClusterConnection> {
-        let conn = self
-            .reader
-            .get_or_try_init(|| self.client.get_async_connection());
-        conn.await.cloned()
+    async fn reader(&self) -> redis::RedisResult<Router> {
+        Ok(self.router.clone())
     }
 
-    async fn writer(&self) -> redis::RedisResult<ClusterConnection> {
-        let turn = self.next_writer.fetch_add(1, Ordering::Relaxed) % WRITERS;
-        let conn = self.writers[turn].get_or_try_init(|| self.writer_client.get_async_connection());
-        conn.await.cloned()
+    async fn writer(&self) -> redis::RedisResult<Router> {
+        Ok(self.router.writer())
     }
 }
 
-/// Cluster mode with replica acknowledgements: connections appends take in
-/// turn. A `WAIT` holds its connection until the replicas answer, so one
-/// connection would let a node confirm one append per round trip to its
-/// replicas, and posts would queue behind each other's `WAIT`.
-const WRITERS: usize = 8;
-
 /// How the store reaches Redis.
 enum Link {
-    /// Cluster mode: the cluster, through redis-rs's cluster client.
+    /// Cluster mode: the cluster, through the [`Router`].
     Cluster(Box<ClusterLink>),
     /// One Redis (`redis.url`): one connection, remade by redis-rs.
     Fixed(ConnectionManager),

@@ -8,7 +8,9 @@
 //! A primary is taken for failed after `cluster-node-timeout` (two seconds
 //! here), and its replica may then be promoted however long ago it last
 //! heard from it (`cluster-replica-validity-factor 0`): a failover takes a
-//! few seconds.
+//! few seconds. Meanwhile the other primaries go on serving their slots
+//! (`cluster-require-full-coverage no`), as the settings chat-redis ships
+//! for a cluster node have them.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -97,6 +99,7 @@ impl ClusterNode {
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-node-timeout", "2000"])
             .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--cluster-require-full-coverage", "no"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args([
                 "--appendonly",
