@@ -241,7 +241,8 @@ test-packaging: deps-apt deb
 # redis1-3 boot with the packages of target/debian installed for their role
 # (chat-haproxy and keepalived; chat-frontend or chat-backend with
 # chat-ha-common; chat-redis and redis-sentinel), sharing the Redis
-# passwords made once per rig.
+# passwords made once per rig. CHAT_HA_RIG_REDIS=cluster: redis1-6, a Redis
+# Cluster (chat-redis with cluster mode on), in place of redis1-3.
 box:
 	tests/rig/box.sh
 rig: box
@@ -249,8 +250,9 @@ rig: box
 rig-down:
 	tests/rig/down.sh
 
-# System tests through the rig's load balancer; the rig is taken down at the
-# end unless KEEP_RIG=1.
+# System tests through the rig's load balancer, on both Redis layouts in turn:
+# Sentinel (tests/system/*.test.mjs), then Cluster (tests/system/cluster/);
+# the rig is taken down between them, and at the end unless KEEP_RIG=1.
 test-system: deps-apt deb deps-node
 	tests/system/run.sh
 

@@ -192,6 +192,9 @@ check "$p: redis-server.service drop-in runs redis-server /etc/redis/chat-ha.con
      grep -qx "ExecStart=" $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf &&
      grep -qx "ExecStart=/usr/bin/redis-server /etc/redis/chat-ha.conf --supervised systemd --daemonize no" \
          $tmp/$p/lib/systemd/system/redis-server.service.d/chat-ha.conf'
+check "$p: /etc/redis/chat-ha-cluster.conf is a conffile, equal to etc/redis/, with cluster mode on" eval \
+    'conffile $p /etc/redis/chat-ha-cluster.conf && same $tmp/$p/etc/redis/chat-ha-cluster.conf $repo/etc/redis/chat-ha-cluster.conf &&
+     grep -qx "cluster-enabled yes" $tmp/$p/etc/redis/chat-ha-cluster.conf'
 check "$p: depends on redis-server (>= 5:6.2)" depends $p "redis-server (>= 5:6.2)"
 check "$p: the ACL file is not shipped (postinst writes it)" test ! -e "$tmp/$p/etc/redis/chat-ha-users.acl"
 

@@ -16,7 +16,18 @@ RIG_MGMT_BRIDGE=chatha0
 RIG_MGMT_NET=${CHAT_HA_RIG_MGMT_NET:-10.78.0}
 RIG_BRIDGE=chatha1
 RIG_NET=${CHAT_HA_RIG_NET:-10.78.1}
-RIG_MACHINES="redis1 redis2 redis3 back1 back2 front1 front2 lb1 lb2"
+# The Redis layout (the Vagrantfile reads the same variable): sentinel,
+# redis1..3 with Sentinel; or cluster, redis1..6 a Redis Cluster.
+RIG_REDIS=${CHAT_HA_RIG_REDIS:-sentinel}
+case $RIG_REDIS in
+sentinel) RIG_REDIS_MACHINES="redis1 redis2 redis3" ;;
+cluster) RIG_REDIS_MACHINES="redis1 redis2 redis3 redis4 redis5 redis6" ;;
+*) echo "rig: error: CHAT_HA_RIG_REDIS=$RIG_REDIS: use sentinel or cluster" >&2; exit 1 ;;
+esac
+export CHAT_HA_RIG_REDIS=$RIG_REDIS
+RIG_MACHINES="$RIG_REDIS_MACHINES back1 back2 front1 front2 lb1 lb2"
+# The layout of the rig that is up, written by up.sh.
+RIG_LAYOUT_FILE=$RIG_STATE/layout
 
 # Vagrant keeps its machine state under target/rig, not in the tree.
 export VAGRANT_DOTFILE_PATH=$RIG_STATE/vagrant

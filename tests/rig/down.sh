@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Removes everything tests/rig/up.sh created: the machines (vagrant destroy,
+# Removes everything tests/rig/up.sh created, in either Redis layout
+# (CHAT_HA_RIG_REDIS does not matter here): the machines (vagrant destroy,
 # then any container chat-ha-rig-* left over), the rig's dnsmasq, the bridges
 # chatha0 and chatha1, the box registration and target/rig/. Keeps the cache
 # (the box file and dependency .debs in /var/cache/chat-ha-rig).
@@ -23,7 +24,9 @@ if command -v lxc-ls >/dev/null; then
 fi
 if [ -d "$VAGRANT_DOTFILE_PATH/machines" ] && command -v vagrant >/dev/null; then
     log "vagrant destroy -f"
-    rig_vagrant destroy -f >"$RIG_STATE/vagrant-destroy.log" 2>&1 \
+    # The cluster layout's machines include the Sentinel layout's: every
+    # machine of either is destroyed (those never created are skipped).
+    CHAT_HA_RIG_REDIS=cluster rig_vagrant destroy -f >"$RIG_STATE/vagrant-destroy.log" 2>&1 \
         || { tail -20 "$RIG_STATE/vagrant-destroy.log" >&2; log "vagrant destroy failed; removing the containers directly"; }
 fi
 if command -v lxc-ls >/dev/null; then

@@ -4,12 +4,18 @@
 #
 # Environment (set by the Vagrantfile):
 #   ROLE       redis | backend | frontend | lb
+#   REDIS_LAYOUT  sentinel (default): the redis machines run a primary,
+#              its replicas and a Sentinel each; cluster: they are the
+#              nodes of a Redis Cluster, three primaries with a replica
+#              each, made by the last one's provisioning
 #   DEBS       folder of the chat-ha .debs (/vagrant/target/debian)
 #   DEPS       folder of pre-downloaded dependency .debs, DEPS/haproxy and
 #              DEPS/redis; when missing, apt fetches them from the mirror
 #   ADDRESS    this machine's address on the rig network
-#   REDIS_HOSTS  the redis machines' addresses: each runs Redis and Sentinel
-#   REDIS_PRIMARY  the one whose Redis is the primary at the start
+#   REDIS_HOSTS  the redis machines' addresses: each runs Redis (and,
+#              in the sentinel layout, Sentinel)
+#   REDIS_PRIMARY  in the sentinel layout, the one whose Redis is the
+#              primary at the start
 #   LBS        the load balancers' addresses: the addresses (with loopback)
 #              the instances admit
 #   FLOATING_ADDRESS  the address keepalived gives one load balancer
@@ -37,6 +43,8 @@
 #              (frontend.replay_per_second, replay_burst); empty: as packaged
 set -euo pipefail
 : "${ROLE:?}" "${DEBS:?}" "${DEPS:=}" "${ADDRESS:?}" "${REDIS_HOSTS:?}" "${REDIS_PRIMARY:?}" "${LBS:?}" "${INSTANCES:=2}"
+: "${REDIS_LAYOUT:=sentinel}"
+case $REDIS_LAYOUT in sentinel | cluster) ;; *) echo "provision: error: REDIS_LAYOUT=$REDIS_LAYOUT: sentinel or cluster" >&2; exit 1 ;; esac
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
 say() { echo "provision $ROLE: $*"; }
@@ -108,20 +116,30 @@ install_password() {
     install_secret "${SENTINEL_PASSWORD_FILE:?}" /etc/chat-ha/sentinel-password
 }
 
-# Points the daemons at the Sentinels of the redis machines, has them
-# listen on this machine's rig address and admit only the load balancers
-# (and loopback); keeps only INSTANCES instances per host.
+# Points the daemons at the Sentinels of the redis machines (or at the
+# cluster's nodes, every one a seed, with a replica's acknowledgement per
+# post), has them listen on this machine's rig address and admit only the
+# load balancers (and loopback); keeps only INSTANCES instances per host.
 configure_daemons() {
-    local daemon=$1 n base=9100 toml=/etc/chat-ha/chat-ha.toml sentinels allow host
+    local daemon=$1 n base=9100 toml=/etc/chat-ha/chat-ha.toml sentinels seeds allow host
     [ "$daemon" = frontend ] || base=9200
-    sentinels=$(for host in $REDIS_HOSTS; do printf '"redis://%s:26379", ' "$host"; done)
     allow=$(for host in $LBS; do printf '"%s/32", ' "$host"; done)
-    sed -i -e "s|^url = \".*\"|# url: the Sentinels below|" \
-        -e "s|^# sentinels = .*|sentinels = [${sentinels%, }]|" \
-        -e 's|^# sentinel_master = .*|sentinel_master = "chat-ha"|' \
-        -e "s|^listen = \"127.0.0.1:$base\"|listen = \"$ADDRESS:$base\"|" \
+    sed -i -e "s|^listen = \"127.0.0.1:$base\"|listen = \"$ADDRESS:$base\"|" \
         -e "s|^allow = .*|allow = [$allow\"127.0.0.0/8\", \"::1/128\"]|" "$toml"
-    grep -q '^sentinel_master = "chat-ha"' "$toml" || die "redis.sentinels not set in $toml"
+    if [ "$REDIS_LAYOUT" = cluster ]; then
+        seeds=$(for host in $REDIS_HOSTS; do printf '"redis://%s:6379", ' "$host"; done)
+        sed -i -e "s|^url = \".*\"|# url: the cluster below|" \
+            -e "s|^# cluster = .*|cluster = [${seeds%, }]|" \
+            -e 's|^# min_replicas_acked = .*|min_replicas_acked = 1|' "$toml"
+        grep -q '^cluster = \[' "$toml" || die "redis.cluster not set in $toml"
+        grep -q '^min_replicas_acked = 1$' "$toml" || die "redis.min_replicas_acked not set in $toml"
+    else
+        sentinels=$(for host in $REDIS_HOSTS; do printf '"redis://%s:26379", ' "$host"; done)
+        sed -i -e "s|^url = \".*\"|# url: the Sentinels below|" \
+            -e "s|^# sentinels = .*|sentinels = [${sentinels%, }]|" \
+            -e 's|^# sentinel_master = .*|sentinel_master = "chat-ha"|' "$toml"
+        grep -q '^sentinel_master = "chat-ha"' "$toml" || die "redis.sentinels not set in $toml"
+    fi
     # The history replayed per client address, like HAProxy's limits on lb:
     # every test client of the rig comes from one address, the host's.
     if [ "$daemon" = frontend ] && [ -n "${ADDRESS_LIMIT:-}" ]; then
@@ -147,7 +165,7 @@ configure_daemons() {
         wait_for 20 curl -sf -o /dev/null --interface 127.0.0.1 "http://$ADDRESS:$((base + n))/${daemon%end}/status" \
             || die "http://$ADDRESS:$((base + n))/${daemon%end}/status does not answer"
     done
-    say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LBS, Sentinels on $REDIS_HOSTS"
+    say "chat-$daemon@0..$((INSTANCES - 1)) active on $ADDRESS, admitting $LBS, Redis ($REDIS_LAYOUT) on $REDIS_HOSTS"
 }
 
 # keepalived from the example chat-keepalived ships: this machine's priority
@@ -188,8 +206,90 @@ if [ -n "$missing" ]; then
         || die "could not install$missing"
 fi
 
-case $ROLE in
-redis)
+case $ROLE:$REDIS_LAYOUT in
+redis:cluster)
+    install_password
+    install_secret "${REDIS_ADMIN_PASSWORD_FILE:?}" /etc/redis/admin-password
+    install_secret "${REPLICA_PASSWORD_FILE:?}" /etc/redis/replica-password
+    install_secret "${SENTINEL_USER_PASSWORD_FILE:?}" /etc/redis/sentinel-user-password
+    install_debs redis redis-server "$(deb_of chat-redis)"
+    [ -f /etc/redis/chat-ha-cluster.conf ] || die "/etc/redis/chat-ha-cluster.conf is missing (chat-redis too old?)"
+    # Debian's redis.conf, which chat-redis's /etc/redis/chat-ha.conf
+    # includes: listen on the rig address too, protected mode stays on; the
+    # cluster settings chat-redis ships, this node's address as the others
+    # and the clients must use it, a node taken for failed after 2 s (the
+    # shipped 5 s would make the drill's failover slower), and the replica
+    # login.
+    conf=/etc/redis/redis.conf
+    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' \
+        -e '/^# chat-ha rig: begin/,/^# chat-ha rig: end/d' "$conf"
+    grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
+    {
+        echo '# chat-ha rig: begin'
+        echo 'include /etc/redis/chat-ha-cluster.conf'
+        echo "cluster-announce-ip $ADDRESS"
+        echo 'cluster-node-timeout 2000'
+        echo 'masteruser replica'
+        echo "masterauth $(cat /etc/redis/replica-password)"
+        echo '# chat-ha rig: end'
+    } >>"$conf"
+    systemctl daemon-reload
+    systemctl enable --quiet redis-server.service
+    systemctl restart redis-server.service
+    # redis-cli as admin (the password from the environment, not the command line).
+    admin_at() { local host=$1; shift; REDISCLI_AUTH=$(cat /etc/redis/admin-password) redis-cli --user admin -h "$host" "$@"; }
+    admin() { admin_at "$ADDRESS" "$@"; }
+    wait_for 20 sh -c "redis-cli -h $ADDRESS ping | grep -q NOAUTH" || die "Redis on $ADDRESS:6379 does not refuse anonymous commands"
+    [ "$(admin ping)" = PONG ] || die "Redis does not let admin in"
+    in_cluster_mode() { admin_at "$1" info cluster | grep -q '^cluster_enabled:1'; }
+    in_cluster_mode "$ADDRESS" || die "Redis on $ADDRESS:6379 is not in cluster mode"
+    # The last redis machine, once the others run Redis in cluster mode
+    # (machines may be provisioned in parallel): the cluster of them all,
+    # three primaries and a replica each (redis-cli puts a replica on
+    # another address than its primary), made once.
+    if [ "$ADDRESS" = "$(echo "$REDIS_HOSTS" | awk '{print $NF}')" ]; then
+        for host in $REDIS_HOSTS; do
+            wait_for 180 in_cluster_mode "$host" || die "Redis on $host:6379 does not answer admin in cluster mode"
+        done
+        nodes=$(echo "$REDIS_HOSTS" | wc -w)
+        if ! admin cluster info | grep -q "^cluster_known_nodes:$nodes"; then
+            # shellcheck disable=SC2046
+            admin --cluster create $(for host in $REDIS_HOSTS; do printf '%s:6379 ' "$host"; done) \
+                --cluster-replicas 1 --cluster-yes </dev/null >/tmp/provision-cluster.log 2>&1 \
+                || { tail -30 /tmp/provision-cluster.log; die "redis-cli --cluster create failed"; }
+        fi
+        # Every node finds the cluster ok; three primaries serve the slots,
+        # each with a replica linked to it on another machine.
+        cluster_ok() {
+            local host nodes_out
+            for host in $REDIS_HOSTS; do
+                admin_at "$host" cluster info | grep -q '^cluster_state:ok' || return 1
+            done
+            nodes_out=$(admin cluster nodes) || return 1
+            echo "$nodes_out" | awk '
+                $3 ~ /master/ && $3 !~ /fail/ && NF >= 9 { primary[$1] = $2 }
+                $3 ~ /slave/ && $3 !~ /fail/ && $8 == "connected" { replica[$4] = $2 }
+                END {
+                    n = 0
+                    for (id in primary) {
+                        if (!(id in replica)) exit 1
+                        split(primary[id], p, ":"); split(replica[id], r, ":")
+                        if (p[1] == r[1]) exit 1
+                        n++
+                    }
+                    exit n == 3 ? 0 : 1
+                }' || return 1
+            for host in $REDIS_HOSTS; do
+                if admin_at "$host" info replication | grep -q '^role:slave'; then
+                    admin_at "$host" info replication | grep -q '^master_link_status:up' || return 1
+                fi
+            done
+        }
+        wait_for 60 cluster_ok || die "the Redis Cluster is not ok with 3 primaries each replicated on another machine: $(admin cluster nodes | tr '\n' ';')"
+    fi
+    say "redis-server (chat-redis) on $ADDRESS:6379, cluster mode ($(admin cluster info | grep '^cluster_state:' | tr -d '\r')), AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1)"
+    ;;
+redis:sentinel)
     install_password
     # The same passwords on every redis machine, as an operator copies them:
     # any server may become the primary.
@@ -261,12 +361,12 @@ redis)
     fi
     say "redis-server (chat-redis) on $ADDRESS:6379 ($(admin role | head -1)), AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1); Sentinel on $ADDRESS:26379: primary $(sentinel_says sentinel get-master-addr-by-name chat-ha | head -1)"
     ;;
-frontend | backend)
+frontend:* | backend:*)
     install_password
     install_debs - - "$(deb_of chat-ha-common)" "$(deb_of "chat-$ROLE")"
     configure_daemons "$ROLE"
     ;;
-lb)
+lb:*)
     install_debs haproxy haproxy "$(deb_of chat-haproxy)"
     install_debs keepalived keepalived "$(deb_of chat-keepalived)"
     [ -x /usr/sbin/haproxy ] || die "haproxy is not installed"

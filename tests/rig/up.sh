@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Boots the Vagrantfile's nine machines (lb1, lb2, front1, front2, back1,
-# back2, redis1, redis2, redis3) as LXC containers, installs the chat-ha
+# Boots the Vagrantfile's machines (lb1, lb2, front1, front2, back1, back2,
+# and redis1..redis3 with Sentinel, or redis1..redis6 as a Redis Cluster
+# with CHAT_HA_RIG_REDIS=cluster) as LXC containers, installs the chat-ha
 # packages of target/debian in them, and waits until every service answers
 # through the load balancers' floating address.
-# Idempotent: machines already up are left as they are.
+# Idempotent: machines already up are left as they are. A rig of the other
+# layout must be taken down first.
 #
-#   tests/rig/up.sh            (make rig)
+#   tests/rig/up.sh                              (make rig)
+#   CHAT_HA_RIG_REDIS=cluster tests/rig/up.sh
 #
 # Creates, and tests/rig/down.sh removes: the bridges chatha0 (10.78.0.1/24,
 # DHCP and DNS by a dnsmasq of the rig's own) and chatha1 (10.78.1.1/24, the
@@ -31,6 +34,13 @@ if [ -n "$missing" ]; then
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null; } \
         || die "could not install$missing"
 fi
+
+# --- one layout at a time: the machines of both share names and addresses
+if [ -s "$RIG_LAYOUT_FILE" ] && [ "$(cat "$RIG_LAYOUT_FILE")" != "$RIG_REDIS" ]; then
+    die "a rig of the $(cat "$RIG_LAYOUT_FILE") layout is up (CHAT_HA_RIG_REDIS=$RIG_REDIS asks for $RIG_REDIS): tests/rig/down.sh first"
+fi
+mkdir -p "$RIG_STATE"
+echo "$RIG_REDIS" >"$RIG_LAYOUT_FILE"
 
 # --- the packages to install: a snapshot of target/debian, so that a
 # `make deb` running meanwhile does not pull them from under the machines.
@@ -92,7 +102,7 @@ if ! { [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }; then
 fi
 
 # --- the machines
-log "vagrant up --provider=lxc ($RIG_MACHINES)"
+log "vagrant up --provider=lxc ($RIG_MACHINES; Redis layout $RIG_REDIS)"
 # What each machine's provisioning said of itself ("provision ROLE: ..."),
 # its errors included.
 provision_lines() {
@@ -120,7 +130,7 @@ for host in www.node-services-1.com www.node-services-2.com; do
         [ $ok = yes ] || die "http://$lb$path (Host: $host) does not answer"
     done
 done
-# --- every instance reached the Redis primary and logged in (the machines
+# --- every instance reached Redis (the primary, or the cluster) and logged in (the machines
 # came up in parallel: an instance that started before Redis reconnects
 # with backoff). Asked from each load balancer: the instances admit no one
 # else.
@@ -145,4 +155,4 @@ for machine in lb1 lb2; do
     fi
 done
 log "up: load balancers lb1, lb2 on the floating address http://$lb/ (Host: www.node-services-1.com or www.node-services-2.com)"
-log "machines: tests/rig/vagrant.sh ssh NAME   ($RIG_MACHINES)"
+log "machines: tests/rig/vagrant.sh ssh NAME   ($RIG_MACHINES; Redis layout $RIG_REDIS)"

@@ -6,6 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -29,9 +30,20 @@ export const LB = `${NET}.10`;
 export const LB_URL = `http://${LB}`;
 /** The load balancers: lb1 holds the floating address at the start. */
 export const LB_MACHINES = [{ name: 'lb1', ip: `${NET}.8` }, { name: 'lb2', ip: `${NET}.9` }];
-/** The Redis hosts, each with Redis and a Sentinel; redis1 is the primary at the start. */
-export const REDIS_HOSTS = [{ name: 'redis1', ip: `${NET}.31` }, { name: 'redis2', ip: `${NET}.32` }, { name: 'redis3', ip: `${NET}.33` }];
-/** The Redis primary at the start. */
+/**
+ * The rig's Redis layout, as the Vagrantfile and tests/rig read it from
+ * CHAT_HA_RIG_REDIS: sentinel (redis1..3, a primary, its replicas and a
+ * Sentinel each) or cluster (redis1..6, a Redis Cluster of three primaries
+ * with a replica each).
+ */
+export const REDIS_LAYOUT = process.env.CHAT_HA_RIG_REDIS || 'sentinel';
+if (!['sentinel', 'cluster'].includes(REDIS_LAYOUT)) throw new Error(`CHAT_HA_RIG_REDIS=${REDIS_LAYOUT}: use sentinel or cluster`);
+/**
+ * The Redis hosts: in the sentinel layout each with Redis and a Sentinel,
+ * redis1 the primary at the start; in the cluster layout the six nodes.
+ */
+export const REDIS_HOSTS = Array.from({ length: REDIS_LAYOUT === 'cluster' ? 6 : 3 }, (_, i) => ({ name: `redis${i + 1}`, ip: `${NET}.${31 + i}` }));
+/** The Redis primary at the start (sentinel layout). */
 export const REDIS = REDIS_HOSTS[0].ip;
 export const SENTINEL_PORT = 26379;
 export const SENTINEL_MASTER = 'chat-ha';
@@ -469,9 +481,15 @@ function byTransport(clients, report) {
  * its room's messages, not all of them.
  */
 export class Load {
-  constructor(label, { clients = 200, rooms = 10 } = {}) {
-    this.rooms = Array.from({ length: rooms }, (_, i) => ({ name: `${label}-${Date.now()}-${i}`, clients: [] }));
+  /**
+   * `names`: the rooms' names (default: `rooms` names made from `label`);
+   * `attempts`: tries per post before it counts as failed.
+   */
+  constructor(label, { clients = 200, rooms = 10, names, attempts = 60 } = {}) {
+    this.rooms = (names ?? Array.from({ length: rooms }, (_, i) => `${label}-${Date.now()}-${i}`))
+      .map((name) => ({ name, clients: [] }));
     this.clientCount = clients;
+    this.attempts = attempts;
   }
 
   get clients() {
@@ -498,7 +516,7 @@ export class Load {
     }
     for (const room of this.rooms) {
       room.poster = new Poster(LB_URL, room.name, {
-        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 3, label: 'drill', attempts: 60,
+        hosts: [DOMAIN_1, DOMAIN_2], intervalMs: 0, concurrency: 3, label: 'drill', attempts: this.attempts,
       }).start();
     }
     this.startedAt = Date.now();
@@ -529,10 +547,11 @@ export class Load {
   /**
    * How long after `faultAt` posting failed: the failed tries, and the time
    * from the fault to the first acknowledgement after the last failed try
-   * (ms; 0 when nothing failed).
+   * (ms; 0 when nothing failed). Over the rooms whose names `only` keeps
+   * (default: all).
    */
-  outage(faultAt) {
-    const tries = this.posters.flatMap((p) => p.tries);
+  outage(faultAt, only = () => true) {
+    const tries = this.rooms.filter((r) => only(r.name)).flatMap((r) => r.poster.tries);
     const failures = tries.filter((t) => t.status !== 201 && t.endedAt >= faultAt);
     if (!failures.length) return { failedTries: 0, backAfterMs: 0 };
     const lastFailure = Math.max(...failures.map((t) => t.endedAt));
@@ -607,4 +626,124 @@ export function assertNothingLost(report) {
   for (const [i, c] of report.perClient.entries()) {
     assert.deepEqual(c.received, report.inOrder[i], `${c.name}: every acknowledged message once, in order`);
   }
+}
+
+// --- The cluster layout: where a room's keys live.
+
+/** Partitions rooms are spread over (redis.partitions, as packaged). */
+export const PARTITIONS = 256;
+export const CLUSTER_SLOTS = 16384;
+
+/** A room's partition: the first 4 bytes of SHA-256(name), big-endian, modulo the partitions. */
+export function roomPartition(room) {
+  return crypto.createHash('sha256').update(room).digest().readUInt32BE(0) % PARTITIONS;
+}
+
+/** The stream holding a room's history (key_prefix "chat"). */
+export function roomKey(room) {
+  return `chat:{p${roomPartition(room)}}:room:${room}`;
+}
+
+/** CRC16-XMODEM, Redis Cluster's key hash. */
+function crc16(bytes) {
+  let crc = 0;
+  for (const b of bytes) {
+    crc ^= b << 8;
+    for (let i = 0; i < 8; i++) crc = crc & 0x8000 ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
+  }
+  return crc;
+}
+
+/** The slot of a room's keys: of their hash tag, p<partition>. */
+export function roomSlot(room) {
+  return crc16(Buffer.from(`p${roomPartition(room)}`)) % CLUSTER_SLOTS;
+}
+
+/**
+ * CLUSTER NODES as redis machine `via` sees it: [{id, ip, host (its
+ * machine, of REDIS_HOSTS), flags, primary (the primary's id, for a
+ * replica), link, slots ([first, last] ranges)}].
+ */
+export async function clusterNodes(via) {
+  return (await redisCli(via, 'cluster nodes')).filter(Boolean).map((line) => {
+    const w = line.trim().split(/\s+/);
+    const ip = w[1].split('@')[0].replace(/:\d+$/, '');
+    return {
+      id: w[0],
+      ip,
+      host: REDIS_HOSTS.find((r) => r.ip === ip) ?? null,
+      flags: w[2].split(','),
+      primary: w[3] === '-' ? null : w[3],
+      link: w[7],
+      slots: w.slice(8).filter((x) => !x.startsWith('[')).map((x) => {
+        const [first, last = first] = x.split('-').map(Number);
+        return [first, last];
+      }),
+    };
+  });
+}
+
+/** The primaries serving slots, not taken for failed, in `nodes` (clusterNodes). */
+export function livePrimaries(nodes) {
+  return nodes.filter((n) => n.flags.includes('master') && !n.flags.some((f) => f.startsWith('fail')) && n.slots.length);
+}
+
+/** The live primary of `nodes` owning `slot`, or null. */
+export function slotOwner(nodes, slot) {
+  return livePrimaries(nodes).find((n) => n.slots.some(([a, b]) => slot >= a && slot <= b)) ?? null;
+}
+
+/** CLUSTER INFO of redis machine `host`'s node: {cluster_state: 'ok', ...}. */
+export async function clusterInfo(host) {
+  return Object.fromEntries((await redisCli(host, 'cluster info')).map((l) => l.trim().split(':')).filter((kv) => kv.length === 2));
+}
+
+/**
+ * Whether the cluster is whole, as every machine of `hosts` (default: all
+ * redis machines) sees it: state ok, every slot served by three primaries,
+ * each with a replica linked to it on another machine. Resolves to the
+ * nodes as the first host sees them, or null.
+ */
+export async function clusterWhole(hosts = REDIS_HOSTS) {
+  for (const h of hosts) {
+    const info = await clusterInfo(h).catch(() => ({}));
+    if (info.cluster_state !== 'ok' || info.cluster_slots_ok !== String(CLUSTER_SLOTS)) return null;
+  }
+  const nodes = await clusterNodes(hosts[0]).catch(() => null);
+  if (!nodes) return null;
+  const primaries = livePrimaries(nodes);
+  if (primaries.length !== 3) return null;
+  for (const p of primaries) {
+    const replicas = nodes.filter((n) => n.primary === p.id && n.link === 'connected' && !n.flags.some((f) => f.startsWith('fail')));
+    if (replicas.length !== 1 || replicas[0].ip === p.ip) return null;
+  }
+  for (const h of hosts) {
+    const replication = (await redisCli(h, 'info replication').catch(() => [])).map((l) => l.trim());
+    if (replication.includes('role:slave') && !replication.includes('master_link_status:up')) return null;
+  }
+  return nodes;
+}
+
+/** Waits until the cluster is whole (clusterWhole); resolves to its nodes. */
+export function waitForWholeCluster(timeoutMs = 60_000, hosts = REDIS_HOSTS) {
+  return waitFor('the Redis Cluster to be ok, 3 primaries each with a replica on another machine, linked', () => clusterWhole(hosts),
+    { timeoutMs, intervalMs: 500 });
+}
+
+/**
+ * Room names starting with `stem`, `perShard` on each of the three
+ * primaries of `nodes`: {names, shardOf: name -> primary's node}.
+ */
+export function roomsPerShard(nodes, stem, perShard) {
+  const primaries = livePrimaries(nodes);
+  const byShard = new Map(primaries.map((p) => [p.id, []]));
+  for (let i = 0; [...byShard.values()].some((rooms) => rooms.length < perShard); i++) {
+    const name = `${stem}-${i}`;
+    const owner = slotOwner(nodes, roomSlot(name));
+    const rooms = byShard.get(owner.id);
+    if (rooms.length < perShard) rooms.push(name);
+  }
+  const shardOf = new Map();
+  for (const p of primaries) for (const name of byShard.get(p.id)) shardOf.set(name, p);
+  return { names: [...shardOf.keys()], shardOf };
 }
