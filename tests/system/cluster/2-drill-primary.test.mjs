@@ -14,13 +14,6 @@
 // Target: 0 acknowledged messages lost, 0 duplicated; posts to rooms of the
 // other two shards never fail. Printed: the failover time (replica
 // promoted) and when the failed shard takes posts again.
-//
-// Not met yet, so a test marked todo (it runs, and says how far off it is):
-// posts to the other shards' rooms get 503 for moments while the machine
-// is off. The backend's cluster client (redis-rs) holds every command while
-// it reconnects to its seed nodes, and a connection to the powered-off one
-// only times out (command_timeout_ms); it tries again every few seconds.
-// Those posts are retried and acknowledged: nothing is lost.
 
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -111,9 +104,7 @@ describe('drill: a Redis Cluster primary\'s machine powered off under load', () 
     otherShardFailures = load.rooms.filter((r) => !onVictim(r.name)).flatMap((r) => r.poster.tries).filter((x) => x.status !== 201);
   });
 
-  it('never fails a post to a room of the other shards', {
-    todo: 'the backend\'s cluster client holds every command while it reconnects to a powered-off seed node',
-  }, () => {
+  it('never fails a post to a room of the other shards', () => {
     assert.ok(otherShardFailures, 'the drill ran to its end');
     const when = otherShardFailures.map((x) => x.endedAt - faultAt);
     const statuses = {};
