@@ -34,7 +34,10 @@
 //! The daemons reach Redis as the module `connect` says: logged in as an ACL user,
 //! over TLS where configured. Which Redis is the module `primary`'s business:
 //! the one of `redis.url`, or, in Sentinel mode, the primary the Sentinels
-//! name, followed across failovers ([`Primary`]). In Sentinel mode an append
+//! name, followed across failovers ([`Primary`]). On a Redis Cluster,
+//! commands go through the module `router`, each to the primary of its
+//! key's slot, and subscriptions through [`shards`]. Scripts are sent by
+//! their digest (the module `script`). In Sentinel mode an append
 //! is acknowledged once replicas hold it too (the module `acks`), and
 //! frontends hand it to sockets only then: the backends publish how far
 //! replicas hold each room (`{prefix}:{p<N>}:acked:{room}`, and on the room's

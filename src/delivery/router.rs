@@ -28,13 +28,14 @@
 //! primary. Writers ([`Router::writer`]) have connections of their own, a
 //! few per node taken in turn: a `WAIT` holds the connection it is sent on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use tokio::task::JoinSet;
 
 use super::shards::{ClientFor, NodeId, Topology, node_of, slot};
 
@@ -201,24 +202,46 @@ impl Router {
         }
     }
 
-    /// `SCRIPT LOAD` and the like: on every primary; the first answer.
+    /// `SCRIPT LOAD` and the like: on every primary known (those `MOVED`
+    /// named too), all at once; the first success, or else an error.
     async fn on_every_primary(&self, cmd: &Cmd) -> RedisResult<Value> {
         if self.topology().nodes().is_empty() {
             self.refresh().await;
         }
-        let nodes: Vec<NodeId> = self.topology().nodes().into_iter().cloned().collect();
-        let mut first = None;
+        let nodes: BTreeSet<NodeId> = {
+            let state = lock(&self.shared.state);
+            let mut nodes: BTreeSet<NodeId> = state.topology.nodes().into_iter().cloned().collect();
+            nodes.extend(state.moved.values().cloned());
+            nodes
+        };
+        let mut tasks = JoinSet::new();
         for node in nodes {
-            let result = match self.connection(&node).await {
-                Ok(mut conn) => conn.req_packed_command(cmd).await,
-                Err(e) => Err(e),
-            };
-            if result.as_ref().is_err_and(lost) {
-                self.forget(&node);
-            }
-            first.get_or_insert(result);
+            let (router, cmd) = (self.clone(), cmd.clone());
+            tasks.spawn(async move {
+                let result = match router.connection(&node).await {
+                    Ok(mut conn) => conn.req_packed_command(&cmd).await,
+                    Err(e) => Err(e),
+                };
+                if result.as_ref().is_err_and(lost) {
+                    router.forget(&node);
+                }
+                result
+            });
         }
-        first.unwrap_or_else(|| Err(unknown_owner(None)))
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(value)) if !matches!(value, Value::ServerError(_)) => {
+                    // The others go on loading in the background.
+                    tasks.detach_all();
+                    return Ok(value);
+                }
+                Ok(Ok(value)) => failure = Some(value.extract_error().map(|_| Value::Nil)),
+                Ok(Err(e)) => failure = Some(Err(e)),
+                Err(_) => {}
+            }
+        }
+        failure.unwrap_or_else(|| Err(unknown_owner(None)))
     }
 
     fn topology(&self) -> Arc<Topology> {
@@ -336,32 +359,37 @@ impl Router {
         self.read_topology().await;
     }
 
-    /// Asks the seeds, then the nodes last known, for the slots; the
+    /// Asks the seeds and the nodes last known for the slots, all at once
+    /// (a node that does not answer must not hold the others up): the
     /// first answer becomes the topology.
     async fn read_topology(&self) {
-        let mut candidates: Vec<NodeId> = self.shared.seeds.iter().filter_map(node_of).collect();
-        for node in self.topology().nodes() {
-            if !candidates.contains(node) {
-                candidates.push(node.clone());
-            }
-        }
+        let mut candidates: BTreeSet<NodeId> =
+            self.shared.seeds.iter().filter_map(node_of).collect();
+        candidates.extend(self.topology().nodes().into_iter().cloned());
+        let mut asking = JoinSet::new();
         for node in candidates {
             let Ok(client) = self.client(&node) else {
                 continue;
             };
-            let asked = async {
-                let mut conn = client
-                    .get_multiplexed_async_connection_with_config(&self.shared.reading)
-                    .await?;
-                redis::cmd("CLUSTER")
-                    .arg("SLOTS")
-                    .query_async::<Value>(&mut conn)
-                    .await
-            };
-            let Ok(Ok(reply)) = tokio::time::timeout(self.shared.timeout, asked).await else {
-                continue;
-            };
-            if let Ok(topology) = Topology::parse(reply, &node) {
+            let (config, timeout) = (self.shared.reading.clone(), self.shared.timeout);
+            asking.spawn(async move {
+                let asked = async {
+                    let mut conn = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    redis::cmd("CLUSTER")
+                        .arg("SLOTS")
+                        .query_async::<Value>(&mut conn)
+                        .await
+                };
+                match tokio::time::timeout(timeout, asked).await {
+                    Ok(Ok(reply)) => Topology::parse(reply, &node).ok(),
+                    _ => None,
+                }
+            });
+        }
+        while let Some(answer) = asking.join_next().await {
+            if let Ok(Some(topology)) = answer {
                 let mut state = lock(&self.shared.state);
                 state.topology = Arc::new(topology);
                 state.moved.clear();
