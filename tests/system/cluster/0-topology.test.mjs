@@ -10,8 +10,8 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  BACK_HOSTS, CLUSTER_SLOTS, FRONT_HOSTS, INSTANCES, REDIS_HOSTS, REDIS_LAYOUT, clusterInfo, clusterNodes, getFromLb,
-  livePrimaries, redisCli, roomKey, roomSlot, ssh, waitForWholeCluster,
+  BACK_HOSTS, CLUSTER_SLOTS, DOMAIN_1, FRONT_HOSTS, INSTANCES, REDIS_HOSTS, REDIS_LAYOUT, clusterInfo, clusterNodes, getFromLb,
+  livePrimaries, post, redisCli, roomKey, roomSlot, roomsPerShard, ssh, waitForWholeCluster,
 } from '../lib/rig.mjs';
 
 const installed = (name) => ssh(name, "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' 'chat-*' haproxy keepalived 'redis-*' 2>/dev/null | awk '$2 == \"ii\" {print $1}' | sort");
@@ -103,6 +103,14 @@ describe('the rig with a Redis Cluster', () => {
   });
 
   it('lets the daemons in as chat-ha, and refuses them nothing (no NOPERM, no ACL denial)', async () => {
+    // The daemons connect to a node when they first need it: a post to a
+    // room on each shard has the backends reach every primary.
+    const nodes = await waitForWholeCluster(30_000);
+    const { names } = roomsPerShard(nodes, `system-cluster-acl-${Date.now()}`, 1);
+    for (const room of names) {
+      const res = await post(room, 'as chat-ha', DOMAIN_1);
+      assert.equal(res.status, 201, `POST to ${room}: ${res.status} ${res.text}`);
+    }
     const primaries = livePrimaries(await clusterNodes(REDIS_HOSTS[0]));
     for (const p of primaries) {
       const clients = await redisCli(p.host, 'client list');
