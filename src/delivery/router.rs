@@ -28,7 +28,7 @@
 //! primary. Writers ([`Router::writer`]) have connections of their own, a
 //! few per node taken in turn: a `WAIT` holds the connection it is sent on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,6 +68,10 @@ struct State {
     /// Slots `MOVED` answers placed since the topology was read.
     moved: HashMap<u16, NodeId>,
     nodes: HashMap<NodeId, Conns>,
+    /// The node that gave the topology last: it answered then.
+    answered: Option<NodeId>,
+    /// Nodes whose connection failed, until one is made again.
+    down: HashSet<NodeId>,
 }
 
 /// One node's connections.
@@ -266,7 +270,19 @@ impl Router {
                 .get(&slot)
                 .or_else(|| state.topology.owner(slot))
                 .cloned(),
-            None => state.topology.nodes().into_iter().next().cloned(),
+            // A command for no slot in particular (PING, of the status
+            // check) goes to a node that answers: not one found down.
+            None => {
+                let nodes = state.topology.nodes();
+                let up = |node: &&NodeId| !state.down.contains(*node);
+                state
+                    .answered
+                    .as_ref()
+                    .filter(|node| up(node) && nodes.contains(node))
+                    .or_else(|| nodes.iter().copied().find(up))
+                    .or_else(|| nodes.first().copied())
+                    .cloned()
+            }
         }
     }
 
@@ -300,8 +316,9 @@ impl Router {
             .client(node)?
             .get_multiplexed_async_connection_with_config(config)
             .await
-            .inspect_err(|_| self.refresh_soon())?;
+            .inspect_err(|_| self.forget(node))?;
         let mut state = lock(&self.shared.state);
+        state.down.remove(node);
         let conns = state.nodes.entry(node.clone()).or_default();
         match turn {
             Some(turn) => {
@@ -331,7 +348,10 @@ impl Router {
     /// Drops `node`'s connections after a failure: the next command makes
     /// new ones; and reads the topology again (a failover?).
     fn forget(&self, node: &NodeId) {
-        lock(&self.shared.state).nodes.remove(node);
+        let mut state = lock(&self.shared.state);
+        state.nodes.remove(node);
+        state.down.insert(node.clone());
+        drop(state);
         self.refresh_soon();
     }
 
@@ -383,16 +403,17 @@ impl Router {
                         .await
                 };
                 match tokio::time::timeout(timeout, asked).await {
-                    Ok(Ok(reply)) => Topology::parse(reply, &node).ok(),
+                    Ok(Ok(reply)) => Topology::parse(reply, &node).ok().map(|t| (node, t)),
                     _ => None,
                 }
             });
         }
         while let Some(answer) = asking.join_next().await {
-            if let Ok(Some(topology)) = answer {
+            if let Ok(Some((node, topology))) = answer {
                 let mut state = lock(&self.shared.state);
                 state.topology = Arc::new(topology);
                 state.moved.clear();
+                state.answered = Some(node);
                 return;
             }
         }
