@@ -58,6 +58,7 @@ struct Shared {
     reading: AsyncConnectionConfig,
     writing: AsyncConnectionConfig,
     timeout: Duration,
+    write_timeout: Duration,
     state: Mutex<State>,
     refreshing: AtomicBool,
 }
@@ -111,6 +112,7 @@ impl Router {
                 reading: config(timeout),
                 writing: config(write_timeout),
                 timeout,
+                write_timeout,
                 state: Mutex::new(State::default()),
                 refreshing: AtomicBool::new(false),
             }),
@@ -162,17 +164,21 @@ impl Router {
             let Some((node, ask)) = node else {
                 return Err(unknown_owner(slot));
             };
-            let mut conn = self.connection(&node).await?;
-            let reply = if ask {
-                let mut asked = redis::pipe();
-                asked.cmd("ASKING").ignore();
-                for cmd in pipeline.cmd_iter() {
-                    asked.add_command(cmd.clone());
+            let reply = tokio::time::timeout(self.patience(), async {
+                let mut conn = self.connection(&node).await?;
+                if ask {
+                    let mut asked = redis::pipe();
+                    asked.cmd("ASKING").ignore();
+                    for cmd in pipeline.cmd_iter() {
+                        asked.add_command(cmd.clone());
+                    }
+                    conn.req_packed_commands(&asked, offset + 1, count).await
+                } else {
+                    conn.req_packed_commands(pipeline, offset, count).await
                 }
-                conn.req_packed_commands(&asked, offset + 1, count).await
-            } else {
-                conn.req_packed_commands(pipeline, offset, count).await
-            };
+            })
+            .await
+            .unwrap_or_else(|_| Err(no_answer(&node)));
             let values = match reply {
                 Ok(values) => values,
                 Err(e) => {
@@ -204,6 +210,19 @@ impl Router {
                 )));
             }
         }
+    }
+
+    /// How long a node may take to answer: nine tenths of the command
+    /// timeout (the writers': theirs), so that the router, and not a caller
+    /// bounding the same command by the same timeout, sees a node that
+    /// stopped answering, and sends no more there until it answers again.
+    fn patience(&self) -> Duration {
+        let timeout = if self.writer {
+            self.shared.write_timeout
+        } else {
+            self.shared.timeout
+        };
+        timeout * 9 / 10
     }
 
     /// `SCRIPT LOAD` and the like: on every primary known (those `MOVED`
@@ -532,6 +551,14 @@ fn unknown_owner(slot: Option<u16>) -> RedisError {
         None => "no node of the cluster answers".to_owned(),
     };
     RedisError::from((redis::ErrorKind::Io, "cluster", detail))
+}
+
+fn no_answer(node: &NodeId) -> RedisError {
+    let error = std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("Redis Cluster node {node} did not answer in time"),
+    );
+    RedisError::from(error)
 }
 
 fn no_reply() -> RedisError {

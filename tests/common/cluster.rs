@@ -35,6 +35,9 @@ pub struct ClusterNode {
     process: Option<Process>,
     /// Stopped with SIGSTOP: running, but answering nothing.
     frozen: bool,
+    /// While frozen: connections that fill its accept queue, so that new
+    /// ones are not even accepted.
+    held: Vec<std::net::TcpStream>,
 }
 
 impl ClusterNode {
@@ -100,6 +103,8 @@ impl ClusterNode {
             .args(["--cluster-node-timeout", "2000"])
             .args(["--cluster-replica-validity-factor", "0"])
             .args(["--cluster-require-full-coverage", "no"])
+            // A short accept queue, which a frozen node's fills at once.
+            .args(["--tcp-backlog", "16"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args([
                 "--appendonly",
@@ -415,12 +420,24 @@ impl Cluster {
     }
 
     /// Freezes node `index` (SIGSTOP), as a host that lost power or its
-    /// network stops answering: its connections stay open, and whatever is
-    /// sent on them waits for an answer that does not come.
+    /// network stops answering: its connections stay open, whatever is sent
+    /// on them waits for an answer that does not come, and so does a new
+    /// connection.
     pub fn freeze(&mut self, index: usize) {
         let node = &mut self.nodes[index];
         node.process.as_ref().expect("a running node").signal(19);
         node.frozen = true;
+        // Connect until the kernel accepts no more for it: from then on a
+        // new connection is not refused, it waits, as one to a host that
+        // lost power does.
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], node.port));
+        for _ in 0..1000 {
+            match std::net::TcpStream::connect_timeout(&address, Duration::from_millis(200)) {
+                Ok(stream) => node.held.push(stream),
+                Err(_) => return,
+            }
+        }
+        panic!("node {index} accepts connections while frozen");
     }
 
     /// Lets a frozen node go on (SIGCONT), as the host coming back: it
@@ -429,6 +446,7 @@ impl Cluster {
         let node = &mut self.nodes[index];
         node.process.as_ref().expect("a frozen node").signal(18);
         node.frozen = false;
+        node.held.clear();
     }
 
     /// Starts node `index` again, on its ports and with its data: it keeps
@@ -549,6 +567,7 @@ fn start_node(root: &Path, index: usize) -> ClusterNode {
             dir: dir.clone(),
             process: None,
             frozen: false,
+            held: Vec::new(),
         };
         node.start();
         if node.wait_up() {
