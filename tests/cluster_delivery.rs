@@ -480,3 +480,58 @@ async fn the_daemons_work_on_a_cluster_as_the_limited_acl_user() {
     let history = store.history(&rooms[0], 10, None, 1 << 20).await.unwrap();
     assert_eq!(history, [sent[0].clone()]);
 }
+
+/// Over TLS (`rediss://` seeds), the daemons reach every node of the
+/// cluster, those the topology names included, checking each certificate
+/// against `redis.tls_ca_file`; without it (the host's CAs do not know this
+/// one) they refuse the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_every_node_is_checked_against_the_configured_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    common::certificates(certs.path());
+    let cluster = tokio::task::block_in_place(|| Cluster::start_tls(certs.path()));
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .take(1)
+        .map(|node| format!("\"{}\"", node.tls_url().unwrap()))
+        .collect();
+    let tls_config = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat-ha.toml");
+        let text = format!(
+            "[redis]\ncluster = [{}]\ncommand_timeout_ms = 1000\nmin_replicas_acked = 1\n{extra}\n",
+            seeds.join(", ")
+        );
+        std::fs::write(&path, text).unwrap();
+        (Config::load(&path, true).unwrap(), dir)
+    };
+    let ca = certs.path().join("ca.pem");
+    let (config, _dir) = tls_config(&format!("tls_ca_file = \"{}\"", ca.display()));
+    let rooms = rooms_on_every_primary(&cluster, &config, 1);
+    let (_interest, mut rx) = follow(&config, &rooms).await;
+    let store = Store::new(&config).unwrap();
+    let mut stored = Vec::new();
+    for room in &rooms {
+        let appended = store
+            .append(&post(room.as_str(), "over TLS"), None)
+            .await
+            .unwrap();
+        stored.push(appended.message);
+    }
+    assert_eq!(
+        by_room(&receive(&mut rx, stored.len()).await),
+        by_room(&stored)
+    );
+
+    let (untrusting, _dir) = tls_config("");
+    let store = Store::new(&untrusting).unwrap();
+    let refused = store
+        .append(&post(rooms[0].as_str(), "refused"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,8 @@ use chat_ha::config::Config;
 use chat_ha::delivery::{Feed, PostKey, RedisHealth, Store};
 use chat_ha::message::{ChatMessage, IdempotencyKey, Room};
 use common::{
-    Forward, Redis, binary, daemon_on_any_port, free_port, post, start_daemon, wait_for,
-    write_config,
+    Forward, Redis, binary, certificates, daemon_on_any_port, free_port, post, start_daemon,
+    wait_for, write_config,
 };
 use tokio::sync::mpsc;
 
@@ -280,70 +280,6 @@ async fn a_wrong_password_is_a_503_and_never_printed() {
             assert!(!printed.contains(password), "{printed}");
         }
     }
-}
-
-/// A certificate authority and a server certificate for `localhost`, made
-/// with openssl in `dir`: (ca.pem, server.pem, server.key).
-fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl must be installed (make deps-apt)");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=chat-ha test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
 }
 
 /// Over `rediss://`, the daemons check the server's certificate against

@@ -47,11 +47,6 @@ pub enum ConnectError {
     },
     #[error("redis.tls_ca_file is set, but Redis is not reached over TLS (rediss://)")]
     CaWithoutTls,
-    #[error(
-        "redis.tls_ca_file is not supported with redis.cluster: the cluster's certificates \
-         must be signed by a CA the host trusts"
-    )]
-    CaInCluster,
     #[error("{path}: cannot read the Sentinels' password: {source}")]
     SentinelPassword {
         path: PathBuf,
@@ -96,9 +91,6 @@ pub fn cluster_router(
     cluster: &ClusterConfig,
     write_timeout: std::time::Duration,
 ) -> Result<super::router::Router, ConnectError> {
-    if config.tls_ca_file.is_some() {
-        return Err(ConnectError::CaInCluster);
-    }
     let (seeds, client_for) = cluster_clients(config, cluster, ProtocolVersion::RESP2)?;
     Ok(super::router::Router::new(
         seeds,

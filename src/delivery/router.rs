@@ -73,6 +73,8 @@ struct State {
     answered: Option<NodeId>,
     /// Nodes whose connection failed, until one is made again.
     down: HashSet<NodeId>,
+    /// Why no node gave the topology, the last time none did.
+    failure: Option<String>,
 }
 
 /// One node's connections.
@@ -162,7 +164,8 @@ impl Router {
                 None => self.node_for(slot).await?.map(|node| (node, false)),
             };
             let Some((node, ask)) = node else {
-                return Err(unknown_owner(slot));
+                let failure = lock(&self.shared.state).failure.clone();
+                return Err(unknown_owner(slot, failure));
             };
             let reply = tokio::time::timeout(self.patience(), async {
                 let mut conn = self.connection(&node).await?;
@@ -264,7 +267,7 @@ impl Router {
                 Err(_) => {}
             }
         }
-        failure.unwrap_or_else(|| Err(unknown_owner(None)))
+        failure.unwrap_or_else(|| Err(unknown_owner(None, None)))
     }
 
     fn topology(&self) -> Arc<Topology> {
@@ -360,7 +363,7 @@ impl Router {
         }
         match node {
             NodeId::At { host, port } => (self.shared.client_for)(host, *port),
-            NodeId::Single => Err(unknown_owner(None)),
+            NodeId::Single => Err(unknown_owner(None, None)),
         }
     }
 
@@ -422,21 +425,33 @@ impl Router {
                         .await
                 };
                 match tokio::time::timeout(timeout, asked).await {
-                    Ok(Ok(reply)) => Topology::parse(reply, &node).ok().map(|t| (node, t)),
-                    _ => None,
+                    Ok(Ok(reply)) => Topology::parse(reply, &node)
+                        .map(|topology| (node.clone(), topology))
+                        .map_err(|e| format!("{node}: {e}")),
+                    Ok(Err(e)) => Err(format!("{node}: {e}")),
+                    Err(_) => Err(format!("{node}: no answer")),
                 }
             });
         }
+        let mut failures = Vec::new();
         while let Some(answer) = asking.join_next().await {
-            if let Ok(Some((node, topology))) = answer {
-                let mut state = lock(&self.shared.state);
-                state.topology = Arc::new(topology);
-                state.moved.clear();
-                state.answered = Some(node);
-                return;
+            match answer {
+                Ok(Ok((node, topology))) => {
+                    let mut state = lock(&self.shared.state);
+                    state.topology = Arc::new(topology);
+                    state.moved.clear();
+                    state.answered = Some(node);
+                    state.failure = None;
+                    return;
+                }
+                Ok(Err(failure)) => failures.push(failure),
+                Err(_) => {}
             }
         }
-        tracing::debug!("no Redis Cluster node gave its slots");
+        failures.sort();
+        let failure = failures.join("; ");
+        tracing::debug!("no Redis Cluster node gave its slots: {failure}");
+        lock(&self.shared.state).failure = Some(failure);
     }
 }
 
@@ -545,11 +560,16 @@ fn lost(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
-fn unknown_owner(slot: Option<u16>) -> RedisError {
-    let detail = match slot {
+/// No node is known for `slot` (or at all); `failure` says why the
+/// topology could not be read, if it could not.
+fn unknown_owner(slot: Option<u16>, failure: Option<String>) -> RedisError {
+    let mut detail = match slot {
         Some(slot) => format!("no node of the cluster is known to own slot {slot}"),
         None => "no node of the cluster answers".to_owned(),
     };
+    if let Some(failure) = failure {
+        detail = format!("{detail} (asked for the slots: {failure})");
+    }
     RedisError::from((redis::ErrorKind::Io, "cluster", detail))
 }
 

@@ -29,6 +29,10 @@ const SETTLE: Duration = Duration::from_secs(30);
 pub struct ClusterNode {
     pub port: u16,
     pub cluster_port: u16,
+    /// Over TLS (clients, replication and the cluster bus): its TLS port.
+    pub tls_port: Option<u16>,
+    /// With TLS: the certificates (`common::certificates`).
+    certs: Option<PathBuf>,
     /// Its cluster node id (`CLUSTER MYID`), which it keeps across restarts.
     pub id: String,
     dir: PathBuf,
@@ -41,6 +45,12 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// The node's TLS address, when it has one.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("rediss://127.0.0.1:{port}"))
+    }
+
     /// The node's address for a RESP3 client, without a login.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/?protocol=resp3", self.port)
@@ -93,6 +103,31 @@ impl ClusterNode {
         self.query(redis::cmd("INFO").arg("errorstats"))
     }
 
+    /// The TLS options of a node over TLS: its TLS port, and TLS for the
+    /// cluster bus and replication too, with the test CA's certificate.
+    fn tls_options(&self) -> Vec<String> {
+        let (Some(port), Some(certs)) = (self.tls_port, &self.certs) else {
+            return Vec::new();
+        };
+        let file = |name: &str| certs.join(name).display().to_string();
+        vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cluster".into(),
+            "yes".into(),
+            "--tls-replication".into(),
+            "yes".into(),
+            "--tls-cert-file".into(),
+            file("server.pem"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+
     fn start(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
@@ -105,6 +140,7 @@ impl ClusterNode {
             .args(["--cluster-require-full-coverage", "no"])
             // A short accept queue, which a frozen node's fills at once.
             .args(["--tcp-backlog", "16"])
+            .args(self.tls_options())
             .args(["--cluster-config-file", "nodes.conf"])
             .args([
                 "--appendonly",
@@ -229,9 +265,19 @@ impl Cluster {
     /// Starts six servers, makes them a cluster of three primaries with a
     /// replica each, and waits until every node finds it healthy.
     pub fn start() -> Cluster {
+        Self::start_with(None)
+    }
+
+    /// The same over TLS as well (clients, replication and the cluster
+    /// bus), with the certificates in `certs` (`common::certificates`).
+    pub fn start_tls(certs: &Path) -> Cluster {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&Path>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let nodes = (0..NODES)
-            .map(|index| start_node(dir.path(), index))
+            .map(|index| start_node(dir.path(), index, certs))
             .collect();
         let cluster = Cluster { dir, nodes };
         let addresses: Vec<String> = cluster
@@ -551,7 +597,7 @@ impl Cluster {
 /// Starts the server `index` in its directory under `root`, on ports that
 /// were free, again on others if it exits before it answers; waits until it
 /// answers, and learns its id.
-fn start_node(root: &Path, index: usize) -> ClusterNode {
+fn start_node(root: &Path, index: usize, certs: Option<&Path>) -> ClusterNode {
     let dir = root.join(format!("node{index}"));
     std::fs::create_dir_all(&dir).unwrap();
     for _ in 0..5 {
@@ -563,6 +609,8 @@ fn start_node(root: &Path, index: usize) -> ClusterNode {
         let mut node = ClusterNode {
             port,
             cluster_port,
+            tls_port: certs.map(|_| free_port()),
+            certs: certs.map(Path::to_path_buf),
             id: String::new(),
             dir: dir.clone(),
             process: None,
