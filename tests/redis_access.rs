@@ -292,18 +292,7 @@ async fn over_tls_the_server_certificate_is_checked_against_the_configured_ca() 
     let tls_port = free_port();
     let file = |name: &str| certs.path().join(name).display().to_string();
     let mut options = acl_options();
-    options.extend([
-        "--tls-port".into(),
-        tls_port.to_string(),
-        "--tls-cert-file".into(),
-        file("server.pem"),
-        "--tls-key-file".into(),
-        file("server.key"),
-        "--tls-ca-cert-file".into(),
-        file("ca.pem"),
-        "--tls-auth-clients".into(),
-        "no".into(),
-    ]);
+    options.extend(common::tls_options(certs.path(), tls_port));
     let _redis = Redis::start_with(options);
     let url = format!("rediss://localhost:{tls_port}/0");
 

@@ -109,23 +109,9 @@ impl ClusterNode {
         let (Some(port), Some(certs)) = (self.tls_port, &self.certs) else {
             return Vec::new();
         };
-        let file = |name: &str| certs.join(name).display().to_string();
-        vec![
-            "--tls-port".into(),
-            port.to_string(),
-            "--tls-cluster".into(),
-            "yes".into(),
-            "--tls-replication".into(),
-            "yes".into(),
-            "--tls-cert-file".into(),
-            file("server.pem"),
-            "--tls-key-file".into(),
-            file("server.key"),
-            "--tls-ca-cert-file".into(),
-            file("ca.pem"),
-            "--tls-auth-clients".into(),
-            "no".into(),
-        ]
+        let mut options = super::tls_options(certs, port);
+        options.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+        options
     }
 
     fn start(&mut self) {

@@ -415,3 +415,21 @@ pub fn certificates(dir: &Path) {
         "server.pem",
     ]);
 }
+
+/// `redis-server` options for TLS on `port` with the certificates of
+/// [`certificates`] in `certs`; clients need no certificate of their own.
+pub fn tls_options(certs: &Path, port: u16) -> Vec<String> {
+    let file = |name: &str| certs.join(name).display().to_string();
+    vec![
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        file("server.pem"),
+        "--tls-key-file".into(),
+        file("server.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}

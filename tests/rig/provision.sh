@@ -116,6 +116,18 @@ install_password() {
     install_secret "${SENTINEL_PASSWORD_FILE:?}" /etc/chat-ha/sentinel-password
 }
 
+# rig_redis_conf LINE...: Debian's redis.conf, which chat-redis's
+# /etc/redis/chat-ha.conf includes, listening on the rig address too with
+# protected mode on, and the rig's LINEs at its end (in place of those of a
+# run before).
+rig_redis_conf() {
+    local conf=/etc/redis/redis.conf
+    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' \
+        -e '/^# chat-ha rig: begin/,/^# chat-ha rig: end/d' "$conf"
+    grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
+    { echo '# chat-ha rig: begin'; printf '%s\n' "$@"; echo '# chat-ha rig: end'; } >>"$conf"
+}
+
 # Points the daemons at the Sentinels of the redis machines (or at the
 # cluster's nodes, every one a seed, with a replica's acknowledgement per
 # post), has them listen on this machine's rig address and admit only the
@@ -220,19 +232,8 @@ redis:cluster)
     # and the clients must use it, a node taken for failed after 2 s (the
     # shipped 5 s would make the drill's failover slower), and the replica
     # login.
-    conf=/etc/redis/redis.conf
-    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' \
-        -e '/^# chat-ha rig: begin/,/^# chat-ha rig: end/d' "$conf"
-    grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
-    {
-        echo '# chat-ha rig: begin'
-        echo 'include /etc/redis/chat-ha-cluster.conf'
-        echo "cluster-announce-ip $ADDRESS"
-        echo 'cluster-node-timeout 2000'
-        echo 'masteruser replica'
-        echo "masterauth $(cat /etc/redis/replica-password)"
-        echo '# chat-ha rig: end'
-    } >>"$conf"
+    rig_redis_conf 'include /etc/redis/chat-ha-cluster.conf' "cluster-announce-ip $ADDRESS" \
+        'cluster-node-timeout 2000' 'masteruser replica' "masterauth $(cat /etc/redis/replica-password)"
     systemctl daemon-reload
     systemctl enable --quiet redis-server.service
     systemctl restart redis-server.service
@@ -303,19 +304,10 @@ redis:sentinel)
     # includes: listen on the rig address too, protected mode stays on; the
     # replication settings chat-redis ships, and (on a replica) the primary
     # at the start.
-    conf=/etc/redis/redis.conf
-    sed -i -e "s|^bind .*|bind 127.0.0.1 $ADDRESS|" -e 's|^protected-mode .*|protected-mode yes|' \
-        -e '/^# chat-ha rig: begin/,/^# chat-ha rig: end/d' "$conf"
-    grep -q "^bind 127.0.0.1 $ADDRESS\$" "$conf" || die "could not set bind in $conf"
-    {
-        echo '# chat-ha rig: begin'
-        echo 'include /etc/redis/chat-ha-sentinel-replica.conf'
-        echo 'masteruser replica'
-        echo "masterauth $(cat /etc/redis/replica-password)"
-        echo "replica-announce-ip $ADDRESS"
-        [ "$ADDRESS" = "$REDIS_PRIMARY" ] || echo "replicaof $REDIS_PRIMARY 6379"
-        echo '# chat-ha rig: end'
-    } >>"$conf"
+    replicaof=()
+    [ "$ADDRESS" = "$REDIS_PRIMARY" ] || replicaof=("replicaof $REDIS_PRIMARY 6379")
+    rig_redis_conf 'include /etc/redis/chat-ha-sentinel-replica.conf' 'masteruser replica' \
+        "masterauth $(cat /etc/redis/replica-password)" "replica-announce-ip $ADDRESS" "${replicaof[@]}"
     # Sentinel: the example chat-redis ships, with this rig's addresses. A
     # primary that does not answer for 1 s is down (the example's 5 s would
     # not fit the drills' target of posting again within 5 s).
