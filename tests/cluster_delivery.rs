@@ -535,3 +535,27 @@ async fn over_tls_every_node_is_checked_against_the_configured_ca() {
         "{refused}"
     );
 }
+
+/// Scripts gone from every node (restarted, or replicas promoted since
+/// they were loaded): the next posts load them again wherever their rooms
+/// are, and are acknowledged; none is refused for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_load_the_scripts_again_on_nodes_that_lost_them() {
+    let cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&cluster, dir.path(), "min_replicas_acked = 1\n");
+    let rooms = rooms_on_every_primary(&cluster, &config, 2);
+    let store = Store::new(&config).unwrap();
+    for round in 0..10 {
+        for index in cluster.primaries() {
+            let flushed: String = cluster.nodes[index].query(redis::cmd("SCRIPT").arg("FLUSH"));
+            assert_eq!(flushed, "OK");
+        }
+        for room in &rooms {
+            let message = post(room.as_str(), &format!("round {round}"));
+            if let Err(e) = store.append(&message, None).await {
+                panic!("round {round}, {room}: {e}");
+            }
+        }
+    }
+}

@@ -229,7 +229,9 @@ impl Router {
     }
 
     /// `SCRIPT LOAD` and the like: on every primary known (those `MOVED`
-    /// named too), all at once; the first success, or else an error.
+    /// named too), all at once, each given as long as any command; once
+    /// all have answered (the command that needs the script may go to any
+    /// of them next), the first success, or else an error.
     async fn on_every_primary(&self, cmd: &Cmd) -> RedisResult<Value> {
         if self.topology().nodes().is_empty() {
             self.refresh().await;
@@ -244,30 +246,28 @@ impl Router {
         for node in nodes {
             let (router, cmd) = (self.clone(), cmd.clone());
             tasks.spawn(async move {
-                let result = match router.connection(&node).await {
-                    Ok(mut conn) => conn.req_packed_command(&cmd).await,
-                    Err(e) => Err(e),
+                let sent = async {
+                    let mut conn = router.connection(&node).await?;
+                    conn.req_packed_command(&cmd).await
                 };
+                let result = tokio::time::timeout(router.patience(), sent)
+                    .await
+                    .unwrap_or_else(|_| Err(no_answer(&node)));
                 if result.as_ref().is_err_and(lost) {
                     router.forget(&node);
                 }
-                result
+                result.and_then(Value::extract_error)
             });
         }
-        let mut failure = None;
+        let mut outcome = None;
         while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(value)) if !matches!(value, Value::ServerError(_)) => {
-                    // The others go on loading in the background.
-                    tasks.detach_all();
-                    return Ok(value);
-                }
-                Ok(Ok(value)) => failure = Some(value.extract_error().map(|_| Value::Nil)),
-                Ok(Err(e)) => failure = Some(Err(e)),
-                Err(_) => {}
+            match (joined, &outcome) {
+                (Ok(Ok(value)), None | Some(Err(_))) => outcome = Some(Ok(value)),
+                (Ok(Err(e)), None) => outcome = Some(Err(e)),
+                _ => {}
             }
         }
-        failure.unwrap_or_else(|| Err(unknown_owner(None, None)))
+        outcome.unwrap_or_else(|| Err(unknown_owner(None, None)))
     }
 
     fn topology(&self) -> Arc<Topology> {
