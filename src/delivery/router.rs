@@ -20,8 +20,10 @@
 //! - `MOVED` says where a slot is now: the command follows it at once;
 //! - `ASK` (a slot being migrated) sends the command, after `ASKING`, to the
 //!   node named, that once;
-//! - a connection that fails or times out is dropped and made again on the
-//!   next command to its node; that command's caller gets the error.
+//! - a connection that fails, or a node that does not answer within nine
+//!   tenths of the command timeout, is dropped and made again on the next
+//!   command to its node; that command's caller gets the error, and
+//!   commands with no slot (the status check's `PING`) go to other nodes.
 //!
 //! It is a [`ConnectionLike`]: a command (or pipeline) goes where its first
 //! key leads, or to any node if it has none. `SCRIPT LOAD` goes to every
@@ -43,7 +45,7 @@ use super::shards::{ClientFor, NodeId, Topology, node_of, slot};
 const REDIRECTS: usize = 3;
 
 /// Connections per node for writers.
-pub const WRITERS: usize = 8;
+const WRITERS: usize = 8;
 
 /// A handle on the cluster that routes commands; cheap to clone.
 #[derive(Clone)]
@@ -218,7 +220,8 @@ impl Router {
     /// How long a node may take to answer: nine tenths of the command
     /// timeout (the writers': theirs), so that the router, and not a caller
     /// bounding the same command by the same timeout, sees a node that
-    /// stopped answering, and sends no more there until it answers again.
+    /// stopped answering: it drops the node's connections, sends commands
+    /// that have no slot elsewhere, and reads the topology again.
     fn patience(&self) -> Duration {
         let timeout = if self.writer {
             self.shared.write_timeout
