@@ -80,11 +80,21 @@ struct State {
 }
 
 /// One node's connections.
-#[derive(Default)]
 struct Conns {
     reader: Option<MultiplexedConnection>,
+    /// [`WRITERS`] of them, each made when its turn first comes.
     writers: Vec<Option<MultiplexedConnection>>,
     next: usize,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            reader: None,
+            writers: vec![None; WRITERS],
+            next: 0,
+        }
+    }
 }
 
 /// Where a command goes.
@@ -237,7 +247,7 @@ impl Router {
     /// of them next), the first success, or else an error.
     async fn on_every_primary(&self, cmd: &Cmd) -> RedisResult<Value> {
         if self.topology().nodes().is_empty() {
-            self.refresh().await;
+            self.read_topology().await;
         }
         let nodes: BTreeSet<NodeId> = {
             let state = lock(&self.shared.state);
@@ -283,7 +293,7 @@ impl Router {
         if let Some(node) = self.known_node(slot) {
             return Ok(Some(node));
         }
-        self.refresh().await;
+        self.read_topology().await;
         Ok(self.known_node(slot))
     }
 
@@ -317,9 +327,6 @@ impl Router {
             let mut state = lock(&self.shared.state);
             let conns = state.nodes.entry(node.clone()).or_default();
             if self.writer {
-                if conns.writers.len() < WRITERS {
-                    conns.writers.resize(WRITERS, None);
-                }
                 conns.next = (conns.next + 1) % WRITERS;
                 if let Some(conn) = &conns.writers[conns.next] {
                     return Ok(conn.clone());
@@ -346,10 +353,7 @@ impl Router {
         state.down.remove(node);
         let conns = state.nodes.entry(node.clone()).or_default();
         match turn {
-            Some(turn) => {
-                conns.writers.resize(WRITERS, None);
-                conns.writers[turn] = Some(made.clone());
-            }
+            Some(turn) => conns.writers[turn] = Some(made.clone()),
             None => conns.reader = Some(made.clone()),
         }
         Ok(made)
@@ -399,14 +403,10 @@ impl Router {
         });
     }
 
-    /// Reads the topology now (several callers may, at start).
-    async fn refresh(&self) {
-        self.read_topology().await;
-    }
-
     /// Asks the seeds and the nodes last known for the slots, all at once
     /// (a node that does not answer must not hold the others up): the
-    /// first answer becomes the topology.
+    /// first answer becomes the topology. Commands that find no topology
+    /// call it themselves (several may, at start).
     async fn read_topology(&self) {
         let mut candidates: BTreeSet<NodeId> =
             self.shared.seeds.iter().filter_map(node_of).collect();

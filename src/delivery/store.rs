@@ -336,7 +336,7 @@ impl Store {
         room: &Room,
         invocation: &redis::Cmd,
     ) -> Result<(String, String), StoreError> {
-        let mut writer = self.bounded(cluster.writer()).await?;
+        let mut writer = cluster.router.writer();
         let timeout_ms = u64::try_from(cluster.ack_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut pipeline = redis::pipe();
         pipeline
@@ -482,7 +482,7 @@ impl Store {
     async fn connection_within(&self, limit: Duration) -> Result<Conn, StoreError> {
         match &self.0.link {
             Link::Fixed(manager) => Ok(Conn::Manager(manager.clone())),
-            Link::Cluster(cluster) => Ok(Conn::Cluster(self.bounded(cluster.reader()).await?)),
+            Link::Cluster(cluster) => Ok(Conn::Cluster(cluster.router.clone())),
             Link::Following {
                 primary,
                 manager_config,
@@ -608,16 +608,6 @@ struct ClusterLink {
     router: Router,
     min_replicas_acked: u32,
     ack_timeout: Duration,
-}
-
-impl ClusterLink {
-    async fn reader(&self) -> redis::RedisResult<Router> {
-        Ok(self.router.clone())
-    }
-
-    async fn writer(&self) -> redis::RedisResult<Router> {
-        Ok(self.router.writer())
-    }
 }
 
 /// How the store reaches Redis.
