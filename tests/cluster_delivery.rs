@@ -22,11 +22,13 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A configuration of cluster mode, found through every node.
 fn config(cluster: &Cluster, dir: &std::path::Path, extra: &str) -> Config {
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|node| format!("\"{}\"", node.url()))
-        .collect();
+    let seeds: Vec<String> = cluster.nodes.iter().map(|node| node.url()).collect();
+    config_with_seeds(&seeds, dir, extra)
+}
+
+/// A configuration of cluster mode, found through `seeds`.
+fn config_with_seeds(seeds: &[String], dir: &std::path::Path, extra: &str) -> Config {
+    let seeds: Vec<String> = seeds.iter().map(|url| format!("\"{url}\"")).collect();
     let path = dir.join("chat-ha.toml");
     let text = format!(
         "[redis]\ncluster = [{}]\ncommand_timeout_ms = 1000\nreconnect_min_ms = 50\n\
@@ -490,21 +492,11 @@ async fn over_tls_every_node_is_checked_against_the_configured_ca() {
     let certs = tempfile::tempdir().unwrap();
     common::certificates(certs.path());
     let cluster = tokio::task::block_in_place(|| Cluster::start_tls(certs.path()));
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .take(1)
-        .map(|node| format!("\"{}\"", node.tls_url().unwrap()))
-        .collect();
+    let seeds = [cluster.nodes[0].tls_url().unwrap()];
     let tls_config = |extra: &str| {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("chat-ha.toml");
-        let text = format!(
-            "[redis]\ncluster = [{}]\ncommand_timeout_ms = 1000\nmin_replicas_acked = 1\n{extra}\n",
-            seeds.join(", ")
-        );
-        std::fs::write(&path, text).unwrap();
-        (Config::load(&path, true).unwrap(), dir)
+        let extra = format!("min_replicas_acked = 1\n{extra}");
+        (config_with_seeds(&seeds, dir.path(), &extra), dir)
     };
     let ca = certs.path().join("ca.pem");
     let (config, _dir) = tls_config(&format!("tls_ca_file = \"{}\"", ca.display()));
