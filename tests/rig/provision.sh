@@ -116,6 +116,17 @@ install_password() {
     install_secret "${SENTINEL_PASSWORD_FILE:?}" /etc/chat-ha/sentinel-password
 }
 
+# chat-redis and Redis, after the rig's passwords: the daemons' and the
+# Redis users admin, replica and sentinel, the same on every redis machine,
+# as an operator copies them (any server may become a primary).
+install_chat_redis() {
+    install_password
+    install_secret "${REDIS_ADMIN_PASSWORD_FILE:?}" /etc/redis/admin-password
+    install_secret "${REPLICA_PASSWORD_FILE:?}" /etc/redis/replica-password
+    install_secret "${SENTINEL_USER_PASSWORD_FILE:?}" /etc/redis/sentinel-user-password
+    install_debs redis redis-server "$(deb_of chat-redis)"
+}
+
 # rig_redis_conf LINE...: Debian's redis.conf, which chat-redis's
 # /etc/redis/chat-ha.conf includes, listening on the rig address too with
 # protected mode on, and the rig's LINEs at its end (in place of those of a
@@ -220,11 +231,7 @@ fi
 
 case $ROLE:$REDIS_LAYOUT in
 redis:cluster)
-    install_password
-    install_secret "${REDIS_ADMIN_PASSWORD_FILE:?}" /etc/redis/admin-password
-    install_secret "${REPLICA_PASSWORD_FILE:?}" /etc/redis/replica-password
-    install_secret "${SENTINEL_USER_PASSWORD_FILE:?}" /etc/redis/sentinel-user-password
-    install_debs redis redis-server "$(deb_of chat-redis)"
+    install_chat_redis
     [ -f /etc/redis/chat-ha-cluster.conf ] || die "/etc/redis/chat-ha-cluster.conf is missing (chat-redis too old?)"
     # Debian's redis.conf, which chat-redis's /etc/redis/chat-ha.conf
     # includes: listen on the rig address too, protected mode stays on; the
@@ -291,13 +298,7 @@ redis:cluster)
     say "redis-server (chat-redis) on $ADDRESS:6379, cluster mode ($(admin cluster info | grep '^cluster_state:' | tr -d '\r')), AOF $(admin config get appendonly | tail -1), maxmemory $(admin config get maxmemory | tail -1)"
     ;;
 redis:sentinel)
-    install_password
-    # The same passwords on every redis machine, as an operator copies them:
-    # any server may become the primary.
-    install_secret "${REDIS_ADMIN_PASSWORD_FILE:?}" /etc/redis/admin-password
-    install_secret "${REPLICA_PASSWORD_FILE:?}" /etc/redis/replica-password
-    install_secret "${SENTINEL_USER_PASSWORD_FILE:?}" /etc/redis/sentinel-user-password
-    install_debs redis redis-server "$(deb_of chat-redis)"
+    install_chat_redis
     install_debs redis-sentinel redis-sentinel
     admin_password=$(cat /etc/redis/admin-password)
     # Debian's redis.conf, which chat-redis's /etc/redis/chat-ha.conf
