@@ -80,6 +80,8 @@ impl Default for BackendMetrics {
 struct RedisMetrics {
     up: Gauge,
     losses: Counter,
+    /// Frontends: rooms waiting for a node that does not answer.
+    waiting: Gauge,
 }
 
 /// The label of the primary's info metric: where it is.
@@ -145,7 +147,14 @@ impl Metrics {
             "Refused room events",
             metrics.joins_refused.clone(),
         );
-        Self::with_redis(registry, health)
+        let mut all = Self::with_redis(registry, health);
+        all.registry.register(
+            "redis_rooms_waiting",
+            "Rooms followed whose Redis node does not answer (cluster mode): \
+             their delivery waits, the other rooms' goes on",
+            all.redis.waiting.clone(),
+        );
+        all
     }
 
     pub fn backend(metrics: &BackendMetrics, health: Arc<RedisHealth>) -> Self {
@@ -239,6 +248,10 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.render_primary();
         self.redis.up.set(i64::from(self.health.is_up()));
+        let waiting = self.health.rooms_waiting();
+        self.redis
+            .waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
         let losses = self.health.losses();
         let counted = self.redis.losses.get();
         if losses > counted {

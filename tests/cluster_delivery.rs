@@ -231,8 +231,13 @@ async fn wait_posted(
     what: &str,
     enough: impl Fn(&Posted) -> bool,
 ) {
+    wait_for(what, || enough(&posted.lock().unwrap())).await;
+}
+
+/// Waits until `ready` says yes.
+async fn wait_for(what: &str, ready: impl Fn() -> bool) {
     let deadline = Instant::now() + PATIENCE;
-    while !enough(&posted.lock().unwrap()) {
+    while !ready() {
         assert!(Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -353,6 +358,78 @@ async fn a_primary_fails_under_posts(fault: Fault) {
         .unwrap()
         .message;
     assert_eq!(receive(&mut rx, 1).await, [fence], "nothing twice");
+}
+
+/// A shard that stops answering, its primary and its replica both (so that
+/// no failover ends it), holds up only its own rooms: while it is silent
+/// the feed delivers the other rooms' messages as before, still counts
+/// Redis as up, and says how many rooms wait; once the shard answers again
+/// its rooms are read on from their cursors, and nothing is lost or
+/// delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_shard_holds_up_only_its_own_rooms() {
+    let mut cluster = tokio::task::block_in_place(Cluster::start);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&cluster, dir.path(), "");
+    let rooms = rooms_on_every_primary(&cluster, &config, 2);
+    let keys = Keys::new(&config.redis);
+    let owner = |room: &Room| cluster.owner(slot(&keys.room(room)));
+    let victim = owner(&rooms[0]);
+    let replica = cluster.replica_of(victim);
+    let (silent, others): (Vec<Room>, Vec<Room>) = rooms
+        .iter()
+        .cloned()
+        .partition(|room| owner(room) == victim);
+    let health = RedisHealth::new();
+    let (feed, interest) = Feed::new(&config, health.clone()).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(feed.run(Arc::new(Forward(tx))));
+    for room in &rooms {
+        interest.follow(room, PATIENCE).await.unwrap();
+    }
+    let store = Store::new(&config).unwrap();
+    let post_to = async |rooms: &[Room], count: usize, what: &str| {
+        let mut sent = Vec::new();
+        for i in 0..count {
+            let room = rooms[i % rooms.len()].as_str();
+            let message = post(room, &format!("{what} {i}"));
+            sent.push(store.append(&message, None).await.unwrap().message);
+        }
+        sent
+    };
+    let before = post_to(&rooms, 12, "before").await;
+    assert_eq!(by_room(&receive(&mut rx, 12).await), by_room(&before));
+
+    tokio::task::block_in_place(|| {
+        cluster.freeze(victim);
+        cluster.freeze(replica);
+    });
+    // The feed finds the shard silent when it next reads one of its rooms
+    // (its sweep reads every room within a few seconds).
+    wait_for("the silent shard's rooms to wait", || {
+        health.rooms_waiting() == silent.len()
+    })
+    .await;
+    assert!(health.is_up(), "Redis is up: the other shards answer");
+    let during = post_to(&others, 20, "during").await;
+    assert_eq!(
+        by_room(&receive(&mut rx, 20).await),
+        by_room(&during),
+        "the other rooms are delivered while a shard is silent"
+    );
+    assert_eq!(health.rooms_waiting(), silent.len());
+    assert!(health.is_up());
+
+    tokio::task::block_in_place(|| {
+        cluster.thaw(replica);
+        cluster.thaw(victim);
+    });
+    wait_for("the rooms to be read on", || health.rooms_waiting() == 0).await;
+    let after = post_to(&rooms, 12, "after").await;
+    assert_eq!(by_room(&receive(&mut rx, 12).await), by_room(&after));
+    let fence = post_to(&silent[..1], 1, "fence").await;
+    assert_eq!(receive(&mut rx, 1).await, fence, "nothing twice");
+    assert_eq!(health.losses(), 0, "Redis was never lost");
 }
 
 /// A room's slot moved to another primary while posts keep coming to it and

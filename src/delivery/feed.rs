@@ -63,7 +63,7 @@
 //!
 //! # On a Redis Cluster
 //!
-//! Commands go through redis-rs's cluster client, which sends each to the
+//! Commands go through the cluster's [`Router`], which sends each to the
 //! node of its key's slot; the subscriptions ([`Subscriptions`]) keep each
 //! room's channel subscribed on whichever primary holds its slot. When a
 //! shard fails over, or a slot moves, the rooms of the slot are subscribed
@@ -71,6 +71,16 @@
 //! reconnection. A room confirmed on another node than before gives up what
 //! it held for replicas and reads it again from the new node, whose entries
 //! count as replicated (as after a Sentinel failover).
+//!
+//! A node that does not answer holds up only its own rooms. The command
+//! that found it silent costs one timeout; from then on the rooms it serves
+//! *wait* ([`Stalls`]): nothing is sent for them, so the other rooms are
+//! delivered as before. Each [`POLL`] the node is asked, off the feed's
+//! path, whether it answers again; once it does, or once its slots have
+//! another owner (a failover), its rooms are read on from their cursors.
+//! The frontend's metric `redis_rooms_waiting` counts the rooms waiting.
+//! Only when no node answers at all does the feed lose Redis, as with one
+//! server.
 //!
 //! # Only what replicas hold reaches sockets
 //!
@@ -124,7 +134,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::primary::Primary;
-use super::shards::{self, Event, Nodes, Subscriptions};
+use super::router::Router;
+use super::shards::{self, Event, NodeId, Nodes, Subscriptions};
 use super::{Entries, Keys, RedisHealth, Subscriber, jitter, take_field};
 use crate::config::{Config, RedisMode};
 use crate::message::{ChatMessage, Room, StreamId};
@@ -257,6 +268,72 @@ impl ClusterFeed {
     }
 }
 
+/// What a session follows: one primary (one Redis, or Sentinel mode), or
+/// a cluster.
+enum Mode {
+    Primary(Following),
+    Cluster(Cluster),
+}
+
+/// A session on a cluster: the nodes found silent, and where the nodes
+/// asked again say whether they answer.
+struct Cluster {
+    stalls: Stalls,
+    answers: mpsc::UnboundedReceiver<(NodeId, bool)>,
+}
+
+/// Cluster mode: the nodes that stopped answering the feed, and the rooms
+/// that wait for them while the others are delivered.
+struct Stalls {
+    /// Where each room's commands go.
+    router: Router,
+    /// Nodes that did not answer a command; `None` stands for slots with no
+    /// known owner.
+    nodes: HashSet<Option<NodeId>>,
+    /// Rooms that wait, to be read from their cursors once their node
+    /// answers again (or their slot has another).
+    rooms: HashSet<Room>,
+    /// Nodes being asked whether they answer again.
+    probing: HashSet<NodeId>,
+    answers: mpsc::UnboundedSender<(NodeId, bool)>,
+}
+
+impl Stalls {
+    fn new(router: Router) -> (Self, mpsc::UnboundedReceiver<(NodeId, bool)>) {
+        let (answers, receiver) = mpsc::unbounded_channel();
+        let stalls = Stalls {
+            router,
+            nodes: HashSet::new(),
+            rooms: HashSet::new(),
+            probing: HashSet::new(),
+            answers,
+        };
+        (stalls, receiver)
+    }
+
+    /// The node that serves the room of `channel` now, as the router knows.
+    fn owner(&self, channel: &str) -> Option<NodeId> {
+        self.router.owner(shards::slot(channel))
+    }
+
+    /// Asks `node` in the background whether it answers again, with a read
+    /// of `key` (a key in one of its slots), unless that is under way.
+    fn probe(&mut self, node: NodeId, key: String) {
+        if !self.probing.insert(node.clone()) {
+            return;
+        }
+        let (mut router, answers) = (self.router.clone(), self.answers.clone());
+        tokio::spawn(async move {
+            let answered = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<i64>(&mut router)
+                .await
+                .is_ok();
+            let _ = answers.send((node, answered));
+        });
+    }
+}
+
 /// What a session on one connection needs to know.
 struct Settings {
     keys: Keys,
@@ -300,6 +377,9 @@ struct Followed {
     delivered: StreamId,
     /// The node its subscription was last confirmed on.
     node: Option<String>,
+    /// On a new primary, whose newest entry (which survived the failover)
+    /// is yet to be read.
+    new_primary: bool,
     /// Follow requests waiting for the position.
     waiting: Vec<oneshot::Sender<StreamId>>,
     /// When the room is let go, now that nobody is in it.
@@ -536,9 +616,11 @@ impl Feed {
         pause: &mut Duration,
     ) -> Result<Infallible, FeedError> {
         if let Some(cluster) = &self.cluster {
-            let conn = cluster.router.clone();
+            let router = cluster.router.clone();
             let nodes = cluster.nodes()?;
-            return self.session(conn, nodes, None, subscriber, pause).await;
+            let (stalls, answers) = Stalls::new(router.clone());
+            let on = Mode::Cluster(Cluster { stalls, answers });
+            return self.session(router, nodes, on, subscriber, pause).await;
         }
         let mut changes = self.primary.changes();
         let resolved = changes.borrow_and_update().clone();
@@ -549,27 +631,34 @@ impl Feed {
             changes,
             primary: resolved,
         };
-        self.session(conn, nodes, Some(following), subscriber, pause)
+        self.session(conn, nodes, Mode::Primary(following), subscriber, pause)
             .await
     }
 
     /// Follows the rooms with commands over `conn` and messages from the
-    /// subscriptions on `nodes`, until a command fails or, in Sentinel mode,
-    /// the primary changes.
+    /// subscriptions on `nodes`, until a command fails (on a cluster: until
+    /// no node answers) or, in Sentinel mode, the primary changes.
     async fn session(
         &mut self,
         conn: impl ConnectionLike + Send,
         nodes: Nodes,
-        mut following: Option<Following>,
+        mode: Mode,
         subscriber: &impl Subscriber,
         pause: &mut Duration,
     ) -> Result<Infallible, FeedError> {
         let (subscriptions, mut events) = Subscriptions::start(nodes, self.subscriptions);
+        let (mut following, stalls, mut answers) = match mode {
+            Mode::Primary(following) => (Some(following), None, None),
+            Mode::Cluster(on) => (None, Some(on.stalls), Some(on.answers)),
+        };
+        self.health.set_rooms_waiting(0);
         let mut session = Session {
             conn,
             subscriptions,
             settings: &self.settings,
             state: &mut self.state,
+            health: &self.health,
+            stalls,
             batch: Vec::new(),
             batch_bytes: 0,
         };
@@ -604,6 +693,10 @@ impl Feed {
                     Ok(())
                 }
                 _ = poll.tick() => session.poll(subscriber).await,
+                // Only on a cluster: a node that did not answer was asked again.
+                Some((node, answers)) = async { answers.as_mut()?.recv().await }, if answers.is_some() => {
+                    session.answered(node, answers, subscriber).await
+                }
                 // Only in Sentinel mode, where the primary can change.
                 changed = async { following.as_mut()?.changed().await }, if following.is_some() => {
                     match changed {
@@ -661,6 +754,7 @@ impl State {
                     held: Held::default(),
                     delivered: StreamId::ZERO,
                     node: None,
+                    new_primary: false,
                     waiting: Vec::new(),
                     leaving: None,
                 })
@@ -712,6 +806,9 @@ struct Session<'a, C> {
     subscriptions: Subscriptions,
     settings: &'a Settings,
     state: &'a mut State,
+    health: &'a RedisHealth,
+    /// Cluster mode: the nodes that do not answer, and their rooms.
+    stalls: Option<Stalls>,
     /// Messages taken but not yet handed to the subscriber (or held).
     batch: Vec<ChatMessage>,
     /// The bytes of their text.
@@ -732,7 +829,9 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         let Some(followed) = self.state.rooms.get(room) else {
             return Ok(());
         };
-        if followed.position.is_none() {
+        let started = followed.position.is_some();
+        self.read_survivors(room).await?;
+        if !started {
             self.start(room).await?;
         } else {
             self.read_acked(room).await?;
@@ -775,23 +874,23 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
 
     /// Notes that `room` is now served by `node`: another node than before
     /// (a Redis Cluster's failover, or a moved slot) is a new primary for
-    /// the room.
-    async fn moved(&mut self, room: &Room, node: &str) -> Result<(), FeedError> {
+    /// the room, which its next [`Session::resume`] reads.
+    fn moved(&mut self, room: &Room, node: &str) {
         let Some(followed) = self.state.rooms.get_mut(room) else {
-            return Ok(());
+            return;
         };
         let before = followed.node.replace(node.to_owned());
-        if !self.settings.holding || before.is_none_or(|before| before == node) {
-            return Ok(());
+        if self.settings.holding && before.is_some_and(|before| before != node) {
+            self.on_new_primary(room);
         }
-        self.on_new_primary(room).await
     }
 
     /// Every room is on a new primary (a Sentinel failover).
     async fn follow_new_primary(&mut self) -> Result<(), FeedError> {
         let rooms: Vec<Room> = self.state.rooms.keys().cloned().collect();
         for room in rooms {
-            self.on_new_primary(&room).await?;
+            self.on_new_primary(&room);
+            self.read_survivors(&room).await?;
         }
         Ok(())
     }
@@ -799,25 +898,35 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
     /// `room` is on a new primary. The entries held for replicas may be
     /// gone with the old one: they are dropped, with those taken and not
     /// held yet, and the room is read again after its last released entry,
-    /// from the new primary, whose entries survived: they count as
-    /// replicated.
-    async fn on_new_primary(&mut self, room: &Room) -> Result<(), FeedError> {
+    /// from the new primary, whose entries survived (see
+    /// [`Session::read_survivors`]).
+    fn on_new_primary(&mut self, room: &Room) {
         let Some(followed) = self.state.rooms.get_mut(room) else {
-            return Ok(());
+            return;
         };
         let released = followed.held.released;
         let dropped = followed.held.drop_after(released);
         if followed.position.is_some() {
             followed.position = Some(Position::at(released));
         }
+        followed.new_primary = true;
         self.state.holding.remove(room);
         self.state.held_entries -= dropped.len();
         self.state.held_bytes -= dropped.iter().map(|m| m.message.len()).sum::<usize>();
         self.batch.retain(|m| m.room != *room);
         self.batch_bytes = self.batch.iter().map(|m| m.message.len()).sum();
+    }
+
+    /// On a new primary, what `room`'s stream holds survived the failover:
+    /// it counts as replicated.
+    async fn read_survivors(&mut self, room: &Room) -> Result<(), FeedError> {
+        if !self.state.rooms.get(room).is_some_and(|f| f.new_primary) {
+            return Ok(());
+        }
         let last = self.last_id(room).await?;
         if let Some(followed) = self.state.rooms.get_mut(room) {
             followed.held.replicated = followed.held.replicated.max(last);
+            followed.new_primary = false;
         }
         Ok(())
     }
@@ -846,8 +955,12 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         if !gone.is_empty() {
             self.subscriptions.unsubscribe(gone);
         }
+        self.retry_waiting(subscriber).await?;
+        self.probe_silent();
         let count = self.state.sweep.len().min(SWEEP);
-        if count == 0 {
+        let waiting = self.stalls.as_ref().map_or(0, |s| s.rooms.len());
+        if count == 0 || waiting >= self.state.rooms.len() {
+            // Nothing else would find out that no node answers.
             redis::cmd("PING")
                 .query_async::<String>(&mut self.conn)
                 .await?;
@@ -857,15 +970,141 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
                 break;
             };
             self.state.sweep.push_back(room.clone());
-            if self
+            let started = self
                 .state
                 .rooms
                 .get(&room)
-                .is_some_and(|f| f.position.is_some())
-            {
-                self.read_acked(&room).await?;
-                self.catch_up(&room, subscriber).await?;
+                .is_some_and(|f| f.position.is_some());
+            if started && !self.waits(&room) {
+                let swept = self.sweep_room(&room, subscriber).await;
+                self.stall_on(&room, swept)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Reads what replicas hold of `room` and what its stream has after its
+    /// cursor.
+    async fn sweep_room(
+        &mut self,
+        room: &Room,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        self.read_acked(room).await?;
+        self.catch_up(room, subscriber).await
+    }
+
+    /// Cluster mode: whether `room` waits for its node, which did not
+    /// answer. Nothing is sent for it meanwhile; it is read from its cursor
+    /// once its node answers again, or its slot has another owner.
+    fn waits(&mut self, room: &Room) -> bool {
+        let (Some(stalls), Some(followed)) = (self.stalls.as_mut(), self.state.rooms.get(room))
+        else {
+            return false;
+        };
+        let owner = stalls.owner(&followed.channel);
+        if owner.is_none() || !stalls.nodes.contains(&owner) {
+            return false;
+        }
+        stalls.rooms.insert(room.clone());
+        self.health.set_rooms_waiting(stalls.rooms.len());
+        true
+    }
+
+    /// Takes the outcome of a command for `room`. A failure ends the
+    /// session, except on a cluster, where the node of the room's slot is
+    /// taken as silent: its rooms wait (see [`Session::waits`]) and the
+    /// other rooms go on.
+    fn stall_on(&mut self, room: &Room, outcome: Result<(), FeedError>) -> Result<(), FeedError> {
+        let error = match outcome {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let (Some(stalls), Some(followed)) = (self.stalls.as_mut(), self.state.rooms.get(room))
+        else {
+            return Err(error);
+        };
+        let owner = stalls.owner(&followed.channel);
+        if stalls.nodes.insert(owner.clone()) {
+            let node = owner.map_or_else(|| "for a slot".to_owned(), |n| n.to_string());
+            tracing::warn!(
+                "Redis node {node} did not answer ({error}): delivery of its rooms waits \
+                 for it, the other rooms' goes on"
+            );
+        }
+        stalls.rooms.insert(room.clone());
+        self.health.set_rooms_waiting(stalls.rooms.len());
+        Ok(())
+    }
+
+    /// Reads on, from their cursors, the waiting rooms whose node is no
+    /// longer taken as silent (it answered again, or the room's slot has
+    /// another owner now); forgets the silent nodes no room waits for.
+    async fn retry_waiting(&mut self, subscriber: &impl Subscriber) -> Result<(), FeedError> {
+        let Some(stalls) = self.stalls.as_mut() else {
+            return Ok(());
+        };
+        let rooms = &self.state.rooms;
+        stalls.rooms.retain(|room| rooms.contains_key(room));
+        let mut ready = Vec::new();
+        let mut owners = HashSet::new();
+        for room in &stalls.rooms {
+            let owner = stalls.owner(&rooms[room].channel);
+            if owner.is_none() || !stalls.nodes.contains(&owner) {
+                ready.push(room.clone());
+            } else {
+                owners.insert(owner);
+            }
+        }
+        stalls.nodes.retain(|node| owners.contains(node));
+        for room in &ready {
+            stalls.rooms.remove(room);
+        }
+        self.health.set_rooms_waiting(stalls.rooms.len());
+        for room in ready {
+            if !self.waits(&room) {
+                let resumed = self.resume(&room, subscriber).await;
+                self.stall_on(&room, resumed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks each silent node, in the background, whether it answers again.
+    fn probe_silent(&mut self) {
+        let Some(stalls) = self.stalls.as_mut() else {
+            return;
+        };
+        let mut asked = HashSet::new();
+        let mut probes = Vec::new();
+        for room in &stalls.rooms {
+            let channel = &self.state.rooms[room].channel;
+            if let Some(node) = stalls.owner(channel)
+                && stalls.nodes.contains(&Some(node.clone()))
+                && asked.insert(node.clone())
+            {
+                probes.push((node, channel.clone()));
+            }
+        }
+        for (node, key) in probes {
+            stalls.probe(node, key);
+        }
+    }
+
+    /// A silent node was asked again: if it answered, its rooms are read on.
+    async fn answered(
+        &mut self,
+        node: NodeId,
+        answered: bool,
+        subscriber: &impl Subscriber,
+    ) -> Result<(), FeedError> {
+        let Some(stalls) = self.stalls.as_mut() else {
+            return Ok(());
+        };
+        stalls.probing.remove(&node);
+        if answered && stalls.nodes.remove(&Some(node.clone())) {
+            tracing::info!("Redis node {node} answers again: delivery of its rooms goes on");
+            self.retry_waiting(subscriber).await?;
         }
         Ok(())
     }
@@ -895,13 +1134,24 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
     async fn take(&mut self, event: Event, subscriber: &impl Subscriber) -> Result<(), FeedError> {
         match event {
             Event::Message { channel, payload } => {
-                self.take_message(&channel, payload, subscriber).await
+                let Some(room) = self.state.channels.get(&channel).cloned() else {
+                    return Ok(());
+                };
+                if self.waits(&room) {
+                    return Ok(());
+                }
+                let taken = self.take_message(&room, payload, subscriber).await;
+                self.stall_on(&room, taken)
             }
             Event::Subscribed { channels, node } => {
                 for channel in channels {
-                    if let Some(room) = self.state.channels.get(&channel).cloned() {
-                        self.moved(&room, &node).await?;
-                        self.resume(&room, subscriber).await?;
+                    let Some(room) = self.state.channels.get(&channel).cloned() else {
+                        continue;
+                    };
+                    self.moved(&room, &node);
+                    if !self.waits(&room) {
+                        let resumed = self.resume(&room, subscriber).await;
+                        self.stall_on(&room, resumed)?;
                     }
                 }
                 Ok(())
@@ -922,13 +1172,11 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
     /// reads the room's stream.
     async fn take_message(
         &mut self,
-        channel: &str,
+        room: &Room,
         payload: Vec<u8>,
         subscriber: &impl Subscriber,
     ) -> Result<(), FeedError> {
-        let Some(room) = self.state.channels.get(channel).cloned() else {
-            return Ok(());
-        };
+        let room = room.clone();
         let Ok(payload) = String::from_utf8(payload) else {
             return self.catch_up(&room, subscriber).await;
         };

@@ -64,7 +64,7 @@ pub use primary::{Primary, PrimaryStats, Resolved};
 pub use store::{Appended, IDEMPOTENCY_WINDOW, Store, StoreError};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::auth::TokenId;
 use crate::message::{ChatMessage, IdempotencyKey, Room};
@@ -227,6 +227,8 @@ impl PostKey {
 pub struct RedisHealth {
     up: AtomicBool,
     losses: AtomicU64,
+    /// Cluster mode: rooms followed whose node does not answer.
+    waiting: AtomicUsize,
 }
 
 impl RedisHealth {
@@ -250,5 +252,15 @@ impl RedisHealth {
     /// How many times Redis went from up to down.
     pub fn losses(&self) -> u64 {
         self.losses.load(Ordering::Relaxed)
+    }
+
+    /// Cluster mode: how many rooms a frontend follows wait for a node that
+    /// does not answer (the others are delivered meanwhile).
+    pub fn rooms_waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn set_rooms_waiting(&self, rooms: usize) {
+        self.waiting.store(rooms, Ordering::Relaxed);
     }
 }

@@ -283,6 +283,11 @@ impl Router {
         outcome.unwrap_or_else(|| Err(unknown_owner(None, None)))
     }
 
+    /// The primary `slot`'s commands go to now, if the router knows one.
+    pub(super) fn owner(&self, slot: u16) -> Option<NodeId> {
+        self.known_node(Some(slot))
+    }
+
     fn topology(&self) -> Arc<Topology> {
         lock(&self.shared.state).topology.clone()
     }
