@@ -960,10 +960,8 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         let count = self.state.sweep.len().min(SWEEP);
         let waiting = self.stalls.as_ref().map_or(0, |s| s.rooms.len());
         if count == 0 || waiting >= self.state.rooms.len() {
-            // Nothing else would find out that no node answers.
-            redis::cmd("PING")
-                .query_async::<String>(&mut self.conn)
-                .await?;
+            // Nothing else would find out that Redis does not answer.
+            self.ping().await?;
         }
         for _ in 0..count {
             let Some(room) = self.state.sweep.pop_front() else {
@@ -981,6 +979,24 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
             }
         }
         Ok(())
+    }
+
+    /// Checks that Redis answers. On a cluster one node that does not is
+    /// not all of Redis: the router, having found it silent, sends the
+    /// second `PING` to another.
+    async fn ping(&mut self) -> Result<(), FeedError> {
+        let tries = if self.stalls.is_some() { 2 } else { 1 };
+        let mut outcome = Ok(());
+        for _ in 0..tries {
+            outcome = redis::cmd("PING")
+                .query_async::<String>(&mut self.conn)
+                .await
+                .map(drop);
+            if outcome.is_ok() {
+                break;
+            }
+        }
+        Ok(outcome?)
     }
 
     /// Reads what replicas hold of `room` and what its stream has after its

@@ -12,15 +12,16 @@
 // the shard takes posts again.
 //
 // Target: 0 acknowledged messages lost, 0 duplicated; posts to rooms of the
-// other two shards never fail. Printed: the failover time (replica
+// other two shards never fail; no frontend loses Redis (the silent node holds
+// up the delivery of its own rooms only). Printed: the failover time (replica
 // promoted) and when the failed shard takes posts again.
 
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
 import {
-  BACK_HOSTS, FRONT_INSTANCES, INSTANCES, Load, REDIS_HOSTS, assertNothingLost, clusterNodes, getFromLb, livePrimaries, powerOff, powerOn,
-  roomsPerShard, waitFor, waitForServers, waitForWholeCluster,
+  BACK_HOSTS, FRONT_HOSTS, FRONT_INSTANCES, INSTANCES, Load, REDIS_HOSTS, assertNothingLost, clusterNodes, getFromLb, livePrimaries,
+  powerOff, powerOn, roomsPerShard, ssh, waitFor, waitForServers, waitForWholeCluster,
 } from '../lib/rig.mjs';
 
 describe('drill: a Redis Cluster primary\'s machine powered off under load', () => {
@@ -103,6 +104,17 @@ describe('drill: a Redis Cluster primary\'s machine powered off under load', () 
     t.diagnostic(report.line);
     t.diagnostic(`by transport: ${JSON.stringify(report.byTransport)}`);
     assertNothingLost(report);
+
+    // The frontends never lost Redis: the silent node held up only its own
+    // rooms, which waited for it (or its replica) while the others were delivered.
+    for (const host of FRONT_HOSTS) {
+      const journal = await ssh(host.name, `sudo journalctl -q --no-pager -u 'chat-frontend@*' `
+        + `--since=@${Math.floor(faultAt / 1000)} -t chat-frontend -o cat`);
+      const lines = journal.split('\n');
+      const silent = lines.filter((l) => l.includes('did not answer')).length;
+      t.diagnostic(`${host.name}: ${silent} instances found ${victim.host.name} silent and held up its rooms only`);
+      assert.deepEqual(lines.filter((l) => l.includes('lost Redis')), [], `${host.name}'s frontends never lost Redis`);
+    }
     otherShardFailures = load.rooms.filter((r) => !onVictim(r.name)).flatMap((r) => r.poster.tries).filter((x) => x.status !== 201);
   });
 
