@@ -39,6 +39,23 @@ fn config_with_seeds(seeds: &[String], dir: &std::path::Path, extra: &str) -> Co
     Config::load(&path, true).unwrap()
 }
 
+/// Gives every node of `cluster` the `chat-ha` user of the shipped ACL, and
+/// returns the `[redis]` settings that log in as it (its password in a file
+/// in `dir`).
+fn as_chat_ha_user(cluster: &Cluster, dir: &std::path::Path) -> String {
+    const PASSWORD: &str = "cluster-acl-test-password";
+    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
+    for node in &cluster.nodes {
+        let _: () = node.query(redis::cmd("ACL").arg("SETUSER").arg(&rules));
+    }
+    let password = dir.join("redis-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    format!(
+        "username = \"chat-ha\"\npassword_file = \"{}\"\n",
+        password.display()
+    )
+}
+
 /// Rooms whose keys are on each primary, `per_primary` of each.
 fn rooms_on_every_primary(cluster: &Cluster, config: &Config, per_primary: usize) -> Vec<Room> {
     let keys = Keys::new(&config.redis);
@@ -365,12 +382,14 @@ async fn a_primary_fails_under_posts(fault: Fault) {
 /// the feed delivers the other rooms' messages as before, still counts
 /// Redis as up, and says how many rooms wait; once the shard answers again
 /// its rooms are read on from their cursors, and nothing is lost or
-/// delivered twice.
+/// delivered twice. The daemons log in as the shipped ACL's user, as in
+/// production: asking the shard whether it answers again is within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_shard_holds_up_only_its_own_rooms() {
     let mut cluster = tokio::task::block_in_place(Cluster::start);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&cluster, dir.path(), "");
+    let extra = as_chat_ha_user(&cluster, dir.path());
+    let config = config(&cluster, dir.path(), &(extra + "min_replicas_acked = 1\n"));
     let rooms = rooms_on_every_primary(&cluster, &config, 2);
     let keys = Keys::new(&config.redis);
     let owner = |room: &Room| cluster.owner(slot(&keys.room(room)));
@@ -532,20 +551,10 @@ async fn a_slot_moved_under_posts_loses_nothing() {
 /// rooms' subscriptions, their reads, history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemons_work_on_a_cluster_as_the_limited_acl_user() {
-    const PASSWORD: &str = "cluster-acl-test-password";
     let cluster = tokio::task::block_in_place(Cluster::start);
-    let rules = common::chat_ha_acl_rules(&format!(">{PASSWORD}"));
-    for node in &cluster.nodes {
-        let _: () = node.query(redis::cmd("ACL").arg("SETUSER").arg(&rules));
-    }
     let dir = tempfile::tempdir().unwrap();
-    let password = dir.path().join("redis-password");
-    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
-    let extra = format!(
-        "min_replicas_acked = 1\nusername = \"chat-ha\"\npassword_file = \"{}\"\n",
-        password.display()
-    );
-    let config = config(&cluster, dir.path(), &extra);
+    let extra = as_chat_ha_user(&cluster, dir.path());
+    let config = config(&cluster, dir.path(), &(extra + "min_replicas_acked = 1\n"));
     let rooms = rooms_on_every_primary(&cluster, &config, 1);
     let (_interest, mut rx) = follow(&config, &rooms).await;
     let store = Store::new(&config).unwrap();

@@ -317,18 +317,22 @@ impl Stalls {
     }
 
     /// Asks `node` in the background whether it answers again, with a read
-    /// of `key` (a key in one of its slots), unless that is under way.
+    /// of `key` (a room's stream in one of its slots, read as the feed
+    /// reads it, so that the daemons' Redis user may), unless that is under
+    /// way. Any answer counts, an error reply too: only a node that answers
+    /// nothing is silent.
     fn probe(&mut self, node: NodeId, key: String) {
         if !self.probing.insert(node.clone()) {
             return;
         }
         let (mut router, answers) = (self.router.clone(), self.answers.clone());
         tokio::spawn(async move {
-            let answered = redis::cmd("EXISTS")
-                .arg(key)
-                .query_async::<i64>(&mut router)
-                .await
-                .is_ok();
+            let mut cmd = redis::cmd("XREVRANGE");
+            cmd.arg(key).arg("+").arg("-").arg("COUNT").arg(1);
+            let answered = match cmd.query_async::<redis::Value>(&mut router).await {
+                Ok(_) => true,
+                Err(e) => !super::router::lost(&e),
+            };
             let _ = answers.send((node, answered));
         });
     }
@@ -1042,11 +1046,16 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         };
         let owner = stalls.owner(&followed.channel);
         if stalls.nodes.insert(owner.clone()) {
-            let node = owner.map_or_else(|| "for a slot".to_owned(), |n| n.to_string());
-            tracing::warn!(
-                "Redis node {node} did not answer ({error}): delivery of its rooms waits \
-                 for it, the other rooms' goes on"
-            );
+            match owner {
+                Some(node) => tracing::warn!(
+                    "Redis node {node} did not answer ({error}): delivery of its rooms waits \
+                     for it, the other rooms' goes on"
+                ),
+                None => tracing::warn!(
+                    "no Redis node is known to serve some rooms ({error}): their delivery \
+                     waits, the other rooms' goes on"
+                ),
+            }
         }
         stalls.rooms.insert(room.clone());
         self.health.set_rooms_waiting(stalls.rooms.len());

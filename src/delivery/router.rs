@@ -564,7 +564,7 @@ fn redirect(values: &[Value]) -> Option<Redirect> {
 }
 
 /// Whether `e` says the connection is gone or stuck.
-fn lost(e: &RedisError) -> bool {
+pub(super) fn lost(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 

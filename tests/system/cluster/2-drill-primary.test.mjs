@@ -103,6 +103,9 @@ describe('drill: a Redis Cluster primary\'s machine powered off under load', () 
     const report = await load.finish('Redis Cluster primary powered off', faultAt);
     t.diagnostic(report.line);
     t.diagnostic(`by transport: ${JSON.stringify(report.byTransport)}`);
+    for (const [room, lost] of Object.entries(report.lostByRoom)) {
+      t.diagnostic(`${room} (${onVictim(room) ? 'the failed shard' : 'another shard'}): ${lost} deliveries lost`);
+    }
     assertNothingLost(report);
 
     // The frontends never lost Redis: the silent node held up only its own

@@ -601,6 +601,8 @@ export class Load {
       + `${report.reconnected} clients reconnected; ${tries} tries for ${report.sent} posts, `
       + `${rate.toFixed(0)} posts/s until the fault, ${overall.toFixed(0)} overall`;
     report.byTransport = byTransport(clients, report);
+    // Where messages were lost, if any: rooms and how many.
+    report.lostByRoom = Object.fromEntries(this.rooms.map((r, i) => [r.name, rooms[i].lost]).filter(([, n]) => n > 0));
     this.close();
     return report;
   }
