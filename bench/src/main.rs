@@ -116,8 +116,9 @@ struct Args {
     replicas_acked: usize,
     /// chat-ha's frontend.write_window_us: deliveries within this many
     /// microseconds of the last one wait and go out together (0: off).
-    #[arg(long, default_value_t = 0)]
-    write_window_us: u32,
+    /// Unset, the daemons run with their default.
+    #[arg(long)]
+    write_window_us: Option<u32>,
     /// Run this many busy loops (`sh -c 'while :; do :; done'`, unpinned, at
     /// normal priority) beside the servers while measuring: a neighbour that
     /// wants whole CPUs, as a batch job or another tenant would.
@@ -1089,8 +1090,8 @@ fn print_report(r: &Value) {
             ),
             _ => String::new(),
         } + &match r["write_window_us"].as_u64() {
-            Some(us) if us > 0 => format!(", a write window of {us} µs"),
-            _ => String::new(),
+            Some(us) => format!(", a write window of {us} µs"),
+            None => String::new(),
         } + &match r["cpu_hogs"].as_u64() {
             Some(n) if n > 0 => format!(", beside {n} CPU hog(s)"),
             _ => String::new(),

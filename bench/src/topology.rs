@@ -141,8 +141,8 @@ pub struct Plan {
     /// daemons run in cluster mode, the slots spread evenly over them; each
     /// has `redis_replicas` replicas.
     pub redis_cluster: usize,
-    /// chat-ha's `frontend.write_window_us`.
-    pub write_window_us: u32,
+    /// chat-ha's `frontend.write_window_us`; `None`: the daemons' default.
+    pub write_window_us: Option<u32>,
     pub keep_dir: bool,
 }
 
@@ -461,12 +461,14 @@ impl Topology {
         let text = format!(
             "[log]\nlevel = \"warn\"\n\n[redis]\n{redis_keys}\n\
              [frontend]\nwww_dir = {www:?}\nthreads = {ft}\ndrain_delay_ms = 0\n\
-             write_window_us = {window}\n\n\
+             {window}\n\
              [backend]\nthreads = {bt}\n",
             www = plan.www_dir.display().to_string(),
             ft = plan.frontend_threads,
             bt = plan.backend_threads,
-            window = plan.write_window_us,
+            window = plan
+                .write_window_us
+                .map_or_else(String::new, |us| format!("write_window_us = {us}\n")),
         );
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
 
@@ -834,7 +836,7 @@ mod tests {
             redis_replicas: 0,
             redis_cluster: 0,
             replicas_acked: 1,
-            write_window_us: 0,
+            write_window_us: None,
             keep_dir: false,
         }
     }
