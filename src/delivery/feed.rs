@@ -1022,6 +1022,10 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         else {
             return false;
         };
+        if stalls.nodes.is_empty() {
+            // Every node answers: the common case, on every push.
+            return false;
+        }
         let owner = stalls.owner(&followed.channel);
         if owner.is_none() || !stalls.nodes.contains(&owner) {
             return false;
@@ -1073,8 +1077,8 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         stalls.rooms.retain(|room| rooms.contains_key(room));
         let mut ready = Vec::new();
         let mut owners = HashSet::new();
-        for room in &stalls.rooms {
-            let owner = stalls.owner(&rooms[room].channel);
+        for (room, followed) in stalls.rooms.iter().filter_map(|r| Some((r, rooms.get(r)?))) {
+            let owner = stalls.owner(&followed.channel);
             if owner.is_none() || !stalls.nodes.contains(&owner) {
                 ready.push(room.clone());
             } else {
@@ -1102,8 +1106,8 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         };
         let mut asked = HashSet::new();
         let mut probes = Vec::new();
-        for room in &stalls.rooms {
-            let channel = &self.state.rooms[room].channel;
+        for followed in stalls.rooms.iter().filter_map(|r| self.state.rooms.get(r)) {
+            let channel = &followed.channel;
             if let Some(node) = stalls.owner(channel)
                 && stalls.nodes.contains(&Some(node.clone()))
                 && asked.insert(node.clone())
