@@ -1077,13 +1077,18 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         stalls.rooms.retain(|room| rooms.contains_key(room));
         let mut ready = Vec::new();
         let mut owners = HashSet::new();
+        let mut served = 0;
         for (room, followed) in stalls.rooms.iter().filter_map(|r| Some((r, rooms.get(r)?))) {
             let owner = stalls.owner(&followed.channel);
             if owner.is_none() || !stalls.nodes.contains(&owner) {
+                served += usize::from(owner.is_some());
                 ready.push(room.clone());
             } else {
                 owners.insert(owner);
             }
+        }
+        if served > 0 {
+            tracing::info!("delivery of {served} rooms that waited for a Redis node goes on");
         }
         stalls.nodes.retain(|node| owners.contains(node));
         for room in &ready {
@@ -1132,7 +1137,7 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         };
         stalls.probing.remove(&node);
         if answered && stalls.nodes.remove(&Some(node.clone())) {
-            tracing::info!("Redis node {node} answers again: delivery of its rooms goes on");
+            tracing::info!("Redis node {node} answers again");
             self.retry_waiting(subscriber).await?;
         }
         Ok(())
