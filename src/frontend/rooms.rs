@@ -156,13 +156,26 @@ enum Sent {
     Gone,
 }
 
+/// Marks a socket closed for falling behind. Nothing more is queued for it
+/// while it closes: its queue drains meanwhile, and a later message queued
+/// then would reach the client after a gap (the message dropped), and the
+/// client, resuming after the last message it got, would never get the one
+/// dropped. So it gets a prefix of its room's messages, and resumes after
+/// the last of them.
+#[derive(Clone, Copy)]
+struct FellBehind;
+
 /// Sends one encoded event to one socket, unless more than `backlog`
 /// packets would then wait for it: then its transport is closed, so that it
 /// reconnects and resumes.
 fn send(socket: &SocketRef, event: &EncodedEvent, backlog: usize) -> Sent {
+    if socket.extensions.get::<FellBehind>().is_some() {
+        return Sent::Dropped;
+    }
     match socket.emit_encoded(event, backlog) {
         Ok(()) => Sent::Yes,
         Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+            socket.extensions.insert(FellBehind);
             tracing::info!(sid = %socket.id, "too far behind; closing the socket so it resumes");
             socket.close_transport();
             Sent::Dropped
