@@ -316,6 +316,13 @@ impl Stalls {
         self.router.owner(shards::slot(channel))
     }
 
+    /// The node the room of `channel` waits for: its owner, when that owner
+    /// is known and taken as silent.
+    fn silent_owner(&self, channel: &str) -> Option<NodeId> {
+        let owner = self.owner(channel)?;
+        self.nodes.contains(&Some(owner.clone())).then_some(owner)
+    }
+
     /// Asks `node` in the background whether it answers again, with a read
     /// of `key` (a room's stream in one of its slots, read as the feed
     /// reads it, so that the daemons' Redis user may), unless that is under
@@ -1026,8 +1033,7 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
             // Every node answers: the common case, on every push.
             return false;
         }
-        let owner = stalls.owner(&followed.channel);
-        if owner.is_none() || !stalls.nodes.contains(&owner) {
+        if stalls.silent_owner(&followed.channel).is_none() {
             return false;
         }
         stalls.rooms.insert(room.clone());
@@ -1079,12 +1085,14 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         let mut owners = HashSet::new();
         let mut served = 0;
         for (room, followed) in stalls.rooms.iter().filter_map(|r| Some((r, rooms.get(r)?))) {
-            let owner = stalls.owner(&followed.channel);
-            if owner.is_none() || !stalls.nodes.contains(&owner) {
-                served += usize::from(owner.is_some());
-                ready.push(room.clone());
-            } else {
-                owners.insert(owner);
+            match stalls.silent_owner(&followed.channel) {
+                Some(node) => {
+                    owners.insert(Some(node));
+                }
+                None => {
+                    served += usize::from(stalls.owner(&followed.channel).is_some());
+                    ready.push(room.clone());
+                }
             }
         }
         if served > 0 {
@@ -1113,8 +1121,7 @@ impl<C: ConnectionLike + Send> Session<'_, C> {
         let mut probes = Vec::new();
         for followed in stalls.rooms.iter().filter_map(|r| self.state.rooms.get(r)) {
             let channel = &followed.channel;
-            if let Some(node) = stalls.owner(channel)
-                && stalls.nodes.contains(&Some(node.clone()))
+            if let Some(node) = stalls.silent_owner(channel)
                 && asked.insert(node.clone())
             {
                 probes.push((node, channel.clone()));
