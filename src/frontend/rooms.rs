@@ -18,8 +18,10 @@
 //!    `L` (inclusive): exactly what the socket missed up to the cursor. It is
 //!    read a page at a time and sent to the socket as the socket takes it
 //!    (see [`super::replay`] for what bounds it).
-//! 3. Under the lock again, the held messages (all after `L`) are sent and the
-//!    socket joins the room, so the next message reaches it through the room.
+//! 3. The held messages (all after `L`) are sent as the socket's queue has
+//!    room for them, and once what waits for it leaves room for live
+//!    delivery, the last of them are sent and the socket joins the room,
+//!    under the lock again, so the next message reaches it through the room.
 //!
 //! Delivery emits to the room while holding the lock, so no message can be
 //! both held and emitted to the room after the socket joined it.
@@ -32,10 +34,12 @@
 //! history, which keeps `history.max_per_room` messages, so a socket is let
 //! go while what it has not received still fits in it: once the history less
 //! [`RESUME_MARGIN`] live messages wait in its queue, the margin being for
-//! the messages that arrive while it reconnects. The queue itself is larger,
-//! by that margin over the history ([`send_queue_len`]), because a resuming
-//! socket may be sent up to the whole history before it reads any of it (its
-//! replay waits for room in bytes, and small messages take few). So a slow
+//! the messages that arrive while it reconnects. A resuming socket is sent
+//! what it missed only as its queue has room, in packets and in bytes (half
+//! of what live delivery allows), and joins its room only once the next live
+//! messages would find room: otherwise the first of them would let it go
+//! again with what it was just sent still queued, to be sent once more
+//! after it reconnects, and a slow reader would never catch up. So a slow
 //! reader costs the frontend at most its queue, and never a message. The
 //! queue is bounded in bytes too (`frontend.max_queued_bytes`), and a socket
 //! whose queue does not empty for `frontend.backlog_timeout_ms` is let go as
@@ -142,6 +146,10 @@ pub struct Rooms {
     /// half the queue, which a message always fits in (the configuration
     /// makes the queue at least twice the largest message).
     replay_room: usize,
+    /// Packets a resuming socket's queue may hold before what it catches up
+    /// on waits: half of `live_backlog`, so that once it is in its room live
+    /// messages find room.
+    catch_up_packets: usize,
     replay: ReplayLimits,
     metrics: Arc<FrontendMetrics>,
     shared: tokio::sync::Mutex<Shared>,
@@ -205,13 +213,15 @@ impl Rooms {
         metrics: Arc<FrontendMetrics>,
     ) -> Self {
         let kept = history.max_per_room.get();
+        let live_backlog = kept - RESUME_MARGIN.min(kept / 2);
         Rooms {
             store,
             interest,
             max_rooms: frontend.max_rooms_per_socket.get(),
             queue_len: send_queue_len(history),
-            live_backlog: kept - RESUME_MARGIN.min(kept / 2),
+            live_backlog,
             replay_room: frontend.max_queued_bytes.get() / 2,
+            catch_up_packets: (live_backlog / 2).max(1),
             replay: ReplayLimits::new(
                 frontend.replay_per_second.get(),
                 frontend.replay_burst.get(),
@@ -528,42 +538,73 @@ impl Rooms {
             }
             false => Ok(0),
         };
-        let mut shared = self.shared.lock().await;
-        let resuming = take_resuming(&mut shared, &room, socket);
-        let result = self.finish_resume(&mut shared, socket, &room, since, missed, resuming);
+        let result = match missed {
+            Ok(replayed) => self.join_live(socket, &room, since, replayed).await,
+            Err(refused) => Err(refused),
+        };
         if result.is_err() {
+            let mut shared = self.shared.lock().await;
+            take_resuming(&mut shared, &room, socket);
             self.leave_if_empty(&shared, &room);
         }
         result
     }
 
     /// Step 3: sends `socket` the messages held for it while it caught up,
-    /// and puts it in `room`; the caller holds the lock.
-    fn finish_resume(
+    /// as its queue has room for them, and puts it in `room` once what waits
+    /// for it leaves room for live delivery. Until then it stays resuming:
+    /// new messages are held for it. Put in its room with its queue nearly
+    /// full, it would be let go by the next live message with what it was
+    /// just sent still queued, and sent it all again once it reconnects.
+    async fn join_live(
         &self,
-        shared: &mut Shared,
         socket: &SocketRef,
         room: &Room,
         since: StreamId,
-        missed: Result<usize, JoinError>,
-        resuming: Option<Resuming>,
+        mut replayed: usize,
     ) -> Result<Joined, JoinError> {
-        let mut replayed = missed?;
-        let held = resuming.into_iter().flat_map(|r| r.held);
-        for message in held.filter(|m| m.id > since) {
-            match send(socket, &encode(socket, &message), self.queue_len) {
-                Sent::Yes => replayed += 1,
+        loop {
+            if !socket
+                .wait_for_room(self.catch_up_packets / 2, self.replay_room)
+                .await
+            {
+                return Err(JoinError::HistoryUnavailable);
+            }
+            let mut shared = self.shared.lock().await;
+            let held = resuming_of(&mut shared, room, socket)
+                .map(|r| std::mem::take(&mut r.held))
+                .ok_or(JoinError::HistoryUnavailable)?;
+            let last = socket.queued() + held.len() <= self.catch_up_packets;
+            replayed += self.send_held(socket, &held, since)?;
+            if last {
+                take_resuming(&mut shared, room, socket);
+                self.enter(&mut shared, socket, room)?;
+                return Ok(Joined {
+                    room: room.clone(),
+                    resumed: true,
+                    replayed,
+                });
+            }
+        }
+    }
+
+    /// Sends `socket` the held messages after `since`; returns how many.
+    fn send_held(
+        &self,
+        socket: &SocketRef,
+        held: &[ChatMessage],
+        since: StreamId,
+    ) -> Result<usize, JoinError> {
+        let mut sent = 0;
+        for message in held.iter().filter(|m| m.id > since) {
+            match send(socket, &encode(socket, message), self.queue_len) {
+                Sent::Yes => sent += 1,
                 // The socket is closing; it will resume again from what it got.
                 Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),
             }
             self.metrics.replayed.inc();
         }
-        self.enter(shared, socket, room)?;
-        Ok(Joined {
-            room: room.clone(),
-            resumed: true,
-            replayed,
-        })
+        Ok(sent)
     }
 
     /// Step 2: sends `socket` the messages of `room` after `since` up to
@@ -602,7 +643,10 @@ impl Rooms {
             let text: usize = page.iter().map(|m| m.message.len()).sum();
             let last_page = page.len() < replay::PAGE && text + MAX_MESSAGE_BYTES <= PAGE_BYTES;
             for message in &page {
-                if !socket.wait_for_room(self.replay_room).await {
+                if !socket
+                    .wait_for_room(self.catch_up_packets, self.replay_room)
+                    .await
+                {
                     return Err(gone());
                 }
                 match send(socket, &encode(socket, message), self.queue_len) {
@@ -638,6 +682,19 @@ impl Rooms {
             });
         cursor
     }
+}
+
+/// `socket`'s resume of `room`, if it is resuming it.
+fn resuming_of<'a>(
+    shared: &'a mut Shared,
+    room: &Room,
+    socket: &SocketRef,
+) -> Option<&'a mut Resuming> {
+    shared
+        .resuming
+        .get_mut(room)?
+        .iter_mut()
+        .find(|r| r.socket.id == socket.id)
 }
 
 fn take_resuming(shared: &mut Shared, room: &Room, socket: &SocketRef) -> Option<Resuming> {

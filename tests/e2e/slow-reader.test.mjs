@@ -35,6 +35,7 @@ const MOST_POSTS = 4000;
 // frontend, besides what the kernel holds.
 const LIVE_BACKLOG = 744;
 const DROPPED = 'chat_frontend_messages_dropped_total';
+const REPLAYED = 'chat_frontend_messages_replayed_total';
 const SOCKETS = 'chat_frontend_sockets';
 // A short frontend.backlog_timeout_ms, and the margin allowed beyond it for
 // the let-go to be seen (metrics and pongs are looked at every 100-500 ms).
@@ -227,6 +228,61 @@ describe('a socket that stops reading', () => {
     assert.deepEqual(await resumed.join({ room, since: first.json.id }), { ok: true, replayed: missed.length });
     await waitFor('the resumed client to have the last message', () => resumed.messages.length >= missed.length, { timeoutMs: 60_000 });
     assert.deepEqual(resumed.messages.map((m) => m.id), missed, 'the resumed client: every missed message once, in order');
+  }));
+});
+
+describe('a resuming socket that reads slowly', () => {
+  let topo;
+
+  before(async () => {
+    topo = await startTopology({ frontends: 1, backends: 1 });
+  });
+
+  after(async () => {
+    await topo?.stop();
+  });
+
+  // Small messages: what the history sends it is bounded in packets before
+  // the bound in bytes could act (950 of them weigh some 70 KB).
+  it('over long-polling, is sent what it missed as it reads, more than the live bound, and is not let go for it', { timeout: 180_000 }, logged(() => topo, async (t) => {
+    const [frontend] = topo.frontends;
+    const [backend] = topo.backends;
+    const room = 'slow-resume';
+    const first = await postMessage(backend.url, room, 'seen');
+    assert.equal(first.status, 201);
+    // More than the live messages that may wait for a socket: sent to it
+    // all at once, they would have it let go by the next live message.
+    const missed = await postAll(backend, room, 950, '');
+    const before = await metrics(frontend.metricsUrl);
+
+    const poller = new RawPolling(frontend.url);
+    await poller.open();
+    await poller.send(`420${JSON.stringify(['room', { room, since: first.json.id }])}`);
+    // It reads nothing yet; what it missed is being sent.
+    await waitFor('the replay to begin', async () => (await metrics(frontend.metricsUrl))[REPLAYED] - before[REPLAYED] >= 300,
+      { intervalMs: 20 });
+    // Live messages meanwhile, until the frontend has them from Redis.
+    const live = await postAll(backend, room, 20, 'live');
+    await waitFor('the frontend to receive the live messages', async () =>
+      (await metrics(frontend.metricsUrl)).chat_frontend_messages_received_total - before.chat_frontend_messages_received_total >= live.length,
+    { intervalMs: 20 });
+
+    // Now it polls, one poll at a time: everything once, in order, then
+    // the answer, with its session open throughout.
+    const got = [];
+    let answer;
+    while (answer === undefined || got.length < missed.length + live.length) {
+      const packets = await poller.poll();
+      assert.ok(Array.isArray(packets), `its session stays open, after ${got.length} messages: ${JSON.stringify(packets)}`);
+      got.push(...messageIds(packets));
+      const ack = packets.find((p) => p.startsWith('430'));
+      if (ack) answer = JSON.parse(ack.slice(3))[0];
+    }
+    t.diagnostic(`${got.length} messages in order; answer ${JSON.stringify(answer)}`);
+    assert.deepEqual(got, [...missed, ...live], 'what it missed, then the live messages, once, in order');
+    assert.deepEqual(answer, { ok: true, replayed: missed.length + live.length });
+    const after = await metrics(frontend.metricsUrl);
+    assert.equal(after[DROPPED] - before[DROPPED], 0, 'no send to it refused');
   }));
 });
 

@@ -364,11 +364,11 @@ mod tests {
         let (socket, _) = socket(usize::MAX);
         socket.emit("1234").unwrap();
         let soon = Duration::from_secs(1);
-        let room = tokio::time::timeout(soon, socket.wait_for_room(5)).await;
+        let room = tokio::time::timeout(soon, socket.wait_for_room(usize::MAX, 5)).await;
         assert!(room.expect("room already"));
         let waiting = tokio::spawn({
             let socket = socket.clone();
-            async move { socket.wait_for_room(0).await }
+            async move { socket.wait_for_room(usize::MAX, 0).await }
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
@@ -379,12 +379,32 @@ mod tests {
         socket.emit("1234").unwrap();
         let waiting = tokio::spawn({
             let socket = socket.clone();
-            async move { socket.wait_for_room(0).await }
+            async move { socket.wait_for_room(usize::MAX, 0).await }
         });
         tokio::task::yield_now().await;
         socket.cancellation_token.cancel();
         let room = tokio::time::timeout(soon, waiting).await;
         assert!(!room.expect("woken by the close").unwrap());
+    }
+
+    #[tokio::test]
+    async fn waiting_for_room_counts_packets_too() {
+        let (socket, _) = socket(usize::MAX);
+        for _ in 0..3 {
+            socket.emit("1").unwrap();
+        }
+        let soon = Duration::from_secs(1);
+        let room = tokio::time::timeout(soon, socket.wait_for_room(3, usize::MAX)).await;
+        assert!(room.expect("3 packets wait"));
+        let waiting = tokio::spawn({
+            let socket = socket.clone();
+            async move { socket.wait_for_room(2, usize::MAX).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "3 packets wait, not 2");
+        drain(&socket);
+        let room = tokio::time::timeout(soon, waiting).await;
+        assert!(room.expect("woken by the drain").unwrap());
     }
 
     #[test]

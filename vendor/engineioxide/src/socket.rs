@@ -545,14 +545,16 @@ where
         waiting == 0 || waiting.saturating_add(bytes) <= self.max_bytes()
     }
 
-    /// Resolves to `true` once at most `bytes` wait for the client (see
+    /// Resolves to `true` once at most `packets` packets and `bytes` bytes
+    /// wait for the client (see [`Socket::queued`] and
     /// [`Socket::queued_bytes`]), or to `false` if the socket closes first.
     /// Woken by the transport as it drains the queue, not by polling: a
     /// server can send a long history in pages, each once the previous one
-    /// has mostly gone.
+    /// has mostly gone. Both bounds count: a sender that bounds a socket's
+    /// backlog in packets must not fill it past that in small packets.
     ///
     /// (chat-ha patch; see vendor/README.md)
-    pub async fn wait_for_room(&self, bytes: usize) -> bool {
+    pub async fn wait_for_room(&self, packets: usize, bytes: usize) -> bool {
         let waiter = self.backlog.room_waiter();
         loop {
             let notified = waiter.notified();
@@ -562,7 +564,7 @@ where
             if self.cancellation_token.is_cancelled() {
                 return false;
             }
-            if self.queued_bytes() <= bytes {
+            if self.queued() <= packets && self.queued_bytes() <= bytes {
                 return true;
             }
             tokio::select! {

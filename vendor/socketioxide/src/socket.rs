@@ -746,18 +746,31 @@ impl<A: Adapter> Socket<A> {
         self.esocket.queued_bytes()
     }
 
-    /// # Wait until at most `bytes` wait for the client
+    /// # Packets waiting for the client
     ///
-    /// Resolves to `true` once [`Socket::queued_bytes`] is at most `bytes`,
-    /// or to `false` if the socket closes first (for instance let go by
+    /// Engine.IO packets in the socket's buffer, or written to a websocket
+    /// but not yet taken by the kernel: what [`Socket::emit_encoded`]'s
+    /// `backlog` bounds.
+    ///
+    /// (chat-ha patch; see vendor/README.md)
+    pub fn queued(&self) -> usize {
+        self.esocket.queued()
+    }
+
+    /// # Wait until at most `packets` packets and `bytes` bytes wait for the client
+    ///
+    /// Resolves to `true` once at most `packets` Engine.IO packets, and at
+    /// most [`Socket::queued_bytes`] `bytes`, wait for the client, or to
+    /// `false` if the socket closes first (for instance let go by
     /// [`SocketIoBuilder::backlog_timeout`](crate::SocketIoBuilder::backlog_timeout)
     /// because its client does not read). Woken as the transport drains the
     /// queue, without polling: a long history can be sent in pages, each
-    /// once there is room for it.
+    /// once there is room for it, and without filling the queue past the
+    /// `backlog` in packets that [`Socket::emit_encoded`] is then given.
     ///
     /// (chat-ha patch; see vendor/README.md)
-    pub async fn wait_for_room(&self, bytes: usize) -> bool {
-        self.esocket.wait_for_room(bytes).await
+    pub async fn wait_for_room(&self, packets: usize, bytes: usize) -> bool {
+        self.esocket.wait_for_room(packets, bytes).await
     }
 
     /// # Encode an event once, to emit it to many sockets
