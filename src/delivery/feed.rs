@@ -133,7 +133,7 @@ use redis::{AsyncConnectionConfig, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::primary::Primary;
+use super::primary::{Primary, Resolved};
 use super::router::Router;
 use super::shards::{self, Event, NodeId, Nodes, Subscriptions};
 use super::{Entries, Keys, RedisHealth, Subscriber, jitter, take_field};
@@ -598,10 +598,36 @@ impl Feed {
     }
 
     /// Waits `pause` before connecting again, taking requests meanwhile:
-    /// rooms to follow are followed once connected.
+    /// rooms to follow are followed once connected. A new primary named
+    /// (a Sentinel failover) ends the wait at once: the backoff spares a
+    /// Redis that does not answer, and every second of it after a failover
+    /// is a second of posts the frontend's sockets get late, all at once.
     async fn pause(&mut self, pause: Duration, subscriber: &impl Subscriber) {
         let until = Instant::now() + pause;
-        while let Ok(Some(request)) = tokio::time::timeout_at(until, self.requests.recv()).await {
+        let mut changes = self.primary.changes();
+        let followed = self.state.primary.clone();
+        let is_new = |named: &Option<Arc<Resolved>>| {
+            followed.is_some()
+                && named
+                    .as_ref()
+                    .is_some_and(|r| followed.as_deref() != Some(r.address.as_str()))
+        };
+        if is_new(&changes.borrow_and_update()) {
+            return;
+        }
+        loop {
+            let request = tokio::select! {
+                request = tokio::time::timeout_at(until, self.requests.recv()) => request,
+                Ok(()) = changes.changed() => {
+                    if is_new(&changes.borrow_and_update()) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Ok(Some(request)) = request else {
+                return;
+            };
             match request {
                 Request::Follow(room, reply) => {
                     let followed = self.state.follow(&self.settings.keys, room);
