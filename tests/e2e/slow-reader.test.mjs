@@ -8,6 +8,8 @@
 // (`frontend.max_queued_bytes`), and the time its queue goes without ever
 // being empty (`frontend.backlog_timeout_ms`), which also lets go of a client
 // that stops reading but keeps its session alive by answering pings.
+// A socket resuming a gap longer than the first bound is sent it as it
+// reads, and is not let go for what it was just sent.
 
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';

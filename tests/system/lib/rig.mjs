@@ -466,7 +466,6 @@ export async function floatingAddressHolder() {
   return null;
 }
 
-/** Per transport: clients, reconnected, lost, why they disconnected, failed joins (for a drill's output). */
 /**
  * Each client that lost messages, and how: a hole (messages received after
  * the first one lost) or a tail never received; whether it was connected at
@@ -500,6 +499,7 @@ function lostClients(clients, perClient) {
   });
 }
 
+/** Per transport: clients, reconnected, lost, why they disconnected, failed joins (for a drill's output). */
 function byTransport(clients, report) {
   const out = {};
   for (const [i, c] of clients.entries()) {
