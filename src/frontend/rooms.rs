@@ -565,46 +565,76 @@ impl Rooms {
     ) -> Result<Joined, JoinError> {
         loop {
             if !socket
-                .wait_for_room(self.catch_up_packets / 2, self.replay_room)
+                .wait_for_room(self.catch_up_packets / 2, self.replay_room / 2)
                 .await
             {
                 return Err(JoinError::HistoryUnavailable);
             }
-            let mut shared = self.shared.lock().await;
-            let held = resuming_of(&mut shared, room, socket)
-                .map(|r| std::mem::take(&mut r.held))
-                .ok_or(JoinError::HistoryUnavailable)?;
-            let last = socket.queued() + held.len() <= self.catch_up_packets;
-            replayed += self.send_held(socket, &held, since)?;
-            if last {
-                take_resuming(&mut shared, room, socket);
-                self.enter(&mut shared, socket, room)?;
-                return Ok(Joined {
-                    room: room.clone(),
-                    resumed: true,
-                    replayed,
-                });
+            let held = {
+                let mut shared = self.shared.lock().await;
+                let held = resuming_of(&mut shared, room, socket)
+                    .map(|r| std::mem::take(&mut r.held))
+                    .ok_or(JoinError::HistoryUnavailable)?;
+                if self.fits_now(socket, &held) {
+                    // The last few, and into the room, under the lock.
+                    for message in held.iter().filter(|m| m.id > since) {
+                        self.send_now(socket, message)?;
+                        replayed += 1;
+                    }
+                    take_resuming(&mut shared, room, socket);
+                    self.enter(&mut shared, socket, room)?;
+                    return Ok(Joined {
+                        room: room.clone(),
+                        resumed: true,
+                        replayed,
+                    });
+                }
+                held
+            };
+            // Without the lock, each once there is room: the next are held
+            // meanwhile, and come after these.
+            for message in held.iter().filter(|m| m.id > since) {
+                self.send_when_room(socket, message).await?;
+                replayed += 1;
             }
         }
     }
 
-    /// Sends `socket` the held messages after `since`; returns how many.
-    fn send_held(
+    /// Whether `held` may be sent to `socket` at once and leave room in its
+    /// queue for live delivery: at most half the live bound in packets, and
+    /// half the queue in bytes.
+    fn fits_now(&self, socket: &SocketRef, held: &[ChatMessage]) -> bool {
+        let bytes: usize = held.iter().map(queued_bytes).sum();
+        socket.queued() + held.len() <= self.catch_up_packets
+            && socket.queued_bytes() + bytes <= self.replay_room
+    }
+
+    /// Sends a message it missed to a resuming `socket` once its queue has
+    /// room for it (see [`Rooms::catch_up_packets`]).
+    async fn send_when_room(
         &self,
         socket: &SocketRef,
-        held: &[ChatMessage],
-        since: StreamId,
-    ) -> Result<usize, JoinError> {
-        let mut sent = 0;
-        for message in held.iter().filter(|m| m.id > since) {
-            match send(socket, &encode(socket, message), self.queue_len) {
-                Sent::Yes => sent += 1,
-                // The socket is closing; it will resume again from what it got.
-                Sent::Dropped | Sent::Gone => return Err(JoinError::HistoryUnavailable),
-            }
-            self.metrics.replayed.inc();
+        message: &ChatMessage,
+    ) -> Result<(), JoinError> {
+        if !socket
+            .wait_for_room(self.catch_up_packets, self.replay_room)
+            .await
+        {
+            return Err(JoinError::HistoryUnavailable);
         }
-        Ok(sent)
+        self.send_now(socket, message)
+    }
+
+    /// Sends a message it missed to a resuming `socket`.
+    fn send_now(&self, socket: &SocketRef, message: &ChatMessage) -> Result<(), JoinError> {
+        match send(socket, &encode(socket, message), self.queue_len) {
+            Sent::Yes => {
+                self.metrics.replayed.inc();
+                Ok(())
+            }
+            // The socket is closing; it will resume again from what it got.
+            Sent::Dropped | Sent::Gone => Err(JoinError::HistoryUnavailable),
+        }
     }
 
     /// Step 2: sends `socket` the messages of `room` after `since` up to
@@ -619,7 +649,6 @@ impl Rooms {
         until: StreamId,
         client: Option<std::net::IpAddr>,
     ) -> Result<usize, JoinError> {
-        let gone = || JoinError::HistoryUnavailable;
         let mut after = since;
         let mut replayed = 0;
         loop {
@@ -643,18 +672,8 @@ impl Rooms {
             let text: usize = page.iter().map(|m| m.message.len()).sum();
             let last_page = page.len() < replay::PAGE && text + MAX_MESSAGE_BYTES <= PAGE_BYTES;
             for message in &page {
-                if !socket
-                    .wait_for_room(self.catch_up_packets, self.replay_room)
-                    .await
-                {
-                    return Err(gone());
-                }
-                match send(socket, &encode(socket, message), self.queue_len) {
-                    Sent::Yes => replayed += 1,
-                    // The socket is closing; it will resume again from what it got.
-                    Sent::Dropped | Sent::Gone => return Err(gone()),
-                }
-                self.metrics.replayed.inc();
+                self.send_when_room(socket, message).await?;
+                replayed += 1;
             }
             match page.last().map(|m| m.id) {
                 Some(last) if !last_page && last < until => after = last,
@@ -682,6 +701,13 @@ impl Rooms {
             });
         cursor
     }
+}
+
+/// The bytes `message` takes in a socket's queue: its JSON in the event
+/// `2["message",…]`, with the byte that frames it.
+fn queued_bytes(message: &ChatMessage) -> usize {
+    const ENVELOPE: usize = r#"2["message",]"#.len() + 1;
+    serde_json::to_string(message).map_or(MAX_MESSAGE_BYTES * 2, |json| json.len() + ENVELOPE)
 }
 
 /// `socket`'s resume of `room`, if it is resuming it.

@@ -244,8 +244,8 @@ describe('a resuming socket that reads slowly', () => {
     await topo?.stop();
   });
 
-  // Small messages: what the history sends it is bounded in packets before
-  // the bound in bytes could act (950 of them weigh some 70 KB).
+  // Small messages missed: what the history sends it is bounded in packets
+  // before the bound in bytes could act (950 of them weigh some 70 KB).
   it('over long-polling, is sent what it missed as it reads, more than the live bound, and is not let go for it', { timeout: 180_000 }, logged(() => topo, async (t) => {
     const [frontend] = topo.frontends;
     const [backend] = topo.backends;
@@ -263,8 +263,10 @@ describe('a resuming socket that reads slowly', () => {
     // It reads nothing yet; what it missed is being sent.
     await waitFor('the replay to begin', async () => (await metrics(frontend.metricsUrl))[REPLAYED] - before[REPLAYED] >= 300,
       { intervalMs: 20 });
-    // Live messages meanwhile, until the frontend has them from Redis.
-    const live = await postAll(backend, room, 20, 'live');
+    // Live messages meanwhile, until the frontend has them from Redis:
+    // large ones, more together (350 KB) than its queue may hold (256 KiB),
+    // so that they too must be sent as it reads.
+    const live = await postAll(backend, room, 30, WIDE_TEXT);
     await waitFor('the frontend to receive the live messages', async () =>
       (await metrics(frontend.metricsUrl)).chat_frontend_messages_received_total - before.chat_frontend_messages_received_total >= live.length,
     { intervalMs: 20 });
