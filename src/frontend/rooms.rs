@@ -72,8 +72,10 @@ use crate::metrics::FrontendMetrics;
 /// let go reconnects.
 pub const RESUME_MARGIN: usize = 256;
 
-/// Packets one socket's send queue holds: a room's history, for a resuming
-/// socket's replay, and [`RESUME_MARGIN`] more.
+/// Packets one socket's send queue holds: a room's history and
+/// [`RESUME_MARGIN`] more, above every bound the frontend sets within it
+/// (the live messages that may wait, and what a resume sends before it
+/// waits), so that those bounds act before the channel is full.
 pub fn send_queue_len(history: &HistoryConfig) -> usize {
     history.max_per_room.get() + RESUME_MARGIN
 }
