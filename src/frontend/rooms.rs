@@ -606,9 +606,10 @@ impl Rooms {
     /// queue for live delivery: at most half the live bound in packets, and
     /// half the queue in bytes.
     fn fits_now(&self, socket: &SocketRef, held: &[ChatMessage]) -> bool {
-        let bytes: usize = held.iter().map(queued_bytes).sum();
+        // Packets first: the bytes take serialising each message.
         socket.queued() + held.len() <= self.catch_up_packets
-            && socket.queued_bytes() + bytes <= self.replay_room
+            && socket.queued_bytes() + held.iter().map(queued_bytes).sum::<usize>()
+                <= self.replay_room
     }
 
     /// Sends a message it missed to a resuming `socket` once its queue has
