@@ -206,9 +206,11 @@ impl NodeLine {
         let port = address.rsplit(':').next()?.parse().ok()?;
         let flags = words.get(2)?.split(',').map(str::to_owned).collect();
         let primary = words.get(3).filter(|p| **p != "-").map(|p| p.to_string());
+        // The slots follow the eight fields before them (id to link state).
         let slots = words
+            .get(8..)
+            .unwrap_or_default()
             .iter()
-            .skip(8)
             // [slot->-id] and [slot-<-id]: a migration under way.
             .filter(|w| !w.starts_with('['))
             .filter_map(|w| match w.split_once('-') {
